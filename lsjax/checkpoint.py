@@ -1,0 +1,129 @@
+"""The lsjax model checkpoint: orbax params + model config + tokenizer files, written atomically.
+
+Layout of a checkpoint folder:
+    lsjax_config.json   {"format": "lsjax-model", "version": 1, "model": ModelConfig, "source": ...}
+    hf_config.json      the source config.json (for export back to Hugging Face)
+    tokenizer/          tokenizer.json, tokenizer_config.json, ...
+    params/             orbax (StandardCheckpointer) tree: embed, layers/{q,k,...}, norm[, lm_head]
+
+Everything is written into a hidden staging folder beside the target and renamed into place at
+the end, so a failed or interrupted conversion leaves nothing at the target path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lsjax.config import ModelConfig
+from lsjax.errors import CheckpointError, ConfigError
+from lsjax.model import Llama, model_from_params, param_shapes
+
+FORMAT, VERSION = "lsjax-model", 1
+CONFIG_FILE, HF_CONFIG_FILE, TOKENIZER_DIR, PARAMS_DIR = "lsjax_config.json", "hf_config.json", "tokenizer", "params"
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "f32": jnp.float32,
+          "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "fp16": jnp.float16, "f16": jnp.float16}
+
+
+def as_dtype(dtype: Any) -> Any:
+    """Accept a dtype, or a name such as 'bf16'; refuse anything that is not a float type."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not supported; expected one of {sorted(set(DTYPES))}")
+        return DTYPES[dtype.lower()]
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ConfigError(f"dtype {dtype!r} is not supported; expected a floating dtype")
+    return jnp.dtype(dtype).type
+
+
+def save_model(out: str | Path, config: ModelConfig, params: dict[str, Any], tokenizer_files: dict[str, bytes | str],
+               hf_config: dict | None = None, source: dict | None = None) -> Path:
+    """Write a model checkpoint at `out`, which must not exist yet; all or nothing."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise CheckpointError(f"{out}: output path already exists; choose another path or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        staging.mkdir()
+        meta = {"format": FORMAT, "version": VERSION, "model": config.to_dict(), "source": source or {}}
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        (staging / HF_CONFIG_FILE).write_text(json.dumps(hf_config or {}, indent=2))
+        tok = staging / TOKENIZER_DIR
+        tok.mkdir()
+        for name, data in tokenizer_files.items():
+            (tok / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(staging / PARAMS_DIR, params)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(ckpt: str | Path) -> ModelConfig:
+    ckpt = Path(ckpt)
+    path = ckpt / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: not an lsjax checkpoint (missing {CONFIG_FILE}); "
+                              f"create one with `lsjax convert --hf DIR --out {ckpt}`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+                              f"expected {FORMAT!r} version {VERSION}")
+    return ModelConfig.from_dict(meta["model"])
+
+
+def load_params(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> tuple[ModelConfig, dict]:
+    """Restore params as jax arrays (cast to `dtype`; sharded over `mesh` by `lsjax.sharding` rules)."""
+    from lsjax.sharding import param_shardings
+
+    ckpt = Path(ckpt).absolute()
+    config = read_config(ckpt)
+    if not (ckpt / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{ckpt}: missing {PARAMS_DIR}/ (incomplete checkpoint)")
+    shapes = param_shapes(config)
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(ckpt / PARAMS_DIR).item_metadata.tree
+    stored_dtype = jax.tree.leaves(stored)[0].dtype
+    dtype = stored_dtype if dtype is None else as_dtype(dtype)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    else:
+        shardings = param_shardings(shapes, mesh)
+    abstract = jax.tree.map(lambda shape, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s), shapes, shardings,
+                            is_leaf=lambda x: isinstance(x, tuple))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(ckpt / PARAMS_DIR, abstract)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt / PARAMS_DIR}: params do not match {CONFIG_FILE} ({e})") from None
+    return config, params
+
+
+def load(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> tuple[Llama, Any]:
+    """`model, tokenizer = lsjax.load(CKPT, dtype=...)`: the public entry point for a converted model."""
+    from lsjax.tokenizer import load_tokenizer
+
+    config, params = load_params(ckpt, dtype, mesh)
+    return model_from_params(config, params), load_tokenizer(Path(ckpt) / TOKENIZER_DIR)
+
+
+def stored_params_numpy(ckpt: str | Path) -> dict[str, Any]:
+    """The params exactly as stored (numpy, stored dtype): for bit-exact round-trip checks and export."""
+    ckpt = Path(ckpt).absolute()
+    with ocp.StandardCheckpointer() as ckptr:
+        return jax.tree.map(np.asarray, ckptr.restore(ckpt / PARAMS_DIR))

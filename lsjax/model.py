@@ -1,0 +1,230 @@
+"""Llama-family decoder: a pure functional core and a thin Flax NNX module around it.
+
+Layers are stacked on a leading axis: every projection kind is one `[L, d_in, d_out]` array
+(y = x @ W), norms are `[L, d]`. `forward` scans one layer body over that axis, which keeps compile
+time flat in depth and is exactly the layout a kernel merging "all layers at once" wants.
+
+The pure functions (`forward`, `decoder_layer`, `rms_norm`, `apply_rope`, `attention`) take a plain
+dict of arrays, so they compose with jit, shard_map and pmap and with the adapters, which hook in
+through `project`: a function `(kind, x, w) -> y` used for every linear projection of a layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lsjax.config import ModelConfig
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+LAYER_NORMS = ("attn_norm", "mlp_norm")
+LAYER_WEIGHTS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
+
+Params = dict[str, Any]
+Project = Callable[[str, jax.Array, jax.Array], jax.Array]
+
+
+def plain_project(kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    del kind
+    return x @ w
+
+
+# -- building blocks --------------------------------------------------------------------------
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as HF computes it: normalise in fp32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin `[B, S, head_dim]` for integer positions `[B, S]` (fp32, rotate-half layout)."""
+    inv_freq = jnp.asarray(config.rope.inverse_frequencies(config.head_dim), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x [B, S, heads, head_dim]` by the tables `[B, S, head_dim]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def visibility_mask(config: ModelConfig, q_positions: jax.Array, k_positions: jax.Array,
+                   k_valid: jax.Array) -> jax.Array:
+    """Boolean `[B, S, T]`: key t is visible to query s (valid, causal, inside the sliding window)."""
+    qp, kp = q_positions[:, :, None], k_positions[:, None, :]
+    allowed = k_valid[:, None, :] & (kp <= qp)
+    if config.sliding_window is not None:
+        allowed &= kp > qp - config.sliding_window
+    return allowed
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q `[B,S,H,D]`, k/v `[B,T,KV,D]`, mask `[B,S,T]` -> `[B,S,H,D]`.
+
+    Scores and softmax in fp32; a query with no visible key (padding) gets zeros, not NaN.
+    """
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, s, kv, h // kv, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    mask = mask[:, None, None, :, :]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                  mask: jax.Array, project: Project = plain_project) -> jax.Array:
+    """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's slice."""
+    b, s, _ = x.shape
+    h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
+    q = project("q", h, w["q"]).reshape(b, s, config.num_heads, config.head_dim)
+    k = project("k", h, w["k"]).reshape(b, s, config.num_kv_heads, config.head_dim)
+    v = project("v", h, w["v"]).reshape(b, s, config.num_kv_heads, config.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attn = attention(q, k, v, mask).reshape(b, s, config.q_size)
+    x = x + project("o", attn, w["o"])
+    h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
+    gated = jax.nn.silu(project("gate", h, w["gate"])) * project("up", h, w["up"])
+    return x + project("down", gated, w["down"])
+
+
+def embed_tokens(params: Params, input_ids: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], input_ids, axis=0)
+
+
+def lm_logits(config: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+    """Final norm and vocabulary projection; fp32 logits `[B, S, V]`.
+
+    The tied head is an einsum against `embed [V, D]`: `h @ embed.T` made XLA copy the transposed
+    embedding every call (DESIGN.md section 11).
+    """
+    h = rms_norm(h, params["norm"], config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        return jnp.einsum("bsd,vd->bsv", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("bsd,dv->bsv", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Positions that skip padding: 0 at each sequence's first real token (left or right padding)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
+            attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+            project_factory: Callable[[Any], Project] | None = None, layer_extras: Any = None) -> jax.Array:
+    """Logits `[B, S, V]` for token ids `[B, S]`; `attention_mask` (1 = token, 0 = padding).
+
+    Adapters plug in through `layer_extras` (a pytree stacked on the layer axis, sliced per layer
+    by the scan) and `project_factory(extras_slice) -> project`.
+    """
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    cos, sin = rope_tables(config, positions)
+    mask = attention_mask_for(config, positions, attention_mask)
+    x = embed_tokens(params, input_ids)
+
+    def body(x, xs):
+        w, extras = xs
+        project = plain_project if project_factory is None else project_factory(extras)
+        return decoder_layer(config, w, x, cos, sin, mask, project), None
+
+    x, _ = jax.lax.scan(body, x, (params["layers"], layer_extras))
+    return lm_logits(config, params, x)
+
+
+def attention_mask_for(config: ModelConfig, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Self-attention mask of a whole sequence (no cache)."""
+    return visibility_mask(config, positions, positions, attention_mask)
+
+
+# -- parameters -------------------------------------------------------------------------------
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """Shape of every parameter, in the nested layout the checkpoints store."""
+    L, d = config.num_layers, config.hidden_size
+    layers = {name: (L, *shape) for name, shape in config.projection_shapes().items()}
+    layers.update(attn_norm=(L, d), mlp_norm=(L, d))
+    shapes: dict[str, Any] = {"embed": (config.vocab_size, d), "layers": layers, "norm": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (d, config.vocab_size)
+    return shapes
+
+
+class DecoderLayers(nnx.Module):
+    """The stacked per-layer weights: each attribute is one `[L, ...]` parameter."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, dtype: Any):
+        shapes = param_shapes(config)["layers"]
+        init = nnx.initializers.normal(0.02)
+        for name in LAYER_WEIGHTS:
+            if name in LAYER_NORMS:
+                value = jnp.ones(shapes[name], dtype)
+            else:
+                value = init(rngs.params(), shapes[name], dtype)
+            setattr(self, name, nnx.Param(value))
+
+    def arrays(self) -> Params:
+        return {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
+
+
+class Llama(nnx.Module):
+    """Flax NNX Llama-family causal LM. `model(input_ids, attention_mask)` -> fp32 logits.
+
+    `Llama(config, rngs=nnx.Rngs(0))` gives random weights (tests, benchmarks at a named shape);
+    `lsjax.load(ckpt)` gives converted ones.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self.config = config
+        shapes = param_shapes(config)
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Param(init(rngs.params(), shapes["embed"], dtype))
+        self.layers = DecoderLayers(config, rngs, dtype)
+        self.norm = nnx.Param(jnp.ones(shapes["norm"], dtype))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), shapes["lm_head"], dtype))
+
+    @property
+    def dtype(self):
+        return self.embed[...].dtype
+
+    def params(self) -> Params:
+        """The weights as the nested dict of arrays that `forward` and the checkpoints use."""
+        out = {"embed": self.embed[...], "layers": self.layers.arrays(), "norm": self.norm[...]}
+        if not self.config.tie_word_embeddings:
+            out["lm_head"] = self.lm_head[...]
+        return out
+
+    def __call__(self, input_ids, attention_mask=None, positions=None) -> jax.Array:
+        return forward(self.config, self.params(), input_ids, attention_mask, positions)
+
+
+def abstract_model(config: ModelConfig, dtype: Any = jnp.float32) -> Llama:
+    """A `Llama` whose params are shape/dtype placeholders: no memory, filled by `nnx.update`."""
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def model_from_params(config: ModelConfig, params: Params) -> Llama:
+    dtype = params["embed"].dtype
+    model = abstract_model(config, dtype)
+    nnx.update(model, params)
+    return model
+
+
+def count_params(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
