@@ -78,10 +78,12 @@ class ModelConfig:
     sliding_window: int | None = None
     model_type: str = "llama"
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):  # JSON lists; a tuple keeps the config hashable (jit-static)
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
@@ -109,7 +111,7 @@ class ModelConfig:
     def eos_token_ids(self) -> tuple[int, ...]:
         if self.eos_token_id is None:
             return ()
-        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else (self.eos_token_id,)
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(d_in, d_out) of each of the seven linear projections in one layer (y = x @ W)."""

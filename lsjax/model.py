@@ -85,19 +85,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, project: Project = plain_project) -> jax.Array:
-    """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's slice."""
+                  mask: jax.Array, project: Project = plain_project,
+                  kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+    """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's slice.
+
+    Without `kv`, attends over the block's own tokens and returns the new x. With
+    `kv = (k_cache [B,T,KV,D], v_cache, write_index)`, writes this block's keys/values into the
+    cache at `write_index`, attends over the whole cache (mask `[B,S,T]`), and returns
+    `(x, (k_cache, v_cache))`.
+    """
     b, s, _ = x.shape
     h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
     q = project("q", h, w["q"]).reshape(b, s, config.num_heads, config.head_dim)
     k = project("k", h, w["k"]).reshape(b, s, config.num_kv_heads, config.head_dim)
     v = project("v", h, w["v"]).reshape(b, s, config.num_kv_heads, config.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv is not None:
+        k_cache, v_cache, index = kv
+        k = k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+        v = v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
     attn = attention(q, k, v, mask).reshape(b, s, config.q_size)
     x = x + project("o", attn, w["o"])
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
     gated = jax.nn.silu(project("gate", h, w["gate"])) * project("up", h, w["up"])
-    return x + project("down", gated, w["down"])
+    x = x + project("down", gated, w["down"])
+    return x if kv is None else (x, (k_cache, v_cache))
 
 
 def embed_tokens(params: Params, input_ids: jax.Array) -> jax.Array:

@@ -17,7 +17,9 @@ def tiny_tokenizer_files(folder: Path) -> None:
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = ["<unk>", "<s>", "</s>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet)[: VOCAB - len(specials)])}
+    printable = ["\u0120", "\u010a"] + [chr(c) for c in range(33, 127)]  # space, newline, ASCII
+    rest = sorted(set(alphabet) - set(printable))
+    vocab = {tok: i for i, tok in enumerate((specials + printable + rest)[:VOCAB])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,0 +1,128 @@
+"""KV-cache decoding: pure `prefill` / `decode_step` functions and a simple greedy loop.
+
+Prompts are left-padded so every row writes the same cache slot each step; each row's positions
+count only its real tokens, so padding never shifts RoPE. All functions are pure and jit-able
+(config is a hashable frozen dataclass: pass it as a static argument or close over it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax.config import ModelConfig
+from lsjax.errors import ConfigError
+from lsjax.model import Params, decoder_layer, default_positions, embed_tokens, lm_logits, rope_tables, visibility_mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys/values `[L, B, T, KV, D]`, each slot's position and validity `[B, T]`, slots used."""
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    length: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.float32) -> KVCache:
+    shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.zeros((batch, capacity), jnp.int32),
+                   valid=jnp.zeros((batch, capacity), jnp.bool_), length=jnp.zeros((), jnp.int32))
+
+
+def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
+                   positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run `[B, S]` new tokens against the cache; returns logits `[B, S, V]` and the grown cache."""
+    index = cache.length
+    all_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
+    all_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_), index, axis=1)
+    mask = visibility_mask(config, positions, all_positions, all_valid)
+    cos, sin = rope_tables(config, positions)
+
+    def body(x, xs):
+        w, k, v = xs
+        x, (k, v) = decoder_layer(config, w, x, cos, sin, mask, kv=(k, v, index))
+        return x, (k, v)
+
+    x, (k, v) = jax.lax.scan(body, embed_tokens(params, input_ids), (params["layers"], cache.k, cache.v))
+    logits = lm_logits(config, params, x)
+    return logits, KVCache(k, v, all_positions, all_valid, index + input_ids.shape[1])
+
+
+def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
+            cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Left-padded prompts `[B, S]` into an empty cache; logits of each prompt's last token `[B, V]`."""
+    logits, cache = forward_cached(config, params, input_ids, attention_mask, default_positions(attention_mask), cache)
+    return logits[:, -1], cache
+
+
+def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One new token per row `[B]`; its position is the row's count of real tokens so far."""
+    positions = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+    logits, cache = forward_cached(config, params, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
+                                   positions, cache)
+    return logits[:, 0], cache
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(config: ModelConfig):
+    return (jax.jit(functools.partial(prefill, config), donate_argnums=(3,)),
+            jax.jit(functools.partial(decode_step, config), donate_argnums=(2,)))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("prompts must be a non-empty list of non-empty token id lists")
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.bool_)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, True
+    return ids, mask
+
+
+def greedy_generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], dict[str, float]]:
+    """Greedy continuations (stopping at `stop_ids`) and timings.
+
+    Timings: prefill ms (compilation included on a first call) and decode ms/token over the steps
+    after the first, whose compilation is excluded.
+    """
+    ids, mask = left_pad(prompts)
+    cache = init_cache(config, len(prompts), ids.shape[1] + max_new_tokens, params["embed"].dtype)
+    run_prefill, run_step = _compiled(config)
+    start = time.perf_counter()
+    logits, cache = run_prefill(params, ids, mask, cache)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token.block_until_ready()
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    out, done = [[] for _ in prompts], np.zeros(len(prompts), bool)
+    start, timed_steps = None, 0
+    for step in range(max_new_tokens):
+        host = np.asarray(token)
+        if step == 1:
+            start = time.perf_counter()
+        timed_steps += step >= 1
+        for row in np.flatnonzero(~done):
+            out[row].append(int(host[row]))
+            done[row] |= int(host[row]) in stop_ids
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits, cache = run_step(params, token, cache)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    decode_ms = (time.perf_counter() - start) * 1e3 / (timed_steps - 1) if timed_steps > 1 else float("nan")
+    return out, {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms}
