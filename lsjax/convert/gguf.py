@@ -31,6 +31,7 @@ with ``n_head = num_attention_heads`` for q and ``num_key_value_heads`` for k.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -117,6 +118,21 @@ class GGUFModel:
     def tensor_names(self) -> list[str]:
         """Hugging Face names of the tensors ``tensors()`` yields, in the same order."""
         return [p.hf_name for p in self._plan]
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{hf_name: shape}`` of every tensor ``tensors()`` yields (all float32), without reading data."""
+        return {p.hf_name: p.shape for p in self._plan}
+
+    def tensor(self, hf_name: str) -> np.ndarray:
+        """One tensor by Hugging Face name, dequantised (for building lazy loaders)."""
+        plans = {p.hf_name: p for p in self._plan}
+        if hf_name not in plans:
+            raise ConversionError(f"{self.path}: no tensor {hf_name!r}; expected one of tensor_names()")
+        return self._load(self._gguf_tensors[plans[hf_name].gguf_name], plans[hf_name])
+
+    @functools.cached_property
+    def _gguf_tensors(self) -> dict[str, Any]:
+        return {t.name: t for t in self._reader.tensors}
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(hf_name, float32 array)`` one at a time, dequantised, in Hugging Face layout."""
@@ -372,6 +388,7 @@ def _rope_scaling(
                 f"{path}: both tensor {_ROPE_FREQS!r} and {prefix}type={kind!r} are present; expected only one "
                 "kind of RoPE scaling"
             )
+        _check_supported_type(path, tensors[_ROPE_FREQS])
         factors = _dequantize(tensors[_ROPE_FREQS]).reshape(-1)
         return _llama3_rope_scaling(path, factors, rope_theta, head_dim)
     if kind in (None, "none"):
@@ -674,6 +691,9 @@ def _tokenizer_files(
             raise ConversionError(f"{path}: {gguf_key} is {token_id}; expected a token id in [0, {len(tokens)})")
         return tokens[token_id]
 
+    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+    eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+
     bos = token_for("tokenizer.ggml.bos_token_id")
     eos = token_for("tokenizer.ggml.eos_token_id")
     unk = token_for("tokenizer.ggml.unknown_token_id")
@@ -681,19 +701,23 @@ def _tokenizer_files(
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE))
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     if add_bos and bos is None:
-        raise ConversionError(f"{path}: tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is missing")
+        raise ConversionError(
+            f"{path}: tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is missing"
+        )
     if add_eos and eos is None:
-        raise ConversionError(f"{path}: tokenizer.ggml.add_eos_token is true but tokenizer.ggml.eos_token_id is missing")
+        raise ConversionError(
+            f"{path}: tokenizer.ggml.add_eos_token is true but tokenizer.ggml.eos_token_id is missing"
+        )
 
     single, pair, specials = ["$A:0"], ["$A:0", "$B:1"], []
     if add_bos:
         single, pair = [f"{bos}:0", *single], [f"{bos}:0", "$A:0", f"{bos}:1", "$B:1"]
-        specials.append((bos, vocab[bos]))
+        specials.append((bos, bos_id))
     if add_eos:
         single = [*single, f"{eos}:0"]
         pair = [*pair[: pair.index("$B:1")], f"{eos}:0", *pair[pair.index("$B:1") :], f"{eos}:1"]
         if eos != bos:
-            specials.append((eos, vocab[eos]))
+            specials.append((eos, eos_id))
     tokenizer.post_processor = processors.TemplateProcessing(
         single=" ".join(single), pair=" ".join(pair), special_tokens=specials
     )

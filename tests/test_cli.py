@@ -1,0 +1,27 @@
+"""The `lsjax` command line: conversion works end to end, bad input is one clear line, exit 2."""
+
+import numpy as np
+from tiny import make_hf_model, ragged_batch
+
+import lsjax
+from lsjax.cli import main
+
+
+def test_convert_hf_and_refuse_existing(tmp_path, capsys):
+    make_hf_model(tmp_path / "hf")
+    assert main(["convert", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--dtype", "bf16"]) == 0
+    model, _ = lsjax.load(tmp_path / "ckpt")
+    assert model.dtype == np.dtype("bfloat16")
+    ids, mask, _ = ragged_batch([5, 3])
+    assert np.isfinite(np.asarray(model(ids, mask))).all()
+
+    assert main(["convert", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "lsjax convert: error:" in err and "output path already exists" in err
+    assert "Traceback" not in err
+
+
+def test_convert_missing_folder(tmp_path, capsys):
+    assert main(["convert", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert "nope: not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
