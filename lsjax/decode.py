@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,8 @@ import numpy as np
 
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
-from lsjax.model import Params, decoder_layer, default_positions, embed_tokens, lm_logits, rope_tables, visibility_mask
+from lsjax.model import (Params, Project, decoder_layer, default_positions, embed_tokens, lm_logits, plain_project,
+                         rope_tables, visibility_mask)
 
 
 @jax.tree_util.register_dataclass
@@ -45,8 +46,12 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.
 
 
 def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
-                   positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Run `[B, S]` new tokens against the cache; returns logits `[B, S, V]` and the grown cache."""
+                   positions: jax.Array, cache: KVCache, project_factory: Callable[[Any], Project] | None = None,
+                   layer_extras: Any = None) -> tuple[jax.Array, KVCache]:
+    """Run `[B, S]` new tokens against the cache; returns logits `[B, S, V]` and the grown cache.
+
+    Adapters plug in as in `lsjax.model.forward`: `project_factory(layer_extras slice) -> project`.
+    """
     index = cache.length
     all_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
     all_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_), index, axis=1)
@@ -54,11 +59,13 @@ def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, at
     cos, sin = rope_tables(config, positions)
 
     def body(x, xs):
-        w, k, v = xs
-        x, (k, v) = decoder_layer(config, w, x, cos, sin, mask, kv=(k, v, index))
+        w, k, v, extras = xs
+        project = plain_project if project_factory is None else project_factory(extras)
+        x, (k, v) = decoder_layer(config, w, x, cos, sin, mask, project, kv=(k, v, index))
         return x, (k, v)
 
-    x, (k, v) = jax.lax.scan(body, embed_tokens(params, input_ids), (params["layers"], cache.k, cache.v))
+    x, (k, v) = jax.lax.scan(body, embed_tokens(params, input_ids),
+                             (params["layers"], cache.k, cache.v, layer_extras))
     logits = lm_logits(config, params, x)
     return logits, KVCache(k, v, all_positions, all_valid, index + input_ids.shape[1])
 

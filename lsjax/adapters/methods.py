@@ -1,0 +1,277 @@
+"""The adapted forward: base weights untouched, every projection gets `x @ W + routed LoRA term`.
+
+One `LayerProject` per layer is the `project(kind, x, w)` hook of `lsjax.model.decoder_layer`; it
+sees every projection call in execution order (q, k, v, o, gate, up, down), so it can put a
+router exactly at the input it belongs to:
+- `switch`: at the first adapted projection of layer 0 the router decides each token's experts
+  once; the route rides in the scan carry and every adapted projection of every layer reuses it
+  (a `lax.cond` on the layer index runs the router in layer 0 only, so the scan body is uniform:
+  no peeled layer, no sliced weight stacks, no concatenated KV cache).
+- `layerwise`: a router at the input of every adapted projection of every layer.
+- `blockwise`: a router on the mlp-normed input (the `gate` call) of every layer, shared by the
+  FFN targets; attention targets are plain LoRA.
+- `lora`: one adapter, no router.
+The same hook runs through `lsjax.model.forward` and `lsjax.decode.forward_cached`
+(`project_hooks`), and `adapted_forward_cached` runs every method over a KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsjax.adapters.config import FFN, AdapterConfig
+from lsjax.adapters.errors import AdapterError
+from lsjax.adapters.params import Adapter, AdapterParams, check_params
+from lsjax.adapters.routing import RouterStats, Routing, lora_term, router_logits, router_stats, top_k_route
+from lsjax.config import ModelConfig
+from lsjax.decode import KVCache
+from lsjax.model import (PROJECTIONS, Llama, Params, attention_mask_for, decoder_layer, default_positions,
+                         embed_tokens, lm_logits, rope_tables, visibility_mask)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AdapterAux:
+    """Router losses and statistics, averaged over all routers (and layers) of the forward.
+
+    loss = aux_loss_coef * load_balance + z_loss_coef * z_loss: add it to the LM loss.
+    routing: the switch route `[B, S, k]` (None for other methods), reusable by decoding.
+    With no router (`lora`) everything is zero.
+    """
+
+    loss: jax.Array
+    load_balance: jax.Array
+    z_loss: jax.Array
+    entropy: jax.Array
+    load: jax.Array  # [E]
+    routing: Routing | None = None
+
+
+class LayerProject:
+    """`project(kind, x, w)` of one layer: base matmul plus the adapter term; records router stats.
+
+    `experts` / `routers` are this layer's slices. For `switch`, `route` is the route carried from
+    earlier layers and `first` (a traced bool) says whether this layer decides it: a `lax.cond`
+    runs `switch_router` only in layer 0, so every layer has the same body and the scan stays the
+    base model's scan. Python state lives only for one trace of one layer body.
+    """
+
+    def __init__(self, config: AdapterConfig, experts: dict, routers: dict, *, route: Routing | None = None,
+                 first: jax.Array | None = None, switch_router: jax.Array | None = None,
+                 valid: jax.Array | None = None, key: jax.Array | None = None, train: bool = False):
+        self.config, self.experts, self.routers = config, experts, routers
+        self.route, self.first, self.switch_router = route, first, switch_router
+        self.valid, self.key, self.train = valid, key, train
+        self.switch_done = False
+        self.block_route: Routing | None = None
+        self.stats: list[RouterStats] = []
+
+    def __call__(self, kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        y = x @ w
+        cfg = self.config
+        if cfg.method == "blockwise" and kind == "gate":  # the FFN block's input, adapted or not
+            self.block_route = self._decide(x, self.routers["ffn"], kind)
+        if kind not in cfg.targets:
+            return y
+        route = self._route_for(kind, x)
+        a, b = self.experts[kind]["a"], self.experts[kind]["b"]
+        return y + lora_term(self._dropout(kind, x), a, b, route, cfg.scale, cfg.computation).astype(y.dtype)
+
+    def _route_for(self, kind: str, x: jax.Array) -> Routing | None:
+        method = self.config.method
+        if method == "switch":
+            if not self.switch_done and self.first is not None:  # the first adapted projection
+                self._decide_switch(x, kind)
+            self.switch_done = True
+            if self.route is None:
+                raise AdapterError("method 'switch' needs a route decided in layer 0 or given (route=)")
+            return self.route
+        if method == "layerwise":
+            return self._decide(x, self.routers[kind], kind)
+        if method == "blockwise" and kind in FFN:
+            return self.block_route
+        return None
+
+    def _decide_switch(self, x: jax.Array, kind: str) -> None:
+        """Layer 0 runs the router; later layers keep the carried route (zero stats, dropped later)."""
+        carried = self.route
+
+        def decide(x):
+            return self._route(x, self.switch_router, kind)
+
+        def keep(x):
+            zero = jnp.zeros((), jnp.float32)
+            return carried, RouterStats(zero, zero, zero, jnp.zeros((self.config.num_experts,), jnp.float32))
+
+        self.route, stats = jax.lax.cond(self.first, decide, keep, x)
+        self.stats.append(stats)
+
+    def _decide(self, x: jax.Array, weight: jax.Array, kind: str) -> Routing:
+        route, stats = self._route(x, weight, kind)
+        if stats is not None:
+            self.stats.append(stats)
+        return route
+
+    def _route(self, x: jax.Array, weight: jax.Array, kind: str) -> tuple[Routing, RouterStats | None]:
+        """The route of one router, and its stats unless no `valid` mask was given (hooks)."""
+        router = self.config.router
+        key = self._key(kind, 1) if router.jitter > 0 else None
+        logits = router_logits(x, weight, router.jitter, key)
+        route, probs = top_k_route(logits, self.config.top_k)
+        stats = None if self.valid is None else router_stats(logits, probs, route.ids, self.valid)
+        return route, stats
+
+    def _dropout(self, kind: str, x: jax.Array) -> jax.Array:
+        p = self.config.dropout
+        key = self._key(kind, 0) if p > 0 else None
+        if key is None:
+            return x
+        keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
+        return jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
+
+    def _key(self, kind: str, use: int) -> jax.Array | None:
+        if not self.train or self.key is None:
+            return None
+        return jax.random.fold_in(self.key, 2 * PROJECTIONS.index(kind) + use)
+
+
+def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:
+    """The routers stacked on the layer axis (scanned with the layers); switch's is global."""
+    return {} if config.method == "switch" else params["routers"]
+
+
+def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterConfig, params: AdapterParams,
+                x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array, *,
+                key: jax.Array | None, train: bool, cache: KVCache | None = None):
+    """Scan all decoder layers; returns x, the routers' stats, the switch route and the new (k, v)."""
+    L, switch = model_config.num_layers, config.method == "switch"
+    xs = {"w": base_params["layers"], "experts": params["experts"], "routers": _layer_routers(config, params),
+          "key": None if key is None else jax.random.split(key, L),
+          "kv": None if cache is None else (cache.k, cache.v),
+          "first": jnp.arange(L) == 0 if switch else None}
+    b, s = x.shape[:2]
+    no_route = Routing(jnp.zeros((b, s, config.top_k), jnp.int32), jnp.zeros((b, s, config.top_k), jnp.float32))
+
+    def body(carry, xs):
+        x, route = carry
+        project = LayerProject(config, xs["experts"], xs["routers"], route=route, first=xs["first"],
+                               switch_router=params["routers"].get("switch"), valid=valid, key=xs["key"],
+                               train=train)
+        if cache is None:
+            x, kv = decoder_layer(model_config, xs["w"], x, cos, sin, mask, project), None
+        else:
+            x, kv = decoder_layer(model_config, xs["w"], x, cos, sin, mask, project, kv=(*xs["kv"], cache.length))
+        return (x, project.route), (project.stats, kv)
+
+    (x, route), (stats, kv) = jax.lax.scan(body, (x, no_route if switch else None), xs)
+    if switch:  # only layer 0 ran the router
+        stats = [jax.tree.map(lambda a: a[0], st) for st in stats]
+    return x, stats, route, kv
+
+
+def _aux(config: AdapterConfig, stats: list[RouterStats], route: Routing | None) -> AdapterAux:
+    E = config.num_experts
+    if not stats:
+        zero = jnp.zeros((), jnp.float32)
+        return AdapterAux(zero, zero, zero, zero, jnp.zeros((E,), jnp.float32), route)
+    # per router: a leading layer axis (layerwise, blockwise) or none (switch, taken from layer 0)
+    lb = jnp.mean(jnp.concatenate([jnp.ravel(s.load_balance) for s in stats]))
+    z = jnp.mean(jnp.concatenate([jnp.ravel(s.z_loss) for s in stats]))
+    ent = jnp.mean(jnp.concatenate([jnp.ravel(s.entropy) for s in stats]))
+    load = jnp.mean(jnp.concatenate([s.load.reshape(-1, E) for s in stats]), axis=0)
+    loss = config.router.aux_loss_coef * lb + config.router.z_loss_coef * z
+    return AdapterAux(loss, lb, z, ent, load, route)
+
+
+def _needs_key(config: AdapterConfig) -> bool:
+    return config.dropout > 0 or (config.method != "lora" and config.router.jitter > 0)
+
+
+def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
+                    adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                    *, positions: jax.Array | None = None, rng: jax.Array | None = None,
+                    train: bool = False) -> tuple[jax.Array, AdapterAux]:
+    """Logits `[B, S, V]` of the base model with the adapter attached, and the router aux.
+
+    `train=True` turns on adapter dropout and router jitter (both need `rng`). Pure and jit-able
+    with both configs static.
+    """
+    check_params(model_config, adapter_config, adapter_params)
+    if train and _needs_key(adapter_config) and rng is None:
+        raise AdapterError("train=True with dropout or router jitter needs rng= (a jax PRNG key)")
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    cos, sin = rope_tables(model_config, positions)
+    mask = attention_mask_for(model_config, positions, attention_mask)
+    x = embed_tokens(base_params, input_ids)
+    x, stats, route, _ = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin, mask,
+                                     attention_mask, key=rng if train else None, train=train)
+    return lm_logits(model_config, base_params, x), _aux(adapter_config, stats, route)
+
+
+def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
+                           adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array,
+                           positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache, AdapterAux]:
+    """`lsjax.decode.forward_cached` with the adapter (inference: no dropout, no jitter).
+
+    Every method, switch included: a decode step's route is decided from that token's own
+    layer-0 input, exactly as in the full forward.
+    """
+    check_params(model_config, adapter_config, adapter_params)
+    index = cache.length
+    all_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
+    all_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_), index, axis=1)
+    mask = visibility_mask(model_config, positions, all_positions, all_valid)
+    cos, sin = rope_tables(model_config, positions)
+    x = embed_tokens(base_params, input_ids)
+    x, stats, route, (k, v) = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
+                                          mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache)
+    logits = lm_logits(model_config, base_params, x)
+    new_cache = KVCache(k, v, all_positions, all_valid, index + input_ids.shape[1])
+    return logits, new_cache, _aux(adapter_config, stats, route)
+
+
+def project_hooks(adapter_config: AdapterConfig, adapter_params: AdapterParams, route: Routing | None = None):
+    """`(project_factory, layer_extras)` for `lsjax.model.forward` / `lsjax.decode.forward_cached`.
+
+    Inference only (no stats, no dropout). `switch` needs the route decided beforehand (e.g.
+    `aux.routing` of a forward over the same tokens), since a plain scan has no first layer.
+    """
+    if adapter_config.method == "switch" and route is None:
+        raise AdapterError("method 'switch' needs route= for project_hooks (its router runs once, in layer 0; "
+                           "use adapted_forward / adapted_forward_cached to decide it)")
+    extras = {"experts": adapter_params["experts"], "routers": _layer_routers(adapter_config, adapter_params)}
+
+    def factory(layer_extras):
+        return LayerProject(adapter_config, layer_extras["experts"], layer_extras["routers"], route=route)
+    return factory, extras
+
+
+class AdaptedLlama(nnx.Module):
+    """A base `Llama` (nnx.Param, frozen) with an `Adapter` (AdapterParam / RouterParam) attached.
+
+    `model(ids, mask, rng=..., train=...)` -> `(logits, aux)`. Train only the adapter with
+    `nnx.Optimizer(model, tx, wrt=TRAINABLE)` or `nnx.grad(..., argnums=nnx.DiffState(0, TRAINABLE))`.
+    """
+
+    def __init__(self, base: Llama, adapter: Adapter):
+        if adapter.model_config != base.config:
+            raise AdapterError(f"adapter was built for {adapter.model_config}, not for this base model {base.config}")
+        self.base, self.adapter = base, adapter
+
+    @classmethod
+    def create(cls, base: Llama, adapter_config: AdapterConfig, *, rngs: nnx.Rngs) -> "AdaptedLlama":
+        return cls(base, Adapter(base.config, adapter_config, rngs=rngs, dtype=base.dtype))
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, rng=None,
+                 train: bool = False) -> tuple[jax.Array, AdapterAux]:
+        return adapted_forward(self.base.config, self.base.params(), self.adapter.config, self.adapter.arrays(),
+                               input_ids, attention_mask, positions=positions, rng=rng, train=train)
