@@ -1,4 +1,4 @@
-"""KV-cache decoding: pure `prefill` / `decode_step` functions and a simple greedy loop.
+"""KV-cache decoding: the pure `prefill` / `decode_step` functions (`lsjax.generate` drives them).
 
 Prompts are left-padded so every row writes the same cache slot each step; each row's positions
 count only its real tokens, so padding never shifts RoPE. All functions are pure and jit-able
@@ -8,8 +8,6 @@ count only its real tokens, so padding never shifts RoPE. All functions are pure
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -85,12 +83,6 @@ def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: K
     return logits[:, 0], cache
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(config: ModelConfig):
-    return (jax.jit(functools.partial(prefill, config), donate_argnums=(3,)),
-            jax.jit(functools.partial(decode_step, config), donate_argnums=(2,)))
-
-
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompts must be a non-empty list of non-empty token id lists")
@@ -100,36 +92,3 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     for row, p in enumerate(prompts):
         ids[row, width - len(p):], mask[row, width - len(p):] = p, True
     return ids, mask
-
-
-def greedy_generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], dict[str, float]]:
-    """Greedy continuations (stopping at `stop_ids`) and timings.
-
-    Timings: prefill ms (compilation included on a first call) and decode ms/token over the steps
-    after the first, whose compilation is excluded.
-    """
-    ids, mask = left_pad(prompts)
-    cache = init_cache(config, len(prompts), ids.shape[1] + max_new_tokens, params["embed"].dtype)
-    run_prefill, run_step = _compiled(config)
-    start = time.perf_counter()
-    logits, cache = run_prefill(params, ids, mask, cache)
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    token.block_until_ready()
-    prefill_ms = (time.perf_counter() - start) * 1e3
-    out, done = [[] for _ in prompts], np.zeros(len(prompts), bool)
-    start, timed_steps = None, 0
-    for step in range(max_new_tokens):
-        host = np.asarray(token)
-        if step == 1:
-            start = time.perf_counter()
-        timed_steps += step >= 1
-        for row in np.flatnonzero(~done):
-            out[row].append(int(host[row]))
-            done[row] |= int(host[row]) in stop_ids
-        if done.all() or step == max_new_tokens - 1:
-            break
-        logits, cache = run_step(params, token, cache)
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    decode_ms = (time.perf_counter() - start) * 1e3 / (timed_steps - 1) if timed_steps > 1 else float("nan")
-    return out, {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms}

@@ -33,21 +33,30 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import lsjax
-    from lsjax.decode import greedy_generate
+    from lsjax.generate import Generator
 
     start = time.perf_counter()
     ckpt = default_checkpoint(args.cache_dir)
     model, tokenizer = lsjax.load(ckpt, dtype="float32")
     print(f"loaded {ckpt} in {time.perf_counter() - start:.1f}s")
-    messages = [{"role": "user", "content": args.prompt}]
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    prompt_ids = list(getattr(prompt_ids, "input_ids", prompt_ids))
-    out, timing = greedy_generate(model.config, model.params(), [prompt_ids], args.max_new_tokens,
-                                  stop_ids=model.config.eos_token_ids)
-    answer = tokenizer.decode(out[0], skip_special_tokens=True).strip()
-    print(f"\nuser: {args.prompt}\nassistant: {answer}\n")
-    print(f"prompt {len(prompt_ids)} tokens, prefill {timing['prefill_ms']:.0f} ms (with compilation), "
-          f"decode {timing['decode_ms_per_token']:.1f} ms/token over {len(out[0])} tokens (fp32, CPU greedy)")
+    generator = Generator(model, tokenizer)
+    result = generator.generate([args.prompt], max_new_tokens=args.max_new_tokens, chat=True)  # compiles
+    print(f"\nuser: {args.prompt}\nassistant: ", end="", flush=True)
+    for event in generator.stream(args.prompt, max_new_tokens=args.max_new_tokens, chat=True):
+        print(event.text, end="", flush=True)
+    print("\n")
+    t = result.timings
+    print(f"prompt {result.prompt_tokens[0]} tokens, {len(result.token_ids[0])} new ({result.finish_reasons[0]}); "
+          f"first call (with compilation): prefill {t['prefill_ms']:.0f} ms, total {t['total_ms']:.0f} ms")
+    again = generator.generate([args.prompt], max_new_tokens=args.max_new_tokens, chat=True).timings
+    print(f"compiled: prefill {again['prefill_ms']:.0f} ms, decode {again['decode_ms_per_token']:.1f} ms/token "
+          f"(fp32, greedy, {jax_backend()})")
+
+
+def jax_backend() -> str:
+    import jax
+
+    return jax.default_backend().upper()
 
 
 if __name__ == "__main__":

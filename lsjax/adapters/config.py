@@ -13,7 +13,7 @@ from lsjax.errors import ConfigError
 from lsjax.model import PROJECTIONS
 
 METHODS = ("lora", "switch", "layerwise", "blockwise")
-COMPUTATIONS = ("gathered", "dense")
+COMPUTATIONS = ("gathered", "dense", "fused")
 INITS = ("kaiming", "gaussian")
 ATTENTION = ("q", "k", "v", "o")
 FFN = ("gate", "up", "down")

@@ -71,15 +71,16 @@ class LayerProject:
         self.stats: list[RouterStats] = []
 
     def __call__(self, kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
-        y = x @ w
         cfg = self.config
         if cfg.method == "blockwise" and kind == "gate":  # the FFN block's input, adapted or not
             self.block_route = self._decide(x, self.routers["ffn"], kind)
         if kind not in cfg.targets:
-            return y
+            return x @ w
         route = self._route_for(kind, x)
         a, b = self.experts[kind]["a"], self.experts[kind]["b"]
-        return y + lora_term(self._dropout(kind, x), a, b, route, cfg.scale, cfg.computation).astype(y.dtype)
+        if cfg.computation == "fused":  # one kernel: x @ W plus each row's own experts
+            return fused_project(x, w, a, b, route, cfg.scale)
+        return x @ w + lora_term(self._dropout(kind, x), a, b, route, cfg.scale, cfg.computation).astype(x.dtype)
 
     def _route_for(self, kind: str, x: jax.Array) -> Routing | None:
         method = self.config.method
@@ -137,6 +138,23 @@ class LayerProject:
         if not self.train or self.key is None:
             return None
         return jax.random.fold_in(self.key, 2 * PROJECTIONS.index(kind) + use)
+
+
+def fused_project(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None,
+                  scale: float) -> jax.Array:
+    """`x @ w + routed LoRA` through `pallas_kernels.routed_lora_matmul` (Pallas on GPU, XLA elsewhere)."""
+    from pallas_kernels import routed_lora_matmul
+
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    if route is None:  # plain LoRA: expert 0 with gate 1
+        ids = jnp.zeros((rows.shape[0], 1), jnp.int32)
+        gates = jnp.full((rows.shape[0], 1), scale, jnp.float32)
+    else:
+        ids = route.ids.reshape(rows.shape[0], -1)
+        gates = scale * route.gates.reshape(rows.shape[0], -1)
+    y = routed_lora_matmul(rows, w, a, b, ids, gates.astype(jnp.float32))
+    return y.reshape(*lead, w.shape[-1])
 
 
 def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:

@@ -1,0 +1,240 @@
+"""`Generator`: batched generation with a KV cache, sampling, stop tokens/strings and streaming.
+
+    gen = Generator(model, tokenizer, adapter=None, strategy="auto")
+    out = gen.generate(["What is the capital of France?"], max_new_tokens=32, chat=True)
+    for event in gen.stream("Tell me a story", chat=True): print(event.text, end="")
+
+Prompts are left-padded to a power-of-two bucket and the cache capacity is bucketed too, so
+repeated calls with the same batch size and bucket never recompile. `generate` runs the whole
+decode on device (`lax.while_loop`); `stream` steps from the host to yield tokens as they come.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax import strategies
+from lsjax.decode import init_cache
+from lsjax.errors import ConfigError
+from lsjax.sampling import SamplingConfig, sample
+
+MIN_BUCKET = 16
+CACHE_ROUND = 64
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]  # "stop" (a stop token), "stop_string", or "length"
+    prompt_tokens: list[int]
+    timings: dict[str, float]  # prefill_ms, decode_ms_per_token, total_ms (first call: compile included)
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    token_id: int
+    text: str  # the new text this token completes (may be empty mid-character)
+    finish_reason: str | None = None
+
+
+def bucket(n: int) -> int:
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _loop(step, bundle, first_logits, cache, key, sampling, stop_ids, max_new, pad_id, budget: int):
+    """Sample the first token from prefill logits, then decode on device until every row stops."""
+    batch = first_logits.shape[0]
+    key, sub = jax.random.split(key)
+    token = sample(first_logits, sub, **sampling)
+    tokens = jnp.full((batch, budget), pad_id, jnp.int32).at[:, 0].set(token)
+    done = jnp.isin(token, stop_ids)
+
+    def cond(state):
+        i, _, _, _, _, done = state
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(state):
+        i, token, cache, key, tokens, done = state
+        logits, cache = step(bundle, token, cache)
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, pad_id, sample(logits, sub, **sampling))
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, axis=1)
+        return i + 1, token, cache, key, tokens, done | jnp.isin(token, stop_ids)
+
+    steps, _, _, _, tokens, done = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, key, tokens, done))
+    return tokens, done, steps
+
+
+def _sample_step(step, bundle, token, cache, key, sampling):
+    logits, cache = step(bundle, token, cache)
+    key, sub = jax.random.split(key)
+    return sample(logits, sub, **sampling), cache, key
+
+
+class Generator:
+    """Generation from a loaded model (+ optional adapter) with a chosen decode strategy."""
+
+    def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", max_cache_len: int | None = None):
+        self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
+        self.config = model.config
+        adapter_config = None
+        if adapter is not None:
+            from lsjax.adapters import AdapterError
+
+            adapter_config = adapter.config
+            if adapter.model_config != model.config:
+                raise AdapterError("adapter was made for another base model: "
+                                   f"{_shape_summary(adapter.model_config)} vs this model's {_shape_summary(model.config)}")
+        self.adapter_config = adapter_config
+        self.strategy = strategies.resolve_strategy(strategy, adapter_config)
+        self.max_cache_len = max_cache_len or self.config.max_position_embeddings
+        adapter_params = None if adapter is None else adapter.arrays()
+        self.bundle = strategies.prepare_bundle(model.params(), adapter_config, adapter_params, self.strategy)
+        self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy)
+        self._loop = jax.jit(functools.partial(_loop, self._step), static_argnames=("budget",))
+        self._sample_step = jax.jit(functools.partial(_sample_step, self._step), donate_argnums=(2,))
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ConfigError("prompts must be a non-empty list of strings or token id lists (got an empty batch)"
+                              if not isinstance(prompts, (str, bytes)) else "prompts must be a list; wrap one prompt in [ ]")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if not p:
+                    raise ConfigError(f"prompt {i} is empty; expected at least one token")
+                if chat:
+                    ids = self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                             add_generation_prompt=True, tokenize=True)
+                    ids = list(getattr(ids, "input_ids", ids))
+                else:
+                    ids = self.tokenizer.encode(p, add_special_tokens=False)
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ConfigError(f"prompt {i} is empty; expected at least one token")
+            out.append(ids)
+        return out
+
+    def _setup(self, prompts, chat, max_new_tokens, sampling, stop_token_ids):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 1")
+        sampling = sampling or SamplingConfig()
+        ids = self.encode(prompts, chat)
+        batch = len(ids)
+        if self.strategy == "merged" and self.adapter_config.method == "switch" and batch > 1:
+            raise ConfigError(f"strategy 'merged' decodes one sequence at a time (one route per token), got a "
+                              f"batch of {batch}; use strategy 'fused' or 'unmerged' for batches")
+        longest = max(map(len, ids))
+        width = bucket(longest)
+        capacity = round_up(width + max_new_tokens, CACHE_ROUND)
+        if width + max_new_tokens > self.max_cache_len:
+            raise ConfigError(f"prompt of {longest} tokens (bucket {width}) + max_new_tokens={max_new_tokens} "
+                              f"exceeds the cache length {self.max_cache_len}; shorten the prompt or max_new_tokens")
+        capacity = min(capacity, round_up(self.max_cache_len, CACHE_ROUND))
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        tokens = np.full((batch, width), pad, np.int32)
+        mask = np.zeros((batch, width), np.bool_)
+        for row, p in enumerate(ids):
+            tokens[row, width - len(p):], mask[row, width - len(p):] = p, True
+        stops = tuple(self.config.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
+        cache = init_cache(self.config, batch, capacity, self.bundle["base"]["embed"].dtype)
+        return ids, tokens, mask, cache, sampling, stops, pad, capacity - width
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompts, *, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+                 stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+                 chat: bool = False) -> GenerationResult:
+        """Generate for a batch of prompts (strings or token ids) on device; texts, ids, reasons, timings."""
+        ids, tokens, mask, cache, sampling, stops, pad, budget = self._setup(
+            prompts, chat, max_new_tokens, sampling, stop_token_ids)
+        start = time.perf_counter()
+        logits, cache = self._prefill(self.bundle, tokens, mask, cache)
+        logits.block_until_ready()
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        out, done, steps = self._loop(self.bundle, logits, cache, jax.random.key(sampling.seed), sampling.arrays(),
+                                      jnp.asarray(stops or (-1,), jnp.int32), jnp.int32(max_new_tokens),
+                                      jnp.int32(pad), budget=budget)
+        out, done, steps = np.asarray(out), np.asarray(done), int(steps)
+        decode_ms = (time.perf_counter() - start) * 1e3
+        result = GenerationResult([], [], [], [len(p) for p in ids],
+                                  {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms / max(steps - 1, 1),
+                                   "total_ms": prefill_ms + decode_ms})
+        for row in range(len(ids)):
+            row_ids = out[row, :steps].tolist()
+            reason = "length"
+            stop_at = next((i for i, t in enumerate(row_ids) if t in stops), None)
+            if stop_at is not None:
+                row_ids, reason = row_ids[: stop_at + 1], "stop"
+            text = self.tokenizer.decode(row_ids, skip_special_tokens=True)
+            cut = _first_stop_string(text, stop_strings)
+            if cut is not None:
+                text, reason = text[:cut], "stop_string"
+                row_ids = _ids_covering(self.tokenizer, row_ids, text)
+            result.texts.append(text)
+            result.token_ids.append(row_ids)
+            result.finish_reasons.append(reason)
+        return result
+
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
+               stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+               chat: bool = False) -> Iterator[StreamEvent]:
+        """Yield each new token and the text it completes, as it is decoded (one prompt)."""
+        _, tokens, mask, cache, sampling, stops, _, _ = self._setup(
+            [prompt], chat, max_new_tokens, sampling, stop_token_ids)
+        logits, cache = self._prefill(self.bundle, tokens, mask, cache)
+        key, sub = jax.random.split(jax.random.key(sampling.seed))
+        token = sample(logits, sub, **sampling.arrays())
+        generated: list[int] = []
+        shown = ""
+        arrays = sampling.arrays()
+        for i in range(max_new_tokens):
+            tid = int(token[0])
+            generated.append(tid)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            reason = "stop" if tid in stops else ("length" if i == max_new_tokens - 1 else None)
+            cut = _first_stop_string(text, stop_strings)
+            if cut is not None:
+                text, reason = text[:cut], "stop_string"
+            new = text[len(shown):] if text.startswith(shown) and not text.endswith("\ufffd") else ""
+            shown += new
+            yield StreamEvent(tid, new, reason)
+            if reason:
+                return
+            token, cache, key = self._sample_step(self.bundle, token, cache, key, arrays)
+
+    def compile_count(self) -> int:
+        """Compiled executables behind this generator (for checking that calls do not recompile)."""
+        return sum(f._cache_size() for f in (self._prefill, self._step, self._loop, self._sample_step))
+
+
+def _first_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop_strings if s and s in text]
+    return min(hits) if hits else None
+
+
+def _ids_covering(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The shortest prefix of `ids` whose decoded text reaches `text` (the part before a stop string)."""
+    for n in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:n], skip_special_tokens=True)) >= len(text):
+            return ids[:n]
+    return ids
+
+
+def _shape_summary(config) -> str:
+    return (f"hidden_size={config.hidden_size}, layers={config.num_layers}, heads={config.num_heads}/"
+            f"{config.num_kv_heads}, intermediate={config.intermediate_size}, vocab={config.vocab_size}")

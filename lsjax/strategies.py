@@ -1,0 +1,153 @@
+"""Decode strategies: how an adapter's routed term is computed while generating.
+
+Each strategy yields two pure functions over a `bundle` of arrays (jit them, donate the cache):
+    prefill(bundle, input_ids, attention_mask, cache) -> (last-token logits [B, V], cache)
+    step(bundle, tokens [B], cache)                   -> (logits [B, V], cache)
+
+- `unmerged`: base matmul + gathered low-rank term of the chosen experts (pure XLA).
+- `fused`: one `pallas_kernels.routed_lora_matmul` per projection (Pallas on GPU, XLA elsewhere):
+  `x @ W + sum_k g_k (x @ A_k) @ B_k`, any batch, each row its own experts; never writes weights.
+- `merged`: the paper's way. `lora`: merged once, then the plain backbone. `switch`: per token,
+  the router runs on layer 0's input, `pallas_kernels.sgmm_merge` builds W_base + delta for all
+  layers of each projection kind (from the pristine base: no drift), then the plain backbone runs.
+  One route per step, so batch 1 only.
+- `auto`: `lora` -> merged (free after the one-time merge); otherwise fused on GPU, unmerged on CPU
+  (identical math there: the XLA route of the fused kernel is the gathered term).
+Prefill always runs the training form (dense routed term), as in the paper.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lsjax.config import ModelConfig
+from lsjax.decode import forward_cached
+from lsjax.errors import ConfigError
+from lsjax.model import default_positions, embed_tokens, rms_norm
+
+STRATEGIES = ("unmerged", "merged", "fused", "auto")
+ATTENTION_INPUTS = ("q", "k", "v")
+
+
+def resolve_strategy(strategy: str, adapter_config: Any | None, backend: str | None = None) -> str:
+    """The concrete strategy for this adapter on this backend; refuses what cannot run."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy {strategy!r} is not supported; expected one of {STRATEGIES}")
+    if adapter_config is None:
+        return "base"
+    method = adapter_config.method
+    if strategy == "auto":
+        if method == "lora":
+            return "merged"
+        return "fused" if (backend or jax.default_backend()) == "gpu" else "unmerged"
+    if strategy == "merged":
+        if method not in ("lora", "switch"):
+            raise ConfigError(f"strategy 'merged' is for methods 'lora' and 'switch', not {method!r} "
+                              f"(its routes are decided inside every layer); use 'unmerged' or 'fused'")
+        if method == "switch" and first_target(adapter_config) not in ATTENTION_INPUTS:
+            raise ConfigError("strategy 'merged' needs the switch router on layer 0's attention input "
+                              f"(targets including q, k or v); got targets {adapter_config.targets}")
+    return strategy
+
+
+def first_target(adapter_config) -> str:
+    from lsjax.model import PROJECTIONS
+
+    return next(p for p in PROJECTIONS if p in adapter_config.targets)
+
+
+def merge_lora_params(base: dict, adapter_config, adapter_params: dict) -> dict:
+    """Base params with a plain LoRA folded in: W + scale * A @ B for every target (all layers)."""
+    layers = dict(base["layers"])
+    for kind in adapter_config.targets:
+        e = adapter_params["experts"][kind]
+        delta = jnp.einsum("ldr,lro->ldo", e["a"][:, 0].astype(jnp.float32), e["b"][:, 0].astype(jnp.float32))
+        layers[kind] = (layers[kind].astype(jnp.float32) + adapter_config.scale * delta).astype(layers[kind].dtype)
+    return {**base, "layers": layers}
+
+
+def switch_route(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict, tokens: jax.Array):
+    """The switch route of one decode step, from the attn-normed embedding layer 0 sees (q/k/v first)."""
+    from lsjax.adapters.routing import router_logits, top_k_route
+
+    x = embed_tokens(base, tokens[:, None])
+    x = rms_norm(x, base["layers"]["attn_norm"][0], model_config.rms_norm_eps)
+    route, _ = top_k_route(router_logits(x, adapter_params["routers"]["switch"]), adapter_config.top_k)
+    return route
+
+
+def merged_switch_params(base: dict, adapter_config, adapter_params: dict, route) -> dict:
+    """W_base + scale * sum_k g_k A_k B_k for all layers of each target kind: one sgmm call per kind."""
+    from pallas_kernels import sgmm_merge
+
+    ids, gates = route.ids[0, 0], (adapter_config.scale * route.gates[0, 0]).astype(jnp.float32)
+    layers = dict(base["layers"])
+    for kind in adapter_config.targets:
+        e = adapter_params["experts"][kind]
+        layers[kind] = sgmm_merge(layers[kind], e["a"], e["b"], ids, gates)
+    return {**base, "layers": layers}
+
+
+def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Callable, Callable]:
+    """(prefill, step) pure functions of `bundle = {"base": params, "adapter": arrays or None}`."""
+    if strategy == "base" or (strategy == "merged" and adapter_config.method == "lora"):
+        # lora merged: the bundle's base already holds W + scale * A @ B (see `prepare_bundle`)
+        def prefill(bundle, ids, mask, cache):
+            logits, cache = forward_cached(model_config, bundle["base"], ids, mask, default_positions(mask), cache)
+            return logits[:, -1], cache
+
+        def step(bundle, tokens, cache):
+            positions = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+            logits, cache = forward_cached(model_config, bundle["base"], tokens[:, None],
+                                           jnp.ones_like(positions, jnp.bool_), positions, cache)
+            return logits[:, 0], cache
+        return prefill, step
+
+    from lsjax.adapters.methods import adapted_forward_cached
+
+    decode_computation = {"unmerged": "gathered", "fused": "fused", "merged": "gathered"}[strategy]
+    prefill_config = adapter_config.replace(computation="dense")
+    step_config = adapter_config.replace(computation=decode_computation)
+
+    def prefill(bundle, ids, mask, cache):
+        logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], prefill_config, bundle["adapter"],
+                                                  ids, mask, default_positions(mask), cache)
+        return logits[:, -1], cache
+
+    def adapted_step(bundle, tokens, cache):
+        positions = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+        logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], step_config, bundle["adapter"],
+                                                  tokens[:, None], jnp.ones_like(positions, jnp.bool_),
+                                                  positions, cache)
+        return logits[:, 0], cache
+
+    if strategy != "merged":
+        return prefill, adapted_step
+
+    def merged_step(bundle, tokens, cache):
+        route = switch_route(model_config, bundle["base"], adapter_config, bundle["adapter"], tokens)
+        merged = merged_switch_params(bundle["base"], adapter_config, bundle["adapter"], route)
+        positions = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+        logits, cache = forward_cached(model_config, merged, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
+                                       positions, cache)
+        return logits[:, 0], cache
+
+    return prefill, merged_step
+
+
+def prepare_bundle(base: dict, adapter_config, adapter_params: dict | None, strategy: str) -> dict:
+    """The arrays the strategy's functions take; `lora` + merged folds the adapter in once."""
+    if strategy == "merged" and adapter_config.method == "lora":
+        return {"base": merge_lora_params(base, adapter_config, adapter_params), "adapter": None}
+    return {"base": base, "adapter": adapter_params}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(model_config: ModelConfig, adapter_config, strategy: str):
+    """Jitted (prefill, step) per (model, adapter config, strategy), shared by every Generator."""
+    prefill, step = build(model_config, adapter_config, strategy)
+    return jax.jit(prefill, donate_argnums=(3,)), jax.jit(step, donate_argnums=(2,))

@@ -1,0 +1,173 @@
+"""Generation: greedy parity with transformers, cached steps vs full forward, strategies agree,
+no recompiles, stop handling, streaming, and a clear error for each bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from tiny import make_hf_model
+
+import lsjax
+from lsjax.adapters import Adapter, AdapterConfig, AdapterError
+from lsjax.config import ModelConfig
+from lsjax.convert import convert_hf
+from lsjax.decode import decode_step, init_cache, left_pad, prefill
+from lsjax.errors import ConfigError
+from lsjax.generate import Generator
+from lsjax.model import Llama, forward
+from lsjax.sampling import SamplingConfig
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40, 41, 42, 43, 44]]
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def tiny(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    extra = {"sliding_window": 12} if request.param == "mistral" else {}
+    hf = make_hf_model(root / "hf", model_type=request.param, **extra)
+    convert_hf(root / "hf", root / "ckpt", progress=False)
+    model, tok = lsjax.load(root / "ckpt")
+    return hf, model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama-strategies")
+    make_hf_model(root / "hf")
+    convert_hf(root / "hf", root / "ckpt", progress=False)
+    return (None, *lsjax.load(root / "ckpt"))
+
+
+def random_adapter(model, method, **kwargs):
+    """An adapter with every tensor random (B nonzero), so the routed term matters."""
+    cfg = AdapterConfig(method=method, rank=4, targets="all-linear", **kwargs)
+    adapter = Adapter(model.config, cfg, rngs=nnx.Rngs(1))
+    leaves, treedef = jax.tree.flatten(adapter.arrays())
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return Adapter.from_arrays(model.config, cfg, jax.tree.unflatten(treedef, noisy))
+
+
+def test_greedy_matches_transformers(tiny):
+    hf, model, tok = tiny
+    out = Generator(model, tok).generate(PROMPTS, max_new_tokens=32, stop_token_ids=())
+    for prompt, got in zip(PROMPTS, out.token_ids):
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+        assert got == want
+    assert out.finish_reasons == ["length"] * 3
+
+
+def test_decode_steps_match_full_forward(tiny):
+    """Every step's logits against one full forward over the finished sequences (causal: same thing)."""
+    _, model, _ = tiny
+    cfg, params = model.config, model.params()
+    ids, mask = left_pad(PROMPTS)
+    logits, cache = prefill(cfg, params, ids, mask, init_cache(cfg, len(PROMPTS), 32))
+    step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c))
+    seen, generated = [logits], []
+    for _ in range(8):
+        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        generated.append(np.asarray(tokens))
+        logits, cache = step(params, tokens, cache)
+        seen.append(logits)
+    seqs = [list(p) + [int(g[row]) for g in generated] for row, p in enumerate(PROMPTS)]
+    width = max(map(len, seqs))
+    full_ids = np.array([s + [0] * (width - len(s)) for s in seqs])
+    full_mask = np.array([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    full = np.asarray(forward(cfg, params, full_ids, full_mask))
+    for row, prompt in enumerate(PROMPTS):
+        for i, step_logits in enumerate(seen):
+            assert np.abs(np.asarray(step_logits[row]) - full[row, len(prompt) - 1 + i]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["switch", "lora"])
+def test_strategies_agree(tiny_llama, method):
+    _, model, tok = tiny_llama
+    adapter = random_adapter(model, method, **({"num_experts": 4, "top_k": 2} if method == "switch" else {}))
+    got = {s: Generator(model, tok, adapter, strategy=s).generate([PROMPTS[0]], max_new_tokens=16,
+                                                                   stop_token_ids=()).token_ids
+           for s in ("unmerged", "fused", "merged", "auto")}
+    assert len({str(v) for v in got.values()}) == 1, got
+    base = Generator(model, tok).generate([PROMPTS[0]], max_new_tokens=16, stop_token_ids=()).token_ids
+    assert got["unmerged"] != base  # the adapter really changes the output
+    batched = Generator(model, tok, adapter, strategy="fused").generate(PROMPTS, max_new_tokens=8, stop_token_ids=())
+    unmerged = Generator(model, tok, adapter, strategy="unmerged").generate(PROMPTS, max_new_tokens=8,
+                                                                             stop_token_ids=())
+    assert batched.token_ids == unmerged.token_ids
+
+
+def test_baselines_decode(tiny_llama):
+    _, model, tok = tiny_llama
+    for method in ("layerwise", "blockwise"):
+        adapter = random_adapter(model, method, num_experts=4, top_k=2)
+        a = Generator(model, tok, adapter, strategy="unmerged").generate(PROMPTS, max_new_tokens=8, stop_token_ids=())
+        b = Generator(model, tok, adapter, strategy="fused").generate(PROMPTS, max_new_tokens=8, stop_token_ids=())
+        assert a.token_ids == b.token_ids
+
+
+def test_no_recompilation_within_a_bucket(tiny_llama):
+    _, model, tok = tiny_llama
+    gen = Generator(model, tok)
+    gen.generate([[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=5)
+    count = gen.compile_count()
+    gen.generate([[9, 8, 7, 6, 5, 4], [3]], max_new_tokens=5, sampling=SamplingConfig(temperature=0.7, top_k=5, seed=3))
+    gen.generate([[11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21]], max_new_tokens=3)
+    assert gen.compile_count() == count
+
+
+def test_stops_streaming_and_seeds(tiny_llama):
+    _, model, tok = tiny_llama
+    gen = Generator(model, tok)
+    free = gen.generate([PROMPTS[0]], max_new_tokens=12, stop_token_ids=())
+    ids = free.token_ids[0]
+    stopped = gen.generate([PROMPTS[0]], max_new_tokens=12, stop_token_ids=[ids[4]])
+    first = ids.index(ids[4])
+    assert stopped.token_ids[0] == ids[: first + 1] and stopped.finish_reasons == ["stop"]
+    text = free.texts[0]
+    needle = text[len(text) // 2: len(text) // 2 + 2]
+    by_string = gen.generate([PROMPTS[0]], max_new_tokens=12, stop_token_ids=(), stop_strings=[needle])
+    assert by_string.texts[0] == text[: text.find(needle)] and by_string.finish_reasons == ["stop_string"]
+    events = list(gen.stream(PROMPTS[0], max_new_tokens=12, stop_token_ids=()))
+    assert [e.token_id for e in events] == ids and events[-1].finish_reason == "length"
+    assert "".join(e.text for e in events) == text
+    hot = SamplingConfig(temperature=1.5, seed=1)
+    a = gen.generate([PROMPTS[0]], max_new_tokens=12, sampling=hot, stop_token_ids=()).token_ids
+    b = gen.generate([PROMPTS[0]], max_new_tokens=12, sampling=hot, stop_token_ids=()).token_ids
+    c = gen.generate([PROMPTS[0]], max_new_tokens=12, sampling=SamplingConfig(temperature=1.5, seed=2),
+                     stop_token_ids=()).token_ids
+    assert a == b and a != c
+
+
+def test_bad_input(tiny_llama):
+    _, model, tok = tiny_llama
+    gen = Generator(model, tok, max_cache_len=64)
+    with pytest.raises(ConfigError, match=r"prompt of 60 tokens \(bucket 64\) \+ max_new_tokens=8 exceeds the cache"):
+        gen.generate([[3] * 60], max_new_tokens=8)
+    with pytest.raises(ConfigError, match=r"prompt 1 is empty"):
+        gen.generate([[3, 4], []])
+    with pytest.raises(ConfigError, match=r"prompt 0 is empty"):
+        gen.generate([""])
+    with pytest.raises(ConfigError, match=r"empty batch"):
+        gen.generate([])
+    with pytest.raises(ConfigError, match=r"temperature=-1 is invalid"):
+        gen.generate([[3]], sampling=SamplingConfig(temperature=-1))
+    with pytest.raises(ConfigError, match=r"top_p=0 is invalid"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ConfigError, match=r"top_k=-2 is invalid"):
+        SamplingConfig(top_k=-2)
+    with pytest.raises(ConfigError, match=r"strategy 'greedy' is not supported"):
+        Generator(model, tok, strategy="greedy")
+    switch = random_adapter(model, "switch", num_experts=4, top_k=2)
+    with pytest.raises(ConfigError, match=r"strategy 'merged' decodes one sequence .* batch of 3"):
+        Generator(model, tok, switch, strategy="merged").generate(PROMPTS)
+    with pytest.raises(ConfigError, match=r"strategy 'merged' is for methods 'lora' and 'switch', not 'layerwise'"):
+        Generator(model, tok, random_adapter(model, "layerwise", num_experts=4, top_k=2), strategy="merged")
+    other = ModelConfig.from_dict({**model.config.to_dict(), "num_layers": 3})
+    foreign = Adapter(other, switch.config, rngs=nnx.Rngs(0))
+    with pytest.raises(AdapterError, match=r"adapter was made for another base model: .*layers=3"):
+        Generator(model, tok, foreign)
+    with pytest.raises(ConfigError, match=r"max_new_tokens=0 is invalid"):
+        gen.generate([[3]], max_new_tokens=0)
