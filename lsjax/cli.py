@@ -21,6 +21,26 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _generate(args) -> None:
+    import lsjax
+    from lsjax.generate import Generator
+    from lsjax.sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
+    adapter = None
+    if args.adapter:
+        from lsjax.adapters import open_adapter
+        adapter = open_adapter(args.adapter, model.config)
+    generator = Generator(model, tokenizer, adapter, strategy=args.strategy)
+    reason = None
+    for event in generator.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                  stop_strings=args.stop, chat=not args.raw):
+        print(event.text, end="", flush=True)
+        reason = event.finish_reason
+    print(f"\n[{reason}; strategy {generator.strategy}]", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lsjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, metavar="CKPT", help="checkpoint folder to create (must not exist)")
     convert.add_argument("--dtype", default=None, help="stored dtype: float32, bfloat16, float16 (default: the source's)")
     convert.set_defaults(run=_convert)
+
+    gen = sub.add_parser("generate", help="stream a completion for one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--ckpt", required=True, help="lsjax checkpoint folder (from `lsjax convert`)")
+    gen.add_argument("--adapter", help="adapter folder: lsjax format or a PEFT LoRA")
+    gen.add_argument("--strategy", default="auto", help="unmerged, merged, fused or auto")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
+    gen.add_argument("--dtype", default="float32")
+    gen.set_defaults(run=_generate)
     return parser
 
 

@@ -101,7 +101,7 @@ class Generator:
         self.strategy = strategies.resolve_strategy(strategy, adapter_config)
         self.max_cache_len = max_cache_len or self.config.max_position_embeddings
         adapter_params = None if adapter is None else adapter.arrays()
-        self.bundle = strategies.prepare_bundle(model.params(), adapter_config, adapter_params, self.strategy)
+        self.bundle = strategies.prepare_bundle(self.config, model.params(), adapter_config, adapter_params, self.strategy)
         self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy)
         self._loop = jax.jit(functools.partial(_loop, self._step), static_argnames=("budget",))
         self._sample_step = jax.jit(functools.partial(_sample_step, self._step), donate_argnums=(2,))

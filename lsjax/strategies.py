@@ -60,16 +60,6 @@ def first_target(adapter_config) -> str:
     return next(p for p in PROJECTIONS if p in adapter_config.targets)
 
 
-def merge_lora_params(base: dict, adapter_config, adapter_params: dict) -> dict:
-    """Base params with a plain LoRA folded in: W + scale * A @ B for every target (all layers)."""
-    layers = dict(base["layers"])
-    for kind in adapter_config.targets:
-        e = adapter_params["experts"][kind]
-        delta = jnp.einsum("ldr,lro->ldo", e["a"][:, 0].astype(jnp.float32), e["b"][:, 0].astype(jnp.float32))
-        layers[kind] = (layers[kind].astype(jnp.float32) + adapter_config.scale * delta).astype(layers[kind].dtype)
-    return {**base, "layers": layers}
-
-
 def switch_route(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict, tokens: jax.Array):
     """The switch route of one decode step, from the attn-normed embedding layer 0 sees (q/k/v first)."""
     from lsjax.adapters.routing import router_logits, top_k_route
@@ -139,10 +129,13 @@ def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Cal
     return prefill, merged_step
 
 
-def prepare_bundle(base: dict, adapter_config, adapter_params: dict | None, strategy: str) -> dict:
+def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict | None, strategy: str) -> dict:
     """The arrays the strategy's functions take; `lora` + merged folds the adapter in once."""
     if strategy == "merged" and adapter_config.method == "lora":
-        return {"base": merge_lora_params(base, adapter_config, adapter_params), "adapter": None}
+        from lsjax.adapters.merge import merge_lora
+
+        merged = merge_lora(model_config, base, adapter_config, adapter_params)
+        return {"base": jax.tree.map(jnp.asarray, merged), "adapter": None}
     return {"base": base, "adapter": adapter_params}
 
 

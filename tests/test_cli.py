@@ -25,3 +25,26 @@ def test_convert_missing_folder(tmp_path, capsys):
     assert main(["convert", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "ckpt")]) == 2
     assert "nope: not a folder" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_generate_streams_with_adapter(tmp_path, capsys):
+    import jax
+    from flax import nnx
+
+    from lsjax.adapters import Adapter, AdapterConfig, save_adapter
+    from lsjax.generate import Generator
+
+    make_hf_model(tmp_path / "hf")
+    assert main(["convert", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    model, tok = lsjax.load(tmp_path / "ckpt")
+    cfg = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=4, targets="all-linear")
+    arrays = jax.tree.map(lambda x: x + 0.1, Adapter(model.config, cfg, rngs=nnx.Rngs(0)).arrays())
+    adapter = Adapter.from_arrays(model.config, cfg, arrays)
+    save_adapter(tmp_path / "adapter", adapter)
+    capsys.readouterr()
+    assert main(["generate", "hello", "--raw", "--ckpt", str(tmp_path / "ckpt"), "--adapter", str(tmp_path / "adapter"),
+                 "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    want = Generator(model, tok, adapter).generate(["hello"], max_new_tokens=6).texts[0]
+    assert captured.out == want
+    assert "strategy unmerged" in captured.err

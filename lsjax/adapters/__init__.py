@@ -13,7 +13,7 @@ peft (PEFT import/export), merge (merged HF export).
 
 from lsjax.adapters.config import AdapterConfig, RouterConfig
 from lsjax.adapters.errors import AdapterError
-from lsjax.adapters.files import load_adapter, load_adapter_arrays, save_adapter, save_adapter_arrays
+from lsjax.adapters.files import load_adapter, load_adapter_arrays, open_adapter, save_adapter, save_adapter_arrays
 from lsjax.adapters.merge import export_hf, export_merged_hf, merge_lora
 from lsjax.adapters.methods import (AdaptedLlama, AdapterAux, LayerProject, adapted_forward, adapted_forward_cached,
                                     project_hooks)
@@ -26,6 +26,6 @@ __all__ = [
     "Adapter", "AdapterParam", "RouterParam", "TRAINABLE", "init_params", "param_shapes", "check_params",
     "AdaptedLlama", "AdapterAux", "LayerProject", "adapted_forward", "adapted_forward_cached", "project_hooks",
     "Routing", "RouterStats", "router_logits", "top_k_route", "router_stats", "lora_term",
-    "save_adapter", "load_adapter", "save_adapter_arrays", "load_adapter_arrays",
+    "save_adapter", "load_adapter", "open_adapter", "save_adapter_arrays", "load_adapter_arrays",
     "export_peft", "import_peft", "merge_lora", "export_hf", "export_merged_hf",
 ]

@@ -162,3 +162,14 @@ def _lookup(tree: dict, path: tuple[str, ...]):
 
 def _show(value: Any) -> str:
     return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def open_adapter(folder: str | Path, model_config: ModelConfig) -> Adapter:
+    """An adapter folder in either format: lsjax's own, or PEFT's (plain LoRA) by its `peft_type`."""
+    path = Path(folder) / CONFIG_FILE
+    if path.is_file() and "peft_type" in path.read_text():
+        from lsjax.adapters.peft import import_peft
+
+        config, arrays = import_peft(folder, model_config)
+        return Adapter.from_arrays(model_config, config, arrays)
+    return load_adapter(folder, model_config)
