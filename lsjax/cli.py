@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
     gen.add_argument("--dtype", default="float32")
     gen.set_defaults(run=_generate)
+
+    from lsjax.eval.harness import add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 

