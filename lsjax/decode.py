@@ -17,7 +17,7 @@ import numpy as np
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
 from lsjax.model import (Params, Project, decoder_layer, default_positions, embed_tokens, lm_logits, plain_project,
-                         rope_tables, visibility_mask)
+                         rope_tables, run_layers, visibility_mask)
 
 
 @jax.tree_util.register_dataclass
@@ -57,13 +57,12 @@ def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, at
     cos, sin = rope_tables(config, positions)
 
     def body(x, xs):
-        w, k, v, extras = xs
+        w, (k, v, extras) = xs
         project = plain_project if project_factory is None else project_factory(extras)
         x, (k, v) = decoder_layer(config, w, x, cos, sin, mask, project, kv=(k, v, index))
         return x, (k, v)
 
-    x, (k, v) = jax.lax.scan(body, embed_tokens(params, input_ids),
-                             (params["layers"], cache.k, cache.v, layer_extras))
+    x, (k, v) = run_layers(body, embed_tokens(params, input_ids), params["layers"], (cache.k, cache.v, layer_extras))
     logits = lm_logits(config, params, x)
     return logits, KVCache(k, v, all_positions, all_valid, index + input_ids.shape[1])
 

@@ -84,9 +84,16 @@ def _sample_step(step, bundle, token, cache, key, sampling):
 
 
 class Generator:
-    """Generation from a loaded model (+ optional adapter) with a chosen decode strategy."""
+    """Generation from a loaded model (+ optional adapter) with a chosen decode strategy.
 
-    def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", max_cache_len: int | None = None):
+    `unroll=True` (default) keeps a per-layer copy of the base weights so prefill and decode loop
+    over layers without slicing stacked arrays (faster decode on CPU; costs one extra copy of the
+    weights in memory and compile time that grows with depth). `unroll=False` scans the stacked
+    weights in place.
+    """
+
+    def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", max_cache_len: int | None = None,
+                 unroll: bool = True):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.config = model.config
         adapter_config = None
@@ -101,7 +108,8 @@ class Generator:
         self.strategy = strategies.resolve_strategy(strategy, adapter_config)
         self.max_cache_len = max_cache_len or self.config.max_position_embeddings
         adapter_params = None if adapter is None else adapter.arrays()
-        self.bundle = strategies.prepare_bundle(self.config, model.params(), adapter_config, adapter_params, self.strategy)
+        self.bundle = strategies.prepare_bundle(self.config, model.params(), adapter_config, adapter_params,
+                                                 self.strategy, unroll)
         self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy)
         self._loop = jax.jit(functools.partial(_loop, self._step), static_argnames=("budget",))
         self._sample_step = jax.jit(functools.partial(_sample_step, self._step), donate_argnums=(2,))
@@ -151,7 +159,7 @@ class Generator:
         for row, p in enumerate(ids):
             tokens[row, width - len(p):], mask[row, width - len(p):] = p, True
         stops = tuple(self.config.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
-        cache = init_cache(self.config, batch, capacity, self.bundle["base"]["embed"].dtype)
+        cache = init_cache(self.config, batch, capacity, self.model.dtype)
         return ids, tokens, mask, cache, sampling, stops, pad, capacity - width
 
     # -- generation ------------------------------------------------------------------------------

@@ -112,6 +112,32 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     return x if kv is None else (x, (k_cache, v_cache))
 
 
+def run_layers(body: Callable, carry: Any, layers: Params | tuple[Params, ...], xs: Any = None):
+    """`body(carry, (layer_weights, xs_slice)) -> (carry, y)` over every layer; ys stacked.
+
+    `layers` stacked (a dict of `[L, ...]` arrays): one `lax.scan`, compile time flat in depth.
+    `layers` split (a tuple of per-layer dicts, see `split_layers`): a Python loop, so no step
+    slices the stacked weights; on XLA:CPU a scanned decode step copied every layer's weights
+    each token (DESIGN.md section 11). `xs` (small: caches, adapters) is stacked either way.
+    """
+    if isinstance(layers, dict):
+        return jax.lax.scan(body, carry, (layers, xs))
+    ys = []
+    for index, weights in enumerate(layers):
+        carry, y = body(carry, (weights, jax.tree.map(lambda a: a[index], xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def split_layers(params: Params) -> Params:
+    """The same params with `layers` as a tuple of per-layer dicts (the unrolled decode layout)."""
+    layers = params["layers"]
+    if not isinstance(layers, dict):
+        return params
+    count = next(iter(layers.values())).shape[0]
+    return {**params, "layers": tuple({k: v[i] for k, v in layers.items()} for i in range(count))}
+
+
 def embed_tokens(params: Params, input_ids: jax.Array) -> jax.Array:
     return jnp.take(params["embed"], input_ids, axis=0)
 
@@ -156,7 +182,7 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
         project = plain_project if project_factory is None else project_factory(extras)
         return decoder_layer(config, w, x, cos, sin, mask, project), None
 
-    x, _ = jax.lax.scan(body, x, (params["layers"], layer_extras))
+    x, _ = run_layers(body, x, params["layers"], layer_extras)
     return lm_logits(config, params, x)
 
 

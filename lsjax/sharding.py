@@ -48,3 +48,23 @@ def param_shardings(shapes: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
         return NamedSharding(mesh, fit_spec(rule, shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+# Adapter arrays (lsjax.adapters layout): expert A [L, E, d_in, r] splits d_in over fsdp, B
+# [L, E, r, d_out] splits d_out over tensor (as the base projection it adapts); routers replicate.
+ADAPTER_RULES: dict[str, tuple[str | None, ...]] = {
+    "a": (None, None, "fsdp", None),
+    "b": (None, None, None, "tensor"),
+}
+
+
+def adapter_shardings(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """NamedShardings for an adapter pytree {"experts": {proj: {"a", "b"}}, "routers": {...}}."""
+
+    def one(path, leaf):
+        keys = [str(getattr(p, "key", p)) for p in path]
+        shape = tuple(getattr(leaf, "shape", leaf))
+        rule = ADAPTER_RULES.get(keys[-1], ()) if keys[0] == "experts" else ()
+        return NamedSharding(mesh, fit_spec(rule or (None,) * len(shape), shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, tuple))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
-from lsjax.model import default_positions, embed_tokens, rms_norm
+from lsjax.model import default_positions, embed_tokens, rms_norm, split_layers
 
 STRATEGIES = ("unmerged", "merged", "fused", "auto")
 ATTENTION_INPUTS = ("q", "k", "v")
@@ -65,7 +65,9 @@ def switch_route(model_config: ModelConfig, base: dict, adapter_config, adapter_
     from lsjax.adapters.routing import router_logits, top_k_route
 
     x = embed_tokens(base, tokens[:, None])
-    x = rms_norm(x, base["layers"]["attn_norm"][0], model_config.rms_norm_eps)
+    layers = base["layers"]
+    norm = layers["attn_norm"][0] if isinstance(layers, dict) else layers[0]["attn_norm"]
+    x = rms_norm(x, norm, model_config.rms_norm_eps)
     route, _ = top_k_route(router_logits(x, adapter_params["routers"]["switch"]), adapter_config.top_k)
     return route
 
@@ -129,13 +131,22 @@ def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Cal
     return prefill, merged_step
 
 
-def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict | None, strategy: str) -> dict:
-    """The arrays the strategy's functions take; `lora` + merged folds the adapter in once."""
+def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict | None, strategy: str,
+                   unroll: bool = True) -> dict:
+    """The arrays the strategy's functions take.
+
+    `lora` + merged folds the adapter in once. With `unroll`, base layers are split per layer
+    (`lsjax.model.split_layers`): prefill and decode then run a Python loop over layers instead of
+    a scan, which on XLA:CPU avoids copying every layer's weights each step. The merged switch
+    strategy keeps the stacked layout its all-layers SGMM merge works on.
+    """
     if strategy == "merged" and adapter_config.method == "lora":
         from lsjax.adapters.merge import merge_lora
 
-        merged = merge_lora(model_config, base, adapter_config, adapter_params)
-        return {"base": jax.tree.map(jnp.asarray, merged), "adapter": None}
+        base, adapter_params = jax.tree.map(jnp.asarray, merge_lora(model_config, base, adapter_config,
+                                                                    adapter_params)), None
+    if unroll and not (strategy == "merged" and adapter_config.method == "switch"):
+        base = split_layers(base)
     return {"base": base, "adapter": adapter_params}
 
 

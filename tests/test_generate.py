@@ -16,7 +16,7 @@ from lsjax.convert import convert_hf
 from lsjax.decode import decode_step, init_cache, left_pad, prefill
 from lsjax.errors import ConfigError
 from lsjax.generate import Generator
-from lsjax.model import Llama, forward
+from lsjax.model import forward
 from lsjax.sampling import SamplingConfig
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40, 41, 42, 43, 44]]
@@ -58,6 +58,8 @@ def test_greedy_matches_transformers(tiny):
                            pad_token_id=0)[0, len(prompt):].tolist()
         assert got == want
     assert out.finish_reasons == ["length"] * 3
+    scanned = Generator(model, tok, unroll=False).generate(PROMPTS, max_new_tokens=32, stop_token_ids=())
+    assert scanned.token_ids == out.token_ids
 
 
 def test_decode_steps_match_full_forward(tiny):

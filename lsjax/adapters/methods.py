@@ -30,7 +30,7 @@ from lsjax.adapters.routing import RouterStats, Routing, lora_term, router_logit
 from lsjax.config import ModelConfig
 from lsjax.decode import KVCache
 from lsjax.model import (PROJECTIONS, Llama, Params, attention_mask_for, decoder_layer, default_positions,
-                         embed_tokens, lm_logits, rope_tables, visibility_mask)
+                         embed_tokens, lm_logits, rope_tables, run_layers, visibility_mask)
 
 
 @jax.tree_util.register_dataclass
@@ -165,27 +165,27 @@ def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:
 def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterConfig, params: AdapterParams,
                 x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array, *,
                 key: jax.Array | None, train: bool, cache: KVCache | None = None):
-    """Scan all decoder layers; returns x, the routers' stats, the switch route and the new (k, v)."""
+    """Run all decoder layers (scanned, or unrolled over split base layers); returns x, the routers' stats, the switch route and the new (k, v)."""
     L, switch = model_config.num_layers, config.method == "switch"
-    xs = {"w": base_params["layers"], "experts": params["experts"], "routers": _layer_routers(config, params),
+    xs = {"experts": params["experts"], "routers": _layer_routers(config, params),
           "key": None if key is None else jax.random.split(key, L),
           "kv": None if cache is None else (cache.k, cache.v),
           "first": jnp.arange(L) == 0 if switch else None}
     b, s = x.shape[:2]
     no_route = Routing(jnp.zeros((b, s, config.top_k), jnp.int32), jnp.zeros((b, s, config.top_k), jnp.float32))
 
-    def body(carry, xs):
-        x, route = carry
+    def body(carry, layer):
+        (x, route), (w, xs) = carry, layer
         project = LayerProject(config, xs["experts"], xs["routers"], route=route, first=xs["first"],
                                switch_router=params["routers"].get("switch"), valid=valid, key=xs["key"],
                                train=train)
         if cache is None:
-            x, kv = decoder_layer(model_config, xs["w"], x, cos, sin, mask, project), None
+            x, kv = decoder_layer(model_config, w, x, cos, sin, mask, project), None
         else:
-            x, kv = decoder_layer(model_config, xs["w"], x, cos, sin, mask, project, kv=(*xs["kv"], cache.length))
+            x, kv = decoder_layer(model_config, w, x, cos, sin, mask, project, kv=(*xs["kv"], cache.length))
         return (x, project.route), (project.stats, kv)
 
-    (x, route), (stats, kv) = jax.lax.scan(body, (x, no_route if switch else None), xs)
+    (x, route), (stats, kv) = run_layers(body, (x, no_route if switch else None), base_params["layers"], xs)
     if switch:  # only layer 0 ran the router
         stats = [jax.tree.map(lambda a: a[0], st) for st in stats]
     return x, stats, route, kv
