@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     from lsjax.eval.harness import add_eval_parser
+    from lsjax.eval.latency import add_bench_parser
     add_eval_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

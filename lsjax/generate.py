@@ -188,7 +188,7 @@ class Generator:
             stop_at = next((i for i, t in enumerate(row_ids) if t in stops), None)
             if stop_at is not None:
                 row_ids, reason = row_ids[: stop_at + 1], "stop"
-            text = self.tokenizer.decode(row_ids, skip_special_tokens=True)
+            text = self.tokenizer.decode(row_ids, skip_special_tokens=True) if self.tokenizer else ""
             cut = _first_stop_string(text, stop_strings)
             if cut is not None:
                 text, reason = text[:cut], "stop_string"

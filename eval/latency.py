@@ -1,0 +1,278 @@
+"""`lsjax bench decode`: decode latency of the base model, plain LoRA and the routed methods.
+
+Every configuration is compiled first, then timed in interleaved rounds (base, lora, ..., base,
+lora, ...) so machine noise hits all of them alike; each figure is a median over rounds, and every
+ratio compares figures of the same run. The memory floor is the weight bytes over a device copy's
+bandwidth measured in the same run (bytes read + written per second): a batch-1 decode step must
+read every weight once, so no step can beat it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from lsjax.config import ModelConfig
+from lsjax.errors import ConfigError
+
+SHAPES = {  # random-weight shapes for timing (no checkpoint needed)
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                      num_kv_heads=32, head_dim=128, max_position_embeddings=4096),
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                       num_kv_heads=8, head_dim=128, max_position_embeddings=32768, model_type="mistral",
+                       sliding_window=4096),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope={"theta": 100000.0}),
+}
+# (method, strategy) pairs timed by default; merged switch is batch-1 only
+CONFIGS = [("base", "-"), ("lora", "merged"), ("lora", "unmerged"), ("layerwise", "unmerged"),
+           ("blockwise", "unmerged"), ("switch", "unmerged"), ("switch", "fused"), ("switch", "merged")]
+
+
+@dataclasses.dataclass
+class Record:
+    method: str
+    strategy: str
+    batch: int
+    dtype: str
+    ms_per_token: float
+    prefill_ms: float
+    ratio_to_base: float = float("nan")
+    floor_ms: float | None = None
+    rounds: int = 0
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """GB/s (read + write) of an in-place device copy of a large buffer (`x + 1`, donated)."""
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    step = jax.jit(lambda x: x + 1, donate_argnums=0)
+    x = step(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x = step(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def random_adapter(model_config: ModelConfig, method: str, args) -> Any:
+    from lsjax.adapters import Adapter, AdapterConfig
+
+    routed = method != "lora"
+    cfg = AdapterConfig(method=method, num_experts=args.experts if routed else 1, top_k=args.top_k if routed else 1,
+                        rank=args.rank, targets=args.targets)
+    dtype = jnp.dtype(args.dtype)
+    adapter = Adapter(model_config, cfg, rngs=nnx.Rngs(0), dtype=dtype)
+    leaves, tree = jax.tree.flatten(adapter.arrays())
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    noisy = [(x + 0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for x, k in zip(leaves, keys)]
+    return Adapter.from_arrays(model_config, cfg, jax.tree.unflatten(tree, noisy))
+
+
+def load_model(args):
+    import lsjax
+    from lsjax.model import Llama
+
+    if args.shape:
+        if args.shape not in SHAPES:
+            raise ConfigError(f"--shape {args.shape!r} is not known; expected one of {sorted(SHAPES)}")
+        config = ModelConfig.from_dict(SHAPES[args.shape])
+        return Llama(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype)), None, f"random {args.shape}"
+    ckpt = args.ckpt
+    if ckpt is None:
+        from lsjax.demo import default_checkpoint
+        ckpt = default_checkpoint(Path(args.cache_dir))
+    model, tokenizer = lsjax.load(ckpt, dtype=args.dtype)
+    return model, tokenizer, str(ckpt)
+
+
+def run(args) -> list[Record]:
+    from lsjax.generate import Generator
+
+    model, tokenizer, source = load_model(args)
+    methods = [m.strip() for m in args.methods.split(",")]
+    configs = [(m, s) for m, s in CONFIGS if m in methods]
+    if not configs:
+        raise ConfigError(f"--methods {args.methods!r} selects nothing; expected some of "
+                          f"{sorted({m for m, _ in CONFIGS})}")
+    batches = [int(b) for b in args.batch.split(",")]
+    prompt_len = args.prompt_len
+    rng = np.random.default_rng(0)
+    generators = {}
+    for method, strategy in tqdm(configs, desc="compiling", unit="config"):
+        adapter = None if method == "base" else random_adapter(model.config, method, args)
+        gen = Generator(model, tokenizer, adapter, strategy="auto" if method == "base" else strategy)
+        for batch in batches:
+            if strategy == "merged" and method == "switch" and batch > 1:
+                continue
+            prompts = [rng.integers(3, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
+            gen.generate(prompts, max_new_tokens=args.new_tokens, stop_token_ids=())  # compile + warm up
+            generators[(method, strategy, batch)] = (gen, prompts)
+        del adapter
+    bandwidth = copy_bandwidth()
+    samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
+    for _ in tqdm(range(args.rounds), desc="timing rounds", unit="round"):
+        for key, (gen, prompts) in generators.items():
+            timings = gen.generate(prompts, max_new_tokens=args.new_tokens, stop_token_ids=()).timings
+            samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"]))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
+    floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    records = []
+    for (method, strategy, batch), values in samples.items():
+        records.append(Record(method, strategy, batch, str(jnp.dtype(args.dtype)),
+                              statistics.median(v[0] for v in values), statistics.median(v[1] for v in values),
+                              rounds=len(values), floor_ms=floor_ms if method == "base" else None))
+    for r in records:
+        base = next(b for b in records if b.method == "base" and b.batch == r.batch)
+        r.ratio_to_base = r.ms_per_token / base.ms_per_token
+    if args.with_transformers:
+        records += transformers_records(model, args, batches, prompt_len)
+    meta = {"source": source, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+            "jax": jax.__version__, "copy_gb_s": bandwidth, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "experts": args.experts, "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
+            "prompt_len": prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
+            "date": time.strftime("%Y-%m-%d")}
+    report(records, meta, args)
+    return records
+
+
+def transformers_records(model, args, batches, prompt_len) -> list[Record]:
+    """transformers' own greedy `generate` on the same weights, with and without an unmerged PEFT LoRA."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lsjax.adapters import export_hf
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(tmp, model.config, jax.tree.map(np.asarray, model.params()))
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = None
+    for label, build in (("base", lambda: hf), ("peft-lora", None)):
+        if build is None:
+            peft_model = get_peft_model(hf, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets,
+                                                       init_lora_weights=False)).eval()
+        net = hf if label == "base" else peft_model
+        for batch in batches:
+            ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len))
+            times = []
+            with torch.no_grad():
+                for n in (1, args.new_tokens):  # warm up both
+                    net.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                for _ in range(args.rounds):
+                    t1 = _timed(lambda: net.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False))
+                    tn = _timed(lambda: net.generate(ids, max_new_tokens=args.new_tokens,
+                                                     min_new_tokens=args.new_tokens, do_sample=False))
+                    times.append(((tn - t1) / (args.new_tokens - 1), t1))
+            out.append(Record(f"transformers-{label}", "torch", batch, "float32",
+                              statistics.median(t[0] for t in times), statistics.median(t[1] for t in times),
+                              rounds=len(times)))
+    return out
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def report(records: list[Record], meta: dict, args) -> None:
+    lines = [f"decode latency: {meta['source']} ({meta['backend']}, {records[0].dtype}, prompt {meta['prompt_len']}, "
+             f"{meta['new_tokens']} new tokens, median of {meta['rounds']} interleaved rounds)",
+             f"copy bandwidth {meta['copy_gb_s']:.1f} GB/s; weights {meta['weight_bytes'] / 1e6:.0f} MB; "
+             f"memory floor {meta['floor_ms']:.1f} ms/token", "",
+             "| method | strategy | batch | ms/token | x base | prefill ms |", "|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        ratio = "" if np.isnan(r.ratio_to_base) else f"{r.ratio_to_base:.2f}"
+        lines.append(f"| {r.method} | {r.strategy} | {r.batch} | {r.ms_per_token:.1f} | {ratio} | {r.prefill_ms:.0f} |")
+    base1 = next((r for r in records if r.method == "base" and r.batch == 1), None)
+    if base1:
+        lines.append(f"\nbase batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x")
+    for label in ("base", "peft-lora"):
+        hf = next((r for r in records if r.method == f"transformers-{label}" and r.batch == 1), None)
+        ours = next((r for r in records if r.batch == 1 and r.method == ("base" if label == "base" else "switch")
+                     and r.strategy in ("-", "unmerged")), None)
+        if hf and ours:
+            lines.append(f"transformers {label} / lsjax {ours.method} ({ours.strategy}), batch 1: "
+                         f"{hf.ms_per_token / ours.ms_per_token:.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "records": [dataclasses.asdict(r) for r in records]},
+                                              indent=2))
+    if args.plot:
+        plot(records, meta, args.plot)
+
+
+def plot(records: list[Record], meta: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r.batch for r in records})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        rows = [r for r in records if r.batch == batch]
+        labels = [f"{r.method}\n{r.strategy}" for r in rows]
+        ax.bar(range(len(rows)), [r.ms_per_token for r in rows], color="tab:blue")
+        if batch == 1:
+            ax.axhline(meta["floor_ms"], color="tab:red", linestyle="--", label="memory floor")
+            ax.legend()
+        ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
+        ax.set_ylabel("decode ms/token")
+        ax.set_title(f"batch {batch} ({meta['backend']}, {records[0].dtype})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_bench_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    dec = kinds.add_parser("decode", help="decode latency of base, lora and routed methods")
+    dec.add_argument("--ckpt", help="lsjax checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    dec.add_argument("--shape", help=f"random weights at a named shape instead: {', '.join(SHAPES)}")
+    dec.add_argument("--cache-dir", default=".cache/lsjax")
+    dec.add_argument("--dtype", default="float32")
+    dec.add_argument("--methods", default="base,lora,layerwise,blockwise,switch")
+    dec.add_argument("--batch", default="1,8")
+    dec.add_argument("--experts", type=int, default=8)
+    dec.add_argument("--top-k", type=int, default=2)
+    dec.add_argument("--rank", type=int, default=16)
+    dec.add_argument("--targets", default="all-linear")
+    dec.add_argument("--prompt-len", type=int, default=32)
+    dec.add_argument("--new-tokens", type=int, default=32)
+    dec.add_argument("--rounds", type=int, default=5)
+    dec.add_argument("--with-transformers", action="store_true", help="also time transformers (+ unmerged PEFT LoRA)")
+    dec.add_argument("--json", help="write records here")
+    dec.add_argument("--plot", help="write a PNG bar chart here")
+    dec.set_defaults(run=run)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lsjax.eval.latency")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
