@@ -8,9 +8,7 @@ here, at load time, with the field and the supported values named.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -184,17 +182,6 @@ class ModelConfig:
             if str(e).startswith(where):
                 raise
             raise ConfigError(f"{where}{e}") from None
-
-    @classmethod
-    def from_hf_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found (expected a Hugging Face config.json)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf(data, source=str(path))
 
 
 def _rope_from_hf(hf: dict[str, Any], where: str) -> RopeConfig:

@@ -43,6 +43,15 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.
                    valid=jnp.zeros((batch, capacity), jnp.bool_), length=jnp.zeros((), jnp.int32))
 
 
+def cached_inputs(config: ModelConfig, cache: KVCache, attention_mask: jax.Array, positions: jax.Array):
+    """`(all_positions, all_valid, cos, sin, visibility [B, S, T])` of new tokens written at `cache.length`."""
+    index = cache.length
+    all_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
+    all_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_), index, axis=1)
+    cos, sin = rope_tables(config, positions)
+    return all_positions, all_valid, cos, sin, visibility_mask(config, positions, all_positions, all_valid)
+
+
 def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
                    positions: jax.Array, cache: KVCache, project_factory: Callable[[Any], Project] | None = None,
                    layer_extras: Any = None) -> tuple[jax.Array, KVCache]:
@@ -51,10 +60,7 @@ def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, at
     Adapters plug in as in `lsjax.model.forward`: `project_factory(layer_extras slice) -> project`.
     """
     index = cache.length
-    all_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
-    all_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_), index, axis=1)
-    mask = visibility_mask(config, positions, all_positions, all_valid)
-    cos, sin = rope_tables(config, positions)
+    all_positions, all_valid, cos, sin, mask = cached_inputs(config, cache, attention_mask, positions)
 
     def body(x, xs):
         w, (k, v, extras) = xs

@@ -159,6 +159,18 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positions=None):
+    """`(input_ids, attention_mask, cos, sin, visibility)` of a whole-sequence forward (no cache)."""
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    cos, sin = rope_tables(config, positions)
+    return input_ids, attention_mask, cos, sin, visibility_mask(config, positions, positions, attention_mask)
+
+
 def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
             project_factory: Callable[[Any], Project] | None = None, layer_extras: Any = None) -> jax.Array:
@@ -167,14 +179,7 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
     Adapters plug in through `layer_extras` (a pytree stacked on the layer axis, sliced per layer
     by the scan) and `project_factory(extras_slice) -> project`.
     """
-    input_ids = jnp.asarray(input_ids)
-    if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
-    attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
-    if positions is None:
-        positions = default_positions(attention_mask)
-    cos, sin = rope_tables(config, positions)
-    mask = attention_mask_for(config, positions, attention_mask)
+    input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions)
     x = embed_tokens(params, input_ids)
 
     def body(x, xs):
@@ -184,11 +189,6 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
 
     x, _ = run_layers(body, x, params["layers"], layer_extras)
     return lm_logits(config, params, x)
-
-
-def attention_mask_for(config: ModelConfig, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Self-attention mask of a whole sequence (no cache)."""
-    return visibility_mask(config, positions, positions, attention_mask)
 
 
 # -- parameters -------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ BAD = [
     (dict(method="blockwise", targets=("q", "v")), "targets=['q', 'v'] is invalid; expected at least one FFN "
                                                    "projection ('gate', 'up', 'down') for method 'blockwise'"),
     (dict(init="xavier"), "init='xavier' is invalid; expected one of ('kaiming', 'gaussian')"),
-    (dict(computation="sparse"), "computation='sparse' is invalid; expected one of ('gathered', 'dense')"),
+    (dict(computation="sparse"), "computation='sparse' is invalid; expected one of ('gathered', 'dense', 'fused')"),
     (dict(router={"jitter": -0.1}), "router.jitter=-0.1 is invalid; expected a number >= 0"),
     (dict(router={"init_std": 0}), "router.init_std=0 is invalid; expected a positive number"),
     (dict(router={"aux_coef": 1}), "unknown router config field(s) ['aux_coef']"),

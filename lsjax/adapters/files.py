@@ -28,6 +28,7 @@ from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.params import Adapter, AdapterParams, check_params, param_shapes, router_names
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
+from lsjax.jsonfile import read_json_object
 
 FORMAT, VERSION = "lsjax-adapter", 1
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -78,14 +79,7 @@ def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict[str, An
     """The adapter config and the base fingerprint it was saved for."""
     folder = Path(folder)
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterError(f"{folder}: missing {CONFIG_FILE} (expected an lsjax adapter folder)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    meta = read_json_object(path, AdapterError, "an lsjax adapter folder")
     if "peft_type" in meta:
         raise AdapterError(f"{path}: this is a PEFT adapter; load it with lsjax.adapters.import_peft")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

@@ -28,9 +28,8 @@ from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.params import Adapter, AdapterParams, check_params
 from lsjax.adapters.routing import RouterStats, Routing, lora_term, router_logits, router_stats, top_k_route
 from lsjax.config import ModelConfig
-from lsjax.decode import KVCache
-from lsjax.model import (PROJECTIONS, Llama, Params, attention_mask_for, decoder_layer, default_positions,
-                         embed_tokens, lm_logits, rope_tables, run_layers, visibility_mask)
+from lsjax.decode import KVCache, cached_inputs
+from lsjax.model import PROJECTIONS, Llama, Params, decoder_layer, embed_tokens, lm_logits, run_layers, sequence_inputs
 
 
 @jax.tree_util.register_dataclass
@@ -221,14 +220,7 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
     check_params(model_config, adapter_config, adapter_params)
     if train and _needs_key(adapter_config) and rng is None:
         raise AdapterError("train=True with dropout or router jitter needs rng= (a jax PRNG key)")
-    input_ids = jnp.asarray(input_ids)
-    if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
-    attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
-    if positions is None:
-        positions = default_positions(attention_mask)
-    cos, sin = rope_tables(model_config, positions)
-    mask = attention_mask_for(model_config, positions, attention_mask)
+    input_ids, attention_mask, cos, sin, mask = sequence_inputs(model_config, input_ids, attention_mask, positions)
     x = embed_tokens(base_params, input_ids)
     x, stats, route, _ = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin, mask,
                                      attention_mask, key=rng if train else None, train=train)
@@ -245,10 +237,7 @@ def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapt
     """
     check_params(model_config, adapter_config, adapter_params)
     index = cache.length
-    all_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
-    all_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_), index, axis=1)
-    mask = visibility_mask(model_config, positions, all_positions, all_valid)
-    cos, sin = rope_tables(model_config, positions)
+    all_positions, all_valid, cos, sin, mask = cached_inputs(model_config, cache, attention_mask, positions)
     x = embed_tokens(base_params, input_ids)
     x, stats, route, (k, v) = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
                                           mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache)

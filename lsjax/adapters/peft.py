@@ -23,6 +23,7 @@ from lsjax.adapters.config import AdapterConfig
 from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.params import AdapterParams, check_params
 from lsjax.config import ModelConfig
+from lsjax.jsonfile import read_json_object
 from lsjax.model import PROJECTIONS
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -76,10 +77,7 @@ def import_peft(folder: str | Path, model_config: ModelConfig) -> tuple[AdapterC
     for f in (cfg_path, path):
         if not f.is_file():
             raise AdapterError(f"{folder}: missing {f.name} (expected a PEFT LoRA adapter folder)")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
+    raw = read_json_object(cfg_path, AdapterError, "a PEFT LoRA adapter folder")
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type={raw.get('peft_type')!r}; expected 'LORA'")
     for field, ok in UNSUPPORTED.items():

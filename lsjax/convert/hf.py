@@ -14,6 +14,7 @@ from safetensors import safe_open
 from lsjax.config import ModelConfig
 from lsjax.convert.assemble import LazyTensor
 from lsjax.errors import ConversionError
+from lsjax.jsonfile import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -23,12 +24,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
     path = folder / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{folder}: missing config.json (expected a Hugging Face model folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json_object(path, ConversionError, "a Hugging Face model folder")
     return ModelConfig.from_hf(raw, source=str(path)), raw
 
 
