@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lsjax.eval.harness import add_eval_parser
     from lsjax.eval.latency import add_bench_parser
+    from lsjax.train.cli import add_train_parser
+    add_train_parser(sub)
     add_eval_parser(sub)
     add_bench_parser(sub)
     return parser

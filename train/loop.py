@@ -1,0 +1,235 @@
+"""The training loop: `train(config, resume=False)`.
+
+Builds the (data, fsdp, tensor) mesh, loads the base model sharded by `lsjax.sharding` rules,
+tokenises the train split of every task (and the first `data.eval_docs` held-out documents), and
+runs the jitted `train_step`. Writes into `run_dir`:
+
+    config.yaml      the resolved config
+    metrics.jsonl    one JSON object per logged step (loss, aux, lr, grad_norm, tokens, load, ...)
+                     and per evaluation ({"step", "eval_loss", ["eval_acc", ...]})
+    checkpoints/     orbax CheckpointManager (see lsjax.train.checkpointing)
+
+A non-finite loss stops the run with a `TrainingError` before anything from that step is saved,
+so the last checkpoint stays the last good one. Multi-host: call `init_distributed` first (the
+CLI does) and run the same command on every process; each process builds the same global batch
+and contributes the rows its devices hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from lsjax.errors import CheckpointError, ConfigError, LsjaxError
+from lsjax.train.config import MeshConfig, TrainConfig, save_config
+
+AXES = ("data", "fsdp", "tensor")
+
+
+class TrainingError(LsjaxError):
+    """Training cannot go on (e.g. the loss became NaN/Inf)."""
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> bool:
+    """`jax.distributed.initialize` from arguments or LSJAX_COORDINATOR / LSJAX_NUM_PROCESSES /
+    LSJAX_PROCESS_ID; does nothing (returns False) when no coordinator is given."""
+    coordinator = coordinator or os.environ.get("LSJAX_COORDINATOR")
+    if not coordinator:
+        return False
+    try:
+        num_processes = int(num_processes if num_processes is not None else os.environ["LSJAX_NUM_PROCESSES"])
+        process_id = int(process_id if process_id is not None else os.environ["LSJAX_PROCESS_ID"])
+    except KeyError as e:
+        raise ConfigError(f"a coordinator was given but not {e.args[0]} (or --num-processes/--process-id)") from None
+    except ValueError as e:
+        raise ConfigError(f"num_processes / process_id must be integers ({e})") from None
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"process_id={process_id} is invalid; expected an integer in [0, {num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+    return True
+
+
+def make_mesh(mesh: MeshConfig, devices: list | None = None) -> Mesh:
+    """A `Mesh` over the first data * fsdp * tensor devices (built directly: Auto axis types)."""
+    devices = jax.devices() if devices is None else devices
+    if mesh.size > len(devices):
+        raise ConfigError(f"mesh data x fsdp x tensor = {mesh.data} x {mesh.fsdp} x {mesh.tensor} = {mesh.size} "
+                          f"devices, but only {len(devices)} are available")
+    return Mesh(np.array(devices[:mesh.size]).reshape(mesh.data, mesh.fsdp, mesh.tensor), AXES)
+
+
+def load_examples(tokenizer, config: TrainConfig, split: str, limit: int | None = None) -> np.ndarray:
+    from lsjax.train.batches import encode_docs
+    from lsjax.train.data import load_task
+
+    parts = [encode_docs(tokenizer, load_task(t, split, config.data.heldout_fraction)[:limit], config.data.max_length)
+             for t in config.data.tasks]
+    return np.concatenate(parts)
+
+
+class Run:
+    """Everything a training run holds: mesh, base params, data, state, jitted steps."""
+
+    def __init__(self, config: TrainConfig):
+        from lsjax.checkpoint import TOKENIZER_DIR, load_params
+        from lsjax.tokenizer import load_tokenizer
+        from lsjax.train.batches import BatchIterator
+        from lsjax.train.step import init_state, make_eval_step, make_optimizer, make_train_step
+
+        self.config = config
+        self.mesh = make_mesh(config.mesh)
+        self.dtype = jnp.float32 if config.dtype == "float32" else jnp.bfloat16
+        self.model_config, self.base = load_params(config.model, self.dtype, self.mesh)
+        self.tokenizer = load_tokenizer(Path(config.model) / TOKENIZER_DIR)
+        self.iterator = BatchIterator(load_examples(self.tokenizer, config, "train"), config.batch_size, config.seed)
+        self.heldout = load_examples(self.tokenizer, config, "heldout", config.data.eval_docs) \
+            if config.data.eval_docs else None
+        self.tx, self.schedule = make_optimizer(config.optim, config.steps)
+        self.state = init_state(self.model_config, config.adapter, self.tx, config.seed, self.mesh)
+        self.step_fn = make_train_step(self.model_config, config.adapter, self.tx, self.schedule,
+                                       accumulation=config.optim.accumulation, dtype=self.dtype)
+        self.eval_fn = jax.jit(make_eval_step(self.model_config, config.adapter, self.dtype))
+        self._jitted = self._logits = None
+
+    def train_step(self, batch: dict) -> dict:
+        from lsjax.train.step import global_batch, jit_train_step
+
+        if self._jitted is None:
+            self._jitted = jit_train_step(self.step_fn, self.state, self.base, self.mesh)
+        self.state, metrics = self._jitted(self.state, self.base, global_batch(batch, self.mesh))
+        return jax.device_get(metrics)
+
+    def eval_loss(self) -> float:
+        from lsjax.train.batches import fixed_batches
+        from lsjax.train.step import global_batch
+
+        ce, n = 0.0, 0.0
+        for batch in fixed_batches(self.heldout, self.config.batch_size):
+            c, t = self.eval_fn(self.state["params"], self.base, global_batch(batch, self.mesh))
+            ce, n = ce + float(c), n + float(t)
+        return ce / max(n, 1.0)
+
+    def eval_accuracy(self) -> dict[str, Any]:
+        """Held-out accuracy through lsjax.eval.harness on the first `data.eval_accuracy_docs` documents."""
+        from lsjax.adapters import adapted_forward
+        from lsjax.eval.harness import evaluate, load_docs
+
+        if self._logits is None:
+            mc, ac, dtype = self.model_config, self.config.adapter, self.dtype
+            self._logits = jax.jit(lambda p, base, ids, mask: adapted_forward(
+                mc, base, ac, jax.tree.map(lambda x: x.astype(dtype), p), ids, mask)[0])
+        params, base = jax.device_get(self.state["params"]), self.base
+        if jax.process_count() > 1:
+            raise ConfigError("data.eval_accuracy_docs needs a single process (use the held-out loss multi-host)")
+        docs = load_docs(list(self.config.data.tasks), "heldout", self.config.data.eval_accuracy_docs)
+        return evaluate(lambda ids, mask: self._logits(params, base, ids, mask), self.tokenizer, docs, batch_size=8,
+                        max_length=self.config.data.max_length * 2, progress=False)["average"]
+
+
+def _jsonable(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        out[k] = v.tolist() if v.ndim else (int(v) if v.dtype.kind in "iu" else float(v))
+    return out
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard=true needs the tensorboardX package (pip install tensorboardX)") from None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def train(config: TrainConfig, resume: bool = False, *, progress: bool | None = None) -> dict[str, Any]:
+    """Train until `config.steps`; returns the last metrics (and eval numbers) as a dict."""
+    from tqdm.auto import tqdm
+
+    from lsjax.train.checkpointing import RunCheckpoints
+
+    run_dir = Path(config.run_dir)
+    ckpts_dir = run_dir / "checkpoints"
+    lead = jax.process_index() == 0
+    existing = ckpts_dir.is_dir() and any(p.name.isdigit() for p in ckpts_dir.iterdir())
+    if existing and not resume:
+        raise CheckpointError(f"{run_dir}: already holds checkpoints; pass --resume to continue that run "
+                              f"or choose another run_dir")
+    run = Run(config)
+    ckpts = RunCheckpoints(ckpts_dir, config)
+    start = 0
+    if resume and ckpts.latest_step() is not None:
+        start = ckpts.latest_step()
+        run.state, meta = ckpts.restore(start, run.state)
+        run.iterator.restore(meta["iterator"])
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    log = open(run_dir / "metrics.jsonl", "a") if lead else None
+    tb = _tensorboard(run_dir) if lead and config.tensorboard else None
+    if log and resume:
+        log.write(json.dumps({"event": "resume", "step": start}) + "\n")
+    show = config.progress if progress is None else progress
+    bar = tqdm(total=config.steps, initial=start, disable=not (show and lead), desc="train", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        if start == 0 and run.heldout is not None:  # the starting point (the base model: B is zero at init)
+            record = {"step": 0, "eval_loss": run.eval_loss()}
+            if log:
+                log.write(json.dumps(record) + "\n")
+        for step in range(start, config.steps):
+            metrics = run.train_step(next(run.iterator))
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
+                good = ckpts.latest_step()
+                raise TrainingError(f"non-finite loss ({loss}) or gradient norm at step {step + 1}; stopped without "
+                                    f"saving. Last good checkpoint: "
+                                    f"{f'step {good} in {ckpts_dir}' if good is not None else 'none'} "
+                                    f"(resume from it with a lower optim.lr or stronger clipping)")
+            done = step + 1
+            last = {"step": done, **_jsonable(metrics), "seconds": round(time.perf_counter() - t0, 3)}
+            if log and (done % config.log_every == 0 or done == config.steps):
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                if tb:
+                    for k, v in last.items():
+                        if isinstance(v, float):
+                            tb.add_scalar(f"train/{k}", v, done)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
+            bar.update(1)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+                ckpts.save(done, run.state, run.iterator.state())
+            if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+                record = {"step": done}
+                if run.heldout is not None:
+                    record["eval_loss"] = run.eval_loss()
+                if config.data.eval_accuracy_docs:
+                    record.update({f"eval_{k}": v for k, v in run.eval_accuracy().items()})
+                last.update({k: v for k, v in record.items() if k != "step"})
+                if tb:
+                    for k, v in record.items():
+                        if k != "step" and isinstance(v, (int, float)):
+                            tb.add_scalar(f"eval/{k}", v, done)
+                if log and len(record) > 1:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        if tb:
+            tb.close()
+        ckpts.close()
+    return last
