@@ -320,3 +320,36 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, jax_cache):
         got = json.loads(stdout.strip().splitlines()[-1])
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"])
         assert got["tokens"] == want["tokens"] and got["target_tokens"] == want["target_tokens"]
+
+
+def test_jsonl_text_data(tiny_ckpt, tmp_path):
+    """Plain-text JSONL: loss on every token after a window's first, hash split, clear errors, trains."""
+    from lsjax.tokenizer import load_tokenizer
+    from lsjax.train.batches import encode_texts, make_batch
+    from lsjax.train.config import load_config
+    from lsjax.train.data import load_texts
+    from lsjax.train.loop import train
+
+    path = tmp_path / "lm.jsonl"
+    texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 3) for i in range(40)]
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    train_docs, held = load_texts(path, "train"), load_texts(path, "heldout")
+    assert not {d.id for d in train_docs} & {d.id for d in held} and len(train_docs) + len(held) == 40
+
+    tok = load_tokenizer(tiny_ckpt / "tokenizer")
+    rows = encode_texts(tok, load_texts(path)[:3], max_length=16)
+    ids = [tok.bos_token_id] + tok(texts[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert rows[0, 0].tolist() == ids[:17] and rows[1, 0, 0] == ids[16]  # windows share one boundary token
+    batch = make_batch(rows[:2])
+    assert batch["weights"][0].sum() == 16 and np.array_equal(batch["targets"][0], ids[1:17])
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: expected an object with a string 'text' field"):
+        load_texts(tmp_path / "bad.jsonl")
+    with pytest.raises(ConfigError, match=r"missing\.jsonl: text file not found"):
+        load_texts(tmp_path / "missing.jsonl")
+
+    last = train(load_config(None, [f"model={tiny_ckpt}", *COMMON, "steps=2", f"run_dir={tmp_path}/r",
+                                    "data.tasks=[]", f"data.text_files=[{path}]", "adapter.method=lora",
+                                    "adapter.num_experts=1"]))
+    assert last["step"] == 2 and np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])

@@ -1,6 +1,7 @@
 """Training examples from multiple-choice documents, and a resumable, deterministic batch iterator.
 
-An example is prompt = the document's gold context, target = its gold continuation + EOS, tokenised
+Plain-text JSONL documents (`encode_texts`) become rows of the same form with every token a target.
+A multiple-choice example is prompt = the document's gold context, target = its gold continuation + EOS, tokenised
 as lsjax.eval.harness does (trailing context whitespace moves to the continuation). The loss is on
 the target tokens only. Sequences are right-padded (or left-truncated) to `max_length` + 1 tokens;
 a batch holds
@@ -48,6 +49,31 @@ def encode_docs(tokenizer, docs: Sequence, max_length: int) -> np.ndarray:
         out[n, 0, :len(tokens)] = tokens
         out[n, 1, :len(tokens)] = flags
     return out
+
+
+def encode_texts(tokenizer, docs: Sequence, max_length: int) -> np.ndarray:
+    """Plain-text documents (`TextDoc`) as rows like `encode_docs`'s, with the loss on every token.
+
+    Each document (BOS if the tokenizer has one, its tokens, EOS) is cut into windows of
+    `max_length + 1` tokens that do not overlap; a window's first token is context only.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no EOS token to end training documents with")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    width, rows = max_length + 1, []
+    for doc in docs:
+        tokens = bos + list(tokenizer(doc.text, add_special_tokens=False)["input_ids"]) + [eos]
+        for start in range(0, max(len(tokens) - 1, 1), max_length):
+            window = tokens[start:start + width]
+            if len(window) < 2:
+                continue
+            row = np.zeros((2, width), np.int32)
+            row[0, :] = eos
+            row[0, :len(window)] = window
+            row[1, 1:len(window)] = 1
+            rows.append(row)
+    return np.stack(rows) if rows else np.zeros((0, 2, width), np.int32)
 
 
 def make_batch(examples: np.ndarray) -> dict[str, np.ndarray]:

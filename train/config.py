@@ -57,6 +57,7 @@ class DataConfig:
     """Multiple-choice tasks (lsjax.train.data), their hash split, and the padded sequence length."""
 
     tasks: tuple[str, ...] = ("arc_easy",)
+    text_files: tuple[str, ...] = ()  # JSONL language-model data ({"text": ...} per line), loss on all tokens
     heldout_fraction: float = 0.3
     max_length: int = 128
     eval_docs: int = 64  # held-out documents (per task) scored for the held-out loss
@@ -65,9 +66,12 @@ class DataConfig:
     def __post_init__(self):
         from lsjax.train.data import TASKS
 
-        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks or ())
+        texts = (self.text_files,) if isinstance(self.text_files, str) else tuple(self.text_files or ())
         object.__setattr__(self, "tasks", tasks)
-        _check(len(tasks) > 0, "data.tasks", list(tasks), "a non-empty list of task names")
+        object.__setattr__(self, "text_files", texts)
+        _check(len(tasks) + len(texts) > 0, "data.tasks", list(tasks),
+               "a non-empty list of task names (or data.text_files)")
         for t in tasks:
             _check(t in TASKS, "data.tasks", t, f"one of {sorted(TASKS)}")
         _check(_num(self.heldout_fraction) and 0 < self.heldout_fraction < 1, "data.heldout_fraction",

@@ -70,11 +70,14 @@ def make_mesh(mesh: MeshConfig, devices: list | None = None) -> Mesh:
 
 
 def load_examples(tokenizer, config: TrainConfig, split: str, limit: int | None = None) -> np.ndarray:
-    from lsjax.train.batches import encode_docs
-    from lsjax.train.data import load_task
+    from lsjax.train.batches import encode_docs, encode_texts
+    from lsjax.train.data import load_task, load_texts
 
-    parts = [encode_docs(tokenizer, load_task(t, split, config.data.heldout_fraction)[:limit], config.data.max_length)
-             for t in config.data.tasks]
+    data = config.data
+    parts = [encode_docs(tokenizer, load_task(t, split, data.heldout_fraction)[:limit], data.max_length)
+             for t in data.tasks]
+    parts += [encode_texts(tokenizer, load_texts(f, split, data.heldout_fraction)[:limit], data.max_length)
+              for f in data.text_files]
     return np.concatenate(parts)
 
 
