@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -43,17 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m lsjax.train.cli ...` (the same as `lsjax train ...`)."""
     import sys
 
-    from lsjax.errors import LsjaxError
+    from lsjax.cli import main as lsjax_main
 
-    parser = argparse.ArgumentParser(prog="lsjax")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.run(args)
-    except LsjaxError as e:
-        print(f"lsjax train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return lsjax_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
