@@ -88,10 +88,12 @@ def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: K
     return logits[:, 0], cache
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and mask `[B, width]` with each prompt flush right (width: the longest by default)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompts must be a non-empty list of non-empty token id lists")
-    width = max(len(p) for p in prompts)
+    width = width or max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.bool_)
     for row, p in enumerate(prompts):

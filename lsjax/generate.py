@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsjax import strategies
-from lsjax.decode import init_cache
+from lsjax.decode import init_cache, left_pad
 from lsjax.errors import ConfigError
 from lsjax.sampling import SamplingConfig, sample
 
@@ -154,10 +154,7 @@ class Generator:
                               f"exceeds the cache length {self.max_cache_len}; shorten the prompt or max_new_tokens")
         capacity = min(capacity, round_up(self.max_cache_len, CACHE_ROUND))
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        tokens = np.full((batch, width), pad, np.int32)
-        mask = np.zeros((batch, width), np.bool_)
-        for row, p in enumerate(ids):
-            tokens[row, width - len(p):], mask[row, width - len(p):] = p, True
+        tokens, mask = left_pad(ids, pad, width)
         stops = tuple(self.config.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
         cache = init_cache(self.config, batch, capacity, self.model.dtype)
         return ids, tokens, mask, cache, sampling, stops, pad, capacity - width

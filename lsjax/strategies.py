@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
-from lsjax.model import default_positions, embed_tokens, rms_norm, split_layers
+from lsjax.model import PROJECTIONS, default_positions, embed_tokens, rms_norm, split_layers
 
 STRATEGIES = ("unmerged", "merged", "fused", "auto")
 ATTENTION_INPUTS = ("q", "k", "v")
@@ -55,8 +55,6 @@ def resolve_strategy(strategy: str, adapter_config: Any | None, backend: str | N
 
 
 def first_target(adapter_config) -> str:
-    from lsjax.model import PROJECTIONS
-
     return next(p for p in PROJECTIONS if p in adapter_config.targets)
 
 
