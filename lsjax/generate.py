@@ -83,6 +83,14 @@ def _sample_step(step, bundle, token, cache, key, sampling):
     return sample(logits, sub, **sampling), cache, key
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_loops(step):
+    """The jitted decode loop and streaming step around one (cached, jitted) step function, so
+    Generators for the same model, adapter config and strategy share their compilations."""
+    return (jax.jit(functools.partial(_loop, step), static_argnames=("budget",)),
+            jax.jit(functools.partial(_sample_step, step), donate_argnums=(2,)))
+
+
 class Generator:
     """Generation from a loaded model (+ optional adapter) with a chosen decode strategy.
 
@@ -111,8 +119,7 @@ class Generator:
         self.bundle = strategies.prepare_bundle(self.config, model.params(), adapter_config, adapter_params,
                                                  self.strategy, unroll)
         self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy)
-        self._loop = jax.jit(functools.partial(_loop, self._step), static_argnames=("budget",))
-        self._sample_step = jax.jit(functools.partial(_sample_step, self._step), donate_argnums=(2,))
+        self._loop, self._sample_step = _compiled_loops(self._step)
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
