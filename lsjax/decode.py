@@ -80,9 +80,14 @@ def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention
     return logits[:, -1], cache
 
 
+def next_positions(cache: KVCache) -> jax.Array:
+    """`[B, 1]` position of each row's next token: its count of real tokens so far."""
+    return jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+
+
 def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One new token per row `[B]`; its position is the row's count of real tokens so far."""
-    positions = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+    positions = next_positions(cache)
     logits, cache = forward_cached(config, params, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
                                    positions, cache)
     return logits[:, 0], cache

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax.config import ModelConfig
+from lsjax import decode
 from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
 from lsjax.model import PROJECTIONS, default_positions, embed_tokens, rms_norm, split_layers
@@ -87,14 +88,10 @@ def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Cal
     if strategy == "base" or (strategy == "merged" and adapter_config.method == "lora"):
         # lora merged: the bundle's base already holds W + scale * A @ B (see `prepare_bundle`)
         def prefill(bundle, ids, mask, cache):
-            logits, cache = forward_cached(model_config, bundle["base"], ids, mask, default_positions(mask), cache)
-            return logits[:, -1], cache
+            return decode.prefill(model_config, bundle["base"], ids, mask, cache)
 
         def step(bundle, tokens, cache):
-            positions = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
-            logits, cache = forward_cached(model_config, bundle["base"], tokens[:, None],
-                                           jnp.ones_like(positions, jnp.bool_), positions, cache)
-            return logits[:, 0], cache
+            return decode.decode_step(model_config, bundle["base"], tokens, cache)
         return prefill, step
 
     from lsjax.adapters.methods import adapted_forward_cached
@@ -109,7 +106,7 @@ def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Cal
         return logits[:, -1], cache
 
     def adapted_step(bundle, tokens, cache):
-        positions = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+        positions = decode.next_positions(cache)
         logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], step_config, bundle["adapter"],
                                                   tokens[:, None], jnp.ones_like(positions, jnp.bool_),
                                                   positions, cache)
@@ -121,7 +118,7 @@ def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Cal
     def merged_step(bundle, tokens, cache):
         route = switch_route(model_config, bundle["base"], adapter_config, bundle["adapter"], tokens)
         merged = merged_switch_params(bundle["base"], adapter_config, bundle["adapter"], route)
-        positions = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+        positions = decode.next_positions(cache)
         logits, cache = forward_cached(model_config, merged, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
                                        positions, cache)
         return logits[:, 0], cache
