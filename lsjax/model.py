@@ -173,11 +173,14 @@ def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positio
 
 def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-            project_factory: Callable[[Any], Project] | None = None, layer_extras: Any = None) -> jax.Array:
+            project_factory: Callable[[Any], Project] | None = None, layer_extras: Any = None,
+            last: int | None = None) -> jax.Array:
     """Logits `[B, S, V]` for token ids `[B, S]`; `attention_mask` (1 = token, 0 = padding).
 
     Adapters plug in through `layer_extras` (a pytree stacked on the layer axis, sliced per layer
-    by the scan) and `project_factory(extras_slice) -> project`.
+    by the scan) and `project_factory(extras_slice) -> project`. `last` (static): logits of the
+    last `last` positions only, `[B, last, V]`; scoring needs few, and the vocabulary projection
+    of every position is the largest tensor of a forward.
     """
     input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions)
     x = embed_tokens(params, input_ids)
@@ -188,7 +191,7 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
         return decoder_layer(config, w, x, cos, sin, mask, project), None
 
     x, _ = run_layers(body, x, params["layers"], layer_extras)
-    return lm_logits(config, params, x)
+    return lm_logits(config, params, x if last is None else x[:, -last:])
 
 
 # -- parameters -------------------------------------------------------------------------------

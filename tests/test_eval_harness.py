@@ -85,9 +85,11 @@ def test_scores_match_transformers(tiny):
     shapes = []
     base = model_logits_fn(model)
 
-    def logits_fn(ids, mask):
+    def logits_fn(ids, mask, last):
         shapes.append(ids.shape)
-        return base(ids, mask)
+        logits = base(ids, mask, last)
+        assert logits.shape == (ids.shape[0], last, model.config.vocab_size) and last <= ids.shape[1]
+        return logits
 
     scores = score_docs(logits_fn, tokenizer, DOCS, batch_size=3, progress=False)
     check_against_reference(torch_model, tokenizer, DOCS, scores)
@@ -230,9 +232,10 @@ def test_default_adapter_loader(tiny, tmp_path):
     ids = np.array([[5, 6, 7, 8], [0, 9, 10, 11]], np.int32)
     mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int32)
     want = np.asarray(adapted_forward(model.config, model.params(), cfg, arrays, ids, mask)[0])
-    got = np.asarray(logits_fn(ids, mask))
+    got = np.asarray(logits_fn(ids, mask, 4))
     assert np.abs(got - want).max() <= 1e-5
     assert np.abs(got - np.asarray(model(ids, mask))).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(logits_fn(ids, mask, 2)), want[:, -2:], atol=1e-5)  # the last 2 only
 
 
 def test_encode_pair_on_the_real_tokenizer(smollm2_ckpt):

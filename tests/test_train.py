@@ -221,6 +221,21 @@ def _final_params(run_dir: Path, step: int):
     return state["params"], state["opt_state"]
 
 
+def _assert_adapter_folder_holds(folder: Path, ckpt: Path, params) -> None:
+    """The run's exported adapter (`run_dir/adapter`) loads and holds exactly the final checkpoint's params."""
+    import jax
+
+    from lsjax.adapters.files import load_adapter_arrays
+    from lsjax.checkpoint import read_config
+
+    cfg, loaded = load_adapter_arrays(folder, read_config(ckpt))
+    assert cfg.method == "switch" and cfg.dropout == 0.1 and not (folder.parent / "adapter.partial").exists()
+    got, want = jax.tree.leaves(loaded), jax.tree.leaves(params)
+    assert len(got) == len(want) > 0
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_kill_and_resume_is_bit_exact(tiny_ckpt, tmp_path, jax_cache):
     import jax
 
@@ -231,6 +246,7 @@ def test_kill_and_resume_is_bit_exact(tiny_ckpt, tmp_path, jax_cache):
     ref_dir = tmp_path / "ref"
     subprocess.run(_cli([*args, f"run_dir={ref_dir}"]), env=env, check=True, capture_output=True, timeout=120)
     want = _final_params(ref_dir, steps)
+    _assert_adapter_folder_holds(ref_dir / "adapter", tiny_ckpt, want[0])
     rng = random.Random(0)
     killed_at = []
     for trial in range(3):

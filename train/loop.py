@@ -8,6 +8,8 @@ runs the jitted `train_step`. Writes into `run_dir`:
     metrics.jsonl    one JSON object per logged step (loss, aux, lr, grad_norm, tokens, load, ...)
                      and per evaluation ({"step", "eval_loss", ["eval_acc", ...]})
     checkpoints/     orbax CheckpointManager (see lsjax.train.checkpointing)
+    adapter/         the trained adapter after the last step (`lsjax.adapters` folder: load it with
+                     `open_adapter`, `lsjax generate --adapter`, `lsjax eval --adapter`)
 
 A non-finite loss stops the run with a `TrainingError` before anything from that step is saved,
 so the last checkpoint stays the last good one. Multi-host: call `init_distributed` first (the
@@ -130,13 +132,14 @@ class Run:
 
         if self._logits is None:
             mc, ac, dtype = self.model_config, self.config.adapter, self.dtype
-            self._logits = jax.jit(lambda p, base, ids, mask: adapted_forward(
-                mc, base, ac, jax.tree.map(lambda x: x.astype(dtype), p), ids, mask)[0])
+            self._logits = jax.jit(lambda p, base, ids, mask, last: adapted_forward(
+                mc, base, ac, jax.tree.map(lambda x: x.astype(dtype), p), ids, mask, last=last)[0],
+                static_argnums=4)
         params, base = jax.device_get(self.state["params"]), self.base
         if jax.process_count() > 1:
             raise ConfigError("data.eval_accuracy_docs needs a single process (use the held-out loss multi-host)")
         docs = load_docs(list(self.config.data.tasks), "heldout", self.config.data.eval_accuracy_docs)
-        return evaluate(lambda ids, mask: self._logits(params, base, ids, mask), self.tokenizer, docs, batch_size=8,
+        return evaluate(lambda ids, mask, last: self._logits(params, base, ids, mask, last), self.tokenizer, docs, batch_size=8,
                         max_length=self.config.data.max_length * 2, progress=False)["average"]
 
 
@@ -156,8 +159,28 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
+def save_final_adapter(run: Run, folder: Path) -> Path:
+    """The run's adapter params as an adapter folder, written to a staging folder and renamed into place."""
+    import shutil
+
+    from jax.experimental import multihost_utils
+
+    from lsjax.adapters.files import save_adapter_arrays
+
+    params = run.state["params"]
+    params = multihost_utils.process_allgather(params) if jax.process_count() > 1 else jax.device_get(params)
+    if jax.process_index() != 0:
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_adapter_arrays(staging, run.model_config, run.config.adapter, params)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
 def train(config: TrainConfig, resume: bool = False, *, progress: bool | None = None) -> dict[str, Any]:
-    """Train until `config.steps`; returns the last metrics (and eval numbers) as a dict."""
+    """Train until `config.steps`, then write `run_dir/adapter`; returns the last metrics (and eval numbers)."""
     from tqdm.auto import tqdm
 
     from lsjax.train.checkpointing import RunCheckpoints
@@ -228,6 +251,7 @@ def train(config: TrainConfig, resume: bool = False, *, progress: bool | None = 
                 if log and len(record) > 1:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+        save_final_adapter(run, run_dir / "adapter")
     finally:
         bar.close()
         if log:

@@ -211,10 +211,11 @@ def _needs_key(config: AdapterConfig) -> bool:
 def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
                     adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                     *, positions: jax.Array | None = None, rng: jax.Array | None = None,
-                    train: bool = False) -> tuple[jax.Array, AdapterAux]:
+                    train: bool = False, last: int | None = None) -> tuple[jax.Array, AdapterAux]:
     """Logits `[B, S, V]` of the base model with the adapter attached, and the router aux.
 
-    `train=True` turns on adapter dropout and router jitter (both need `rng`). Pure and jit-able
+    `train=True` turns on adapter dropout and router jitter (both need `rng`). `last` (static):
+    logits of the last `last` positions only, as in `lsjax.model.forward`. Pure and jit-able
     with both configs static.
     """
     check_params(model_config, adapter_config, adapter_params)
@@ -224,7 +225,7 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
     x = embed_tokens(base_params, input_ids)
     x, stats, route, _ = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin, mask,
                                      attention_mask, key=rng if train else None, train=train)
-    return lm_logits(model_config, base_params, x), _aux(adapter_config, stats, route)
+    return lm_logits(model_config, base_params, x if last is None else x[:, -last:]), _aux(adapter_config, stats, route)
 
 
 def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,

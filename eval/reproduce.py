@@ -1,0 +1,565 @@
+"""The paper's tables at SmolLM2-135M scale, and `make demo`'s story: one resumable pipeline.
+
+    python -m lsjax.eval.reproduce                   # `make reproduce`: docs/results.{md,json}
+    python -m lsjax.eval.reproduce --preset demo     # `make demo`: a short switch run, end to end
+
+Stages, each saved under the run folder as it finishes (a rerun skips what is done and resumes a
+training run from its last checkpoint; evaluation is saved model by model, task by task):
+
+    eval/base/<task>.json        held-out accuracy of the base model
+    train/<method>/              `lsjax train` run (checkpoints, metrics.jsonl, adapter/)
+    train/<method>.json          its budget and final numbers
+    eval/<method>/<task>.json    held-out accuracy with the trained adapter
+    latency.json                 `lsjax bench decode` records (base and every method, same run)
+    memory/<model>.json          peak RSS of a fresh process decoding with that model (reproduce only)
+    summary.md, results.json     the table, the targets, the settings
+
+Every method trains with the same budget (steps, batch, sequence length, learning rate, data) on
+the `train` split of the tasks; accuracy is on the disjoint `heldout` split (DESIGN.md section 9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from lsjax.errors import ConfigError, LsjaxError
+
+TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "sciq")
+METHODS = ("lora", "layerwise", "blockwise", "switch")
+ROUTED = ("layerwise", "blockwise", "switch")
+PAPER_NAMES = {"lora": "LoRA", "layerwise": "MoLA-style (layer-wise)", "blockwise": "MoRAL/MixLoRA-style (FFN block)",
+               "switch": "LoRA-Switch"}
+SAMPLE_PROMPT = "Which gas do plants take in from the air to make their food? Answer in one sentence."
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a reproduction run trains, evaluates and times. Validated when built."""
+
+    run_dir: str
+    methods: tuple[str, ...] = METHODS            # trained, each with the same budget
+    tasks: tuple[str, ...] = TASKS                # train split for training, held-out split for accuracy
+    steps: int = 150
+    batch_size: int = 8
+    max_length: int = 64                          # training sequence length (longer prompts lose their start)
+    lr: float = 3e-4
+    eval_limit: int | None = 100                  # first N held-out documents per task (None: all)
+    latency_methods: tuple[str, ...] = ("base", *METHODS)   # "method" (all its strategies) or "method/strategy";
+                                                            # methods not trained get random adapters
+    latency_batches: tuple[int, ...] = (1,)
+    latency_rounds: int = 5
+    new_tokens: int = 32
+    memory: bool = True
+    sample_prompt: str | None = None
+    results_md: str | None = None                 # also write the report here (and results.json beside it)
+
+    def __post_init__(self):
+        timed = tuple(m.split("/")[0] for m in self.latency_methods)
+        for field, values, known in (("methods", self.methods, METHODS), ("latency_methods", timed, ("base", *METHODS))):
+            unknown = [m for m in values if m not in known]
+            if unknown:
+                raise ConfigError(f"{field}: unknown method {unknown[0]!r}; expected some of {list(known)}")
+        from lsjax.train.data import TASKS as KNOWN_TASKS
+        unknown = [t for t in self.tasks if t not in KNOWN_TASKS]
+        if not self.tasks or unknown:
+            raise ConfigError(f"tasks: {unknown[0] if unknown else 'none'!r} is not a known task; expected some of "
+                              f"{sorted(KNOWN_TASKS)}")
+        for field in ("steps", "batch_size", "max_length", "latency_rounds", "new_tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{field}={value!r} is invalid; expected a positive integer")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+            raise ConfigError(f"eval_limit={self.eval_limit!r} is invalid; expected a positive integer or None")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr!r} is invalid; expected a positive number")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+PRESETS = {
+    # ~1.5 h on a 2-core CPU: 4 x 150 steps of 8 x 64 tokens, 100 held-out documents per task
+    "reproduce": dict(run_dir="runs/reproduce", results_md="docs/results.md"),
+    # a few minutes: one short switch run on the three shortest tasks
+    "demo": dict(run_dir="runs/demo", methods=("switch",), tasks=("arc_easy", "openbookqa", "commonsense_qa"),
+                 steps=40, eval_limit=60, latency_methods=("base", "lora/merged", "layerwise", "blockwise",
+                                                           "switch/unmerged", "switch/fused"),
+                 latency_rounds=3, new_tokens=16, memory=False, sample_prompt=SAMPLE_PROMPT),
+}
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def _write_json(path: Path, data: Any) -> None:
+    """Atomically (a temporary file renamed into place): a killed run never leaves half a result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> Any | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _stage(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
+
+
+def _check_plan(run_dir: Path, plan: Plan) -> None:
+    """A run folder belongs to one plan: resuming it with another is refused, naming the fields."""
+    saved = _read_json(run_dir / "plan.json")
+    if saved is None:
+        _write_json(run_dir / "plan.json", plan.to_dict())
+        return
+    differ = sorted(k for k, v in plan.to_dict().items() if saved.get(k) != v and k != "results_md")
+    if differ:
+        raise ConfigError(f"{run_dir}: holds a run with another plan (differs in {differ}); use another "
+                          f"--run-dir or remove that folder")
+
+
+# -- stages -------------------------------------------------------------------------------------
+def train_config(plan: Plan, method: str, ckpt: Path, run_dir: Path):
+    """The method's `train/configs/smollm2_<method>.yaml` with the plan's shared budget."""
+    import lsjax.train
+    from lsjax.train.config import load_config
+
+    configs = Path(lsjax.train.__file__).resolve().parent / "configs"
+    warmup = max(1, min(20, plan.steps // 10))
+    return load_config(configs / f"smollm2_{method}.yaml", [
+        f"model={ckpt}", f"run_dir={run_dir / 'train' / method}", f"steps={plan.steps}",
+        f"batch_size={plan.batch_size}", f"data.max_length={plan.max_length}", f"optim.lr={plan.lr}",
+        f"optim.warmup_steps={warmup}", f"data.tasks=[{','.join(plan.tasks)}]", "data.eval_docs=32",
+        f"eval_every={plan.steps}", f"checkpoint_every={max(1, plan.steps // 4)}", "log_every=10"])
+
+
+def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path) -> dict[str, Any]:
+    from lsjax.train.loop import train
+
+    done = _read_json(run_dir / "train" / f"{method}.json")
+    if done is not None:
+        print(f"{method}: trained already ({done['steps']} steps, {done['seconds']:.0f} s)")
+        return done
+    config = train_config(plan, method, ckpt, run_dir)
+    folder = Path(config.run_dir)
+    resume = (folder / "checkpoints").is_dir()
+    start = time.perf_counter()
+    last = train(config, resume=resume)
+    seconds = time.perf_counter() - start
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    first_eval = next((x["eval_loss"] for x in lines if x.get("step") == 0 and "eval_loss" in x), None)
+    train_docs = _split_sizes(plan.tasks)
+    summary = {"method": method, "steps": config.steps, "batch_size": config.batch_size,
+               "max_length": config.data.max_length, "lr": config.optim.lr, "examples": config.steps * config.batch_size,
+               "train_docs": sum(v["train"] for v in train_docs.values()), "seconds": round(seconds, 1),
+               "resumed": resume, "final_loss": last.get("loss"), "heldout_loss_start": first_eval,
+               "heldout_loss_end": last.get("eval_loss"),
+               "tokens_per_s": round(config.steps * config.batch_size * config.data.max_length / seconds, 1),
+               "adapter": str(folder / "adapter"), "adapter_params": _adapter_params(folder / "adapter")}
+    _write_json(run_dir / "train" / f"{method}.json", summary)
+    return summary
+
+
+def _adapter_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    from lsjax.adapters.files import WEIGHTS_FILE
+
+    with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
+        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _prod(shape) -> int:
+    out = 1
+    for n in shape:
+        out *= int(n)
+    return out
+
+
+def _split_sizes(tasks) -> dict[str, dict[str, int]]:
+    from lsjax.train.data import load_task
+
+    return {t: {"train": len(load_task(t, "train")), "heldout": len(load_task(t, "heldout"))} for t in tasks}
+
+
+def run_eval(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | None, run_dir: Path) -> dict[str, Any]:
+    """Held-out accuracy of `name` (base or a trained method), task by task, each saved when done."""
+    from lsjax.eval.harness import DEFAULT_MAX_LENGTH, default_load_adapter, evaluate, load_docs, model_logits_fn
+
+    results, logits_fn = {}, None
+    for task in plan.tasks:
+        path = run_dir / "eval" / name / f"{task}.json"
+        saved = _read_json(path)
+        if saved is None:
+            if logits_fn is None:
+                logits_fn = model_logits_fn(model) if adapter_dir is None else default_load_adapter(adapter_dir, model)
+            docs = load_docs([task], "heldout", plan.eval_limit)
+            max_length = min(model.config.max_position_embeddings, DEFAULT_MAX_LENGTH)
+            saved = evaluate(logits_fn, tokenizer, docs, max_length=max_length)["tasks"][task]
+            _write_json(path, saved)
+        results[task] = saved
+    average = {k: sum(r[k] for r in results.values()) / len(results) for k in ("acc", "acc_norm")}
+    print(f"{name}: " + ", ".join(f"{t} {100 * r['acc']:.1f}" for t, r in results.items())
+          + f" | average {100 * average['acc']:.1f}")
+    return {"tasks": results, "average": average}
+
+
+def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir: Path,
+                source: str) -> dict[str, Any]:
+    """Every (method, strategy) of `lsjax bench decode` for the plan's methods, timed in one run."""
+    import jax
+
+    from lsjax.adapters import open_adapter
+    from lsjax.eval.latency import CONFIGS, random_adapter, time_decode
+
+    path = run_dir / "latency.json"
+    saved = _read_json(path)
+    if saved is not None:
+        print("latency: measured already")
+        return saved
+    random_args = SimpleNamespace(experts=8, top_k=2, rank=16, targets="all-linear", dtype="float32")
+    wanted = [(m, s) for m, s in CONFIGS if m in plan.latency_methods or f"{m}/{s}" in plan.latency_methods]
+    loaded = {}
+    for method in {m for m, _ in wanted if m != "base"}:
+        loaded[method] = (open_adapter(adapters[method], model.config) if method in adapters
+                          else random_adapter(model.config, method, random_args))
+    entries = [(m, s, loaded.get(m)) for m, s in wanted]
+    records, memory = time_decode(model, tokenizer, entries, list(plan.latency_batches), prompt_len=32,
+                                  new_tokens=plan.new_tokens, rounds=plan.latency_rounds)
+    meta = {"source": source, "backend": jax.default_backend(),
+            "jax": jax.__version__, **memory, "prompt_len": 32, "new_tokens": plan.new_tokens,
+            "rounds": plan.latency_rounds, "trained": sorted(adapters),
+            "random": sorted(m for m in loaded if m not in adapters)}
+    saved = {"meta": meta, "records": [dataclasses.asdict(r) for r in records]}
+    _write_json(path, saved)
+    return saved
+
+
+def run_memory(name: str, ckpt: Path, adapter_dir: Path | None, strategy: str, new_tokens: int,
+               run_dir: Path) -> dict[str, Any]:
+    """Peak resident memory of a fresh process that loads the model (and adapter) and decodes."""
+    path = run_dir / "memory" / f"{name}.json"
+    saved = _read_json(path)
+    if saved is None:
+        cmd = [sys.executable, "-m", "lsjax.eval.reproduce", "--measure-memory", str(ckpt), "--strategy", strategy,
+               "--new-tokens", str(new_tokens)] + (["--adapter", str(adapter_dir)] if adapter_dir else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        if out.returncode != 0:
+            raise ConfigError(f"memory measurement of {name} failed:\n{out.stderr[-2000:]}")
+        saved = json.loads(out.stdout.strip().splitlines()[-1])
+        _write_json(path, saved)
+    return saved
+
+
+def measure_memory(ckpt: str, adapter: str | None, strategy: str, new_tokens: int) -> dict[str, Any]:
+    """Runs in its own process (see `run_memory`): load, decode batch 1, report peak RSS and weight bytes."""
+    import jax
+
+    import lsjax
+    from lsjax.adapters import open_adapter
+    from lsjax.generate import Generator
+
+    model, tokenizer = lsjax.load(ckpt, dtype="float32")
+    weights = sum(x.nbytes for x in jax.tree.leaves(model.params()))
+    extra = None if adapter is None else open_adapter(adapter, model.config)
+    adapter_bytes = 0 if extra is None else sum(x.nbytes for x in jax.tree.leaves(extra.arrays()))
+    gen = Generator(model, tokenizer, extra, strategy=strategy if extra is not None else "auto")
+    gen.generate(["Hello"], max_new_tokens=new_tokens, stop_token_ids=())
+    return {"peak_rss_mib": round(peak_rss_bytes() / 2**20, 1), "weights_mib": round(weights / 2**20, 1),
+            "adapter_mib": round(adapter_bytes / 2**20, 2), "strategy": gen.strategy}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. /proc's VmHWM starts afresh at exec; `ru_maxrss` would
+    carry over the parent's peak into a child process on Linux."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def stream_sample(model, tokenizer, adapter_dir: Path, prompt: str, max_new_tokens: int = 64) -> str:
+    from lsjax.adapters import open_adapter
+    from lsjax.generate import Generator
+
+    generator = Generator(model, tokenizer, open_adapter(adapter_dir, model.config))
+    print(f"user: {prompt}\nassistant ({generator.strategy} switch adapter): ", end="", flush=True)
+    text = ""
+    for event in generator.stream(prompt, max_new_tokens=max_new_tokens, chat=True):
+        print(event.text, end="", flush=True)
+        text += event.text
+    print()
+    return text
+
+
+# -- the report ---------------------------------------------------------------------------------
+def best_latency(latency: dict, method: str) -> dict | None:
+    """The fastest batch-1 record of `method` (its best strategy)."""
+    rows = [r for r in latency["records"] if r["method"] == method and r["batch"] == 1]
+    return min(rows, key=lambda r: r["ms_per_token"]) if rows else None
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """Issue #7's targets, each met or missed by how much (points are accuracy percentage points)."""
+    m = results["methods"]
+    if "switch" not in m or "base" not in m:
+        return []
+    avg = {k: 100 * v["average"] for k, v in m.items() if v.get("average") is not None}
+    lines = []
+
+    def check(ok: bool, text: str) -> None:
+        lines.append(f"- {'met' if ok else 'MISSED'}: {text}")
+
+    gain = avg["switch"] - avg["base"]
+    check(gain >= 3, f"switch {gain:+.1f} points over the base on the held-out average (target >= +3)")
+    if "lora" in avg:
+        d = avg["switch"] - avg["lora"]
+        check(d >= 0, f"switch {d:+.1f} points against lora (target >= 0)")
+    routed = {k: avg[k] for k in ("layerwise", "blockwise") if k in avg}
+    if routed:
+        best = max(routed, key=routed.get)
+        d = avg["switch"] - routed[best]
+        check(d >= -1, f"switch {d:+.1f} points against the best routed baseline, {best} (target >= -1)")
+    ratios = {k: v["decode_ratio_to_base"] for k, v in m.items() if k in ROUTED and v.get("decode_ratio_to_base")}
+    if "switch" in ratios and len(ratios) > 1:
+        lowest = min(ratios, key=ratios.get)
+        check(lowest == "switch", "decode ratio to base: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+              + " (target: switch lowest of the routed methods)")
+    return lines
+
+
+def collect(plan: Plan, evals: dict, trains: dict, latency: dict | None, memory: dict, splits: dict,
+            seconds: float) -> dict[str, Any]:
+    import flax
+    import jax
+    import optax
+
+    methods = {}
+    for name, ev in evals.items():
+        row = {"tasks": {t: {k: r[k] for k in ("acc", "acc_norm", "n")} for t, r in ev["tasks"].items()},
+               "average": ev["average"]["acc"], "average_norm": ev["average"]["acc_norm"]}
+        best = best_latency(latency, name) if latency else None
+        if best:
+            row.update(decode_ms_per_token=best["ms_per_token"], decode_ratio_to_base=best["ratio_to_base"],
+                       decode_strategy=best["strategy"])
+        if name in memory:
+            row.update(peak_memory_mib=memory[name]["peak_rss_mib"], adapter_mib=memory[name]["adapter_mib"])
+        if name in trains:
+            t = trains[name]
+            row["train"] = {k: t[k] for k in ("steps", "examples", "batch_size", "max_length", "lr", "seconds",
+                                              "tokens_per_s", "final_loss", "heldout_loss_start", "heldout_loss_end")}
+            row["adapter_params"] = t["adapter_params"]
+        methods[name] = row
+    results = {"meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                        "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+                        "optax": optax.__version__, "backend": jax.default_backend(), "seconds": round(seconds, 1)},
+               "plan": plan.to_dict(), "splits": splits, "methods": methods,
+               "latency": latency}
+    results["targets"] = targets(results)
+    return results
+
+
+def report_markdown(results: dict[str, Any], command: str, figures: dict[str, str]) -> str:
+    from lsjax.eval.harness import SPLIT_NOTE
+    from lsjax.eval.latency import Record, latency_table
+
+    plan, meta, m = results["plan"], results["meta"], results["methods"]
+    tasks = plan["tasks"]
+    head = "| method | " + " | ".join(tasks) + " | avg | ms/token | x base | peak MiB | adapter params |"
+    lines = [head, "|---|" + "---:|" * (len(tasks) + 5)]
+    for name, row in m.items():
+        accs = " | ".join(f"{100 * row['tasks'][t]['acc']:.1f}" for t in tasks)
+        ms = f"{row['decode_ms_per_token']:.1f} ({row['decode_strategy']})" if "decode_ms_per_token" in row else "-"
+        ratio = f"{row['decode_ratio_to_base']:.2f}" if "decode_ratio_to_base" in row else "-"
+        mem = f"{row['peak_memory_mib']:.0f}" if "peak_memory_mib" in row else "-"
+        params = f"{row['adapter_params'] / 1e6:.2f} M" if "adapter_params" in row else "-"
+        label = "base" if name == "base" else f"{name} ({PAPER_NAMES[name]})"
+        lines.append(f"| {label} | {accs} | **{100 * row['average']:.1f}** | {ms} | {ratio} | {mem} | {params} |")
+    split_rows = ["| task | train docs | held-out docs | evaluated |", "|---|---:|---:|---:|"]
+    for t in tasks:
+        n = m["base"]["tasks"][t]["n"] if "base" in m else "-"
+        split_rows.append(f"| {t} | {results['splits'][t]['train']} | {results['splits'][t]['heldout']} | {n} |")
+    trains = [f"| {k} | {v['train']['steps']} x {v['train']['batch_size']} | {v['train']['seconds']:.0f} | "
+              f"{v['train']['tokens_per_s']:.0f} | {v['train']['heldout_loss_start']:.3f} -> "
+              f"{v['train']['heldout_loss_end']:.3f} |" for k, v in m.items() if "train" in v]
+    out = [f"Command: `{command}`", "",
+           f"Measured {meta['date']} on {meta['machine']} ({meta['backend']}), Python {meta['python']}, "
+           f"jax {meta['jax']}, flax {meta['flax']}, optax {meta['optax']}; whole run {meta['seconds'] / 60:.0f} min "
+           f"of compute (resumed stages count once).", "",
+           "Accuracy: held-out split, log-likelihood multiple choice (acc, %). Latency: batch-1 greedy decode, fp32, "
+           "median of interleaved rounds, best strategy per method; ratio to the base from the same run. Peak MiB: "
+           "resident memory of a fresh process that loads the model and adapter and decodes.", "", *lines, "",
+           "Targets (issue #7):", *(results["targets"] or ["- (need base and switch)"]), "",
+           f"Training budget, the same for every method: {plan['steps']} steps x batch {plan['batch_size']} x "
+           f"{plan['max_length']} tokens (longer prompts lose their start), AdamW lr {plan['lr']}, warmup then cosine, "
+           f"adapters on all seven projections (rank 16, alpha 32; routed: 8 experts, top-2), trained on the train "
+           f"split of {', '.join(tasks)} (mixed, shuffled).", "",
+           "| method | steps x batch | seconds | tokens/s | held-out loss (start -> end) |", "|---|---:|---:|---:|---|",
+           *trains, "", f"Splits: {SPLIT_NOTE}.", "", *split_rows, ""]
+    if results.get("latency"):
+        records = [Record(**r) for r in results["latency"]["records"]]
+        out += ["Decode latency, every strategy:", "", latency_table(records, results["latency"]["meta"]), ""]
+    for title, path in figures.items():
+        out.append(f"![{title}]({path})")
+    return "\n".join(out) + "\n"
+
+
+def plot_results(results: dict[str, Any], folder: Path, prefix: str) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    m, tasks = results["methods"], results["plan"]["tasks"]
+    names = list(m)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [100 * m[name]["tasks"][t]["acc"] for t in tasks] + [100 * m[name]["average"]]
+        ax.bar(np.arange(len(tasks) + 1) + i * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(tasks) + 1) + 0.4 - width / 2, [*tasks, "average"], fontsize=8)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = {"accuracy": f"{prefix}_accuracy.png"}
+    fig.savefig(folder / paths["accuracy"], dpi=110)
+    plt.close(fig)
+    rows = [(n, m[n]["decode_ratio_to_base"]) for n in names if "decode_ratio_to_base" in m[n]]
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar([n for n, _ in rows], [r for _, r in rows], color="tab:blue")
+        ax.axhline(1.0, color="tab:gray", linestyle="--")
+        ax.set_ylabel("decode ms/token / base (batch 1)")
+        fig.tight_layout()
+        paths["decode ratio"] = f"{prefix}_decode_ratio.png"
+        fig.savefig(folder / paths["decode ratio"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# -- driver -------------------------------------------------------------------------------------
+def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage of `plan`; returns what `results.json` holds.
+
+    `ckpt`: any lsjax checkpoint of a Llama-family model instead of the embedded SmolLM2.
+    """
+    import lsjax
+    from lsjax.demo import default_checkpoint
+
+    start = time.perf_counter()
+    run_dir = Path(plan.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_plan(run_dir, plan)
+    n_stages = 4 + bool(plan.memory) + bool(plan.sample_prompt)
+    step = iter(range(1, n_stages + 1))
+    _stage(f"{next(step)}/{n_stages} model: {ckpt or 'SmolLM2-135M-Instruct (embedded)'}")
+    ckpt = Path(ckpt) if ckpt is not None else default_checkpoint(cache_dir)
+    model, tokenizer = lsjax.load(ckpt, dtype="float32")
+    splits = _split_sizes(plan.tasks)
+    print("tasks (train / held-out docs): " + ", ".join(f"{t} {s['train']}/{s['heldout']}" for t, s in splits.items()))
+
+    _stage(f"{next(step)}/{n_stages} held-out accuracy of the base model")
+    evals = {"base": run_eval(plan, "base", model, tokenizer, None, run_dir)}
+
+    _stage(f"{next(step)}/{n_stages} train {', '.join(plan.methods)} ({plan.steps} steps x {plan.batch_size} each), "
+           f"then held-out accuracy")
+    trains, adapters = {}, {}
+    for method in plan.methods:
+        trains[method] = run_training(plan, method, ckpt, run_dir)
+        adapters[method] = Path(trains[method]["adapter"])
+        evals[method] = run_eval(plan, method, model, tokenizer, adapters[method], run_dir)
+
+    _stage(f"{next(step)}/{n_stages} decode latency (batch {', '.join(map(str, plan.latency_batches))})")
+    latency = run_latency(plan, model, tokenizer, adapters, run_dir, source=ckpt.name)
+
+    memory = {}
+    if plan.memory:
+        _stage(f"{next(step)}/{n_stages} peak memory while decoding")
+        for name in ("base", *plan.methods):
+            best = best_latency(latency, name)
+            strategy = best["strategy"] if best and best["strategy"] != "-" else "auto"
+            memory[name] = run_memory(name, ckpt, adapters.get(name), strategy, plan.new_tokens, run_dir)
+            print(f"{name}: peak {memory[name]['peak_rss_mib']:.0f} MiB ({strategy})")
+
+    sample = None
+    if plan.sample_prompt and "switch" in adapters:
+        _stage(f"{next(step)}/{n_stages} a streamed answer with the trained switch adapter")
+        sample = stream_sample(model, tokenizer, adapters["switch"], plan.sample_prompt)
+
+    results = collect(plan, evals, trains, latency, memory, splits, time.perf_counter() - start)
+    if sample is not None:
+        results["sample"] = {"prompt": plan.sample_prompt, "answer": sample}
+    figures = plot_results(results, run_dir, "results")
+    text = report_markdown(results, command, figures)
+    _write_json(run_dir / "results.json", results)
+    (run_dir / "summary.md").write_text(text)
+    if plan.results_md:
+        md = Path(plan.results_md)
+        docs_figures = plot_results(results, md.parent / "figures", md.stem)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text("# Reproduction: LoRA-Switch against its baselines on SmolLM2-135M-Instruct\n\n"
+                      + report_markdown(results, command, {k: f"figures/{v}" for k, v in docs_figures.items()}))
+        _write_json(md.with_suffix(".json"), results)
+    _stage("summary")
+    print(text)
+    print(f"artefacts: {run_dir}/ (summary.md, results.json, plots, train/, eval/, latency.json)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lsjax.eval.reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="reproduce")
+    parser.add_argument("--run-dir", help="run folder (default: the preset's; a rerun resumes it)")
+    parser.add_argument("--steps", type=int, help="training steps per method")
+    parser.add_argument("--eval-limit", type=int, help="held-out documents per task (0: all)")
+    parser.add_argument("--methods", help="comma-separated methods to train")
+    parser.add_argument("--results-md", help="also write the report here (default: the preset's; 'none': skip)")
+    parser.add_argument("--ckpt", type=Path, help="an lsjax checkpoint instead of the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("LSJAX_CACHE", ".cache/lsjax")))
+    parser.add_argument("--measure-memory", metavar="CKPT", help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--new-tokens", type=int, default=32, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure_memory:
+        print(json.dumps(measure_memory(args.measure_memory, args.adapter, args.strategy, args.new_tokens)))
+        return 0
+    fields = dict(PRESETS[args.preset])
+    if args.run_dir:
+        fields["run_dir"] = args.run_dir
+    elif args.preset == "demo":  # every demo tells the whole story: a fresh folder per run
+        fields["run_dir"] = f"{fields['run_dir']}/{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.steps is not None:
+        fields["steps"] = args.steps
+    if args.eval_limit is not None:
+        fields["eval_limit"] = args.eval_limit or None
+    if args.methods:
+        fields["methods"] = tuple(m.strip() for m in args.methods.split(","))
+    if args.results_md:
+        fields["results_md"] = None if args.results_md == "none" else args.results_md
+    command = "python -m lsjax.eval.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        reproduce(Plan(**fields), args.cache_dir, command.strip(), ckpt=args.ckpt)
+    except LsjaxError as e:
+        print(f"reproduce: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

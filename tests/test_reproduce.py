@@ -1,0 +1,138 @@
+"""`lsjax.eval.reproduce` (make reproduce / make demo) end to end on a tiny random model.
+
+The pipeline's numbers must be the numbers of its parts: held-out accuracy equal to a direct
+per-choice log-likelihood of the exported adapter, ratios equal to the timed records, averages
+equal to the task means; a rerun resumes (nothing retrained, only a missing task re-evaluated).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsjax.errors import ConfigError
+
+TASKS = ("arc_easy", "openbookqa")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from tiny import make_hf_model
+
+    from lsjax.convert import convert_hf
+
+    folder = tmp_path_factory.mktemp("tiny_reproduce")
+    make_hf_model(folder / "hf")
+    return convert_hf(folder / "hf", folder / "ckpt", progress=False)
+
+
+def _plan(run_dir: Path, **changes):
+    from lsjax.eval.reproduce import Plan
+
+    fields = dict(run_dir=str(run_dir), methods=("lora", "switch"), tasks=TASKS, steps=2, batch_size=2, max_length=32,
+                  eval_limit=3, latency_methods=("base", "lora/merged", "switch/unmerged"), latency_rounds=1,
+                  new_tokens=2, memory=True, sample_prompt="Hi", results_md=str(run_dir.parent / "docs" / "results.md"))
+    fields.update(changes)
+    return Plan(**fields)
+
+
+def _direct_accuracy(ckpt: Path, adapter_dir: Path, task: str, limit: int) -> float:
+    """acc from summed per-token log-probs of each choice, through `adapted_forward` one choice at a time."""
+    import lsjax
+    from lsjax.adapters import adapted_forward, open_adapter
+    from lsjax.eval.harness import encode_pair, load_docs, prefix_token_id
+
+    model, tok = lsjax.load(ckpt, dtype="float32")
+    adapter = open_adapter(adapter_dir, model.config)
+    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    correct = []
+    for doc in load_docs([task], "heldout", limit)[task]:
+        scores = []
+        for i in range(doc.num_choices):
+            ctx, cont = encode_pair(encode, *doc.choice(i), prefix_token_id(tok))
+            ids = jnp.asarray([list(ctx) + list(cont)[:-1]], jnp.int32)
+            logits, _ = adapted_forward(model.config, model.params(), adapter.config, adapter.arrays(), ids)
+            logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+            scores.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
+        correct.append(int(np.argmax(scores)) == doc.gold)
+    return float(np.mean(correct))
+
+
+def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
+    from lsjax.eval import reproduce as rp
+
+    run_dir = tmp_path / "run"
+    results = rp.reproduce(_plan(run_dir), tmp_path / "cache", "test command", ckpt=tiny_ckpt)
+    m = results["methods"]
+    assert set(m) == {"base", "lora", "switch"}
+    for name, row in m.items():
+        assert row["average"] == pytest.approx(np.mean([row["tasks"][t]["acc"] for t in TASKS]))
+        assert all(row["tasks"][t]["n"] == 3 for t in TASKS)
+        assert row["peak_memory_mib"] > row.get("adapter_mib", 0) > -1
+    assert m["switch"]["tasks"]["arc_easy"]["acc"] == pytest.approx(
+        _direct_accuracy(tiny_ckpt, run_dir / "train" / "switch" / "adapter", "arc_easy", 3))
+    records = results["latency"]["records"]
+    base = next(r for r in records if r["method"] == "base")
+    sw = next(r for r in records if r["method"] == "switch")
+    assert {(r["method"], r["strategy"]) for r in records} == {("base", "-"), ("lora", "merged"), ("switch", "unmerged")}
+    assert m["switch"]["decode_ratio_to_base"] == pytest.approx(sw["ms_per_token"] / base["ms_per_token"])
+    assert m["switch"]["train"]["steps"] == 2 and m["switch"]["train"]["examples"] == 4
+    assert m["switch"]["adapter_params"] > 8 * m["lora"]["adapter_params"] * 0.99  # 8 experts + a router
+    assert results["targets"][0].startswith(("- met", "- MISSED"))
+    assert results["sample"]["prompt"] == "Hi"
+    for name in ("summary.md", "results.json", "results_accuracy.png", "results_decode_ratio.png", "latency.json"):
+        assert (run_dir / name).is_file(), name
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert "test command" in md and "| switch (LoRA-Switch) |" in md and "figures/results_accuracy.png" in md
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["methods"].keys() == m.keys()
+
+    # resume: nothing is retrained or re-timed; only the missing task file is evaluated again
+    (run_dir / "eval" / "switch" / "openbookqa.json").unlink()
+    calls = []
+    from lsjax.eval import harness
+
+    original = harness.evaluate
+    monkeypatch.setattr(harness, "evaluate", lambda fn, tok, docs, **kw: calls.append(list(docs)) or original(
+        fn, tok, docs, **kw))
+    monkeypatch.setattr("lsjax.train.loop.train", lambda *a, **k: pytest.fail("retrained a finished method"))
+    monkeypatch.setattr("lsjax.eval.latency.time_decode", lambda *a, **k: pytest.fail("re-timed"))
+    again = rp.reproduce(_plan(run_dir), tmp_path / "cache", "test command", ckpt=tiny_ckpt)
+    assert calls == [["openbookqa"]]
+    assert again["methods"]["switch"]["tasks"] == m["switch"]["tasks"]
+
+    with pytest.raises(ConfigError, match=r"another plan.*steps"):
+        rp.reproduce(_plan(run_dir, steps=3), tmp_path / "cache", "x", ckpt=tiny_ckpt)
+
+
+def test_plan_is_validated_eagerly(tmp_path):
+    for changes, message in [({"methods": ("lora", "moe")}, "methods: unknown method 'moe'"),
+                             ({"latency_methods": ("base", "nope/merged")}, "latency_methods: unknown method 'nope'"),
+                             ({"tasks": ("arc_easy", "mmlu_pro")}, "'mmlu_pro' is not a known task"),
+                             ({"steps": 0}, "steps=0 is invalid"), ({"eval_limit": -1}, "eval_limit=-1"),
+                             ({"lr": 0.0}, "lr=0.0 is invalid")]:
+        with pytest.raises(ConfigError, match=message):
+            _plan(tmp_path, **changes)
+
+
+def test_targets_report_met_and_missed_by_how_much():
+    from lsjax.eval.reproduce import targets
+
+    def row(avg, ratio=None):
+        out = {"average": avg}
+        if ratio is not None:
+            out["decode_ratio_to_base"] = ratio
+        return out
+
+    results = {"methods": {"base": row(0.40), "lora": row(0.45), "layerwise": row(0.47, 1.3),
+                           "blockwise": row(0.44, 1.2), "switch": row(0.455, 1.1)}}
+    lines = targets(results)
+    assert lines == ["- met: switch +5.5 points over the base on the held-out average (target >= +3)",
+                     "- met: switch +0.5 points against lora (target >= 0)",
+                     "- MISSED: switch -1.5 points against the best routed baseline, layerwise (target >= -1)",
+                     "- met: decode ratio to base: layerwise 1.30x, blockwise 1.20x, switch 1.10x "
+                     "(target: switch lowest of the routed methods)"]
