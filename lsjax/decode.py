@@ -16,14 +16,20 @@ import numpy as np
 
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
-from lsjax.model import (Params, Project, decoder_layer, default_positions, embed_tokens, lm_logits, plain_project,
-                         rope_tables, run_layers, visibility_mask)
+from lsjax.model import (LayerTuple, Params, Project, decoder_layer, default_positions, embed_tokens, lm_logits,
+                         plain_project, rope_tables, run_layers, stacked, visibility_mask)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys/values `[L, B, T, KV, D]`, each slot's position and validity `[B, T]`, slots used."""
+    """Keys/values, each slot's position and validity `[B, T]`, slots used.
+
+    k / v are `[L, B, KV, T, D]` (head-major: attention reads them without a transpose), or a
+    `LayerTuple` of L `[B, KV, T, D]` arrays: the per-layer layout that goes with split
+    (unrolled) params, where a step updates each layer's buffer in place instead of slicing and
+    restacking a stacked cache (which copied the whole cache every token).
+    """
 
     k: jax.Array
     v: jax.Array
@@ -33,12 +39,19 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
-def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.float32) -> KVCache:
-    shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.float32,
+               per_layer: bool = False) -> KVCache:
+    """An empty cache; `per_layer` for split params (`lsjax.model.split_layers`)."""
+    shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+    if per_layer:
+        k = LayerTuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        v = LayerTuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    else:
+        k, v = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
+    return KVCache(k=k, v=v,
                    positions=jnp.zeros((batch, capacity), jnp.int32),
                    valid=jnp.zeros((batch, capacity), jnp.bool_), length=jnp.zeros((), jnp.int32))
 
@@ -70,7 +83,14 @@ def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, at
 
     x, (k, v) = run_layers(body, embed_tokens(params, input_ids), params["layers"], (cache.k, cache.v, layer_extras))
     logits = lm_logits(config, params, x)
-    return logits, KVCache(k, v, all_positions, all_valid, index + input_ids.shape[1])
+    return logits, grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
+
+
+def grown_cache(cache: KVCache, k: Any, v: Any, positions: jax.Array, valid: jax.Array, new: int) -> KVCache:
+    """The cache after `new` tokens, its k / v in the same layout as `cache`'s."""
+    if not isinstance(cache.k, LayerTuple):
+        k, v = stacked((k, v))
+    return KVCache(k, v, positions, valid, cache.length + new)
 
 
 def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,

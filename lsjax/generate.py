@@ -163,7 +163,8 @@ class Generator:
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         tokens, mask = left_pad(ids, pad, width)
         stops = tuple(self.config.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
-        cache = init_cache(self.config, batch, capacity, self.model.dtype)
+        cache = init_cache(self.config, batch, capacity, self.model.dtype,
+                           per_layer=not isinstance(self.bundle["base"]["layers"], dict))
         return ids, tokens, mask, cache, sampling, stops, pad, capacity - width
 
     # -- generation ------------------------------------------------------------------------------

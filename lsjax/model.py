@@ -68,19 +68,23 @@ def visibility_mask(config: ModelConfig, q_positions: jax.Array, k_positions: ja
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q `[B,S,H,D]`, k/v `[B,T,KV,D]`, mask `[B,S,T]` -> `[B,S,H,D]`.
+    """Grouped-query attention. q `[B,S,H,D]`, k/v `[B,KV,T,D]`, mask `[B,S,T]` -> `[B,S,H,D]`.
 
-    Scores and softmax in fp32; a query with no visible key (padding) gets zeros, not NaN.
+    Keys and values are head-major (the KV cache's layout), so both products are plain batched
+    matmuls over (B, KV) and no step transposes the cache. Scores and softmax in fp32; a query
+    with no visible key (padding) gets zeros, not NaN.
     """
     b, s, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, s, kv, h // kv, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    kv = k.shape[1]
+    # queries head-major too: the scores then come out [.., s, t] with keys minor, the layout the
+    # mask and softmax read (otherwise XLA:CPU produced them key-major; prefill attention 1.4x slower)
+    q = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     mask = mask[:, None, None, :, :]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
 
 
@@ -90,7 +94,7 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's slice.
 
     Without `kv`, attends over the block's own tokens and returns the new x. With
-    `kv = (k_cache [B,T,KV,D], v_cache, write_index)`, writes this block's keys/values into the
+    `kv = (k_cache [B,KV,T,D], v_cache, write_index)`, writes this block's keys/values into the
     cache at `write_index`, attends over the whole cache (mask `[B,S,T]`), and returns
     `(x, (k_cache, v_cache))`.
     """
@@ -100,10 +104,11 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     k = project("k", h, w["k"]).reshape(b, s, config.num_kv_heads, config.head_dim)
     v = project("v", h, w["v"]).reshape(b, s, config.num_kv_heads, config.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     if kv is not None:
         k_cache, v_cache, index = kv
-        k = k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-        v = v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        k = k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=2)
+        v = v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=2)
     attn = attention(q, k, v, mask).reshape(b, s, config.q_size)
     x = x + project("o", attn, w["o"])
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
@@ -113,20 +118,54 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
 
 
 def run_layers(body: Callable, carry: Any, layers: Params | tuple[Params, ...], xs: Any = None):
-    """`body(carry, (layer_weights, xs_slice)) -> (carry, y)` over every layer; ys stacked.
+    """`body(carry, (layer_weights, xs_slice)) -> (carry, ys)` over every layer.
 
-    `layers` stacked (a dict of `[L, ...]` arrays): one `lax.scan`, compile time flat in depth.
-    `layers` split (a tuple of per-layer dicts, see `split_layers`): a Python loop, so no step
-    slices the stacked weights; on XLA:CPU a scanned decode step copied every layer's weights
-    each token (DESIGN.md section 11). `xs` (small: caches, adapters) is stacked either way.
+    `layers` stacked (a dict of `[L, ...]` arrays): one `lax.scan`, compile time flat in depth;
+    ys come back stacked. `layers` split (a tuple of per-layer dicts, see `split_layers`): a
+    Python loop, so no step slices the stacked weights (on XLA:CPU a scanned decode step copied
+    every layer's weights each token, DESIGN.md section 11); `xs` leaves are `[L, ...]` arrays or
+    `LayerTuple`s, and every ys leaf comes back as a `LayerTuple` (no stacking copy; `stacked`
+    makes arrays of them).
     """
     if isinstance(layers, dict):
         return jax.lax.scan(body, carry, (layers, xs))
     ys = []
     for index, weights in enumerate(layers):
-        carry, y = body(carry, (weights, jax.tree.map(lambda a: a[index], xs)))
+        carry, y = body(carry, (weights, layer_slice(xs, index)))
         ys.append(y)
-    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+    return carry, jax.tree.map(lambda *a: LayerTuple(a), *ys)
+
+
+class LayerTuple(tuple):
+    """One array per layer in place of a layer-stacked array (a pytree node: its items are leaves).
+
+    The unrolled decode layout for small per-layer arrays riding along in `xs` (adapter experts):
+    `layer_slice` picks an item instead of slicing, because XLA:CPU copied a slice of a stacked
+    argument every step (DESIGN.md section 11).
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self[0].shape)
+
+
+jax.tree_util.register_pytree_node(LayerTuple, lambda t: (tuple(t), None), lambda _, items: LayerTuple(items))
+
+
+def layer_slice(tree: Any, index: int) -> Any:
+    """Layer `index` of a layer-stacked pytree whose leaves are `[L, ...]` arrays or `LayerTuple`s."""
+    return jax.tree.map(lambda a: a[index], tree, is_leaf=lambda n: isinstance(n, LayerTuple))
+
+
+def stacked(tree: Any) -> Any:
+    """`tree` with every `LayerTuple` stacked into one `[L, ...]` array."""
+    return jax.tree.map(lambda a: jnp.stack(a) if isinstance(a, LayerTuple) else a, tree,
+                        is_leaf=lambda n: isinstance(n, LayerTuple))
+
+
+def split_stacked(tree: Any) -> Any:
+    """Every `[L, ...]` array of `tree` as a `LayerTuple` of per-layer arrays (done once, outside jit)."""
+    return jax.tree.map(lambda a: LayerTuple(a[i] for i in range(a.shape[0])), tree)
 
 
 def split_layers(params: Params) -> Params:

@@ -28,7 +28,7 @@ from lsjax.config import ModelConfig
 from lsjax import decode
 from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
-from lsjax.model import PROJECTIONS, default_positions, embed_tokens, rms_norm, split_layers
+from lsjax.model import PROJECTIONS, default_positions, embed_tokens, rms_norm, split_layers, split_stacked
 
 STRATEGIES = ("unmerged", "merged", "fused", "auto")
 ATTENTION_INPUTS = ("q", "k", "v")
@@ -142,7 +142,19 @@ def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapte
                                                                     adapter_params)), None
     if unroll and not (strategy == "merged" and adapter_config.method == "switch"):
         base = split_layers(base)
+        if adapter_params is not None and strategy in ("unmerged", "fused"):
+            adapter_params = split_adapter(adapter_config, adapter_params)
     return {"base": base, "adapter": adapter_params}
+
+
+def split_adapter(adapter_config, adapter_params: dict) -> dict:
+    """Experts (and per-layer routers) as `LayerTuple`s: the unrolled step reads each layer's arrays
+    as they are instead of slicing stacked ones (which XLA:CPU copied every step). Switch's router
+    is global and stays."""
+    routers = adapter_params["routers"]
+    if adapter_config.method != "switch":
+        routers = split_stacked(routers)
+    return {"experts": split_stacked(adapter_params["experts"]), "routers": routers}
 
 
 @functools.lru_cache(maxsize=None)

@@ -62,13 +62,25 @@ def test_greedy_matches_transformers(tiny):
     assert scanned.token_ids == out.token_ids
 
 
-def test_decode_steps_match_full_forward(tiny):
-    """Every step's logits against one full forward over the finished sequences (causal: same thing)."""
+@pytest.mark.parametrize("layout", ["stacked", "per-layer"])
+def test_decode_steps_match_full_forward(tiny, layout):
+    """Every step's logits against one full forward over the finished sequences (causal: same thing).
+
+    `stacked`: scanned layers and a `[L, ...]` cache; `per-layer`: split params and a `LayerTuple`
+    cache (the Generator's decode layout), whose structure must survive every step.
+    """
+    from lsjax.model import LayerTuple, split_layers
+
     _, model, _ = tiny
     cfg, params = model.config, model.params()
+    full_params = params
+    per_layer = layout == "per-layer"
+    if per_layer:
+        params = split_layers(params)
     ids, mask = left_pad(PROMPTS)
-    logits, cache = prefill(cfg, params, ids, mask, init_cache(cfg, len(PROMPTS), 32))
-    step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c))
+    logits, cache = prefill(cfg, params, ids, mask, init_cache(cfg, len(PROMPTS), 32, per_layer=per_layer))
+    assert isinstance(cache.k, LayerTuple) == per_layer and cache.capacity == 32
+    step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c), donate_argnums=2)
     seen, generated = [logits], []
     for _ in range(8):
         tokens = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -79,7 +91,8 @@ def test_decode_steps_match_full_forward(tiny):
     width = max(map(len, seqs))
     full_ids = np.array([s + [0] * (width - len(s)) for s in seqs])
     full_mask = np.array([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    full = np.asarray(forward(cfg, params, full_ids, full_mask))
+    assert isinstance(cache.k, LayerTuple) == per_layer and int(cache.length) == ids.shape[1] + 8
+    full = np.asarray(forward(cfg, full_params, full_ids, full_mask))
     for row, prompt in enumerate(PROMPTS):
         for i, step_logits in enumerate(seen):
             assert np.abs(np.asarray(step_logits[row]) - full[row, len(prompt) - 1 + i]).max() <= 1e-4

@@ -28,8 +28,9 @@ from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.params import Adapter, AdapterParams, check_params
 from lsjax.adapters.routing import RouterStats, Routing, lora_term, router_logits, router_stats, top_k_route
 from lsjax.config import ModelConfig
-from lsjax.decode import KVCache, cached_inputs
-from lsjax.model import PROJECTIONS, Llama, Params, decoder_layer, embed_tokens, lm_logits, run_layers, sequence_inputs
+from lsjax.decode import KVCache, cached_inputs, grown_cache
+from lsjax.model import (PROJECTIONS, Llama, Params, decoder_layer, embed_tokens, lm_logits, run_layers,
+                         sequence_inputs, stacked)
 
 
 @jax.tree_util.register_dataclass
@@ -185,6 +186,7 @@ def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterC
         return (x, project.route), (project.stats, kv)
 
     (x, route), (stats, kv) = run_layers(body, (x, no_route if switch else None), base_params["layers"], xs)
+    stats = stacked(stats)
     if switch:  # only layer 0 ran the router
         stats = [jax.tree.map(lambda a: a[0], st) for st in stats]
     return x, stats, route, kv
@@ -237,13 +239,12 @@ def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapt
     layer-0 input, exactly as in the full forward.
     """
     check_params(model_config, adapter_config, adapter_params)
-    index = cache.length
     all_positions, all_valid, cos, sin, mask = cached_inputs(model_config, cache, attention_mask, positions)
     x = embed_tokens(base_params, input_ids)
     x, stats, route, (k, v) = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
                                           mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache)
     logits = lm_logits(model_config, base_params, x)
-    new_cache = KVCache(k, v, all_positions, all_valid, index + input_ids.shape[1])
+    new_cache = grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
     return logits, new_cache, _aux(adapter_config, stats, route)
 
 

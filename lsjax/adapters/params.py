@@ -116,8 +116,9 @@ def check_params(model_config: ModelConfig, adapter_config: AdapterConfig, param
         raise AdapterError(f"{where}: unexpected {extra[0]!r} (not used by method {adapter_config.method!r}, "
                            f"targets {list(adapter_config.targets)}){_more(extra)}")
     for name, shape in want.items():
-        if tuple(np.shape(got[name])) != tuple(shape):
-            raise AdapterError(f"{where}: {name!r} has shape {list(np.shape(got[name]))}; expected {list(shape)}")
+        got_shape = tuple(getattr(got[name], "shape", None) or np.shape(got[name]))  # LayerTuple has .shape
+        if got_shape != tuple(shape):
+            raise AdapterError(f"{where}: {name!r} has shape {list(got_shape)}; expected {list(shape)}")
 
 
 def flatten(tree: dict[str, Any], is_leaf=None, prefix: str = "") -> dict[str, Any]:
