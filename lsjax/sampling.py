@@ -2,7 +2,8 @@
 
 Every setting is a traced scalar, so changing temperature, top-k or top-p between calls never
 recompiles; greedy is simply temperature 0. The sort that top-k/top-p need runs only when one of
-them is active (a `lax.cond`), so plain temperature sampling and greedy skip it.
+them is active (a `lax.cond`), so plain temperature sampling and greedy skip it; greedy skips
+the random draw too.
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
     """Next tokens `[B]` (int32) from fp32 logits `[B, V]`."""
-    logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda x, *_: x, logits, top_k, top_p)
-    scaled = filtered / jnp.maximum(temperature, 1e-6)
-    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+    def greedy(logits, *_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits, key, temperature, top_k, top_p):
+        filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda x, *_: x, logits, top_k, top_p)
+        return jax.random.categorical(key, filtered / temperature, axis=-1).astype(jnp.int32)
+
+    # greedy decoding skips the random draw over the whole vocabulary
+    return jax.lax.cond(temperature > 0, draw, greedy, logits.astype(jnp.float32), key, temperature, top_k, top_p)

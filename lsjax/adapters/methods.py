@@ -21,6 +21,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lsjax.adapters.config import FFN, AdapterConfig
@@ -108,7 +109,10 @@ class LayerProject:
             zero = jnp.zeros((), jnp.float32)
             return carried, RouterStats(zero, zero, zero, jnp.zeros((self.config.num_experts,), jnp.float32))
 
-        self.route, stats = jax.lax.cond(self.first, decide, keep, x)
+        if isinstance(self.first, (bool, np.bool_)):  # unrolled layers: the layer index is static, no cond
+            self.route, stats = decide(x) if self.first else keep(x)
+        else:
+            self.route, stats = jax.lax.cond(self.first, decide, keep, x)
         self.stats.append(stats)
 
     def _decide(self, x: jax.Array, weight: jax.Array, kind: str) -> Routing:
@@ -170,7 +174,7 @@ def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterC
     xs = {"experts": params["experts"], "routers": _layer_routers(config, params),
           "key": None if key is None else jax.random.split(key, L),
           "kv": None if cache is None else (cache.k, cache.v),
-          "first": jnp.arange(L) == 0 if switch else None}
+          "first": np.arange(L) == 0 if switch else None}  # numpy: static per layer when unrolled
     b, s = x.shape[:2]
     no_route = Routing(jnp.zeros((b, s, config.top_k), jnp.int32), jnp.zeros((b, s, config.top_k), jnp.float32))
 
