@@ -336,6 +336,13 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, jax_cache):
         got = json.loads(stdout.strip().splitlines()[-1])
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"])
         assert got["tokens"] == want["tokens"] and got["target_tokens"] == want["target_tokens"]
+    # the adapter folder the two processes wrote (gathered across them) holds the one-process result
+    from safetensors.numpy import load_file
+
+    one_arrays, two_arrays = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "two"))
+    assert one_arrays.keys() == two_arrays.keys()
+    for key in one_arrays:
+        np.testing.assert_allclose(two_arrays[key], one_arrays[key], rtol=1e-4, atol=1e-6)
 
 
 def test_jsonl_text_data(tiny_ckpt, tmp_path):

@@ -168,7 +168,7 @@ def save_final_adapter(run: Run, folder: Path) -> Path:
     from lsjax.adapters.files import save_adapter_arrays
 
     params = run.state["params"]
-    params = multihost_utils.process_allgather(params) if jax.process_count() > 1 else jax.device_get(params)
+    params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
     if jax.process_index() != 0:
         return folder
     staging = folder.with_name(folder.name + ".partial")
