@@ -415,7 +415,7 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
            "median of interleaved rounds, best strategy per method; ratio to the base from the same run. Peak MiB: "
            "resident memory of a fresh process that loads the model and adapter and decodes.", "", *lines, "",
            "Targets (issue #7):", *(results["targets"] or ["- (need base and switch)"]), "",
-           f"Training budget, the same for every method: {plan['steps']} steps x batch {plan['batch_size']} x "
+           f"Training budget, the same for every trained method: {plan['steps']} steps x batch {plan['batch_size']} x "
            f"{plan['max_length']} tokens (longer prompts lose their start), AdamW lr {plan['lr']}, warmup then cosine, "
            f"adapters on all seven projections (rank 16, alpha 32; routed: 8 experts, top-2), trained on the train "
            f"split of {', '.join(tasks)} (mixed, shuffled).", "",
@@ -424,6 +424,10 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
     if results.get("latency"):
         records = [Record(**r) for r in results["latency"]["records"]]
         out += ["Decode latency, every strategy:", "", latency_table(records, results["latency"]["meta"]), ""]
+        untrained = results["latency"]["meta"].get("random") or []
+        if untrained:
+            out += [f"Timed with random adapters of the same shapes (not trained in this run): {', '.join(untrained)}.",
+                    ""]
     out += ["How the methods differ at decode time: `switch` routes once per token and gathers its k experts in "
             "every adapted projection (all seven here); `layerwise` also runs a router in each of them; `blockwise` "
             "gathers experts only in the three FFN projections and carries one plain LoRA on attention. On a CPU a "
