@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -176,14 +177,7 @@ def _adapter_params(folder: Path) -> int:
     from lsjax.adapters.files import WEIGHTS_FILE
 
     with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
-        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-
-
-def _prod(shape) -> int:
-    out = 1
-    for n in shape:
-        out *= int(n)
-    return out
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def _split_sizes(tasks) -> dict[str, dict[str, int]]:
