@@ -144,7 +144,7 @@ def train_config(plan: Plan, method: str, ckpt: Path, run_dir: Path):
         f"eval_every={plan.steps}", f"checkpoint_every={max(1, plan.steps // 4)}", "log_every=10"])
 
 
-def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path) -> dict[str, Any]:
+def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path, train_docs: int) -> dict[str, Any]:
     from lsjax.train.loop import train
 
     done = _read_json(run_dir / "train" / f"{method}.json")
@@ -159,10 +159,9 @@ def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path) -> dict[str
     seconds = time.perf_counter() - start
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     first_eval = next((x["eval_loss"] for x in lines if x.get("step") == 0 and "eval_loss" in x), None)
-    train_docs = _split_sizes(plan.tasks)
     summary = {"method": method, "steps": config.steps, "batch_size": config.batch_size,
                "max_length": config.data.max_length, "lr": config.optim.lr, "examples": config.steps * config.batch_size,
-               "train_docs": sum(v["train"] for v in train_docs.values()), "seconds": round(seconds, 1),
+               "train_docs": train_docs, "seconds": round(seconds, 1),
                "resumed": resume, "final_loss": last.get("loss"), "heldout_loss_start": first_eval,
                "heldout_loss_end": last.get("eval_loss"),
                "tokens_per_s": round(config.steps * config.batch_size * config.data.max_length / seconds, 1),
@@ -500,7 +499,7 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
            f"then held-out accuracy")
     trains, adapters = {}, {}
     for method in plan.methods:
-        trains[method] = run_training(plan, method, ckpt, run_dir)
+        trains[method] = run_training(plan, method, ckpt, run_dir, sum(s["train"] for s in splits.values()))
         adapters[method] = Path(trains[method]["adapter"])
         evals[method] = run_eval(plan, method, model, tokenizer, adapters[method], run_dir)
 
