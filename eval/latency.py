@@ -55,16 +55,24 @@ class Record:
     rounds: int = 0
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
-    """GB/s (read + write) of an in-place device copy of a large buffer (`x + 1`, donated)."""
+def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> float:
+    """GB/s (read + write) of an in-place device copy of a large buffer (`x + 1`, donated).
+
+    Each sample queues `repeats` copies before one sync, so the host's sync latency (tens of us,
+    a sizeable part of one GPU copy) is spread thin; 1 GiB on a GPU, 256 MiB elsewhere.
+    """
+    if nbytes is None:
+        nbytes = (1 << 30) if jax.default_backend() == "gpu" else 256 << 20
     x = jnp.zeros((nbytes // 4,), jnp.float32)
     step = jax.jit(lambda x: x + 1, donate_argnums=0)
     x = step(x).block_until_ready()
     times = []
-    for _ in range(repeats):
+    for _ in range(5):
         start = time.perf_counter()
-        x = step(x).block_until_ready()
-        times.append(time.perf_counter() - start)
+        for _ in range(repeats):
+            x = step(x)
+        x.block_until_ready()
+        times.append((time.perf_counter() - start) / repeats)
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
@@ -104,21 +112,32 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any]], batches: 
     """Decode ms/token and prefill ms of every `(method, strategy, adapter)` entry at every batch size.
 
     All entries are compiled first, then timed in `rounds` interleaved rounds (medians); every ratio
-    compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes", "floor_ms"}`.
-    `merged` switch is batch-1 only and is skipped at larger batches.
+    compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes", "floor_ms",
+    "failed"}`: a configuration that fails to build or compile is named under "failed" (and printed)
+    and the others are still timed. `merged` switch is batch-1 only and is skipped at larger batches.
     """
     from lsjax.generate import Generator
+    from lsjax.model import split_layers
 
     rng = np.random.default_rng(0)
     dtype = str(jnp.dtype(model.dtype))
-    generators = {}
+    shared = split_layers(model.params())  # one per-layer copy for every Generator, not one each
+    generators, failures = {}, []
     for method, strategy, adapter in tqdm(entries, desc="compiling", unit="config", disable=not progress):
-        gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy)
         for batch in batches:
             if strategy == "merged" and method == "switch" and batch > 1:
                 continue
             prompts = [rng.integers(3, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
-            gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # compile + warm up
+            try:
+                gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy,
+                                params=None if strategy == "merged" else shared)
+                gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # compile + warm up
+            except Exception as e:  # noqa: BLE001 - one failing configuration must not cost the others' figures
+                if method == "base":
+                    raise
+                failures.append(f"{method}/{strategy} batch {batch}: {type(e).__name__}: {str(e)[:300]}")
+                print(f"FAILED {failures[-1]}", flush=True)
+                continue
             generators[(method, strategy, batch)] = (gen, prompts)
     bandwidth = copy_bandwidth()
     samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
@@ -137,7 +156,7 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any]], batches: 
         base = next((b for b in records if b.method == "base" and b.batch == r.batch), None)
         if base is not None:
             r.ratio_to_base = r.ms_per_token / base.ms_per_token
-    return records, {"copy_gb_s": bandwidth, "weight_bytes": weight_bytes, "floor_ms": floor_ms}
+    return records, {"copy_gb_s": bandwidth, "weight_bytes": weight_bytes, "floor_ms": floor_ms, "failed": failures}
 
 
 def run(args) -> list[Record]:
@@ -219,6 +238,8 @@ def latency_table(records: list[Record], meta: dict) -> str:
     for r in records:
         ratio = "" if np.isnan(r.ratio_to_base) else f"{r.ratio_to_base:.2f}"
         lines.append(f"| {r.method} | {r.strategy} | {r.batch} | {r.ms_per_token:.1f} | {ratio} | {r.prefill_ms:.0f} |")
+    for failure in meta.get("failed", ()):
+        lines.append(f"| FAILED: {failure} | | | | | |")
     base1 = next((r for r in records if r.method == "base" and r.batch == 1), None)
     if base1:
         lines.append(f"\nbase batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x")

@@ -230,6 +230,8 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     start = time.perf_counter()
     records, memory = time_decode(model, tokenizer, entries, list(plan.latency_batches), prompt_len=32,
                                   new_tokens=plan.new_tokens, rounds=plan.latency_rounds)
+    if memory["failed"]:
+        raise ConfigError("latency stage: " + "; ".join(memory["failed"]))
     meta = {"source": source, "backend": jax.default_backend(),
             "jax": jax.__version__, **memory, "prompt_len": 32, "new_tokens": plan.new_tokens,
             "rounds": plan.latency_rounds, "trained": sorted(adapters),

@@ -177,6 +177,14 @@ def split_layers(params: Params) -> Params:
     return {**params, "layers": tuple({k: v[i] for k, v in layers.items()} for i in range(count))}
 
 
+def stack_layers(params: Params) -> Params:
+    """The inverse of `split_layers`: `layers` as one dict of `[L, ...]` arrays."""
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        return params
+    return {**params, "layers": {k: jnp.stack([layer[k] for layer in layers]) for k in layers[0]}}
+
+
 def embed_tokens(params: Params, input_ids: jax.Array) -> jax.Array:
     return jnp.take(params["embed"], input_ids, axis=0)
 

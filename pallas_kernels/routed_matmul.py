@@ -28,6 +28,7 @@ from .reference import routed_lora_matmul_reference
 __all__ = ["routed_lora_matmul", "routed_lora_matmul_reference"]
 
 _F32 = jnp.float32
+DECODE_PROGRAMS = 256  # about two programs per SM of an H100 (132 SMs) for a small-T call
 
 
 def _check(x, W, A, B, ids, gates, layer):
@@ -64,27 +65,29 @@ def _check(x, W, A, B, ids, gates, layer):
 
 
 def _routed_kernel(
-    layer_ref, ids_ref, gates_ref, x_ref, w_ref, a_ref, b_ref, o_ref, *, T, d_in, d_out, E, r, k, bt, bk, bn, br
+    layer_ref, ids_ref, gates_ref, x_ref, w_ref, a_ref, b_ref, o_ref, *, T, d_in, d_out, E, r, k, bt, bk, bn, br,
+    split_steps,
 ):
-    ti, j = pl.program_id(0), pl.program_id(1)
+    ti, j, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     lay = layer_ref[0]
     rows = ti * bt + jnp.arange(bt)
     cols = j * bn + jnp.arange(bn)
     rank = jnp.arange(br)
     row_ok, col_ok, rank_ok = rows < T, cols < d_out, rank < r
     ts, cs, ks = pl.ds(ti * bt, bt), pl.ds(j * bn, bn), pl.ds(0, br)
-    n_steps = pl.cdiv(d_in, bk)
+    first = part * split_steps  # this program's share of d_in: split_steps tiles of bk from here
 
-    def x_tile(step):
-        d_ok = step * bk + jnp.arange(bk) < d_in
-        return C.load(x_ref.at[ts, pl.ds(step * bk, bk)], row_ok[:, None] & d_ok[None, :]), d_ok
+    def x_tile(i):
+        start = (first + i) * bk
+        d_ok = start + jnp.arange(bk) < d_in
+        return C.load(x_ref.at[ts, pl.ds(start, bk)], row_ok[:, None] & d_ok[None, :]), d_ok, start
 
-    def base_step(step, acc):
-        x, d_ok = x_tile(step)
-        w = C.load(w_ref.at[lay, pl.ds(step * bk, bk), cs], d_ok[:, None] & col_ok[None, :])
+    def base_step(i, acc):
+        x, d_ok, start = x_tile(i)
+        w = C.load(w_ref.at[lay, pl.ds(start, bk), cs], d_ok[:, None] & col_ok[None, :])
         return acc + C.dot(x, w)
 
-    acc = jax.lax.fori_loop(0, n_steps, base_step, jnp.zeros((bt, bn), _F32))
+    acc = jax.lax.fori_loop(0, split_steps, base_step, jnp.zeros((bt, bn), _F32))
 
     slot = [jnp.int32(s) for s in range(k)]  # traced scalars: interpret mode rejects Python ints here
     ids = [C.load(ids_ref.at[ts, s], row_ok, 0) for s in slot]
@@ -96,47 +99,65 @@ def _routed_kernel(
         # Triton has no reduce_or: count the hits instead.
         used = sum(jnp.sum(p.astype(jnp.int32)) for p in picked) > 0
 
-        def lora(acc):
-            def a_step(step, xa):
-                x, d_ok = x_tile(step)
-                a = C.load(a_ref.at[lay, e, pl.ds(step * bk, bk), ks], d_ok[:, None] & rank_ok[None, :])
+        def lora(acc):  # (x @ A) @ B is linear in x, so each d_in share adds its own part
+            def a_step(i, xa):
+                x, d_ok, start = x_tile(i)
+                a = C.load(a_ref.at[lay, e, pl.ds(start, bk), ks], d_ok[:, None] & rank_ok[None, :])
                 return xa + C.dot(x, a)
 
-            xa = jax.lax.fori_loop(0, n_steps, a_step, jnp.zeros((bt, br), _F32))
+            xa = jax.lax.fori_loop(0, split_steps, a_step, jnp.zeros((bt, br), _F32))
             b = C.load(b_ref.at[lay, e, ks, cs], rank_ok[:, None] & col_ok[None, :]).astype(_F32)
             return acc + C.dot(xa * coef[:, None], b)
 
         return jax.lax.cond(used, lora, lambda acc: acc, acc)
 
     acc = jax.lax.fori_loop(0, E, add_expert, acc)
-    C.store(o_ref.at[ts, cs], acc.astype(o_ref.dtype), row_ok[:, None] & col_ok[None, :])
+    mask = row_ok[:, None] & col_ok[None, :]
+    if len(o_ref.shape) == 3:  # split over d_in: fp32 partial sums, added up outside
+        C.store(o_ref.at[part, ts, cs], acc, mask)
+    else:
+        C.store(o_ref.at[ts, cs], acc.astype(o_ref.dtype), mask)
 
 
-def _routed_pallas(x, W, A, B, ids, gates, layer, *, interpret, block_t, block_in, block_out):
+def _routed_pallas(x, W, A, B, ids, gates, layer, *, interpret, block_t, block_in, block_out, splits,
+                   num_warps, num_stages):
     T, d_in = x.shape
     _, E, _, r = A.shape
     d_out = W.shape[-1]
-    # Untuned defaults (no GPU yet). Decode (small T) reads W once: narrow column tiles give
-    # more programs to spread that read over the SMs; larger T wants taller row tiles so
-    # each W tile is reused by more rows.
+    # Decode (small T) reads W once, so the grid must spread that read over all the SMs: 128-wide
+    # column tiles keep each row of a W tile one contiguous 256-byte run (bf16), and splitting d_in
+    # (`splits` programs per column tile, fp32 partials summed outside) makes ~DECODE_PROGRAMS
+    # programs. Tuned on an H100 at 7B shapes, T=1 (`python -m pallas_kernels.tune`, docs/perf.md).
+    # Larger T wants taller row tiles so each W tile serves more rows.
     small = T <= 16
     bt = C.tile(T, block_t, 16 if small else 64, "block_t")
-    bk = C.tile(d_in, block_in, 64, "block_in")
-    bn = C.tile(d_out, block_out, 32 if small else 64, "block_out")
+    bk = C.tile(d_in, block_in, 128 if small else 64, "block_in")
+    bn = C.tile(d_out, block_out, 128 if small else 64, "block_out")
     br = C.tile(r, None, C.next_pow2(r), "rank")
+    steps = pl.cdiv(d_in, bk)
+    if splits is None:
+        splits = min(8, pl.cdiv(DECODE_PROGRAMS, pl.cdiv(d_out, bn))) if small else 1
+    if not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits={splits!r} must be a positive integer (programs sharing d_in)")
+    splits = min(splits, steps)
+    split_steps = pl.cdiv(steps, splits)
+    splits = pl.cdiv(steps, split_steps)
     kernel = functools.partial(
-        _routed_kernel, T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=ids.shape[1], bt=bt, bk=bk, bn=bn, br=br
+        _routed_kernel, T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=ids.shape[1], bt=bt, bk=bk, bn=bn, br=br,
+        split_steps=split_steps,
     )
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     ids = jnp.clip(ids.astype(jnp.int32), 0, E - 1)
-    return pl.pallas_call(
+    out_shape = (T, d_out) if splits == 1 else (splits, T, d_out)
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((T, d_out), x.dtype),
-        grid=(pl.cdiv(T, bt), pl.cdiv(d_out, bn)),
+        out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype if splits == 1 else _F32),
+        grid=(pl.cdiv(T, bt), pl.cdiv(d_out, bn), splits),
         interpret=interpret,
-        compiler_params=C.compiler_params(num_warps=4, num_stages=2),
+        compiler_params=C.compiler_params(num_warps=num_warps or 4, num_stages=num_stages or 2),
         name="routed_lora_matmul",
     )(layer, ids, gates.astype(_F32), x, W, A, B)
+    return out if splits == 1 else out.sum(0).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- xla
@@ -168,7 +189,7 @@ def _routed_xla(x, W, A, B, ids, gates, form="auto"):
 
 def routed_lora_matmul(
     x, W, A, B, ids, gates, *, layer=None, implementation=None, interpret=None,
-    block_t=None, block_in=None, block_out=None,
+    block_t=None, block_in=None, block_out=None, splits=None, num_warps=None, num_stages=None,
 ):
     """y = x @ W + per-row routed LoRA experts; output in x's dtype, fp32 accumulation.
 
@@ -177,7 +198,9 @@ def routed_lora_matmul(
     the kernel, so a decode loop over layers never slices (copies) the stacked weights.
 
     implementation: "pallas", "xla" or None (pallas on GPU, else xla). interpret: run Pallas
-    interpreted (default: True off GPU). block_t/block_in/block_out: power-of-two tiles.
+    interpreted (default: True off GPU). block_t/block_in/block_out: power-of-two tiles;
+    splits: programs sharing each column tile's d_in (fp32 partials, summed after the kernel);
+    num_warps/num_stages: Triton's. Tiles and splits are Pallas-only tuning knobs.
     """
     _check(x, W, A, B, ids, gates, layer)
     impl = C.resolve_implementation(implementation)
@@ -189,5 +212,6 @@ def routed_lora_matmul(
         W, A, B, layer = W[None], A[None], B[None], 0
     return _routed_pallas(
         x, W, A, B, ids, gates, layer, interpret=C.resolve_interpret(interpret),
-        block_t=block_t, block_in=block_in, block_out=block_out,
+        block_t=block_t, block_in=block_in, block_out=block_out, splits=splits, num_warps=num_warps,
+        num_stages=num_stages,
     )

@@ -16,7 +16,7 @@ from lsjax.convert import convert_hf
 from lsjax.decode import decode_step, init_cache, left_pad, prefill
 from lsjax.errors import ConfigError
 from lsjax.generate import Generator
-from lsjax.model import forward
+from lsjax.model import forward, split_layers, stack_layers
 from lsjax.sampling import SamplingConfig
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40, 41, 42, 43, 44]]
@@ -112,6 +112,27 @@ def test_strategies_agree(tiny_llama, method):
     unmerged = Generator(model, tok, adapter, strategy="unmerged").generate(PROMPTS, max_new_tokens=8,
                                                                              stop_token_ids=())
     assert batched.token_ids == unmerged.token_ids
+
+
+def test_generators_share_one_split_copy(tiny_llama):
+    """`params=` hands every Generator the same per-layer arrays (no copy each); merged strategies
+    restack them; the tokens equal those of Generators that split the model themselves."""
+    _, model, tok = tiny_llama
+    params = model.params()
+    shared = split_layers(params)
+    restacked = stack_layers(shared)
+    for name, w in params["layers"].items():
+        assert np.array_equal(restacked["layers"][name], w)
+    for method, strategy in [("switch", "unmerged"), ("switch", "fused"), ("switch", "merged"), ("lora", "merged"),
+                             (None, "auto")]:
+        adapter = None if method is None else random_adapter(
+            model, method, **({"num_experts": 4, "top_k": 2} if method == "switch" else {}))
+        own = Generator(model, tok, adapter, strategy=strategy)
+        given = Generator(model, tok, adapter, strategy=strategy, params=shared)
+        if strategy in ("unmerged", "fused", "auto"):
+            assert given.bundle["base"]["layers"][0]["q"] is shared["layers"][0]["q"]
+        want = own.generate(PROMPTS[:1], max_new_tokens=6, stop_token_ids=()).token_ids
+        assert given.generate(PROMPTS[:1], max_new_tokens=6, stop_token_ids=()).token_ids == want, (method, strategy)
 
 
 def test_baselines_decode(tiny_llama):

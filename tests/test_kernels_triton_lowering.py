@@ -6,6 +6,7 @@ lacks (e.g. reduce_or), dots under 16 wide, TF32 sneaking into fp32 dots, and mo
 kernel launch per call. It does not run Triton's own compiler (ptxas) or the kernel.
 """
 
+import contextlib
 import re
 
 import jax
@@ -19,9 +20,18 @@ PALLAS = dict(implementation="pallas", interpret=False)
 TRITON_TARGET = "__gpu$xla.gpu.triton"
 
 
+def gpu_target():
+    """Newer jax (0.11+) reads the target GPU from the abstract mesh when none is attached: name an H100."""
+    if not hasattr(jax.sharding, "AbstractDevice") or jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100))
+
+
 def triton_kernels(fn, *avals):
     """Lower for CUDA; return the Triton IR text of each Pallas kernel (None if unparsable)."""
-    lowered = jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",))
+    with gpu_target():
+        lowered = jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",))
     calls = []
 
     def walk(op):

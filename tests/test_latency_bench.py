@@ -4,8 +4,10 @@ import json
 
 from tiny import make_hf_model
 
+import lsjax
 from lsjax.cli import main
 from lsjax.convert import convert_hf
+from lsjax.eval.latency import random_adapter, time_decode
 
 
 def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
@@ -29,3 +31,19 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
     assert base1["floor_ms"] > 0 and data["meta"]["copy_gb_s"] > 0
     assert png.stat().st_size > 1000
     assert "| switch | merged | 1 |" in capsys.readouterr().out
+
+
+def test_a_failing_configuration_is_reported_and_the_rest_timed(tmp_path):
+    make_hf_model(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    model, tok = lsjax.load(tmp_path / "ckpt")
+
+    class Args:
+        experts, top_k, rank, targets, dtype = 4, 2, 4, "all-linear", "float32"
+
+    layerwise = random_adapter(model.config, "layerwise", Args)
+    entries = [("base", "-", None), ("layerwise", "merged", layerwise), ("layerwise", "unmerged", layerwise)]
+    records, meta = time_decode(model, tok, entries, [1], prompt_len=5, new_tokens=3, rounds=1, progress=False)
+    assert [(r.method, r.strategy) for r in records] == [("base", "-"), ("layerwise", "unmerged")]
+    assert len(meta["failed"]) == 1 and meta["failed"][0].startswith("layerwise/merged batch 1: ConfigError")
+    assert "'merged' is for methods 'lora' and 'switch'" in meta["failed"][0]

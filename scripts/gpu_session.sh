@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command (a lent GPU machine starts bare and is held briefly):
+#   native Pallas kernel tests, the kernel benchmark and `lsjax bench decode` at llama2-7b shape.
+# Runs from the repo root without installing: the GPU image already has jax, flax, optax, orbax and
+# transformers. Logs and JSON go to $OUT (default runs/gpu). Pick steps with STEPS="env tests ...".
+#
+#   OUT=/tmp/gpu STEPS="env decode_b1" bash scripts/gpu_session.sh
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+STEPS=${STEPS:-"env tests tune decode_b1 decode_b8 kernels"}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+# The decode bench holds the 7B weights twice (stacked + one shared per-layer copy) plus a merged copy.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+
+# The package as pyproject lays it out (train/ and eval/ are lsjax.train and lsjax.eval), without pip.
+SITE=$(mktemp -d)
+cp -r lsjax "$SITE/"
+ln -s "$PWD/train" "$SITE/lsjax/train"
+ln -s "$PWD/eval" "$SITE/lsjax/eval"
+ln -s "$PWD/pallas_kernels" "$SITE/pallas_kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+IN_SITE=(env -C "$SITE")  # `python -m` puts the cwd first, and the repo's lsjax/ lacks train/, eval/
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, show the tail
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - start))s"
+  grep -v -E "it/s|s/it|config/s|s/config|round/s|s/round|DeprecationWarning|return rule" "$OUT/$name.log" | tail -n "${TAIL:-25}"
+}
+
+decode() {  # decode BATCH: lsjax bench decode at llama2-7b shape, random bf16 weights
+  step "decode_b$1" "${DECODE_LIMIT:-280}" "${IN_SITE[@]}" $PY -m lsjax.cli bench decode --shape "${SHAPE:-llama2-7b}" --dtype "${DTYPE:-bfloat16}" \
+    --batch "$1" --methods "${METHODS:-base,lora,layerwise,blockwise,switch}" --rounds "${ROUNDS:-5}" --json "$OUT/decode_b$1.json" --plot "$OUT/decode_b$1.png"
+}
+
+for s in $STEPS; do
+  case $s in
+    env) step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
+           $PY -c 'import jax, flax, optax, transformers; print(jax.__version__, flax.__version__, optax.__version__,
+           transformers.__version__, jax.devices())'" ;;
+    tests) TAIL=12 step tests "${TESTS_LIMIT:-150}" $PY -m pytest -q -p no:cacheprovider -x ${TESTS_K:+-k "$TESTS_K"} \
+             tests/test_kernels_routed_matmul.py tests/test_kernels_sgmm.py tests/test_kernels_drift_donation.py \
+             tests/test_kernels_triton_lowering.py ;;
+    tune) TAIL=30 step tune "${TUNE_LIMIT:-170}" "${IN_SITE[@]}" $PY -m pallas_kernels.tune --json "$OUT/tune.json" ;;
+    kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-150}" "${IN_SITE[@]}" $PY -m pallas_kernels.bench --shapes llama2-7b --dtype bfloat16 \
+               --json "$OUT/kernels.json" ;;
+    decode_b1) decode 1 ;;
+    decode_b8) decode 8 ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
