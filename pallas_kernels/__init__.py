@@ -10,13 +10,14 @@ from .reference import (
     sgmm_merge_reference,
     sgmm_switch_reference,
 )
-from .routed_matmul import routed_lora_matmul
+from .routed_matmul import routed_lora_add, routed_lora_matmul
 from .sgmm import sgmm_merge, sgmm_switch
 
 __all__ = [
     "sgmm_merge",
     "sgmm_switch",
     "routed_lora_matmul",
+    "routed_lora_add",
     "sgmm_merge_reference",
     "sgmm_switch_reference",
     "routed_lora_matmul_reference",

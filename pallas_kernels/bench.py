@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _common as C
 from .reference import routed_lora_matmul_reference, sgmm_merge_reference, sgmm_switch_reference
-from .routed_matmul import _routed_xla, routed_lora_matmul
+from .routed_matmul import _routed_xla, routed_lora_add, routed_lora_matmul
 from .sgmm import sgmm_merge, sgmm_switch
 
 # Model shapes: layers, hidden, FFN, k/v width (n_kv_heads * head_dim).
@@ -202,6 +202,15 @@ def bench_projection(name, proj, cfg, args, impls, dtype, copy_bw, check):
                 extra["rel_err"] = rel_err(jax.jit(routed)(x, Ws[-1], As[-1], Bs[-1], ids, gates),
                                            routed_lora_matmul_reference(x, Ws[-1], As[-1], Bs[-1], ids, gates))
             row("routed_lora_matmul", impl, t, nbytes, extra)
+            # XLA's own x @ W, then the routed term alone in one launch added onto it
+            add = functools.partial(routed_lora_add, implementation=impl)
+            xw_add = lambda x, w, a, b, i, g, add=add: add(jnp.dot(x, w), x, a, b, i, g)  # noqa: E731
+            t = timeit(per_layer(xw_add), x, Ws, As, Bs, ids, gates, iters=it) / M
+            extra = dict(T=T, vs_plain=t / t_plain)
+            if check:
+                extra["rel_err"] = rel_err(jax.jit(xw_add)(x, Ws[-1], As[-1], Bs[-1], ids, gates),
+                                           routed_lora_matmul_reference(x, Ws[-1], As[-1], Bs[-1], ids, gates))
+            row("x @ W + routed_lora_add", impl, t, nbytes, extra)
         if "xla" in impls and T * k > E:  # the per-row gather form the auto choice skipped
             gather = functools.partial(_routed_xla, form="gather")
             t = timeit(per_layer(gather), x, Ws, As, Bs, ids, gates, iters=it) / M

@@ -25,48 +25,57 @@ from jax.experimental import pallas as pl
 from . import _common as C
 from .reference import routed_lora_matmul_reference
 
-__all__ = ["routed_lora_matmul", "routed_lora_matmul_reference"]
+__all__ = ["routed_lora_add", "routed_lora_matmul", "routed_lora_matmul_reference"]
 
 _F32 = jnp.float32
 DECODE_PROGRAMS = 256  # about two programs per SM of an H100 (132 SMs) for a small-T call
 
 
-def _check(x, W, A, B, ids, gates, layer):
+def _check(x, W, A, B, ids, gates, layer, y=None):
+    """Shapes, dtypes and routes; W is None for `routed_lora_add`, which checks y instead."""
     stacked = layer is not None
     lead, lay = (1, "[L, ") if stacked else (0, "[")
     C.check_ndim("x", x, 2, "[T, d_in]")
-    C.check_ndim("W", W, 2 + lead, lay + "d_in, d_out]")
+    if W is not None:
+        C.check_ndim("W", W, 2 + lead, lay + "d_in, d_out]")
     C.check_ndim("A", A, 3 + lead, lay + "E, d_in, r]")
     C.check_ndim("B", B, 3 + lead, lay + "E, r, d_out]")
     C.check_float("x", x)
-    C.check_same_dtype("x", x, W=W, A=A, B=B)
+    C.check_same_dtype("x", x, **({"W": W} if W is not None else {"y": y}), A=A, B=B)
     T, d_in = x.shape
-    d_out = W.shape[-1]
-    E, r = A.shape[lead], A.shape[-1]
+    E, r, d_out = A.shape[lead], A.shape[-1], B.shape[-1]
+    layers = A.shape[0]
+    if W is not None:
+        d_out, layers = W.shape[-1], W.shape[0]
+        C.check_dim("W", W, lead, d_in, "d_in of x")
     if stacked:
-        C.check_dim("A", A, 0, W.shape[0], "L, layers of W")
-        C.check_dim("B", B, 0, W.shape[0], "L, layers of W")
-    C.check_dim("W", W, lead, d_in, "d_in of x")
+        C.check_dim("A", A, 0, layers, "L, layers of W" if W is not None else "L, layers")
+        C.check_dim("B", B, 0, layers, "L, layers of W" if W is not None else "L, layers of A")
     C.check_dim("A", A, lead + 1, d_in, "d_in of x")
     C.check_dim("B", B, lead, E, "E, experts of A")
     C.check_dim("B", B, lead + 1, r, "r, rank of A")
-    C.check_dim("B", B, lead + 2, d_out, "d_out of W")
+    if W is not None:
+        C.check_dim("B", B, lead + 2, d_out, "d_out of W")
+    if y is not None:
+        C.check_ndim("y", y, 2, "[T, d_out]")
+        C.check_dim("y", y, 0, T, "T, rows of x")
+        C.check_dim("y", y, 1, d_out, "d_out of B")
     C.check_ndim("ids", ids, 2, "[T, k]")
     C.check_routing("ids", ids, "gates", gates, (T, ids.shape[1]), E)
     if stacked:
         if not jnp.issubdtype(jnp.result_type(layer), jnp.integer) or jnp.ndim(layer) != 0:
             raise ValueError(f"layer={layer!r} must be an integer scalar (index into the stacked axis)")
         value = C.concrete(layer)
-        if value is not None and not 0 <= int(value) < W.shape[0]:
-            raise ValueError(f"layer={int(value)} is out of range; expected [0, {W.shape[0]})")
+        if value is not None and not 0 <= int(value) < layers:
+            raise ValueError(f"layer={int(value)} is out of range; expected [0, {layers})")
 
 
 # ----------------------------------------------------------------------------- pallas
 
 
 def _routed_kernel(
-    layer_ref, ids_ref, gates_ref, x_ref, w_ref, a_ref, b_ref, o_ref, *, T, d_in, d_out, E, r, k, bt, bk, bn, br,
-    split_steps,
+    layer_ref, ids_ref, gates_ref, x_ref, base_ref, a_ref, b_ref, o_ref, *, T, d_in, d_out, E, r, k, bt, bk, bn, br,
+    split_steps, add,
 ):
     ti, j, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     lay = layer_ref[0]
@@ -84,10 +93,13 @@ def _routed_kernel(
 
     def base_step(i, acc):
         x, d_ok, start = x_tile(i)
-        w = C.load(w_ref.at[lay, pl.ds(start, bk), cs], d_ok[:, None] & col_ok[None, :])
+        w = C.load(base_ref.at[lay, pl.ds(start, bk), cs], d_ok[:, None] & col_ok[None, :])
         return acc + C.dot(x, w)
 
-    acc = jax.lax.fori_loop(0, split_steps, base_step, jnp.zeros((bt, bn), _F32))
+    if add:  # base_ref is y [T, d_out]: start from it (no W read at all)
+        acc = C.load(base_ref.at[ts, cs], row_ok[:, None] & col_ok[None, :]).astype(_F32)
+    else:
+        acc = jax.lax.fori_loop(0, split_steps, base_step, jnp.zeros((bt, bn), _F32))
 
     slot = [jnp.int32(s) for s in range(k)]  # traced scalars: interpret mode rejects Python ints here
     ids = [C.load(ids_ref.at[ts, s], row_ok, 0) for s in slot]
@@ -120,10 +132,12 @@ def _routed_kernel(
 
 
 def _routed_pallas(x, W, A, B, ids, gates, layer, *, interpret, block_t, block_in, block_out, splits,
-                   num_warps, num_stages):
+                   num_warps, num_stages, y=None):
+    """`x @ W[layer] + routed term`, or with `y` (W unused) `y + routed term`, written over y."""
     T, d_in = x.shape
     _, E, _, r = A.shape
-    d_out = W.shape[-1]
+    d_out = B.shape[-1]
+    add = y is not None
     # Decode (small T) reads W once, so the grid must spread that read over all the SMs: 128-wide
     # column tiles keep each row of a W tile one contiguous 256-byte run (bf16), and splitting d_in
     # (`splits` programs per column tile, fp32 partials summed outside) makes ~DECODE_PROGRAMS
@@ -132,9 +146,14 @@ def _routed_pallas(x, W, A, B, ids, gates, layer, *, interpret, block_t, block_i
     small = T <= 16
     bt = C.tile(T, block_t, 16 if small else 64, "block_t")
     bk = C.tile(d_in, block_in, 128 if small else 64, "block_in")
-    bn = C.tile(d_out, block_out, 128 if small else 64, "block_out")
+    # Adding to y reads only the chosen experts: wide column tiles, few programs (each recomputes x @ A).
+    bn = C.tile(d_out, block_out, (256 if add else 128) if small else 64, "block_out")
     br = C.tile(r, None, C.next_pow2(r), "rank")
     steps = pl.cdiv(d_in, bk)
+    if add:
+        if splits not in (None, 1):
+            raise ValueError(f"splits={splits!r}: adding to y runs unsplit (splits=1)")
+        splits = 1
     if splits is None:
         splits = min(8, pl.cdiv(DECODE_PROGRAMS, pl.cdiv(d_out, bn))) if small else 1
     if not isinstance(splits, int) or splits < 1:
@@ -144,44 +163,49 @@ def _routed_pallas(x, W, A, B, ids, gates, layer, *, interpret, block_t, block_i
     splits = pl.cdiv(steps, split_steps)
     kernel = functools.partial(
         _routed_kernel, T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=ids.shape[1], bt=bt, bk=bk, bn=bn, br=br,
-        split_steps=split_steps,
+        split_steps=split_steps if not add else steps, add=add,
     )
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     ids = jnp.clip(ids.astype(jnp.int32), 0, E - 1)
     out_shape = (T, d_out) if splits == 1 else (splits, T, d_out)
+    out_dtype = y.dtype if add else (x.dtype if splits == 1 else _F32)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype if splits == 1 else _F32),
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(pl.cdiv(T, bt), pl.cdiv(d_out, bn), splits),
         interpret=interpret,
         compiler_params=C.compiler_params(num_warps=num_warps or 4, num_stages=num_stages or 2),
-        name="routed_lora_matmul",
-    )(layer, ids, gates.astype(_F32), x, W, A, B)
+        input_output_aliases={4: 0} if add else {},
+        name="routed_lora_add" if add else "routed_lora_matmul",
+    )(layer, ids, gates.astype(_F32), x, y if add else W, A, B)
     return out if splits == 1 else out.sum(0).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- xla
 
 
-def _routed_xla(x, W, A, B, ids, gates, form="auto"):
-    """Gather the chosen experts per row while that is the smaller read (T*k <= E, e.g. decode);
-    otherwise one dense pass over the E experts' low-rank factors, combined with a [T, E]
-    gate matrix, beats materialising T*k copies of A and B. `form` ("gather"/"dense")
-    forces one, for benchmarks."""
+def _routed_term_xla(x, A, B, ids, gates, form="auto"):
+    """sum_k g (x @ A[id_k]) @ B[id_k] in fp32. Gather the chosen experts per row while that is the
+    smaller read (T*k <= E, e.g. decode); otherwise one dense pass over the E experts' low-rank
+    factors, combined with a [T, E] gate matrix, beats materialising T*k copies of A and B.
+    `form` ("gather"/"dense") forces one, for benchmarks."""
     T, k = ids.shape
     E = A.shape[0]
     prec = jax.lax.Precision.HIGHEST if x.dtype == _F32 else None
     dot = functools.partial(jnp.einsum, precision=prec, preferred_element_type=_F32)
     g = gates.astype(_F32)
-    y = dot("td,do->to", x, W)
     if form == "gather" or (form == "auto" and T * k <= E):
         xa = dot("td,tkdr->tkr", x, A[ids]) * g[..., None]
-        y = y + dot("tkr,tkro->to", xa, B[ids].astype(_F32))
-    else:
-        coef = jnp.zeros((T, E), _F32).at[jnp.arange(T)[:, None], ids].add(g)
-        xa = dot("td,edr->ter", x, A) * coef[..., None]
-        y = y + dot("ter,ero->to", xa, B.astype(_F32))
-    return y.astype(x.dtype)
+        return dot("tkr,tkro->to", xa, B[ids].astype(_F32))
+    coef = jnp.zeros((T, E), _F32).at[jnp.arange(T)[:, None], ids].add(g)
+    xa = dot("td,edr->ter", x, A) * coef[..., None]
+    return dot("ter,ero->to", xa, B.astype(_F32))
+
+
+def _routed_xla(x, W, A, B, ids, gates, form="auto"):
+    prec = jax.lax.Precision.HIGHEST if x.dtype == _F32 else None
+    y = jnp.einsum("td,do->to", x, W, precision=prec, preferred_element_type=_F32)
+    return (y + _routed_term_xla(x, A, B, ids, gates, form)).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- public
@@ -215,3 +239,25 @@ def routed_lora_matmul(
         block_t=block_t, block_in=block_in, block_out=block_out, splits=splits, num_warps=num_warps,
         num_stages=num_stages,
     )
+
+
+def routed_lora_add(y, x, A, B, ids, gates, *, layer=None, implementation=None, interpret=None,
+                    block_t=None, block_in=None, block_out=None, num_warps=None):
+    """y + sum_k g[t,k] (x[t] @ A[ids[t,k]]) @ B[ids[t,k]]: the routed term alone, added to a base
+    projection computed elsewhere (XLA's own matvec), in y's dtype with fp32 accumulation.
+
+    One kernel per projection instead of the gathered form's handful (gather A, x @ A, scale,
+    gather B, dot, add): on a GPU those small launches, not bytes, are the routed term's cost. The
+    Pallas kernel writes over y (aliased). Shapes as `routed_lora_matmul`, plus y [T, d_out].
+    """
+    _check(x, None, A, B, ids, gates, layer, y=y)
+    impl = C.resolve_implementation(implementation)
+    if impl == "xla":
+        if layer is not None:
+            A, B = A[layer], B[layer]
+        return (y.astype(_F32) + _routed_term_xla(x, A, B, ids, gates)).astype(y.dtype)
+    if layer is None:
+        A, B, layer = A[None], B[None], 0
+    return _routed_pallas(x, None, A, B, ids, gates, layer, interpret=C.resolve_interpret(interpret),
+                          block_t=block_t, block_in=block_in, block_out=block_out, splits=None,
+                          num_warps=num_warps, num_stages=None, y=y)

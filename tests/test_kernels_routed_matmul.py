@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import routed_lora_matmul, routed_lora_matmul_reference
+from pallas_kernels import routed_lora_add, routed_lora_matmul, routed_lora_matmul_reference
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 BLOCKS = dict(block_t=16, block_in=32, block_out=32)
@@ -134,6 +134,36 @@ def test_split_d_in_matches_oracle(T):
     assert rel_err(out, want) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["uniform", "one-expert", "all-different", "unused-experts"])
+def test_add_routed_term_to_a_given_projection(impl, dtype, kind):
+    """routed_lora_add(x @ W, ...) equals the whole routed matmul; stacked layers via `layer`."""
+    x, W, A, B = make(11, T=7, E=4, dtype=dtype, L=2)
+    ids, gates = routes(kind, 7, 4, 2, seed=3)
+    want = oracle(x, W[1], A[1], B[1], ids, gates)
+    y = (x.astype(jnp.float32) @ W[1].astype(jnp.float32)).astype(dtype)
+    assert rel_err(routed_lora_add(y, x, A[1], B[1], ids, gates, **impl), want) <= TOL[dtype]
+    at_layer = jax.jit(lambda y, x, A, B, i, g, l: routed_lora_add(y, x, A, B, i, g, layer=l, **impl))
+    assert rel_err(at_layer(y, x, A, B, ids, gates, 1), want) <= TOL[dtype]
+
+
+def test_add_bad_input():
+    x, W, A, B = make(12)
+    ids, g = routes("uniform", 5, 4, 2)
+    y = x @ W
+    with pytest.raises(ValueError, match=r"y has shape \(5, 64\); expected dim 1 = 80 \(d_out of B\)"):
+        routed_lora_add(y[:, :64], x, A, B, ids, g)
+    with pytest.raises(ValueError, match=r"y has shape \(4, 80\); expected dim 0 = 5 \(T, rows of x\)"):
+        routed_lora_add(y[:4], x, A, B, ids, g)
+    with pytest.raises(ValueError, match=r"y has dtype bfloat16 but x has dtype float32"):
+        routed_lora_add(y.astype(jnp.bfloat16), x, A, B, ids, g)
+    with pytest.raises(ValueError, match=r"splits=2: adding to y runs unsplit"):
+        from pallas_kernels.routed_matmul import _routed_pallas
+        _routed_pallas(x, None, A[None], B[None], ids, g, 0, interpret=True, block_t=None, block_in=None,
+                       block_out=None, splits=2, num_warps=None, num_stages=None, y=y)
+
+
 def test_auto_picks_xla_off_gpu_and_matches():
     x, W, A, B = make(5)
     ids, gates = routes("uniform", 5, 4, 2, seed=5)
@@ -148,6 +178,9 @@ def test_native_gpu_real_shape(T, dtype):
     x, W, A, B = make(6, T=T, E=8, d_in=576, d_out=1536, r=16, dtype=dtype)
     ids, gates = routes("skewed", T, 8, 2, seed=6)
     out = routed_lora_matmul(x, W, A, B, ids, gates, implementation="pallas", interpret=False)
+    assert rel_err(out, oracle(x, W, A, B, ids, gates)) <= TOL[dtype]
+    y = (x.astype(jnp.float32) @ W.astype(jnp.float32)).astype(dtype)
+    out = routed_lora_add(y, x, A, B, ids, gates, implementation="pallas", interpret=False)
     assert rel_err(out, oracle(x, W, A, B, ids, gates)) <= TOL[dtype]
 
 

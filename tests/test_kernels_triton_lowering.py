@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import routed_lora_matmul, sgmm_merge, sgmm_switch
+from pallas_kernels import routed_lora_add, routed_lora_matmul, sgmm_merge, sgmm_switch
 
 S = jax.ShapeDtypeStruct
 PALLAS = dict(implementation="pallas", interpret=False)
@@ -109,6 +109,7 @@ def test_routed_matmul_lowers_to_one_triton_kernel(cfg, T, dtype):
     for fn, args in [
         (lambda *a: routed_lora_matmul(*a, **PALLAS), (x, *flat, ids, g)),
         (lambda l, *a: routed_lora_matmul(*a, layer=l, **PALLAS), (S((), jnp.int32), x, *stacked, ids, g)),
+        (lambda y, x, w, *a: routed_lora_add(y, x, *a, **PALLAS), (S((T, d_out), dtype), x, *flat, ids, g)),
     ]:
         texts = triton_kernels(fn, *args)
         assert len(texts) == 1
