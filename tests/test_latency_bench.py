@@ -28,7 +28,10 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
         assert r["ms_per_token"] > 0 and r["rounds"] == 2 and r["dtype"] == "float32"
         assert abs(r["ratio_to_base"] - r["ms_per_token"] / base["ms_per_token"]) < 1e-9
     base1 = next(r for r in records if r["method"] == "base" and r["batch"] == 1)
-    assert base1["floor_ms"] > 0 and data["meta"]["copy_gb_s"] > 0
+    meta = data["meta"]
+    assert base1["floor_ms"] > 0 and meta["copy_gb_s"] > 0 and meta["read_gb_s"] > 0
+    assert abs(meta["floor_ms"] - meta["weight_bytes"] / meta["copy_gb_s"] / 1e6) < 1e-9
+    assert abs(meta["read_floor_ms"] - meta["weight_bytes"] / meta["read_gb_s"] / 1e6) < 1e-9
     assert png.stat().st_size > 1000
     assert "| switch | merged | 1 |" in capsys.readouterr().out
 
