@@ -55,25 +55,28 @@ class Record:
     rounds: int = 0
 
 
-def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> float:
-    """GB/s (read + write) of an in-place device copy of a large buffer (`x + 1`, donated).
-
-    Each sample queues `repeats` copies before one sync, so the host's sync latency (tens of us,
-    a sizeable part of one GPU copy) is spread thin; 1 GiB on a GPU, 256 MiB elsewhere.
-    """
-    if nbytes is None:
-        nbytes = (1 << 30) if jax.default_backend() == "gpu" else 256 << 20
-    x = jnp.zeros((nbytes // 4,), jnp.float32)
-    step = jax.jit(lambda x: x + 1, donate_argnums=0)
-    x = step(x).block_until_ready()
+def queued_seconds(fn, x, repeats: int, samples: int, feed_back: bool) -> float:
+    """Median seconds per call of `fn`, `repeats` calls queued before each sync, so the host's sync
+    latency (tens of us, a sizeable part of one GPU copy) is spread thin. With `feed_back` each
+    output is the next input (a donated, in-place update)."""
+    out = fn(x).block_until_ready()
     times = []
-    for _ in range(5):
+    for _ in range(samples):
         start = time.perf_counter()
         for _ in range(repeats):
-            x = step(x)
-        x.block_until_ready()
+            out = fn(out if feed_back else x)
+        out.block_until_ready()
         times.append((time.perf_counter() - start) / repeats)
-    return 2 * nbytes / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> float:
+    """GB/s (read + write) of an in-place device copy of a large buffer (`x + 1`, donated); 1 GiB
+    on a GPU, 256 MiB elsewhere."""
+    if nbytes is None:
+        nbytes = (1 << 30) if jax.default_backend() == "gpu" else 256 << 20
+    step = jax.jit(lambda x: x + 1, donate_argnums=0)
+    return 2 * nbytes / queued_seconds(step, jnp.zeros((nbytes // 4,), jnp.float32), repeats, 5, True) / 1e9
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -82,17 +85,7 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     A batch-1 decode step only reads its weights; on the 2-core CPU VM reads alone stream at about
     29 GB/s while a copy moves ~50 GB/s of reads + writes, so this is the tighter, honest floor.
     """
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = total(x)
-        out.block_until_ready()
-        times.append((time.perf_counter() - start) / repeats)
-    return nbytes / statistics.median(times) / 1e9
+    return nbytes / queued_seconds(jax.jit(jnp.sum), jnp.ones((nbytes // 4,), jnp.float32), repeats, 3, False) / 1e9
 
 
 def random_adapter(model_config: ModelConfig, method: str, args) -> Any:
