@@ -6,12 +6,17 @@ This is the `fused` decode strategy: it never writes weights, so its memory traf
 base weight read plus the chosen experts' A/B (about 1% extra at 7B, rank 16, top-2), and
 it serves any batch with every row routed differently.
 
-Pallas kernel: grid (row tiles, d_out tiles). A program first runs the base `x @ W` over
-d_in tiles, then walks the E experts and, only for experts that some row of its tile
-selected (a `lax.cond` on the ids, so unused experts cost no memory traffic), computes
-`x @ A[e]` on tensor-core dots and adds `(coef_e * xA) @ B[e]`, where coef_e[t] is the sum
-of row t's gates for expert e (0 for rows that did not pick e). Everything uses 2-D
+Pallas kernel: grid (row tiles, d_out tiles, d_in splits). A program first runs the base
+`x @ W` over its share of the d_in tiles, then walks the E experts and, only for experts that
+some row of its tile selected (a `lax.cond` on the ids, so unused experts cost no memory
+traffic), computes `x @ A[e]` over the same share on tensor-core dots and adds
+`(coef_e * xA) @ B[e]`, where coef_e[t] is the sum of row t's gates for expert e (0 for rows
+that did not pick e). With several splits each program writes fp32 partial sums (the routed
+term is linear in x, so the shares add up) and one sum finishes. Everything uses 2-D
 power-of-two tiles, so it lowers to Triton for any E, r or d.
+
+`routed_lora_add(y, x, ...)` runs the same kernel without W: it starts from y (XLA's own
+matvec) and adds the routed term, writing over y.
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ def _routed_pallas(x, W, A, B, ids, gates, layer, *, interpret, block_t, block_i
     splits = pl.cdiv(steps, split_steps)
     kernel = functools.partial(
         _routed_kernel, T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=ids.shape[1], bt=bt, bk=bk, bn=bn, br=br,
-        split_steps=split_steps if not add else steps, add=add,
+        split_steps=split_steps, add=add,
     )
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     ids = jnp.clip(ids.astype(jnp.int32), 0, E - 1)
