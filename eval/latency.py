@@ -244,11 +244,13 @@ def _timed(fn) -> float:
 
 def latency_table(records: list[Record], meta: dict) -> str:
     """Markdown: the run's settings, one row per record, and the headline ratios."""
+    reads = "read_floor_ms" in meta  # records saved before the read floor existed have none
     lines = [f"decode latency: {meta['source']} ({meta['backend']}, {records[0].dtype}, prompt {meta['prompt_len']}, "
              f"{meta['new_tokens']} new tokens, median of {meta['rounds']} interleaved rounds)",
              f"copy bandwidth {meta['copy_gb_s']:.1f} GB/s; weights {meta['weight_bytes'] / 1e6:.0f} MB; "
-             f"memory floor {meta['floor_ms']:.1f} ms/token; read-only bandwidth {meta['read_gb_s']:.1f} GB/s, "
-             f"read floor {meta['read_floor_ms']:.1f} ms/token", "",
+             f"memory floor {meta['floor_ms']:.1f} ms/token"
+             + (f"; read-only bandwidth {meta['read_gb_s']:.1f} GB/s, read floor {meta['read_floor_ms']:.1f} ms/token"
+                if reads else ""), "",
              "| method | strategy | batch | ms/token | x base | prefill ms |", "|---|---|---:|---:|---:|---:|"]
     for r in records:
         ratio = "" if np.isnan(r.ratio_to_base) else f"{r.ratio_to_base:.2f}"
@@ -257,8 +259,8 @@ def latency_table(records: list[Record], meta: dict) -> str:
         lines.append(f"| FAILED: {failure} | | | | | |")
     base1 = next((r for r in records if r.method == "base" and r.batch == 1), None)
     if base1:
-        lines.append(f"\nbase batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x "
-                     f"(/ read floor: {base1.ms_per_token / meta['read_floor_ms']:.2f}x)")
+        lines.append(f"\nbase batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x"
+                     + (f" (/ read floor: {base1.ms_per_token / meta['read_floor_ms']:.2f}x)" if reads else ""))
     for label in ("base", "peft-lora"):
         hf = next((r for r in records if r.method == f"transformers-{label}" and r.batch == 1), None)
         ours = next((r for r in records if r.batch == 1 and r.method == ("base" if label == "base" else "switch")
