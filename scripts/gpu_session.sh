@@ -5,6 +5,11 @@
 # transformers. Logs and JSON go to $OUT (default runs/gpu). Pick steps with STEPS="env tests ...".
 #
 #   OUT=/tmp/gpu STEPS="env decode_b1" bash scripts/gpu_session.sh
+#
+# On a lent H100 (10 min a call) the steps took: tests 100 s (TESTS_K=native: 30 s), tune 170 s
+# and more (cut short), decode_b1 240 s (15-60 s of compiling per configuration), decode_b8 with
+# METHODS=base,switch 100 s, kernels over 150 s (cut short). So split them over two calls, e.g.
+#   STEPS="env tests decode_b1"   then   STEPS="decode_b8 kernels" KERNELS_LIMIT=300
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
