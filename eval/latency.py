@@ -136,20 +136,29 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any]], batches: 
     dtype = str(jnp.dtype(model.dtype))
     shared = split_layers(model.params())  # one per-layer copy for every Generator, not one each
     generators, failures = {}, []
+
+    def failed(what: str, error: Exception) -> None:
+        if what.startswith("base"):  # every ratio needs the base
+            raise error
+        failures.append(f"{what}: {type(error).__name__}: {str(error)[:300]}")
+        print(f"FAILED {failures[-1]}", flush=True)
+
     for method, strategy, adapter in tqdm(entries, desc="compiling", unit="config", disable=not progress):
+        # one failing configuration must not cost the others' figures
+        try:
+            gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy,
+                            params=None if strategy == "merged" else shared)
+        except Exception as e:  # noqa: BLE001
+            failed(f"{method}/{strategy}", e)
+            continue
         for batch in batches:
             if strategy == "merged" and method == "switch" and batch > 1:
                 continue
             prompts = [rng.integers(3, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
             try:
-                gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy,
-                                params=None if strategy == "merged" else shared)
                 gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # compile + warm up
-            except Exception as e:  # noqa: BLE001 - one failing configuration must not cost the others' figures
-                if method == "base":
-                    raise
-                failures.append(f"{method}/{strategy} batch {batch}: {type(e).__name__}: {str(e)[:300]}")
-                print(f"FAILED {failures[-1]}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                failed(f"{method}/{strategy} batch {batch}", e)
                 continue
             generators[(method, strategy, batch)] = (gen, prompts)
     bandwidth, reads = copy_bandwidth(), read_bandwidth()

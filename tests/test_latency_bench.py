@@ -52,5 +52,5 @@ def test_a_failing_configuration_is_reported_and_the_rest_timed(tmp_path):
     entries = [("base", "-", None), ("layerwise", "merged", layerwise), ("layerwise", "unmerged", layerwise)]
     records, meta = time_decode(model, tok, entries, [1], prompt_len=5, new_tokens=3, rounds=1, progress=False)
     assert [(r.method, r.strategy) for r in records] == [("base", "-"), ("layerwise", "unmerged")]
-    assert len(meta["failed"]) == 1 and meta["failed"][0].startswith("layerwise/merged batch 1: ConfigError")
+    assert len(meta["failed"]) == 1 and meta["failed"][0].startswith("layerwise/merged: ConfigError")
     assert "'merged' is for methods 'lora' and 'switch'" in meta["failed"][0]
