@@ -138,21 +138,16 @@ def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapte
     strategy keeps the stacked layout its all-layers SGMM merge works on. `base` may come in either
     layout (an already split one is used as it is, so several Generators can share one copy).
     """
-    stacked_only = strategy == "merged" and adapter_config.method == "switch"
-    if strategy == "merged":
-        base = stack_layers(base)
     if strategy == "merged" and adapter_config.method == "lora":
         from lsjax.adapters.merge import merge_lora
 
-        base, adapter_params = jax.tree.map(jnp.asarray, merge_lora(model_config, base, adapter_config,
+        base, adapter_params = jax.tree.map(jnp.asarray, merge_lora(model_config, stack_layers(base), adapter_config,
                                                                     adapter_params)), None
-    if unroll and not stacked_only:
-        base = split_layers(base)
-        if adapter_params is not None and strategy in ("unmerged", "fused"):
-            adapter_params = split_adapter(adapter_config, adapter_params)
-    elif not unroll:
-        base = stack_layers(base)
-    return {"base": base, "adapter": adapter_params}
+    if not unroll or (strategy == "merged" and adapter_config.method == "switch"):
+        return {"base": stack_layers(base), "adapter": adapter_params}
+    if adapter_params is not None and strategy in ("unmerged", "fused"):
+        adapter_params = split_adapter(adapter_config, adapter_params)
+    return {"base": split_layers(base), "adapter": adapter_params}
 
 
 def split_adapter(adapter_config, adapter_params: dict) -> dict:
