@@ -54,3 +54,19 @@ def test_a_failing_configuration_is_reported_and_the_rest_timed(tmp_path):
     assert [(r.method, r.strategy) for r in records] == [("base", "-"), ("layerwise", "unmerged")]
     assert len(meta["failed"]) == 1 and meta["failed"][0].startswith("layerwise/merged: ConfigError")
     assert "'merged' is for methods 'lora' and 'switch'" in meta["failed"][0]
+
+
+def test_matvec_probe_reports_consistent_figures(tmp_path):
+    from lsjax.eval.matvec_probe import main as probe
+
+    out = tmp_path / "probe.json"
+    result = probe(["--layers", "2", "--hidden", "64", "--ffn", "128", "--experts", "4", "--rank", "4",
+                    "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["weight_bytes"] == 2 * 4 * (2 * 64 * 64 + 3 * 64 * 128)
+    ms = saved["ms"]
+    for form, extra in saved["routed_extra_ms"].items():
+        assert abs(extra - (ms[f"chain + routed {form}"] - ms["chain"])) < 1e-9
+    assert abs(saved["chain_gb_s"] - saved["weight_bytes"] / ms["chain"] / 1e6) < 1e-6
+    assert result["copy_gb_s"] > 0 and result["read_gb_s"] > 0
+    assert saved["gathered_vs_dense_max_abs"] < 1e-5

@@ -1,0 +1,127 @@
+"""What bounds a batch-1 decode step on this machine: bandwidths, the matvec rate, the routed term.
+
+    python -m lsjax.eval.matvec_probe --json probe.json
+
+A decode step is a chain of matvecs (each layer needs the last one's output), so it runs at the
+rate of one matvec at a time, not at the rate of independent ones. This probe times, in one run:
+a device copy (read + write) and a read-only pass over 1 GiB; 30 layers of SmolLM2-135M-shaped
+q/o/gate/up/down matvecs as a dependent chain and as independent products; and the same chain
+with a routed LoRA term (k of E experts, rank r) in three forms: gathered (what `unmerged` runs),
+static slices of the first k experts (no gather at all), and dense over all E experts. The
+ratios tell whether the routed term costs operations or bytes (docs/perf.md, "Why the CPU targets
+are out of reach here").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax.eval.latency import copy_bandwidth, read_bandwidth
+
+SHAPES = {"q": ("d", "d"), "o": ("d", "d"), "gate": ("d", "ff"), "up": ("d", "ff"), "down": ("ff", "d")}
+
+
+def median_seconds(fn, *args, calls: int = 20) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def routed(form: str, k: int):
+    def term(x, p, ids, gates):
+        if form == "gathered":
+            xa = jnp.einsum("td,tkdr->tkr", x, p["a"][ids]) * gates[..., None]
+            return jnp.einsum("tkr,tkro->to", xa, p["b"][ids])
+        if form == "static":  # the first k experts by static slices: the same bytes, no gather
+            xa = jnp.einsum("td,kdr->tkr", x, p["a"][:k]) * gates[..., None]
+            return jnp.einsum("tkr,kro->to", xa, p["b"][:k])
+        coef = jnp.zeros((x.shape[0], p["a"].shape[0])).at[0, ids[0]].set(gates[0])  # dense: every expert
+        xa = jnp.einsum("td,edr->ter", x, p["a"]) * coef[..., None]
+        return jnp.einsum("ter,ero->to", xa, p["b"])
+    return term
+
+
+def chain(term=None):
+    """30 dependent layers: attention-like q -> o and an MLP, each projection optionally routed."""
+    def run(x, layers, ids, gates):
+        def project(name, h, layer):
+            y = h @ layer[name]["w"]
+            return y if term is None else y + term(h, layer[name], ids, gates)
+
+        h = x
+        for layer in layers:
+            h = h + project("o", project("q", h, layer), layer)
+            h = h + project("down", jax.nn.silu(project("gate", h, layer)) * project("up", h, layer), layer)
+            h = h / jnp.linalg.norm(h)
+        return h
+    return jax.jit(run)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--ffn", type=int, default=1536)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    rng = np.random.default_rng(0)
+    dims = {"d": args.hidden, "ff": args.ffn}
+    E, r, k = args.experts, args.rank, args.top_k
+
+    def rand(*shape):
+        return jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2]), jnp.float32)
+
+    layers = [{name: {"w": rand(dims[i], dims[o]), "a": rand(E, dims[i], r), "b": rand(E, r, dims[o])}
+               for name, (i, o) in SHAPES.items()} for _ in range(args.layers)]
+    weight_bytes = sum(layer[n]["w"].nbytes for layer in layers for n in SHAPES)
+    x = rand(1, args.hidden)
+    ids = jnp.asarray([rng.permutation(E)[:k]], jnp.int32)
+    gates = jnp.full((1, k), 1.0 / k, jnp.float32)
+
+    independent = jax.jit(lambda x, layers: sum(jnp.sum(x[:, :layer[n]["w"].shape[0]] @ layer[n]["w"])
+                                                for layer in layers for n in SHAPES))
+    ms = {"chain": median_seconds(chain(), x, layers, ids, gates) * 1e3,
+          "independent": median_seconds(independent, jnp.ones((1, max(dims.values()))), layers) * 1e3}
+    outputs = {}
+    for form in ("gathered", "static", "dense"):
+        run = chain(routed(form, k))
+        ms[f"chain + routed {form}"] = median_seconds(run, x, layers, ids, gates) * 1e3
+        outputs[form] = run(x, layers, ids, gates)
+    result = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "backend": jax.default_backend(),
+        "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
+        "copy_gb_s": copy_bandwidth(), "read_gb_s": read_bandwidth(), "weight_bytes": weight_bytes, "ms": ms,
+        "chain_gb_s": weight_bytes / ms["chain"] / 1e6, "independent_gb_s": weight_bytes / ms["independent"] / 1e6,
+        "routed_extra_ms": {form: ms[f"chain + routed {form}"] - ms["chain"] for form in ("gathered", "static", "dense")},
+        # the gathered and dense forms compute the same function (static slices use other experts)
+        "gathered_vs_dense_max_abs": float(jnp.abs(outputs["gathered"] - outputs["dense"]).max()),
+    }
+    print(f"copy {result['copy_gb_s']:.1f} GB/s (read + write); read-only {result['read_gb_s']:.1f} GB/s")
+    print(f"{args.layers} layers, {weight_bytes / 1e6:.0f} MB of weights: dependent matvec chain {ms['chain']:.2f} ms "
+          f"({result['chain_gb_s']:.1f} GB/s); independent matvecs {ms['independent']:.2f} ms "
+          f"({result['independent_gb_s']:.1f} GB/s)")
+    for form, extra in result["routed_extra_ms"].items():
+        print(f"routed term ({form}): +{extra:.2f} ms = {ms[f'chain + routed {form}'] / ms['chain']:.2f}x the chain")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
