@@ -194,23 +194,19 @@ def bench_projection(name, proj, cfg, args, impls, dtype, copy_bw, check):
         t_plain = timeit(plain, x, Ws, As, Bs, ids, gates, iters=it) / M
         row("x @ W", "xla", t_plain, d_in * d_out * s + io, dict(T=T))
         nbytes = d_in * d_out * s + io + min(T * k, E) * r * (d_in + d_out) * s
+        want = routed_lora_matmul_reference(x, Ws[-1], As[-1], Bs[-1], ids, gates) if check else None
         for impl in impls:
-            routed = functools.partial(routed_lora_matmul, implementation=impl)
-            t = timeit(per_layer(routed), x, Ws, As, Bs, ids, gates, iters=it) / M
-            extra = dict(T=T, vs_plain=t / t_plain)
-            if check:
-                extra["rel_err"] = rel_err(jax.jit(routed)(x, Ws[-1], As[-1], Bs[-1], ids, gates),
-                                           routed_lora_matmul_reference(x, Ws[-1], As[-1], Bs[-1], ids, gates))
-            row("routed_lora_matmul", impl, t, nbytes, extra)
-            # XLA's own x @ W, then the routed term alone in one launch added onto it
             add = functools.partial(routed_lora_add, implementation=impl)
-            xw_add = lambda x, w, a, b, i, g, add=add: add(jnp.dot(x, w), x, a, b, i, g)  # noqa: E731
-            t = timeit(per_layer(xw_add), x, Ws, As, Bs, ids, gates, iters=it) / M
-            extra = dict(T=T, vs_plain=t / t_plain)
-            if check:
-                extra["rel_err"] = rel_err(jax.jit(xw_add)(x, Ws[-1], As[-1], Bs[-1], ids, gates),
-                                           routed_lora_matmul_reference(x, Ws[-1], As[-1], Bs[-1], ids, gates))
-            row("x @ W + routed_lora_add", impl, t, nbytes, extra)
+            for kernel, fn in [
+                ("routed_lora_matmul", functools.partial(routed_lora_matmul, implementation=impl)),
+                # XLA's own x @ W, then the routed term alone in one launch added onto it
+                ("x @ W + routed_lora_add", lambda x, w, a, b, i, g, add=add: add(jnp.dot(x, w), x, a, b, i, g)),
+            ]:
+                t = timeit(per_layer(fn), x, Ws, As, Bs, ids, gates, iters=it) / M
+                extra = dict(T=T, vs_plain=t / t_plain)
+                if check:
+                    extra["rel_err"] = rel_err(jax.jit(fn)(x, Ws[-1], As[-1], Bs[-1], ids, gates), want)
+                row(kernel, impl, t, nbytes, extra)
         if "xla" in impls and T * k > E:  # the per-row gather form the auto choice skipped
             gather = functools.partial(_routed_xla, form="gather")
             t = timeit(per_layer(gather), x, Ws, As, Bs, ids, gates, iters=it) / M
