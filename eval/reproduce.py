@@ -213,7 +213,8 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     import jax
 
     from lsjax.adapters import open_adapter
-    from lsjax.eval.latency import CONFIGS, random_adapter, time_decode
+    from lsjax.eval.latency import CONFIGS, decode_entries, random_adapter, time_decode
+    from lsjax.strategies import resolve_native
 
     path = run_dir / "latency.json"
     saved = _read_json(path)
@@ -226,7 +227,7 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     for method in {m for m, _ in wanted if m != "base"}:
         loaded[method] = (open_adapter(adapters[method], model.config) if method in adapters
                           else random_adapter(model.config, method, random_args))
-    entries = [(m, s, loaded.get(m)) for m, s in wanted]
+    entries = decode_entries(wanted, loaded, resolve_native(None, model.dtype))
     start = time.perf_counter()
     records, memory = time_decode(model, tokenizer, entries, list(plan.latency_batches), prompt_len=32,
                                   new_tokens=plan.new_tokens, rounds=plan.latency_rounds)

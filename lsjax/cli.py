@@ -38,7 +38,8 @@ def _generate(args) -> None:
                                   stop_strings=args.stop, chat=not args.raw):
         print(event.text, end="", flush=True)
         reason = event.finish_reason
-    print(f"\n[{reason}; strategy {generator.strategy}]", file=sys.stderr)
+    matvecs = "lsjax.native" if generator.native else "XLA"
+    print(f"\n[{reason}; strategy {generator.strategy}; {matvecs} matvecs]", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,22 +67,28 @@ def cached_inputs(config: ModelConfig, cache: KVCache, attention_mask: jax.Array
 
 def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
                    positions: jax.Array, cache: KVCache, project_factory: Callable[[Any], Project] | None = None,
-                   layer_extras: Any = None) -> tuple[jax.Array, KVCache]:
+                   layer_extras: Any = None, native: bool = False) -> tuple[jax.Array, KVCache]:
     """Run `[B, S]` new tokens against the cache; returns logits `[B, S, V]` and the grown cache.
 
     Adapters plug in as in `lsjax.model.forward`: `project_factory(layer_extras slice) -> project`.
+    `native` (static): the base projections and the vocabulary head through `lsjax.native`'s
+    multi-threaded CPU matvecs where they apply (few rows, fp32, CPU), XLA elsewhere.
     """
     index = cache.length
     all_positions, all_valid, cos, sin, mask = cached_inputs(config, cache, attention_mask, positions)
 
+    plain = plain_project
+    if native:
+        from lsjax.native import project as plain
+
     def body(x, xs):
         w, (k, v, extras) = xs
-        project = plain_project if project_factory is None else project_factory(extras)
+        project = plain if project_factory is None else project_factory(extras)
         x, (k, v) = decoder_layer(config, w, x, cos, sin, mask, project, kv=(k, v, index))
         return x, (k, v)
 
     x, (k, v) = run_layers(body, embed_tokens(params, input_ids), params["layers"], (cache.k, cache.v, layer_extras))
-    logits = lm_logits(config, params, x)
+    logits = lm_logits(config, params, x, native)
     return logits, grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
 
 
@@ -94,9 +100,10 @@ def grown_cache(cache: KVCache, k: Any, v: Any, positions: jax.Array, valid: jax
 
 
 def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
-            cache: KVCache) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, native: bool = False) -> tuple[jax.Array, KVCache]:
     """Left-padded prompts `[B, S]` into an empty cache; logits of each prompt's last token `[B, V]`."""
-    logits, cache = forward_cached(config, params, input_ids, attention_mask, default_positions(attention_mask), cache)
+    logits, cache = forward_cached(config, params, input_ids, attention_mask, default_positions(attention_mask), cache,
+                                   native=native)
     return logits[:, -1], cache
 
 
@@ -105,11 +112,14 @@ def next_positions(cache: KVCache) -> jax.Array:
     return jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
 
 
-def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One new token per row `[B]`; its position is the row's count of real tokens so far."""
+def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache,
+                native: bool = False) -> tuple[jax.Array, KVCache]:
+    """One new token per row `[B]`; its position is the row's count of real tokens so far.
+
+    `native` (static): multi-threaded CPU matvecs (`lsjax.native`), about 1.3x faster on CPU."""
     positions = next_positions(cache)
     logits, cache = forward_cached(config, params, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
-                                   positions, cache)
+                                   positions, cache, native=native)
     return logits[:, 0], cache
 
 

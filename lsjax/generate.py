@@ -99,11 +99,12 @@ class Generator:
     weights in memory and compile time that grows with depth). `unroll=False` scans the stacked
     weights in place. `params` replaces `model.params()` as the weights decoded with: pass one
     `lsjax.model.split_layers(model.params())` to several Generators so they share one per-layer copy
-    (at 7B that copy is 13.5 GB in bf16).
+    (at 7B that copy is 13.5 GB in bf16). `native`: decode matvecs through `lsjax.native`
+    (multi-threaded CPU custom calls); None (default) uses them when built, on CPU, for fp32 weights.
     """
 
     def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", max_cache_len: int | None = None,
-                 unroll: bool = True, params: dict | None = None):
+                 unroll: bool = True, params: dict | None = None, native: bool | None = None):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.config = model.config
         adapter_config = None
@@ -115,13 +116,14 @@ class Generator:
                 raise AdapterError("adapter was made for another base model: "
                                    f"{_shape_summary(adapter.model_config)} vs this model's {_shape_summary(model.config)}")
         self.adapter_config = adapter_config
-        self.strategy = strategies.resolve_strategy(strategy, adapter_config)
+        self.native = strategies.resolve_native(native, model.dtype)
+        self.strategy = strategies.resolve_strategy(strategy, adapter_config, self.native)
         self.max_cache_len = max_cache_len or self.config.max_position_embeddings
         adapter_params = None if adapter is None else adapter.arrays()
         base = model.params() if params is None else params
         self.bundle = strategies.prepare_bundle(self.config, base, adapter_config, adapter_params,
                                                  self.strategy, unroll)
-        self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy)
+        self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy, self.native)
         self._loop, self._sample_step = _compiled_loops(self._step)
 
     # -- inputs ---------------------------------------------------------------------------------

@@ -4,16 +4,18 @@ Each strategy yields two pure functions over a `bundle` of arrays (jit them, don
     prefill(bundle, input_ids, attention_mask, cache) -> (last-token logits [B, V], cache)
     step(bundle, tokens [B], cache)                   -> (logits [B, V], cache)
 
-- `unmerged`: base matmul + gathered low-rank term of the chosen experts (pure XLA).
-- `fused`: one `pallas_kernels.routed_lora_matmul` per projection (Pallas on GPU, XLA elsewhere):
-  `x @ W + sum_k g_k (x @ A_k) @ B_k`, any batch, each row its own experts; never writes weights.
+- `unmerged`: base matmul + gathered low-rank term of the chosen experts (XLA ops).
+- `fused`: one kernel per projection, `x @ W + sum_k g_k (x @ A_k) @ B_k`, any batch, each row its
+  own experts, never writing weights: `lsjax.native.routed_matmul` when decoding with native
+  matvecs (CPU), else `pallas_kernels.routed_lora_matmul` (Pallas on GPU, XLA elsewhere).
 - `merged`: the paper's way. `lora`: merged once, then the plain backbone. `switch`: per token,
   the router runs on layer 0's input, `pallas_kernels.sgmm_merge` builds W_base + delta for all
   layers of each projection kind (from the pristine base: no drift), then the plain backbone runs.
   One route per step, so batch 1 only.
-- `auto`: `lora` -> merged (free after the one-time merge); otherwise unmerged, the fastest measured
-  on both a 2-core CPU and an H100 (7B bf16, batch 1: unmerged 1.28x base, fused 1.47x, merged
-  5.3x; XLA's own matvec beats the Pallas kernel's; docs/perf.md).
+- `auto`: `lora` -> merged (free after the one-time merge); otherwise `fused` with native matvecs
+  (2-core CPU, SmolLM2 batch 1: 1.12x base against unmerged's 1.58x) and `unmerged` without them,
+  the fastest on an H100 (7B bf16, batch 1: unmerged 1.28x base, fused 1.47x, merged 5.3x; XLA's
+  own matvec beats the Pallas kernel's; docs/perf.md).
 Prefill always runs the training form (dense routed term), as in the paper.
 """
 
@@ -36,7 +38,18 @@ STRATEGIES = ("unmerged", "merged", "fused", "auto")
 ATTENTION_INPUTS = ("q", "k", "v")
 
 
-def resolve_strategy(strategy: str, adapter_config: Any | None) -> str:
+def resolve_native(native: bool | None, dtype: Any) -> bool:
+    """Whether decoding uses `lsjax.native`: None means when it is built, on CPU, for fp32 weights."""
+    from lsjax import native as kernels
+
+    if native is None:
+        return kernels.available() and jnp.dtype(dtype) == jnp.float32
+    if native and not kernels.available():
+        raise ConfigError(f"native=True, but the native CPU matvecs cannot run: {kernels.unavailable_reason()}")
+    return bool(native)
+
+
+def resolve_strategy(strategy: str, adapter_config: Any | None, native: bool = False) -> str:
     """The concrete strategy for this adapter; refuses what cannot run."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy {strategy!r} is not supported; expected one of {STRATEGIES}")
@@ -46,7 +59,7 @@ def resolve_strategy(strategy: str, adapter_config: Any | None) -> str:
     if strategy == "auto":
         if method == "lora":
             return "merged"
-        return "unmerged"
+        return "fused" if native else "unmerged"
     if strategy == "merged":
         if method not in ("lora", "switch"):
             raise ConfigError(f"strategy 'merged' is for methods 'lora' and 'switch', not {method!r} "
@@ -85,15 +98,19 @@ def merged_switch_params(base: dict, adapter_config, adapter_params: dict, route
     return {**base, "layers": layers}
 
 
-def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Callable, Callable]:
-    """(prefill, step) pure functions of `bundle = {"base": params, "adapter": arrays or None}`."""
+def build(model_config: ModelConfig, adapter_config, strategy: str, native: bool = False) -> tuple[Callable, Callable]:
+    """(prefill, step) pure functions of `bundle = {"base": params, "adapter": arrays or None}`.
+
+    `native`: decode matvecs through `lsjax.native` (multi-threaded CPU custom calls; `fused` then
+    runs its routed kernel) wherever they apply, XLA elsewhere.
+    """
     if strategy == "base" or (strategy == "merged" and adapter_config.method == "lora"):
         # lora merged: the bundle's base already holds W + scale * A @ B (see `prepare_bundle`)
         def prefill(bundle, ids, mask, cache):
-            return decode.prefill(model_config, bundle["base"], ids, mask, cache)
+            return decode.prefill(model_config, bundle["base"], ids, mask, cache, native)
 
         def step(bundle, tokens, cache):
-            return decode.decode_step(model_config, bundle["base"], tokens, cache)
+            return decode.decode_step(model_config, bundle["base"], tokens, cache, native)
         return prefill, step
 
     from lsjax.adapters.methods import adapted_forward_cached
@@ -104,14 +121,14 @@ def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Cal
 
     def prefill(bundle, ids, mask, cache):
         logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], prefill_config, bundle["adapter"],
-                                                  ids, mask, default_positions(mask), cache)
+                                                  ids, mask, default_positions(mask), cache, native)
         return logits[:, -1], cache
 
     def adapted_step(bundle, tokens, cache):
         positions = decode.next_positions(cache)
         logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], step_config, bundle["adapter"],
                                                   tokens[:, None], jnp.ones_like(positions, jnp.bool_),
-                                                  positions, cache)
+                                                  positions, cache, native)
         return logits[:, 0], cache
 
     if strategy != "merged":
@@ -122,7 +139,7 @@ def build(model_config: ModelConfig, adapter_config, strategy: str) -> tuple[Cal
         merged = merged_switch_params(bundle["base"], adapter_config, bundle["adapter"], route)
         positions = decode.next_positions(cache)
         logits, cache = forward_cached(model_config, merged, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
-                                       positions, cache)
+                                       positions, cache, native=native)
         return logits[:, 0], cache
 
     return prefill, merged_step
@@ -161,7 +178,7 @@ def split_adapter(adapter_config, adapter_params: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(model_config: ModelConfig, adapter_config, strategy: str):
-    """Jitted (prefill, step) per (model, adapter config, strategy), shared by every Generator."""
-    prefill, step = build(model_config, adapter_config, strategy)
+def compiled(model_config: ModelConfig, adapter_config, strategy: str, native: bool = False):
+    """Jitted (prefill, step) per (model, adapter config, strategy, native), shared by every Generator."""
+    prefill, step = build(model_config, adapter_config, strategy, native)
     return jax.jit(prefill, donate_argnums=(3,)), jax.jit(step, donate_argnums=(2,))

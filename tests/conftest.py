@@ -34,3 +34,16 @@ def smollm2_ckpt(gguf_path, tmp_path_factory):
     from lsjax.convert import convert_gguf
 
     return convert_gguf(gguf_path, tmp_path_factory.mktemp("smollm2") / "ckpt", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """`(None, model, tokenizer)` of a tiny random Llama (test_generate's strategy tests, test_native)."""
+    import lsjax
+    from lsjax.convert import convert_hf
+    from tiny import make_hf_model
+
+    root = tmp_path_factory.mktemp("llama-strategies")
+    make_hf_model(root / "hf")
+    convert_hf(root / "hf", root / "ckpt", progress=False)
+    return (None, *lsjax.load(root / "ckpt"))

@@ -45,6 +45,7 @@ def test_generate_streams_with_adapter(tmp_path, capsys):
     assert main(["generate", "hello", "--raw", "--ckpt", str(tmp_path / "ckpt"), "--adapter", str(tmp_path / "adapter"),
                  "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
-    want = Generator(model, tok, adapter).generate(["hello"], max_new_tokens=6).texts[0]
-    assert captured.out == want
-    assert "strategy unmerged" in captured.err
+    gen = Generator(model, tok, adapter)
+    assert captured.out == gen.generate(["hello"], max_new_tokens=6).texts[0]
+    native = "lsjax.native" if gen.native else "XLA"
+    assert f"strategy {'fused' if gen.native else 'unmerged'}; {native} matvecs]" in captured.err

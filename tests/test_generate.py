@@ -32,14 +32,6 @@ def tiny(request, tmp_path_factory):
     return hf, model, tok
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama-strategies")
-    make_hf_model(root / "hf")
-    convert_hf(root / "hf", root / "ckpt", progress=False)
-    return (None, *lsjax.load(root / "ckpt"))
-
-
 def random_adapter(model, method, **kwargs):
     """An adapter with every tensor random (B nonzero), so the routed term matters."""
     cfg = AdapterConfig(method=method, rank=4, targets="all-linear", **kwargs)

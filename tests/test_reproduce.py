@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsjax import native
 from lsjax.errors import ConfigError
 
 TASKS = ("arc_easy", "openbookqa")
@@ -77,10 +78,12 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     assert m["switch"]["tasks"]["arc_easy"]["acc"] == pytest.approx(
         _direct_accuracy(tiny_ckpt, run_dir / "train" / "switch" / "adapter", "arc_easy", 3))
     records = results["latency"]["records"]
-    base = next(r for r in records if r["method"] == "base")
+    base = min(r["ms_per_token"] for r in records if r["method"] == "base")  # ratios are to the fastest base
     sw = next(r for r in records if r["method"] == "switch")
     assert {(r["method"], r["strategy"]) for r in records} == {("base", "-"), ("lora", "merged"), ("switch", "unmerged")}
-    assert m["switch"]["decode_ratio_to_base"] == pytest.approx(sw["ms_per_token"] / base["ms_per_token"])
+    assert {r["matvec"] for r in records if r["method"] == "base"} == (
+        {"native", "xla"} if native.available() else {"xla"})  # with native matvecs, the XLA base for reference
+    assert m["switch"]["decode_ratio_to_base"] == pytest.approx(sw["ms_per_token"] / base)
     assert m["switch"]["train"]["steps"] == 2 and m["switch"]["train"]["examples"] == 4
     assert m["switch"]["adapter_params"] > 8 * m["lora"]["adapter_params"] * 0.99  # 8 experts + a router
     assert results["targets"][0].startswith(("- met", "- MISSED"))

@@ -63,8 +63,10 @@ class LayerProject:
 
     def __init__(self, config: AdapterConfig, experts: dict, routers: dict, *, route: Routing | None = None,
                  first: jax.Array | None = None, switch_router: jax.Array | None = None,
-                 valid: jax.Array | None = None, key: jax.Array | None = None, train: bool = False):
+                 valid: jax.Array | None = None, key: jax.Array | None = None, train: bool = False,
+                 native: bool = False):
         self.config, self.experts, self.routers = config, experts, routers
+        self.native = native
         self.route, self.first, self.switch_router = route, first, switch_router
         self.valid, self.key, self.train = valid, key, train
         self.switch_done = False
@@ -76,12 +78,19 @@ class LayerProject:
         if cfg.method == "blockwise" and kind == "gate":  # the FFN block's input, adapted or not
             self.block_route = self._decide(x, self.routers["ffn"], kind)
         if kind not in cfg.targets:
-            return x @ w
+            return self._matmul(x, w)
         route = self._route_for(kind, x)
         a, b = self.experts[kind]["a"], self.experts[kind]["b"]
         if cfg.computation == "fused":  # one kernel: x @ W plus each row's own experts
-            return fused_project(x, w, a, b, route, cfg.scale)
-        return x @ w + lora_term(self._dropout(kind, x), a, b, route, cfg.scale, cfg.computation).astype(x.dtype)
+            return fused_project(x, w, a, b, route, cfg.scale, self.native)
+        return self._matmul(x, w) + lora_term(self._dropout(kind, x), a, b, route, cfg.scale, cfg.computation).astype(x.dtype)
+
+    def _matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        if self.native:
+            from lsjax.native import matmul
+
+            return matmul(x, w)
+        return x @ w
 
     def _route_for(self, kind: str, x: jax.Array) -> Routing | None:
         method = self.config.method
@@ -145,8 +154,9 @@ class LayerProject:
 
 
 def fused_project(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None,
-                  scale: float) -> jax.Array:
-    """`x @ w + routed LoRA` through `pallas_kernels.routed_lora_matmul` (Pallas on GPU, XLA elsewhere)."""
+                  scale: float, native: bool = False) -> jax.Array:
+    """`x @ w + routed LoRA` in one kernel: `pallas_kernels.routed_lora_matmul` (Pallas on GPU, XLA
+    elsewhere), or with `native` `lsjax.native.routed_matmul` where it applies (decode on CPU)."""
     from pallas_kernels import routed_lora_matmul
 
     lead = x.shape[:-1]
@@ -157,7 +167,13 @@ def fused_project(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, route:
     else:
         ids = route.ids.reshape(rows.shape[0], -1)
         gates = scale * route.gates.reshape(rows.shape[0], -1)
-    y = routed_lora_matmul(rows, w, a, b, ids, gates.astype(jnp.float32))
+    gates = gates.astype(jnp.float32)
+    if native:
+        from lsjax.native import routed_matmul
+
+        y = routed_matmul(rows, w, a, b, ids, gates, otherwise=routed_lora_matmul)
+    else:
+        y = routed_lora_matmul(rows, w, a, b, ids, gates)
     return y.reshape(*lead, w.shape[-1])
 
 
@@ -168,7 +184,7 @@ def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:
 
 def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterConfig, params: AdapterParams,
                 x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array, *,
-                key: jax.Array | None, train: bool, cache: KVCache | None = None):
+                key: jax.Array | None, train: bool, cache: KVCache | None = None, native: bool = False):
     """Run all decoder layers (scanned, or unrolled over split base layers); returns x, the routers' stats, the switch route and the new (k, v)."""
     L, switch = model_config.num_layers, config.method == "switch"
     xs = {"experts": params["experts"], "routers": _layer_routers(config, params),
@@ -182,7 +198,7 @@ def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterC
         (x, route), (w, xs) = carry, layer
         project = LayerProject(config, xs["experts"], xs["routers"], route=route, first=xs["first"],
                                switch_router=params["routers"].get("switch"), valid=valid, key=xs["key"],
-                               train=train)
+                               train=train, native=native)
         if cache is None:
             x, kv = decoder_layer(model_config, w, x, cos, sin, mask, project), None
         else:
@@ -236,18 +252,21 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
 
 def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
                            adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array,
-                           positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache, AdapterAux]:
+                           positions: jax.Array, cache: KVCache, native: bool = False
+                           ) -> tuple[jax.Array, KVCache, AdapterAux]:
     """`lsjax.decode.forward_cached` with the adapter (inference: no dropout, no jitter).
 
     Every method, switch included: a decode step's route is decided from that token's own
-    layer-0 input, exactly as in the full forward.
+    layer-0 input, exactly as in the full forward. `native` (static): as in `forward_cached`; the
+    `fused` computation then runs `lsjax.native.routed_matmul`.
     """
     check_params(model_config, adapter_config, adapter_params)
     all_positions, all_valid, cos, sin, mask = cached_inputs(model_config, cache, attention_mask, positions)
     x = embed_tokens(base_params, input_ids)
     x, stats, route, (k, v) = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
-                                          mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache)
-    logits = lm_logits(model_config, base_params, x)
+                                          mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache,
+                                          native=native)
+    logits = lm_logits(model_config, base_params, x, native)
     new_cache = grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
     return logits, new_cache, _aux(adapter_config, stats, route)
 

@@ -1,0 +1,69 @@
+"""Compile the native CPU matvec library next to this file: `python -m lsjax.native.build`.
+
+`make setup` (and so `make demo` / `make test`) runs this. It needs a C++20 compiler (`CXX`,
+default g++) and jax's FFI headers (`jax.ffi.include_dir()`); the build is for this machine's CPU
+(`-march=native`). Without it lsjax runs the same decode through XLA (`lsjax.native.available()`
+says why). The library is written to a temporary name and moved in place, so a failed build never
+leaves a broken one behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+from lsjax.native import LIBRARY, SOURCE
+
+NO_COMPILER = "no C++ compiler"
+
+
+def command(output: Path, compiler: str | None = None) -> list[str]:
+    compiler = compiler or os.environ.get("CXX", "g++")
+    flags = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-mprefer-vector-width=512")  # gcc otherwise keeps 256-bit vectors on AVX-512 parts
+    return [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(output)]
+
+
+def build(output: Path = LIBRARY, compiler: str | None = None, quiet: bool = False) -> Path:
+    """Compile `matvec.cc` into `output`; raises `RuntimeError` with the compiler's message on failure."""
+    cmd = command(output, compiler)
+    if shutil.which(cmd[0]) is None:
+        raise RuntimeError(f"{NO_COMPILER} {cmd[0]!r} on PATH (set CXX); lsjax decodes through XLA without it")
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        partial = Path(tmp) / output.name
+        cmd[-1] = str(partial)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {output.name} failed:\n{' '.join(cmd)}\n{done.stderr.strip()}")
+        os.replace(partial, output)
+    if not quiet:
+        print(f"built {output}")
+    return output
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=LIBRARY)
+    parser.add_argument("--optional", action="store_true",
+                        help="with no C++ compiler, say so and exit 0 (lsjax then decodes through XLA); "
+                             "a compiler that fails is still an error")
+    args = parser.parse_args(argv)
+    try:
+        build(args.output)
+    except RuntimeError as e:
+        print(f"lsjax.native: {e}", file=sys.stderr)
+        return 0 if args.optional and NO_COMPILER in str(e) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
