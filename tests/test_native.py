@@ -39,8 +39,7 @@ def test_products_match_jnp(rows, k, n):
     gates = rand(rows, 2)
     want = x @ w
     scale = float(jnp.abs(want).max())
-    for fn, args, expected in ((native.matmul, (x, w), want), (native.matmul_t, (x, w.T), want),
-                               (native.routed_matmul, (x, w, a, b, ids, gates),
+    for fn, args, expected in ((native.matmul, (x, w), want), (native.routed_matmul, (x, w, a, b, ids, gates),
                                 want + jnp.einsum("tj,tjr,tjrn->tn", gates, jnp.einsum("tk,tjkr->tjr", x, a[ids]),
                                                   b[ids]))):
         assert "lsjax_" in targets(fn, *args)  # the custom call, not the fallback

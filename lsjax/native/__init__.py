@@ -1,7 +1,6 @@
 """Native CPU matvecs for decoding: XLA FFI custom calls from `matvec.cc` (which says why).
 
     matmul(x, w)                          x [..., K] @ w [K, N]
-    matmul_t(x, wt)                       x [..., K] @ wt[N, K].T      (the tied vocabulary head)
     routed_matmul(x, w, a, b, ids, gates) x @ w + sum_j gates[t, j] (x[t] @ a[ids[t, j]]) @ b[ids[t, j]]
 
 Each equals its jnp expression up to float summation order. Under jit each runs the native code
@@ -27,8 +26,7 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("matvec.cc")
 LIBRARY = Path(__file__).with_name("_matvec.so")
 MAX_ROWS = 16  # more rows than this (prefill) are matrix products: XLA's GEMM wins there
-TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT",
-           "lsjax_routed_matmul": "LsjaxRoutedMatmul"}
+TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_routed_matmul": "LsjaxRoutedMatmul"}
 
 
 @functools.cache
@@ -74,18 +72,6 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     if not _usable(rows.shape[0], x, w):
         return x @ w
     return _call("lsjax_matmul", rows, w.shape[1], w, otherwise=jnp.matmul).reshape(*lead, w.shape[1])
-
-
-def matmul_t(x: jax.Array, wt: jax.Array) -> jax.Array:
-    lead, k = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, k)
-
-    def xla(rows, wt):
-        return jnp.einsum("td,vd->tv", rows, wt, preferred_element_type=jnp.float32)
-
-    if not _usable(rows.shape[0], x, wt):
-        return xla(rows, wt).reshape(*lead, wt.shape[0])
-    return _call("lsjax_matmul_t", rows, wt.shape[0], wt, otherwise=xla).reshape(*lead, wt.shape[0])
 
 
 def routed_reference(x, w, a, b, ids, gates):
