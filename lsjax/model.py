@@ -193,14 +193,16 @@ def lm_logits(config: ModelConfig, params: Params, h: jax.Array, native: bool = 
     """Final norm and vocabulary projection; fp32 logits `[B, S, V]`.
 
     The tied head is an einsum against `embed [V, D]`: `h @ embed.T` made XLA copy the transposed
-    embedding every call (DESIGN.md section 11); XLA already spreads that product over the cores.
-    `native`: an untied `lm_head [D, V]` through `lsjax.native.matmul` (decode on CPU).
+    embedding every call (DESIGN.md section 11). `native`: through `lsjax.native` (decode on CPU;
+    the tied head only at batch 1, where XLA's einsum ran 4 ms a token slower inside the step).
     """
     h = rms_norm(h, params["norm"], config.rms_norm_eps)
-    if native and not config.tie_word_embeddings:
-        from lsjax.native import matmul
+    if native:
+        from lsjax import native as kernels
 
-        return matmul(h, params["lm_head"]).astype(jnp.float32)
+        if config.tie_word_embeddings:
+            return kernels.matmul_t(h, params["embed"]).astype(jnp.float32)
+        return kernels.matmul(h, params["lm_head"]).astype(jnp.float32)
     if config.tie_word_embeddings:
         return jnp.einsum("bsd,vd->bsv", h, params["embed"], preferred_element_type=jnp.float32)
     return jnp.einsum("bsd,dv->bsv", h, params["lm_head"], preferred_element_type=jnp.float32)

@@ -1,6 +1,7 @@
 """Native CPU matvecs for decoding: XLA FFI custom calls from `matvec.cc` (which says why).
 
     matmul(x, w)                          x [..., K] @ w [K, N]
+    matmul_t(x, wt)                       x [1, K] @ wt[N, K].T        (the tied vocabulary head, batch 1)
     routed_matmul(x, w, a, b, ids, gates) x @ w + sum_j gates[t, j] (x[t] @ a[ids[t, j]]) @ b[ids[t, j]]
 
 Each equals its jnp expression up to float summation order. Under jit each runs the native code
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("matvec.cc")
 LIBRARY = Path(__file__).with_name("_matvec.so")
 MAX_ROWS = 16  # more rows than this (prefill) are matrix products: XLA's GEMM wins there
-TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_routed_matmul": "LsjaxRoutedMatmul"}
+TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT",
+           "lsjax_routed_matmul": "LsjaxRoutedMatmul"}
 
 
 @functools.cache
@@ -57,8 +59,8 @@ def threads() -> int:
     return ctypes.cdll.LoadLibrary(str(LIBRARY)).LsjaxNativeThreads() if available() else 0
 
 
-def _usable(rows: int, *arrays) -> bool:
-    return rows <= MAX_ROWS and all(a.dtype == jnp.float32 for a in arrays) and available()
+def _usable(rows: int, *arrays, max_rows: int = MAX_ROWS) -> bool:
+    return rows <= max_rows and all(a.dtype == jnp.float32 for a in arrays) and available()
 
 
 def _call(target: str, rows: jax.Array, n: int, *args, otherwise: Callable) -> jax.Array:
@@ -72,6 +74,20 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     if not _usable(rows.shape[0], x, w):
         return x @ w
     return _call("lsjax_matmul", rows, w.shape[1], w, otherwise=jnp.matmul).reshape(*lead, w.shape[1])
+
+
+def matmul_t(x: jax.Array, wt: jax.Array) -> jax.Array:
+    """One row only: with more, XLA's own product (already multi-threaded for this layout) wins; the
+    native one reads `wt` once per row (measured on the tied head at batch 8: 70 vs 63 ms/token)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+
+    def xla(rows, wt):
+        return jnp.einsum("td,vd->tv", rows, wt, preferred_element_type=jnp.float32)
+
+    if not _usable(rows.shape[0], x, wt, max_rows=1):
+        return xla(rows, wt).reshape(*lead, wt.shape[0])
+    return _call("lsjax_matmul_t", rows, wt.shape[0], wt, otherwise=xla).reshape(*lead, wt.shape[0])
 
 
 def routed_reference(x, w, a, b, ids, gates):

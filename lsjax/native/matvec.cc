@@ -7,6 +7,7 @@
 // projection instead of ~5 small XLA ops each paying its own start-up).
 //
 //   lsjax_matmul:        y[T, N] = x[T, K] @ W[K, N]
+//   lsjax_matmul_t:      y[T, N] = x[T, K] @ Wt[N, K]^T            (the tied vocabulary head)
 //   lsjax_routed_matmul: y[T, N] = x @ W + sum_j gates[t, j] * (x[t] @ A[ids[t, j]]) @ B[ids[t, j]]
 //
 // Work is split in two phases over a small pool of spinning threads: rows of W (K) split across
@@ -53,6 +54,23 @@ void rows_axpy(const float* __restrict x, int64_t ldx, int64_t T, const float* _
       float* __restrict yt = y + t * ldy;
       for (int64_t n = n0; n < n1; ++n) yt[n] += a * w[n];
     }
+  }
+}
+
+// y[n] = dot(Wt[n, :], x) for n in [n0, n1)
+void rows_dot(const float* __restrict x, const float* __restrict Wt, int64_t K, int64_t n0, int64_t n1,
+              float* __restrict y) {
+  constexpr int kLanes = 16;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* __restrict w = Wt + n * K;
+    float lanes[kLanes] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes)
+      for (int j = 0; j < kLanes; ++j) lanes[j] += w[k + j] * x[k + j];
+    float s = 0.f;
+    for (; k < K; ++k) s += w[k] * x[k];
+    for (int j = 0; j < kLanes; ++j) s += lanes[j];
+    y[n] = s;
   }
 }
 
@@ -142,7 +160,7 @@ void Piece(int64_t size, int part, int parts, int64_t align, int64_t* begin, int
 
 struct Product {
   const float* x;      // [T, K]
-  const float* w;      // [K, N]
+  const float* w;      // [K, N] or, transposed, [N, K]
   const float* a;      // [E, K, R] or null
   const float* b;      // [E, R, N]
   const int32_t* ids;  // [T, J]
@@ -194,6 +212,13 @@ void ColumnsPhase(void* ctx, int part) {  // each thread: its columns; sum the p
   }
 }
 
+void TransposedPhase(void* ctx, int part) {  // each thread: its rows of Wt, i.e. its outputs
+  auto& p = *static_cast<Product*>(ctx);
+  int64_t n0, n1;
+  Piece(p.N, part, p.parts, 1, &n0, &n1);
+  for (int64_t t = 0; t < p.T; ++t) rows_dot(p.x + t * p.K, p.w, p.K, n0, n1, p.y + t * p.N);
+}
+
 // Below this many weight bytes a product runs on the calling thread: waking another costs more.
 constexpr int64_t kParallelBytes = 256 << 10;
 
@@ -224,6 +249,16 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Res
   return ffi::Error::Success();
 }
 
+ffi::Error MatmulTImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = wt.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) return Invalid("lsjax_matmul_t: expected x [T, K] and Wt [N, K]");
+  Product p{x.typed_data(), wt.typed_data(), nullptr, nullptr, nullptr, nullptr, xd[0], xd[1], wd[0], 0, 0, 0};
+  p.y = y->typed_data();
+  p.parts = Parts(p);
+  SharedPool().Run(TransposedPhase, &p, p.parts);
+  return ffi::Error::Success();
+}
+
 ffi::Error RoutedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> a,
                             ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates,
                             ffi::ResultBuffer<ffi::F32> y) {
@@ -245,6 +280,10 @@ ffi::Error RoutedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ff
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmul, MatmulImpl,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmulT, MatmulTImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
