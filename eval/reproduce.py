@@ -424,13 +424,14 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
         if untrained:
             out += [f"Timed with random adapters of the same shapes (not trained in this run): {', '.join(untrained)}.",
                     ""]
-    out += ["How the methods differ at decode time: `switch` routes once per token and gathers its k experts in "
+    out += ["How the methods differ at decode time: `switch` routes once per token and adds its k experts in "
             "every adapted projection (all seven here); `layerwise` also runs a router in each of them; `blockwise` "
-            "gathers experts only in the three FFN projections and carries one plain LoRA on attention. On a CPU a "
-            "step costs its bytes plus a few microseconds per operation, so the gathered projections set the order. "
-            "The paper's merged path (one fused merge of the chosen experts into the weights per token) rewrites "
-            "every adapted weight each token: 4.6x the base on this CPU and 5.3x on an H100 at 7B shape "
-            "(docs/perf.md), where unmerged `switch` is 1.27x.", ""]
+            "adds experts only in the three FFN projections and carries one plain LoRA on attention. With "
+            "`lsjax.native` (CPU, fp32; the `matvec` column) `fused` switch reads the chosen experts in the same "
+            "two-thread pass as the base weights, so it costs about their bytes; the other methods' routed terms "
+            "are XLA operations that each pay their own start-up. The paper's merged path (one fused merge of the "
+            "chosen experts into the weights per token) rewrites every adapted weight each token: 4.6-6.7x the "
+            "base on this CPU and 5.3x on an H100 at 7B shape (docs/perf.md), where unmerged `switch` is 1.27x.", ""]
     out += ["For scale, the paper (Llama2-7B, fp16 GPU, batch 1) reports decode time over the backbone of "
             "+954% for MoLA, +254% for PESC, +258% for MoRAL and +29% for LoRA-Switch, and held-out accuracy "
             "gains of 30-40 points over the base from 7B-scale training (PAPER.md); this run is a 135M model "
