@@ -11,7 +11,7 @@ multi-platform lowering `lax.platform_dependent` keeps the jnp route for GPUs. T
 have no derivative: they are for decoding, and the training forward never uses them.
 
 Build the library with `python -m lsjax.native.build` (`make setup` does); `unavailable_reason()`
-says why it is not in use.
+says why it is not in use. Products split over all cores, or `LSJAX_NATIVE_THREADS` threads.
 """
 
 from __future__ import annotations
@@ -52,11 +52,6 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return unavailable_reason() is None
-
-
-def threads() -> int:
-    """Threads the native products split over (`LSJAX_NATIVE_THREADS`, default: all cores); 0 if unavailable."""
-    return ctypes.cdll.LoadLibrary(str(LIBRARY)).LsjaxNativeThreads() if available() else 0
 
 
 def _usable(rows: int, *arrays, max_rows: int = MAX_ROWS) -> bool:

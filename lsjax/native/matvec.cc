@@ -296,5 +296,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedMatmul, RoutedMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
-extern "C" int LsjaxNativeThreads() { return SharedPool().threads(); }
