@@ -165,7 +165,7 @@ struct Product {
   const float* b;      // [E, R, N]
   const int32_t* ids;  // [T, J]
   const float* gates;  // [T, J]
-  int64_t T, K, N, E, R, J;
+  int64_t T, K, N, R, J;
   int parts;
   float* partial_y;   // [parts, T, N]
   float* partial_xa;  // [parts, T, J, R]
@@ -243,7 +243,7 @@ ffi::Error Invalid(const std::string& message) { return ffi::Error(ffi::ErrorCod
 ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) return Invalid("lsjax_matmul: expected x [T, K] and W [K, N]");
-  Product p{x.typed_data(), w.typed_data(), nullptr, nullptr, nullptr, nullptr, xd[0], xd[1], wd[1], 0, 0, 0};
+  Product p{x.typed_data(), w.typed_data(), nullptr, nullptr, nullptr, nullptr, xd[0], xd[1], wd[1], 0, 0};
   p.y = y->typed_data();
   Multiply(p);
   return ffi::Error::Success();
@@ -252,7 +252,7 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Res
 ffi::Error MatmulTImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = wt.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) return Invalid("lsjax_matmul_t: expected x [T, K] and Wt [N, K]");
-  Product p{x.typed_data(), wt.typed_data(), nullptr, nullptr, nullptr, nullptr, xd[0], xd[1], wd[0], 0, 0, 0};
+  Product p{x.typed_data(), wt.typed_data(), nullptr, nullptr, nullptr, nullptr, xd[0], xd[1], wd[0], 0, 0};
   p.y = y->typed_data();
   p.parts = Parts(p);
   SharedPool().Run(TransposedPhase, &p, p.parts);
@@ -271,7 +271,7 @@ ffi::Error RoutedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ff
   for (int64_t i = 0; i < id[0] * id[1]; ++i)
     if (chosen[i] < 0 || chosen[i] >= ad[0]) return Invalid("lsjax_routed_matmul: expert id out of range");
   Product p{x.typed_data(), w.typed_data(), a.typed_data(), b.typed_data(), chosen, gates.typed_data(),
-            xd[0], xd[1], wd[1], ad[0], ad[2], id[1]};
+            xd[0], xd[1], wd[1], ad[2], id[1]};
   p.y = y->typed_data();
   Multiply(p);
   return ffi::Error::Success();
