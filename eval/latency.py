@@ -1,15 +1,17 @@
 """`lsjax bench decode`: decode latency of the base model, plain LoRA and the routed methods.
 
 Every configuration is compiled first, then timed in interleaved rounds (base, lora, ..., base,
-lora, ...) so machine noise hits all of them alike; each figure is a median over rounds, and every
-ratio compares figures of the same run. The memory floor is the weight bytes over a device copy's
-bandwidth measured in the same run (bytes read + written per second): a batch-1 decode step must
-read every weight once, so no step can beat it.
+lora, ...) so machine noise hits all of them alike; each timed generation follows a short untimed one
+of the same configuration, so none pays for the state the previous one left. Each figure is a
+median over rounds, and every ratio compares figures of the same run. The memory floor is the
+weight bytes over a device copy's bandwidth measured in the same run (bytes read + written per
+second): a batch-1 decode step must read every weight once, so no step can beat it.
 
 Every configuration decodes with the same matvecs: `lsjax.native`'s multi-threaded CPU custom
 calls where they are built (`--native auto`, the Generator's default), XLA's otherwise. With the
 native ones on, the base is also timed on XLA's matvecs (`matvec` "xla"), and every ratio is to the
-fastest base of its batch.
+fastest base of its batch. Every Generator backs its arrays with transparent huge pages where the
+OS allows (`lsjax.hugepages`; `--huge-pages off` to compare).
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], nat
 
 
 def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], batches: list[int], *, prompt_len: int,
-                new_tokens: int, rounds: int, progress: bool = True) -> tuple[list[Record], dict[str, float]]:
+                new_tokens: int, rounds: int, progress: bool = True,
+                huge_pages: bool = True) -> tuple[list[Record], dict[str, float]]:
     """Decode ms/token and prefill ms of every `(method, strategy, adapter, native)` entry at every batch size.
 
     All entries are compiled first, then timed in `rounds` interleaved rounds (medians); every ratio
@@ -164,7 +167,7 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], bat
         matvec = "native" if native else "xla"
         try:
             gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy,
-                            params=None if strategy == "merged" else shared, native=native)
+                            params=None if strategy == "merged" else shared, native=native, huge_pages=huge_pages)
         except Exception as e:  # noqa: BLE001
             failed(f"{method}/{strategy} ({matvec})", e)
             continue
@@ -182,6 +185,9 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], bat
     samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
     for _ in tqdm(range(rounds), desc="timing rounds", unit="round", disable=not progress):
         for key, (gen, prompts) in generators.items():
+            # a few untimed tokens first: the previous configuration's threads (XLA's pool spins a while
+            # after a batch-8 step) and caches must not be charged to this one
+            gen.generate(prompts, max_new_tokens=min(4, new_tokens), stop_token_ids=())
             timings = gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=()).timings
             samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"]))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
@@ -196,7 +202,8 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], bat
         if base is not None:
             r.ratio_to_base = r.ms_per_token / base.ms_per_token
     return records, {"copy_gb_s": bandwidth, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
-                     "read_gb_s": reads, "read_floor_ms": weight_bytes / (reads * 1e9) * 1e3, "failed": failures}
+                     "read_gb_s": reads, "read_floor_ms": weight_bytes / (reads * 1e9) * 1e3, "failed": failures,
+                     "huge_pages": huge_pages}
 
 
 def fastest(records: list[Record], method: str, batch: int) -> Record | None:
@@ -217,7 +224,7 @@ def run(args) -> list[Record]:
     native = resolve_native({"auto": None, "on": True, "off": False}[args.native], model.dtype)
     entries = decode_entries(configs, adapters, native)
     records, memory = time_decode(model, tokenizer, entries, batches, prompt_len=args.prompt_len,
-                                  new_tokens=args.new_tokens, rounds=args.rounds)
+                                  new_tokens=args.new_tokens, rounds=args.rounds, huge_pages=args.huge_pages == "on")
     del entries, adapters
     if args.with_transformers:
         records += transformers_records(model, args, batches, args.prompt_len)
@@ -279,7 +286,8 @@ def latency_table(records: list[Record], meta: dict) -> str:
     """Markdown: the run's settings, one row per record, and the headline ratios."""
     reads = "read_floor_ms" in meta  # records saved before the read floor existed have none
     lines = [f"decode latency: {meta['source']} ({meta['backend']}, {records[0].dtype}, prompt {meta['prompt_len']}, "
-             f"{meta['new_tokens']} new tokens, median of {meta['rounds']} interleaved rounds)",
+             f"{meta['new_tokens']} new tokens, median of {meta['rounds']} interleaved rounds"
+             + (f", huge pages {'on' if meta['huge_pages'] else 'off'})" if "huge_pages" in meta else ")"),
              f"copy bandwidth {meta['copy_gb_s']:.1f} GB/s; weights {meta['weight_bytes'] / 1e6:.0f} MB; "
              f"memory floor {meta['floor_ms']:.1f} ms/token"
              + (f"; read-only bandwidth {meta['read_gb_s']:.1f} GB/s, read floor {meta['read_floor_ms']:.1f} ms/token"
@@ -357,6 +365,8 @@ def add_bench_parser(subparsers) -> None:
     dec.add_argument("--rounds", type=int, default=5)
     dec.add_argument("--native", choices=("auto", "on", "off"), default="auto",
                      help="lsjax.native's CPU matvecs: auto = when built, on CPU, fp32 (default)")
+    dec.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                     help="back the decoded arrays with transparent huge pages where the OS allows (default on)")
     dec.add_argument("--with-transformers", action="store_true", help="also time transformers (+ unmerged PEFT LoRA)")
     dec.add_argument("--json", help="write records here")
     dec.add_argument("--plot", help="write a PNG bar chart here")

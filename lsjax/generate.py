@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsjax import strategies
+from lsjax import hugepages, strategies
 from lsjax.decode import init_cache, left_pad
 from lsjax.errors import ConfigError
 from lsjax.sampling import SamplingConfig, sample
@@ -101,10 +101,13 @@ class Generator:
     `lsjax.model.split_layers(model.params())` to several Generators so they share one per-layer copy
     (at 7B that copy is 13.5 GB in bf16). `native`: decode matvecs through `lsjax.native`
     (multi-threaded CPU custom calls); None (default) uses them when built, on CPU, for fp32 weights.
+    `huge_pages` (default True): remap the decoded arrays onto transparent huge pages where the OS
+    allows (`lsjax.hugepages`; 2-3% faster CPU decode); `huge_page_bytes` says how much it remapped.
     """
 
     def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", max_cache_len: int | None = None,
-                 unroll: bool = True, params: dict | None = None, native: bool | None = None):
+                 unroll: bool = True, params: dict | None = None, native: bool | None = None,
+                 huge_pages: bool = True):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.config = model.config
         adapter_config = None
@@ -123,6 +126,7 @@ class Generator:
         base = model.params() if params is None else params
         self.bundle = strategies.prepare_bundle(self.config, base, adapter_config, adapter_params,
                                                  self.strategy, unroll)
+        self.huge_page_bytes = hugepages.collapse(self.bundle) if huge_pages else 0
         self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy, self.native)
         self._loop, self._sample_step = _compiled_loops(self._step)
 
