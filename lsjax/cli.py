@@ -39,7 +39,8 @@ def _generate(args) -> None:
         print(event.text, end="", flush=True)
         reason = event.finish_reason
     matvecs = "lsjax.native" if generator.native else "XLA"
-    print(f"\n[{reason}; strategy {generator.strategy}; {matvecs} matvecs]", file=sys.stderr)
+    print(f"\n[{reason}; strategy {generator.strategy}; {matvecs} matvecs; "
+          f"{generator.huge_page_bytes >> 20} MiB on huge pages]", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,7 @@
 """The `lsjax` command line: conversion works end to end, bad input is one clear line, exit 2."""
 
+import re
+
 import numpy as np
 from tiny import make_hf_model, ragged_batch
 
@@ -48,4 +50,5 @@ def test_generate_streams_with_adapter(tmp_path, capsys):
     gen = Generator(model, tok, adapter)
     assert captured.out == gen.generate(["hello"], max_new_tokens=6).texts[0]
     native = "lsjax.native" if gen.native else "XLA"
-    assert f"strategy {'fused' if gen.native else 'unmerged'}; {native} matvecs]" in captured.err
+    assert f"strategy {'fused' if gen.native else 'unmerged'}; {native} matvecs; " in captured.err
+    assert re.search(r"; \d+ MiB on huge pages]", captured.err)  # how much depends on where the arrays landed
