@@ -158,16 +158,25 @@ def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path, train_docs:
     last = train(config, resume=resume)
     seconds = time.perf_counter() - start
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    timed = steps_this_call(lines, config.steps, resume)
     first_eval = next((x["eval_loss"] for x in lines if x.get("step") == 0 and "eval_loss" in x), None)
     summary = {"method": method, "steps": config.steps, "batch_size": config.batch_size,
                "max_length": config.data.max_length, "lr": config.optim.lr, "examples": config.steps * config.batch_size,
                "train_docs": train_docs, "seconds": round(seconds, 1),
                "resumed": resume, "final_loss": last.get("loss"), "heldout_loss_start": first_eval,
                "heldout_loss_end": last.get("eval_loss"),
-               "tokens_per_s": round(config.steps * config.batch_size * config.data.max_length / seconds, 1),
+               "steps_timed": timed,
+               "tokens_per_s": round(timed * config.batch_size * config.data.max_length / seconds, 1),
                "adapter": str(folder / "adapter"), "adapter_params": _adapter_params(folder / "adapter")}
     _write_json(run_dir / "train" / f"{method}.json", summary)
     return summary
+
+
+def steps_this_call(metrics: list[dict], steps: int, resumed: bool) -> int:
+    """Steps a `train` call ran: all of them, or, resumed, those after its resume point (the last
+    `resume` event in metrics.jsonl), so tokens/s divides this call's tokens by this call's time."""
+    start = next((x["step"] for x in reversed(metrics) if x.get("event") == "resume"), 0) if resumed else 0
+    return steps - start
 
 
 def _adapter_params(folder: Path) -> int:

@@ -102,11 +102,29 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     original = harness.evaluate
     monkeypatch.setattr(harness, "evaluate", lambda fn, tok, docs, **kw: calls.append(list(docs)) or original(
         fn, tok, docs, **kw))
+    from lsjax.train import loop as train_loop
+
+    original_train = train_loop.train
     monkeypatch.setattr("lsjax.train.loop.train", lambda *a, **k: pytest.fail("retrained a finished method"))
     monkeypatch.setattr("lsjax.eval.latency.time_decode", lambda *a, **k: pytest.fail("re-timed"))
     again = rp.reproduce(_plan(run_dir), tmp_path / "cache", "test command", ckpt=tiny_ckpt)
     assert calls == [["openbookqa"]]
     assert again["methods"]["switch"]["tasks"] == m["switch"]["tasks"]
+
+    # a training stage stopped after its first checkpoint resumes there; its tokens/s counts only the
+    # steps this call ran, over this call's time
+    import shutil
+
+    from lsjax.train import loop
+
+    (run_dir / "train" / "switch.json").unlink()
+    shutil.rmtree(run_dir / "train" / "switch" / "checkpoints" / "2")
+    monkeypatch.setattr("lsjax.train.loop.train", original_train)
+    rp.reproduce(_plan(run_dir), tmp_path / "cache", "test command", ckpt=tiny_ckpt)
+    resumed = json.loads((run_dir / "train" / "switch.json").read_text())
+    assert resumed["resumed"] and resumed["steps"] == 2 and resumed["steps_timed"] == 1
+    assert resumed["tokens_per_s"] == pytest.approx(1 * 2 * 32 / resumed["seconds"], rel=0.01)
+    assert loop.train is original_train
 
     with pytest.raises(ConfigError, match=r"another plan.*steps"):
         rp.reproduce(_plan(run_dir, steps=3), tmp_path / "cache", "x", ckpt=tiny_ckpt)
