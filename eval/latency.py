@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
 from lsjax.strategies import resolve_native
+from pallas_kernels.timing import queued_seconds
 
 SHAPES = {  # random-weight shapes for timing (no checkpoint needed)
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -62,21 +63,6 @@ class Record:
     floor_ms: float | None = None
     rounds: int = 0
     matvec: str = "xla"  # "native" (lsjax.native) or "xla"; "torch" for transformers' rows
-
-
-def queued_seconds(fn, x, repeats: int, samples: int, feed_back: bool) -> float:
-    """Median seconds per call of `fn`, `repeats` calls queued before each sync, so the host's sync
-    latency (tens of us, a sizeable part of one GPU copy) is spread thin. With `feed_back` each
-    output is the next input (a donated, in-place update)."""
-    out = fn(x).block_until_ready()
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = fn(out if feed_back else x)
-        out.block_until_ready()
-        times.append((time.perf_counter() - start) / repeats)
-    return statistics.median(times)
 
 
 def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> float:

@@ -33,6 +33,7 @@ from . import _common as C
 from .reference import routed_lora_matmul_reference, sgmm_merge_reference, sgmm_switch_reference
 from .routed_matmul import _routed_xla, routed_lora_add, routed_lora_matmul
 from .sgmm import sgmm_merge, sgmm_switch
+from .timing import queued_seconds
 
 # Model shapes: layers, hidden, FFN, k/v width (n_kv_heads * head_dim).
 SHAPES = {
@@ -71,15 +72,7 @@ def copy_gbps(nbytes, iters):
     The better of the two is the ceiling used for "% of copy".
     """
     def queued(fn, x, feed_back):
-        out = jax.block_until_ready(fn(x))
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(iters):
-                out = fn(out if feed_back else x)
-            jax.block_until_ready(out)
-            times.append((time.perf_counter() - start) / iters)
-        return 2 * x.nbytes / statistics.median(times) / 1e9
+        return 2 * x.nbytes / queued_seconds(fn, x, iters, 3, feed_back) / 1e9
 
     x = jnp.ones((nbytes // 4,), jnp.float32)
     fresh = queued(jax.jit(lambda x: x.copy()), x, feed_back=False)
