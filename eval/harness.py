@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsjax.errors import CheckpointError, ConfigError, LsjaxError
+from lsjax.jsonfile import write_json
 
 # (input_ids [B,S] int32, attention_mask [B,S], last: int) -> logits [B,last,V] of the last `last` positions
 LogitsFn = Callable[[Any, Any, int], Any]
@@ -494,7 +494,5 @@ def run_eval(args, load_adapter_fn: Callable[[str, Any], LogitsFn] | None = None
     print(format_table(results, args.split))
     print(f"({results['seconds']:.1f} s)")
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return results

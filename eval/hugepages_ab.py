@@ -11,7 +11,6 @@ interleaved rounds, medians, ratios of this run.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsjax.eval.latency import load_model, random_adapter
+from lsjax.jsonfile import write_json
 
 
 def main(argv=None) -> dict:
@@ -68,8 +68,7 @@ def main(argv=None) -> dict:
     print("huge pages speed-up: " + ", ".join(f"{m} {s:.3f}x" for m, s in result["speedup"].items()))
     print("switch / base: " + ", ".join(f"huge pages {h} {r:.3f}x" for h, r in result["switch_over_base"].items()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return result
 
 

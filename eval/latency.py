@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import time
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
+from lsjax.jsonfile import write_json
 from lsjax.strategies import resolve_native
 from pallas_kernels.timing import queued_seconds
 
@@ -304,8 +304,7 @@ def latency_table(records: list[Record], meta: dict) -> str:
 def report(records: list[Record], meta: dict, args) -> None:
     print(latency_table(records, meta))
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "records": [dataclasses.asdict(r) for r in records]},
-                                              indent=2))
+        write_json(args.json, {"meta": meta, "records": [dataclasses.asdict(r) for r in records]})
     if args.plot:
         plot(records, meta, args.plot)
 

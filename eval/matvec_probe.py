@@ -16,7 +16,6 @@ plain and with the routed term in the same call (what `fused` runs on CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 from lsjax import native
 from lsjax.eval.latency import copy_bandwidth, read_bandwidth
+from lsjax.jsonfile import write_json
 
 SHAPES = {"q": ("d", "d"), "o": ("d", "d"), "gate": ("d", "ff"), "up": ("d", "ff"), "down": ("ff", "d")}
 
@@ -146,8 +146,7 @@ def main(argv=None) -> dict:
               f"+{result['native_routed_extra_ms']:.2f} ms = "
               f"{ms['native chain + routed'] / ms['native chain']:.2f}x the native chain")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return result
 
 

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from lsjax.errors import ConfigError, LsjaxError
+from lsjax.jsonfile import write_json
 
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "sciq")
 METHODS = ("lora", "layerwise", "blockwise", "switch")
@@ -101,14 +102,6 @@ PRESETS = {
 
 
 # -- small helpers ------------------------------------------------------------------------------
-def _write_json(path: Path, data: Any) -> None:
-    """Atomically (a temporary file renamed into place): a killed run never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _read_json(path: Path) -> Any | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -121,7 +114,7 @@ def _check_plan(run_dir: Path, plan: Plan) -> None:
     """A run folder belongs to one plan: resuming it with another is refused, naming the fields."""
     saved = _read_json(run_dir / "plan.json")
     if saved is None:
-        _write_json(run_dir / "plan.json", plan.to_dict())
+        write_json(run_dir / "plan.json", plan.to_dict())
         return
     differ = sorted(k for k, v in plan.to_dict().items() if saved.get(k) != v and k != "results_md")
     if differ:
@@ -168,7 +161,7 @@ def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path, train_docs:
                "steps_timed": timed,
                "tokens_per_s": round(timed * config.batch_size * config.data.max_length / seconds, 1),
                "adapter": str(folder / "adapter"), "adapter_params": _adapter_params(folder / "adapter")}
-    _write_json(run_dir / "train" / f"{method}.json", summary)
+    write_json(run_dir / "train" / f"{method}.json", summary)
     return summary
 
 
@@ -208,7 +201,7 @@ def run_eval(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | None, 
             docs = load_docs([task], "heldout", plan.eval_limit)
             max_length = min(model.config.max_position_embeddings, DEFAULT_MAX_LENGTH)
             saved = evaluate(logits_fn, tokenizer, docs, max_length=max_length)["tasks"][task]
-            _write_json(path, saved)
+            write_json(path, saved)
         results[task] = saved
     average = {k: sum(r[k] for r in results.values()) / len(results) for k in ("acc", "acc_norm")}
     print(f"{name}: " + ", ".join(f"{t} {100 * r['acc']:.1f}" for t, r in results.items())
@@ -248,7 +241,7 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
             "random": sorted(m for m in loaded if m not in adapters),
             "seconds": round(time.perf_counter() - start, 1)}
     saved = {"meta": meta, "records": [dataclasses.asdict(r) for r in records]}
-    _write_json(path, saved)
+    write_json(path, saved)
     return saved
 
 
@@ -265,7 +258,7 @@ def run_memory(name: str, ckpt: Path, adapter_dir: Path | None, strategy: str, n
         if out.returncode != 0:
             raise ConfigError(f"memory measurement of {name} failed:\n{out.stderr[-2000:]}")
         saved = {**json.loads(out.stdout.strip().splitlines()[-1]), "seconds": round(time.perf_counter() - start, 1)}
-        _write_json(path, saved)
+        write_json(path, saved)
     return saved
 
 
@@ -539,7 +532,7 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
         results["sample"] = {"prompt": plan.sample_prompt, "answer": sample}
     figures = plot_results(results, run_dir, "results")
     text = report_markdown(results, command, figures)
-    _write_json(run_dir / "results.json", results)
+    write_json(run_dir / "results.json", results)
     (run_dir / "summary.md").write_text(text)
     if plan.results_md:
         md = Path(plan.results_md)
@@ -547,7 +540,7 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
         md.parent.mkdir(parents=True, exist_ok=True)
         md.write_text("# Reproduction: LoRA-Switch against its baselines on SmolLM2-135M-Instruct\n\n"
                       + report_markdown(results, command, {k: f"figures/{v}" for k, v in docs_figures.items()}))
-        _write_json(md.with_suffix(".json"), results)
+        write_json(md.with_suffix(".json"), results)
     _stage("summary")
     print(text)
     print(f"artefacts: {run_dir}/ (summary.md, results.json, plots, train/, eval/, latency.json)")

@@ -1,10 +1,20 @@
-"""Reading the JSON config files lsjax meets (HF configs, adapter configs) with errors that name them."""
+"""JSON files: reading the configs lsjax meets (HF, adapter) with errors that name them; writing results atomically."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """`data` as indented JSON at `path`, atomically (a temporary file renamed into place): a killed
+    run never leaves half a result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def read_json_object(path: Path, error: type[Exception], expected: str) -> dict[str, Any]:
