@@ -198,13 +198,25 @@ def fastest(records: list[Record], method: str, batch: int) -> Record | None:
                default=None)
 
 
+def select_configs(spec: str) -> list[tuple[str, str]]:
+    """`--methods`: comma-separated methods (every strategy of each) or `method:strategy` pairs."""
+    known = [f"{m}:{s}" for m, s in CONFIGS if m != "base"]
+    picked = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        method, _, strategy = entry.partition(":")
+        match = [(m, s) for m, s in CONFIGS if m == method and strategy in ("", s)]
+        if not match:
+            raise ConfigError(f"--methods entry {entry!r} is unknown; expected a method "
+                              f"({', '.join(dict.fromkeys(m for m, _ in CONFIGS))}) or one of {', '.join(known)}")
+        picked += match
+    if not picked:
+        raise ConfigError(f"--methods {spec!r} selects nothing")
+    return [c for c in CONFIGS if c in picked]  # the table's order, each once
+
+
 def run(args) -> list[Record]:
+    configs = select_configs(args.methods)
     model, tokenizer, source = load_model(args)
-    methods = [m.strip() for m in args.methods.split(",")]
-    configs = [(m, s) for m, s in CONFIGS if m in methods]
-    if not configs:
-        raise ConfigError(f"--methods {args.methods!r} selects nothing; expected some of "
-                          f"{sorted({m for m, _ in CONFIGS})}")
     batches = [int(b) for b in args.batch.split(",")]
     adapters = {m: random_adapter(model.config, m, args) for m in {m for m, _ in configs if m != "base"}}
     native = resolve_native({"auto": None, "on": True, "off": False}[args.native], model.dtype)
@@ -339,7 +351,8 @@ def add_bench_parser(subparsers) -> None:
     dec.add_argument("--shape", help=f"random weights at a named shape instead: {', '.join(SHAPES)}")
     dec.add_argument("--cache-dir", default=".cache/lsjax")
     dec.add_argument("--dtype", default="float32")
-    dec.add_argument("--methods", default="base,lora,layerwise,blockwise,switch")
+    dec.add_argument("--methods", default="base,lora,layerwise,blockwise,switch",
+                     help="methods (all their strategies) or method:strategy pairs, e.g. base,switch:unmerged")
     dec.add_argument("--batch", default="1,8")
     dec.add_argument("--experts", type=int, default=8)
     dec.add_argument("--top-k", type=int, default=2)

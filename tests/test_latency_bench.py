@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tiny import make_hf_model
 
 import lsjax
@@ -83,3 +85,17 @@ def test_matvec_probe_reports_consistent_figures(tmp_path):
     if native.available():  # the native chain computes what the gathered one does
         assert saved["native_vs_gathered_max_abs"] < 1e-5
         assert abs(saved["native_routed_extra_ms"] - (ms["native chain + routed"] - ms["native chain"])) < 1e-9
+
+
+def test_methods_select_strategies_and_refuse_unknown_entries():
+    from lsjax.errors import ConfigError
+    from lsjax.eval.latency import select_configs
+
+    assert select_configs("switch:fused,base") == [("base", "-"), ("switch", "fused")]
+    assert select_configs("lora") == [("lora", "merged"), ("lora", "unmerged")]
+    assert select_configs("switch,switch:merged") == [("switch", "unmerged"), ("switch", "fused"), ("switch", "merged")]
+    for bad, named in [("switch:fast", "'switch:fast'"), ("moe", "'moe'"), ("layerwise:merged", "'layerwise:merged'")]:
+        with pytest.raises(ConfigError, match=f"--methods entry {named} is unknown.*switch:fused"):
+            select_configs(bad)
+    with pytest.raises(ConfigError, match="selects nothing"):
+        select_configs(" , ")
