@@ -150,9 +150,10 @@ def _routed_pallas(x, W, A, B, ids, gates, layer, *, interpret, block_t, block_i
     # Larger T wants taller row tiles so each W tile serves more rows.
     small = T <= 16
     bt = C.tile(T, block_t, 16 if small else 64, "block_t")
-    bk = C.tile(d_in, block_in, 128 if small else 64, "block_in")
-    # Adding to y reads only the chosen experts: wide column tiles, few programs (each recomputes x @ A).
-    bn = C.tile(d_out, block_out, (256 if add else 128) if small else 64, "block_out")
+    # Adding to y runs unsplit, so each program walks all of d_in for x @ A: deeper steps shorten
+    # that chain (H100, T=1: 256 deep took 0.09-0.18 ms per projection where 128 took 0.11-0.24).
+    bk = C.tile(d_in, block_in, (256 if add else 128) if small else 64, "block_in")
+    bn = C.tile(d_out, block_out, 128 if small else 64, "block_out")
     br = C.tile(r, None, C.next_pow2(r), "rank")
     steps = pl.cdiv(d_in, bk)
     if add:
@@ -252,8 +253,12 @@ def routed_lora_add(y, x, A, B, ids, gates, *, layer=None, implementation=None, 
     projection computed elsewhere (XLA's own matvec), in y's dtype with fp32 accumulation.
 
     One kernel per projection instead of the gathered form's handful (gather A, x @ A, scale,
-    gather B, dot, add): on a GPU those small launches, not bytes, are the routed term's cost. The
-    Pallas kernel writes over y (aliased). Shapes as `routed_lora_matmul`, plus y [T, d_out].
+    gather B, dot, add). The Pallas kernel writes over y (aliased). Shapes as
+    `routed_lora_matmul`, plus y [T, d_out]. Measured on an H100 at 7B, T=1 (docs/perf.md): the
+    fewer launches do not pay, because every program walks all of d_in for x @ A: with the
+    first tiles the projection plus this kernel took 3.1-3.3x XLA's `x @ W` where
+    `routed_lora_matmul` (d_in split over programs) took 1.3-1.5x, and the decode step 3.0x the
+    base; the sweep's best tiles (now the default) still leave 1.3-1.9x. Decoding does not use it.
     """
     _check(x, None, A, B, ids, gates, layer, y=y)
     impl = C.resolve_implementation(implementation)

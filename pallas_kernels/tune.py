@@ -1,6 +1,7 @@
-"""Sweep `routed_lora_matmul`'s Pallas tiles for decode-sized batches on the GPU at hand.
+"""Sweep the routed kernels' Pallas tiles for decode-sized batches on the GPU at hand.
 
-    python -m pallas_kernels.tune --json tune.json          # GPU; prints the best per shape
+    python -m pallas_kernels.tune --json tune.json                  # routed_lora_matmul (x @ W inside)
+    python -m pallas_kernels.tune --kernel add --json tune_add.json  # XLA's x @ W, then routed_lora_add
 
 Each configuration runs over M layers inside one jit, each layer in its own buffers (as the
 unrolled decode does), so weights stream from memory rather than L2; the time is per layer and
@@ -20,11 +21,29 @@ import jax.numpy as jnp
 
 from .bench import PROJECTIONS, SHAPES, make_inputs, per_layer, rel_err, route, timeit
 from .reference import routed_lora_matmul_reference
-from .routed_matmul import routed_lora_matmul
+from .routed_matmul import routed_lora_add, routed_lora_matmul
 
 # (block_out, block_in) pairs, most promising first: wide column tiles read long contiguous runs.
 TILES = [(128, 64), (128, 128), (64, 128), (256, 64), (64, 64), (32, 64), (256, 32), (128, 32)]
 SPLITS = [1, 2, 4, 8]
+# routed_lora_add reads only the chosen experts: each program recomputes x @ A over all of d_in, so
+# the trade is fewer, wider column tiles (less recomputation) against more programs (more SMs busy).
+ADD_TILES = [(256, 128), (128, 128), (64, 128), (512, 128), (256, 256), (128, 256), (64, 256), (256, 64)]
+
+
+def _configs(kernel, warps):
+    if kernel == "add":
+        return [dict(block_out=bn, block_in=bk, num_warps=w) for (bn, bk), w in itertools.product(ADD_TILES, warps)]
+    return [dict(block_out=bn, block_in=bk, splits=s, num_warps=w)
+            for (bn, bk), s, w in itertools.product(TILES, SPLITS, warps)]
+
+
+def _kernel(kernel, **cfg):
+    """f(x, w, a, b, ids, gates) -> x @ w + routed term, through the kernel under test."""
+    if kernel == "add":
+        add = functools.partial(routed_lora_add, implementation="pallas", interpret=False, **cfg)
+        return lambda x, w, a, b, i, g: add(jnp.dot(x, w), x, a, b, i, g)
+    return functools.partial(routed_lora_matmul, implementation="pallas", interpret=False, **cfg)
 
 
 def sweep(d_in, d_out, T, args, dtype):
@@ -43,20 +62,20 @@ def sweep(d_in, d_out, T, args, dtype):
     print(f"\n{d_in}x{d_out} T={T}: x@W {1e3 * t_plain:.4f} ms ({nbytes / t_plain / 1e9:.0f} GB/s); "
           f"xla routed {1e3 * t_xla:.4f} ms ({t_xla / t_plain:.2f}x)", flush=True)
     rows = []
-    for (bn, bk), splits, warps in itertools.product(TILES, SPLITS, args.warps):
-        cfg = dict(block_out=bn, block_in=bk, splits=splits, num_warps=warps)
-        f = functools.partial(routed_lora_matmul, implementation="pallas", interpret=False, **cfg)
+    for cfg in _configs(args.kernel, args.warps):
+        f = _kernel(args.kernel, **cfg)
         try:
             err = rel_err(jax.jit(f)(x, Ws[0], As[0], Bs[0], ids, gates), want)
             t = timeit(per_layer(f), *inputs, iters=args.iters) / M
         except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result too
             print(f"  {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
-        row = dict(d_in=d_in, d_out=d_out, T=T, **cfg, ms=1e3 * t, gbps=nbytes / t / 1e9, vs_plain=t / t_plain,
-                   vs_xla=t / t_xla, rel_err=err, plain_ms=1e3 * t_plain, xla_ms=1e3 * t_xla)
+        row = dict(kernel=args.kernel, d_in=d_in, d_out=d_out, T=T, splits=1)
+        row.update(cfg, ms=1e3 * t, gbps=nbytes / t / 1e9, vs_plain=t / t_plain, vs_xla=t / t_xla, rel_err=err,
+                   plain_ms=1e3 * t_plain, xla_ms=1e3 * t_xla)
         rows.append(row)
-        print(f"  bn={bn:<3} bk={bk:<3} splits={splits} warps={warps}: {row['ms']:.4f} ms "
-              f"{row['gbps']:.0f} GB/s {row['vs_plain']:.2f}x x@W  err {err:.1e}", flush=True)
+        print(f"  bn={row['block_out']:<3} bk={row['block_in']:<3} splits={row['splits']} warps={row['num_warps']}: "
+              f"{row['ms']:.4f} ms {row['gbps']:.0f} GB/s {row['vs_plain']:.2f}x x@W  err {err:.1e}", flush=True)
     best = min(rows, key=lambda r: r["ms"]) if rows else None
     if best:
         print(f"  best: {best['ms']:.4f} ms = {best['vs_plain']:.2f}x x@W with block_out={best['block_out']} "
@@ -66,6 +85,8 @@ def sweep(d_in, d_out, T, args, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernel", default="matmul", choices=("matmul", "add"),
+                   help="routed_lora_matmul, or XLA's x @ W followed by routed_lora_add")
     p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     p.add_argument("--projections", default="q,up,down")
     p.add_argument("--tokens", default="1,8")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (a lent GPU machine starts bare and is held briefly):
-#   native Pallas kernel tests, the kernel benchmark and `lsjax bench decode` at llama2-7b shape.
+#   native Pallas kernel tests, the strategies end to end on the GPU, the tile sweeps, the kernel benchmark
+#   and `lsjax bench decode` at llama2-7b shape.
 # Runs from the repo root without installing: the GPU image already has jax, flax, optax, orbax and
 # transformers. Logs and JSON go to $OUT (default runs/gpu). Pick steps with STEPS="env tests ...".
 #
@@ -13,7 +14,7 @@
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS:-"env tests tune decode_b1 decode_b8 kernels"}
+STEPS=${STEPS:-"env tests tests_e2e tune tune_add decode_b1 decode_b8 kernels"}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 # The decode bench holds the 7B weights twice (stacked + one shared per-layer copy) plus a merged copy.
@@ -50,9 +51,14 @@ for s in $STEPS; do
     tests) TAIL=12 step tests "${TESTS_LIMIT:-150}" $PY -m pytest -q -p no:cacheprovider -x ${TESTS_K:+-k "$TESTS_K"} \
              tests/test_kernels_routed_matmul.py tests/test_kernels_sgmm.py tests/test_kernels_drift_donation.py \
              tests/test_kernels_triton_lowering.py ;;
+    tests_e2e) TAIL=12 step tests_e2e "${TESTS_LIMIT:-150}" $PY -m pytest -q -p no:cacheprovider \
+                 tests/test_adapters_forward.py::test_fused_projection_forms_match_numpy \
+                 tests/test_generate.py::test_strategies_agree tests/test_generate.py::test_baselines_decode ;;
     tune) TAIL=30 step tune "${TUNE_LIMIT:-170}" "${IN_SITE[@]}" $PY -m pallas_kernels.tune --json "$OUT/tune.json" ;;
+    tune_add) TAIL=30 step tune_add "${TUNE_LIMIT:-170}" "${IN_SITE[@]}" $PY -m pallas_kernels.tune --kernel add \
+                --tokens "${TUNE_TOKENS:-1,8}" --json "$OUT/tune_add.json" ;;
     kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-150}" "${IN_SITE[@]}" $PY -m pallas_kernels.bench --shapes llama2-7b --dtype bfloat16 \
-               --json "$OUT/kernels.json" ;;
+               ${KERNELS_ARGS:-} --json "$OUT/kernels.json" ;;
     decode_b1) decode 1 ;;
     decode_b8) decode 8 ;;
     *) echo "unknown step $s" ;;

@@ -396,3 +396,30 @@ def test_adapted_llama_module_matches_pure_function(base, run):
     other = ModelConfig(**{**MC.to_dict(), "rope": MC.rope, "num_layers": 3})
     with pytest.raises(AdapterError, match="built for"):
         AdaptedLlama(Llama(other, rngs=nnx.Rngs(0)), model.adapter)
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_fused_projection_forms_match_numpy(routed):
+    """The `fused` projection's Pallas form (as on a GPU; interpreted on CPU) and XLA form equal numpy,
+    each row with its own experts (route None: plain LoRA)."""
+    from lsjax.adapters.methods import fused_project
+    from lsjax.adapters.routing import Routing
+
+    rng = np.random.default_rng(7)
+    bsz, d_in, d_out, E, r, k, scale = 3, 40, 24, 4, 8, 2, 0.5
+    x = rng.normal(size=(bsz, 1, d_in)).astype(np.float32)
+    w = rng.normal(size=(d_in, d_out)).astype(np.float32)
+    a = rng.normal(size=(E, d_in, r)).astype(np.float32)
+    b = rng.normal(size=(E, r, d_out)).astype(np.float32)
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(bsz)])[:, None]
+    gates = rng.dirichlet(np.ones(k), size=bsz)[:, None].astype(np.float32)
+    route = Routing(jnp.asarray(ids, jnp.int32), jnp.asarray(gates)) if routed else None
+    want = x.astype(np.float64) @ w
+    for t in range(bsz):
+        for ids_t, g_t in (zip(ids[t, 0], gates[t, 0]) if routed else [(0, 1.0)]):
+            want[t, 0] += scale * g_t * (x[t, 0].astype(np.float64) @ a[ids_t] @ b[ids_t])
+    for implementation in ("pallas", "xla"):
+        got = fused_project(jnp.asarray(x), jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), route, scale,
+                            implementation=implementation)
+        assert got.shape == (bsz, 1, d_out)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
