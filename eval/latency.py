@@ -198,19 +198,22 @@ def fastest(records: list[Record], method: str, batch: int) -> Record | None:
                default=None)
 
 
-def select_configs(spec: str) -> list[tuple[str, str]]:
-    """`--methods`: comma-separated methods (every strategy of each) or `method:strategy` pairs."""
-    known = [f"{m}:{s}" for m, s in CONFIGS if m != "base"]
+def select_configs(entries: str | tuple[str, ...] | list[str], what: str = "--methods") -> list[tuple[str, str]]:
+    """(method, strategy) pairs from methods (every strategy of each) or `method/strategy` entries,
+    comma-separated or a sequence; an unknown entry is refused by name."""
+    if isinstance(entries, str):
+        entries = entries.split(",")
+    known = [f"{m}/{s}" for m, s in CONFIGS if m != "base"]
     picked = []
-    for entry in (e.strip() for e in spec.split(",") if e.strip()):
-        method, _, strategy = entry.partition(":")
+    for entry in (e.strip() for e in entries if e.strip()):
+        method, _, strategy = entry.partition("/")
         match = [(m, s) for m, s in CONFIGS if m == method and strategy in ("", s)]
         if not match:
-            raise ConfigError(f"--methods entry {entry!r} is unknown; expected a method "
+            raise ConfigError(f"{what} entry {entry!r} is unknown; expected a method "
                               f"({', '.join(dict.fromkeys(m for m, _ in CONFIGS))}) or one of {', '.join(known)}")
         picked += match
     if not picked:
-        raise ConfigError(f"--methods {spec!r} selects nothing")
+        raise ConfigError(f"{what} {','.join(entries)!r} selects nothing")
     return [c for c in CONFIGS if c in picked]  # the table's order, each once
 
 
@@ -352,7 +355,7 @@ def add_bench_parser(subparsers) -> None:
     dec.add_argument("--cache-dir", default=".cache/lsjax")
     dec.add_argument("--dtype", default="float32")
     dec.add_argument("--methods", default="base,lora,layerwise,blockwise,switch",
-                     help="methods (all their strategies) or method:strategy pairs, e.g. base,switch:unmerged")
+                     help="methods (all their strategies) or method/strategy pairs, e.g. base,switch/unmerged")
     dec.add_argument("--batch", default="1,8")
     dec.add_argument("--experts", type=int, default=8)
     dec.add_argument("--top-k", type=int, default=2)

@@ -67,11 +67,11 @@ class Plan:
     results_md: str | None = None                 # also write the report here (and results.json beside it)
 
     def __post_init__(self):
-        timed = tuple(m.split("/")[0] for m in self.latency_methods)
-        for field, values, known in (("methods", self.methods, METHODS), ("latency_methods", timed, ("base", *METHODS))):
-            unknown = [m for m in values if m not in known]
-            if unknown:
-                raise ConfigError(f"{field}: unknown method {unknown[0]!r}; expected some of {list(known)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"methods: unknown method {unknown[0]!r}; expected some of {list(METHODS)}")
+        from lsjax.eval.latency import select_configs
+        select_configs(self.latency_methods, what="latency_methods")
         from lsjax.train.data import TASKS as KNOWN_TASKS
         unknown = [t for t in self.tasks if t not in KNOWN_TASKS]
         if not self.tasks or unknown:
@@ -215,7 +215,7 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     import jax
 
     from lsjax.adapters import open_adapter
-    from lsjax.eval.latency import CONFIGS, decode_entries, random_adapter, time_decode
+    from lsjax.eval.latency import decode_entries, random_adapter, select_configs, time_decode
     from lsjax.strategies import resolve_native
 
     path = run_dir / "latency.json"
@@ -224,7 +224,7 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
         print("latency: measured already")
         return saved
     random_args = SimpleNamespace(experts=8, top_k=2, rank=16, targets="all-linear", dtype="float32")
-    wanted = [(m, s) for m, s in CONFIGS if m in plan.latency_methods or f"{m}/{s}" in plan.latency_methods]
+    wanted = select_configs(plan.latency_methods)
     loaded = {}
     for method in {m for m, _ in wanted if m != "base"}:
         loaded[method] = (open_adapter(adapters[method], model.config) if method in adapters

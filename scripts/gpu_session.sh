@@ -7,9 +7,11 @@
 #
 #   OUT=/tmp/gpu STEPS="env decode_b1" bash scripts/gpu_session.sh
 #
-# On a lent H100 (10 min a call) the steps took: tests 100 s (TESTS_K=native: 30 s), tune 170 s
-# and more (cut short), decode_b1 240 s (15-60 s of compiling per configuration), decode_b8 with
-# METHODS=base,switch 100 s, kernels over 150 s (cut short). So split them over two calls, e.g.
+# On a lent H100 (10 min a call) the steps took: tests 100 s (TESTS_K=native: 20-50 s), tests_e2e
+# 125 s, tune 170 s and more (cut short), tune_add with TUNE_TOKENS=1 65 s, decode_b1 240-290 s
+# (15-60 s of compiling per configuration; METHODS=base,switch 110 s), decode_b8 for every method
+# 270 s, kernels over 150 s (cut short; KERNELS_ARGS="--projections q,down --tokens 1": 110 s).
+# So split them over calls, e.g.
 #   STEPS="env tests decode_b1"   then   STEPS="decode_b8 kernels" KERNELS_LIMIT=300
 set -u
 OUT=${OUT:-runs/gpu}

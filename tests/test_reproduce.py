@@ -132,7 +132,8 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
 
 def test_plan_is_validated_eagerly(tmp_path):
     for changes, message in [({"methods": ("lora", "moe")}, "methods: unknown method 'moe'"),
-                             ({"latency_methods": ("base", "nope/merged")}, "latency_methods: unknown method 'nope'"),
+                             ({"latency_methods": ("base", "nope/merged")}, "latency_methods entry 'nope/merged' is unknown"),
+                             ({"latency_methods": ("base", "lora/fused")}, "latency_methods entry 'lora/fused' is unknown"),
                              ({"tasks": ("arc_easy", "mmlu_pro")}, "'mmlu_pro' is not a known task"),
                              ({"steps": 0}, "steps=0 is invalid"), ({"eval_limit": -1}, "eval_limit=-1"),
                              ({"lr": 0.0}, "lr=0.0 is invalid")]:
