@@ -87,6 +87,12 @@ def per_layer(f):
     return jax.jit(run)
 
 
+def projected_add(**kwargs):
+    """f(x, w, a, b, ids, gates): XLA's own x @ w, then `routed_lora_add(..., **kwargs)` onto it."""
+    add = functools.partial(routed_lora_add, **kwargs)
+    return lambda x, w, a, b, ids, gates: add(jnp.dot(x, w), x, a, b, ids, gates)
+
+
 def _rand(key, shape, dtype, scale):
     return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
@@ -189,11 +195,9 @@ def bench_projection(name, proj, cfg, args, impls, dtype, copy_bw, check):
         nbytes = d_in * d_out * s + io + min(T * k, E) * r * (d_in + d_out) * s
         want = routed_lora_matmul_reference(x, Ws[-1], As[-1], Bs[-1], ids, gates) if check else None
         for impl in impls:
-            add = functools.partial(routed_lora_add, implementation=impl)
             for kernel, fn in [
                 ("routed_lora_matmul", functools.partial(routed_lora_matmul, implementation=impl)),
-                # XLA's own x @ W, then the routed term alone in one launch added onto it
-                ("x @ W + routed_lora_add", lambda x, w, a, b, i, g, add=add: add(jnp.dot(x, w), x, a, b, i, g)),
+                ("x @ W + routed_lora_add", projected_add(implementation=impl)),
             ]:
                 t = timeit(per_layer(fn), x, Ws, As, Bs, ids, gates, iters=it) / M
                 extra = dict(T=T, vs_plain=t / t_plain)

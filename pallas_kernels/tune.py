@@ -19,9 +19,9 @@ import json
 import jax
 import jax.numpy as jnp
 
-from .bench import PROJECTIONS, SHAPES, make_inputs, per_layer, rel_err, route, timeit
+from .bench import PROJECTIONS, SHAPES, make_inputs, per_layer, projected_add, rel_err, route, timeit
 from .reference import routed_lora_matmul_reference
-from .routed_matmul import routed_lora_add, routed_lora_matmul
+from .routed_matmul import routed_lora_matmul
 
 # (block_out, block_in) pairs, most promising first: wide column tiles read long contiguous runs.
 TILES = [(128, 64), (128, 128), (64, 128), (256, 64), (64, 64), (32, 64), (256, 32), (128, 32)]
@@ -41,8 +41,7 @@ def _configs(kernel, warps):
 def _kernel(kernel, **cfg):
     """f(x, w, a, b, ids, gates) -> x @ w + routed term, through the kernel under test."""
     if kernel == "add":
-        add = functools.partial(routed_lora_add, implementation="pallas", interpret=False, **cfg)
-        return lambda x, w, a, b, i, g: add(jnp.dot(x, w), x, a, b, i, g)
+        return projected_add(implementation="pallas", interpret=False, **cfg)
     return functools.partial(routed_lora_matmul, implementation="pallas", interpret=False, **cfg)
 
 
