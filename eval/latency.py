@@ -1,7 +1,7 @@
 """`lsjax bench decode`: decode latency of the base model, plain LoRA and the routed methods.
 
 Every configuration is compiled first, then timed in interleaved rounds (base, lora, ..., base,
-lora, ...) so machine noise hits all of them alike; each timed generation follows a short untimed one
+lora, ...), one set of rounds per batch size, so machine noise hits all of them alike; each timed generation follows a short untimed one
 of the same configuration, so none pays for the state the previous one left. Each figure is a
 median over rounds, and every ratio compares figures of the same run. The memory floor is the
 weight bytes over a device copy's bandwidth measured in the same run (bytes read + written per
@@ -128,8 +128,8 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], bat
                 huge_pages: bool = True) -> tuple[list[Record], dict[str, float]]:
     """Decode ms/token and prefill ms of every `(method, strategy, adapter, native)` entry at every batch size.
 
-    All entries are compiled first, then timed in `rounds` interleaved rounds (medians); every ratio
-    compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes", "floor_ms",
+    All entries are compiled first, then timed in `rounds` interleaved rounds (medians) per batch
+    size; every ratio compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes", "floor_ms",
     "read_gb_s", "read_floor_ms", "failed"}` (floors: weight bytes over the copy / read bandwidth).
     A configuration that fails to build or compile is named under "failed" (and printed) and the
     others are still timed. `merged` switch is batch-1 only and is skipped at larger batches.
@@ -169,13 +169,20 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], bat
             generators[(method, strategy, matvec, batch)] = (gen, prompts)
     bandwidth, reads = copy_bandwidth(), read_bandwidth()
     samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
-    for _ in tqdm(range(rounds), desc="timing rounds", unit="round", disable=not progress):
-        for key, (gen, prompts) in generators.items():
-            # a few untimed tokens first: the previous configuration's threads (XLA's pool spins a while
-            # after a batch-8 step) and caches must not be charged to this one
-            gen.generate(prompts, max_new_tokens=min(4, new_tokens), stop_token_ids=())
-            timings = gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=()).timings
-            samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"]))
+    # Each batch size has its own interleaved rounds: a ratio compares configurations of one batch
+    # size, and a batch-8 step leaves XLA's thread pool spinning on the second core for a while,
+    # which would land on whichever batch-1 configuration came next.
+    with tqdm(total=rounds * len(batches), desc="timing rounds", unit="round", disable=not progress) as bar:
+        for batch in batches:
+            group = [(key, value) for key, value in generators.items() if key[3] == batch]
+            for _ in range(rounds):
+                for key, (gen, prompts) in group:
+                    # a few untimed tokens first: the previous configuration's state (threads, caches)
+                    # must not be charged to this one
+                    gen.generate(prompts, max_new_tokens=min(4, new_tokens), stop_token_ids=())
+                    timings = gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=()).timings
+                    samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"]))
+                bar.update()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
     floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
     records = []

@@ -99,3 +99,32 @@ def test_methods_select_strategies_and_refuse_unknown_entries():
             select_configs(bad)
     with pytest.raises(ConfigError, match="selects nothing"):
         select_configs(" , ")
+
+
+def test_each_batch_size_is_timed_in_its_own_rounds(tmp_path, monkeypatch):
+    """A batch-8 step's leftovers (XLA's spinning pool) must not land on a batch-1 figure."""
+    from lsjax.generate import Generator
+
+    make_hf_model(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    model, tok = lsjax.load(tmp_path / "ckpt")
+    seen = []
+    generate = Generator.generate
+
+    def recording(self, prompts, **kw):
+        seen.append((id(self), len(prompts)))
+        return generate(self, prompts, **kw)
+
+    monkeypatch.setattr(Generator, "generate", recording)
+    entries = [("base", "-", None, False), ("lora", "merged", random_adapter(model.config, "lora", _Args), False)]
+    records, _ = time_decode(model, tok, entries, [1, 2], prompt_len=5, new_tokens=3, rounds=2, progress=False)
+    assert sorted((r.method, r.batch, r.rounds) for r in records) == [("base", 1, 2), ("base", 2, 2),
+                                                                       ("lora", 1, 2), ("lora", 2, 2)]
+    timing = [batch for _, batch in seen[4:]]  # after the four compile-and-warm-up calls
+    assert timing == [1] * 8 + [2] * 8  # per round and configuration: an untimed warm-up, then the timed one
+    first_round = [gen for gen, _ in seen[4:8]]  # configurations alternate within a batch size's rounds
+    assert first_round[0] == first_round[1] != first_round[2] == first_round[3]
+
+
+class _Args:
+    experts, top_k, rank, targets, dtype = 4, 2, 4, "all-linear", "float32"
