@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (a lent GPU machine starts bare and is held briefly):
-#   native Pallas kernel tests, the strategies end to end on the GPU, the tile sweeps, the kernel benchmark
-#   and `lsjax bench decode` at llama2-7b shape.
+#   native Pallas kernel tests, the strategies end to end on the GPU, the tile sweeps, the kernel benchmark,
+#   `lsjax bench decode` at llama2-7b shape, and training throughput there (`train`, not run yet).
 # Runs from the repo root without installing: the GPU image already has jax, flax, optax, orbax and
 # transformers. Logs and JSON go to $OUT (default runs/gpu). Pick steps with STEPS="env tests ...".
 #
@@ -61,6 +61,9 @@ for s in $STEPS; do
                 --tokens "${TUNE_TOKENS:-1,8}" --json "$OUT/tune_add.json" ;;
     kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-150}" "${IN_SITE[@]}" $PY -m pallas_kernels.bench --shapes llama2-7b --dtype bfloat16 \
                ${KERNELS_ARGS:-} --json "$OUT/kernels.json" ;;
+    train) TAIL=12 step train "${TRAIN_LIMIT:-280}" "${IN_SITE[@]}" $PY -m lsjax.train.bench --shape "${SHAPE:-llama2-7b}" \
+             --dtype "${DTYPE:-bfloat16}" --batch "${TRAIN_BATCH:-8}" --length "${TRAIN_LENGTH:-512}" --steps 3 \
+             --methods "${TRAIN_METHODS:-lora,switch}" --json "$OUT/train.json" ;;
     decode_b1) decode 1 ;;
     decode_b8) decode 8 ;;
     *) echo "unknown step $s" ;;

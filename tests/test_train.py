@@ -376,3 +376,59 @@ def test_jsonl_text_data(tiny_ckpt, tmp_path):
                                     "data.tasks=[]", f"data.text_files=[{path}]", "adapter.method=lora",
                                     "adapter.num_experts=1"]))
     assert last["step"] == 2 and np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
+
+
+TINY_SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, max_position_embeddings=64)
+
+
+def test_train_bench_times_every_method_from_a_checkpoint_or_a_shape(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import jax
+
+    from lsjax.config import ModelConfig
+    from lsjax.eval import latency
+    from lsjax.model import param_shapes
+    from lsjax.train.bench import main, random_base, random_batch
+    from lsjax.train.loop import make_mesh
+    from lsjax.train.config import MeshConfig
+
+    out = tmp_path / "train_bench.json"
+    assert main(["--model", str(tiny_ckpt), "--batch", "2", "--length", "8", "--steps", "1",
+                 "--methods", "lora,switch", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["method"] for r in records] == ["lora", "switch"]
+    for r in records:
+        assert r["step_s"] > 0 and r["forward_s"] > 0 and r["source"] == str(tiny_ckpt)
+        assert abs(r["tokens_per_s"] - 2 * 8 / r["step_s"]) < 1e-6 * r["tokens_per_s"]
+        assert abs(r["step_over_forward"] - r["step_s"] / r["forward_s"]) < 1e-9
+    assert "| switch |" in capsys.readouterr().out
+
+    # random weights of a named shape: every parameter of that shape, norms 1, the rest N(0, 0.02)
+    monkeypatch.setitem(latency.SHAPES, "tiny-test", TINY_SHAPE)
+    config = ModelConfig.from_dict(TINY_SHAPE)
+    base = random_base(config, np.float32, make_mesh(MeshConfig()))
+    shapes = jax.tree.leaves(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    assert [tuple(x.shape) for x in jax.tree.leaves(base)] == [tuple(s) for s in shapes]
+    assert np.all(np.asarray(base["norm"]) == 1) and abs(float(np.std(np.asarray(base["embed"]))) - 0.02) < 0.003
+    batch = random_batch(config.vocab_size, 3, 8)  # answer = the second half: targets of positions 4..7
+    assert batch["ids"].shape == (3, 8) and batch["mask"].all()
+    assert (batch["weights"] == np.array([0, 0, 0, 0, 1, 1, 1, 1], np.float32)).all()
+    assert main(["--shape", "tiny-test", "--batch", "2", "--length", "8", "--steps", "1", "--methods", "blockwise",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["records"][0]["source"] == "random tiny-test"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "gpt5"], "--shape 'gpt5' is not known"),
+    (["--shape", "smollm2-135m", "--methods", "lora,moe"], "--methods: unknown ['moe']"),
+    (["--shape", "smollm2-135m", "--dtype", "float16"], "--dtype 'float16': expected float32 or bfloat16"),
+    (["--shape", "smollm2-135m", "--batch", "0"], "--batch 0: expected a positive integer"),
+    (["--model", "/nonexistent/ckpt"], "/nonexistent/ckpt: not an lsjax checkpoint"),
+])
+def test_train_bench_refuses_bad_flags_before_any_work(args, message, tmp_path, capsys):
+    from lsjax.train.bench import main
+
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--json", str(out)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()

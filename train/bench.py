@@ -1,9 +1,15 @@
-"""CPU/GPU training throughput: `python -m lsjax.train.bench --model CKPT [--batch 8 --length 64 --steps 5]`.
+"""Training throughput: `python -m lsjax.train.bench (--model CKPT | --shape llama2-7b) [--batch 8 --length 64]`.
 
-For each method (lora, switch, layerwise, blockwise; dense computation, fp32 unless --dtype), times
-`train_step` (forward + backward + AdamW on the adapter) and a jitted base-model forward of the same
-batch, after one warm-up call each; prints tokens/s (B * S positions per second) and the ratio
-step time / base forward time, as a Markdown table.
+For each method (lora, switch, layerwise, blockwise; dense expert computation, rank 16, 8 experts
+top-2 for the routed ones, all-linear targets, fp32 unless --dtype), times `train_step` (forward +
+backward through the frozen base + AdamW on the adapter) and a jitted base-model forward of the same
+batch, after one warm-up call each; prints tokens/s (B * S positions per second) and the ratio step
+time / base forward time as a Markdown table, and with `--json FILE` writes the records.
+
+The batch is random tokens with the second half of every row as the answer: a dense step's work does
+not depend on the token values, so no dataset is needed. `--shape` replaces the checkpoint with
+random base weights of a named shape (`lsjax.eval.latency.SHAPES`), so a GPU machine without
+checkpoints can time 7B shapes. Arrays are laid out on a one-device mesh by `lsjax.sharding`'s rules.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+METHODS = ("lora", "switch", "layerwise", "blockwise")
 
 
 def _time(fn, repeats: int) -> float:
@@ -25,48 +34,125 @@ def _time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def main(argv=None) -> None:
-    from lsjax.model import forward
-    from lsjax.train.config import load_config
-    from lsjax.train.loop import Run
-    from lsjax.train.step import global_batch, jit_train_step
+def random_base(config, dtype, mesh, seed: int = 0) -> dict:
+    """Base params of `config`'s shapes, N(0, 0.02) (norms 1), made on device, sharded over `mesh`."""
+    from lsjax.model import param_shapes
+    from lsjax.sharding import param_shardings
 
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True)
+    shapes = param_shapes(config)
+    paths = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+
+    def make():
+        keys = iter(jax.random.split(jax.random.key(seed), len(paths)))
+
+        def one(path, shape):
+            if "norm" in jax.tree_util.keystr(path):
+                return jnp.ones(shape, dtype)
+            return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+        return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+    return jax.jit(make, out_shardings=param_shardings(shapes, mesh))()
+
+
+def random_batch(vocab_size: int, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`make_batch` of random rows: `length` input positions, the second half of each row the answer."""
+    from lsjax.train.batches import make_batch
+
+    rng = np.random.default_rng(seed)
+    examples = np.zeros((batch, 2, length + 1), np.int32)
+    examples[:, 0] = rng.integers(3, vocab_size, (batch, length + 1))
+    examples[:, 1, length // 2 + 1:] = 1  # flags of positions 1.. are the weights of targets 0..
+    return make_batch(examples)
+
+
+def run(args) -> list[dict]:
+    from lsjax.adapters import AdapterConfig
+    from lsjax.checkpoint import load_params
+    from lsjax.config import ModelConfig
+    from lsjax.errors import ConfigError
+    from lsjax.eval.latency import SHAPES
+    from lsjax.model import forward
+    from lsjax.train.config import MeshConfig, OptimConfig
+    from lsjax.train.loop import make_mesh
+    from lsjax.train.step import global_batch, init_state, jit_train_step, make_optimizer, make_train_step
+
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype {args.dtype!r}: expected float32 or bfloat16")
+    for name in ("batch", "length", "steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
+    if args.shape is not None and args.shape not in SHAPES:
+        raise ConfigError(f"--shape {args.shape!r} is not known; expected one of {sorted(SHAPES)}")
+    dtype = jnp.dtype(args.dtype)
+    mesh = make_mesh(MeshConfig())
+    if args.shape is not None:
+        model_config = ModelConfig.from_dict(SHAPES[args.shape])
+        base, source = random_base(model_config, dtype, mesh), f"random {args.shape}"
+    else:
+        (model_config, base), source = load_params(args.model, dtype, mesh), args.model
+    batch = global_batch(random_batch(model_config.vocab_size, args.batch, args.length), mesh)
+    tokens = args.batch * args.length
+
+    fwd = jax.jit(lambda base, ids, mask: forward(model_config, base, ids, mask))
+    fwd_time = _time(lambda: fwd(base, batch["ids"], batch["mask"]), args.steps)
+    print(f"{source}: jax {jax.__version__}, {jax.devices()[0].device_kind}, batch {args.batch} x {args.length} "
+          f"tokens, {args.dtype}, median of {args.steps}")
+    print("| method | train step (s) | train tokens/s | base forward (s) | step / forward |")
+    print("|---|---|---|---|---|")
+    records = []
+    for method in methods:
+        routed = method != "lora"
+        adapter = AdapterConfig(method=method, num_experts=8 if routed else 1, top_k=2 if routed else 1, rank=16,
+                                computation="dense")
+        tx, schedule = make_optimizer(OptimConfig(), 100)
+        holder = {"state": init_state(model_config, adapter, tx, 0, mesh)}
+        step = jit_train_step(make_train_step(model_config, adapter, tx, schedule, dtype=dtype), holder["state"],
+                              base, mesh)
+
+        def train_once():
+            holder["state"], metrics = step(holder["state"], base, batch)
+            return metrics
+
+        t_step = _time(train_once, args.steps)
+        records.append({"method": method, "step_s": t_step, "tokens_per_s": tokens / t_step,
+                        "forward_s": fwd_time, "step_over_forward": t_step / fwd_time, "batch": args.batch,
+                        "length": args.length, "dtype": args.dtype, "source": source,
+                        "device": jax.devices()[0].device_kind, "jax": jax.__version__})
+        print(f"| {method} | {t_step:.3f} | {tokens / t_step:.0f} | {fwd_time:.3f} | {t_step / fwd_time:.1f} |",
+              flush=True)
+    if args.json:
+        from lsjax.jsonfile import write_json
+
+        write_json(args.json, {"records": records})
+    return records
+
+
+def main(argv=None) -> int:
+    from lsjax.errors import LsjaxError
+
+    p = argparse.ArgumentParser(prog="python -m lsjax.train.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="lsjax checkpoint")
+    source.add_argument("--shape", help="random base weights of this shape instead (e.g. llama2-7b)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--methods", default="lora,switch,layerwise,blockwise")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--json", help="write the records here")
     args = p.parse_args(argv)
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x{len(jax.devices())}, "
-          f"batch {args.batch} x {args.length} tokens, {args.dtype}, median of {args.steps}")
-    print("| method | train step (s) | train tokens/s | base forward (s) | step / forward |")
-    print("|---|---|---|---|---|")
-    fwd_time = None
-    for method in args.methods.split(","):
-        experts = 1 if method == "lora" else 8
-        config = load_config(None, [f"model={args.model}", f"batch_size={args.batch}", f"data.max_length={args.length}",
-                                    "data.eval_docs=0", "data.tasks=[arc_easy]", f"adapter.method={method}",
-                                    f"adapter.num_experts={experts}", "adapter.rank=16", f"dtype={args.dtype}",
-                                    "progress=false"])
-        run = Run(config)
-        batch = global_batch(next(run.iterator), run.mesh)
-        step = jit_train_step(run.step_fn, run.state, run.base, run.mesh)
-        holder = {"state": run.state}
-
-        def train_once():
-            holder["state"], metrics = step(holder["state"], run.base, batch)
-            return metrics
-
-        t_step = _time(train_once, args.steps)
-        if fwd_time is None:
-            fwd = jax.jit(lambda base, ids, mask: forward(run.model_config, base, ids, mask))
-            fwd_time = _time(lambda: fwd(run.base, batch["ids"], batch["mask"]), args.steps)
-        tokens = args.batch * args.length
-        print(f"| {method} | {t_step:.3f} | {tokens / t_step:.0f} | {fwd_time:.3f} | {t_step / fwd_time:.1f} |",
-              flush=True)
+    try:
+        run(args)
+    except LsjaxError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
