@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from lsjax.errors import LsjaxError
 
@@ -33,13 +34,19 @@ def _generate(args) -> None:
         from lsjax.adapters import open_adapter
         adapter = open_adapter(args.adapter, model.config)
     generator = Generator(model, tokenizer, adapter, strategy=args.strategy)
-    reason = None
+    reason, arrivals, start = None, [], time.perf_counter()
     for event in generator.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                   stop_strings=args.stop, chat=not args.raw):
         print(event.text, end="", flush=True)
+        arrivals.append(time.perf_counter())
         reason = event.finish_reason
     matvecs = "lsjax.native" if generator.native else "XLA"
-    print(f"\n[{reason}; strategy {generator.strategy}; {matvecs} matvecs; "
+    # the first token waits for the prefill's compilation and the second for the step's; then one
+    # decode step each
+    speed = f"first token {arrivals[0] - start:.2f} s (with compiling)"
+    if len(arrivals) > 2:
+        speed += f", then {(arrivals[-1] - arrivals[1]) / (len(arrivals) - 2) * 1e3:.1f} ms/token"
+    print(f"\n[{reason}; {len(arrivals)} tokens; {speed}; strategy {generator.strategy}; {matvecs} matvecs; "
           f"{generator.huge_page_bytes >> 20} MiB on huge pages]", file=sys.stderr)
 
 

@@ -35,7 +35,9 @@ class GenerationResult:
     token_ids: list[list[int]]
     finish_reasons: list[str]  # "stop" (a stop token), "stop_string", or "length"
     prompt_tokens: list[int]
-    timings: dict[str, float]  # prefill_ms, decode_ms_per_token, total_ms (first call: compile included)
+    # prefill_ms, decode_ms_per_token, total_ms; "compiled": 1.0 when this call compiled (a new bucket
+    # or the first call), whose times then include compiling, else 0.0
+    timings: dict[str, float]
 
 
 @dataclasses.dataclass
@@ -183,6 +185,7 @@ class Generator:
         """Generate for a batch of prompts (strings or token ids) on device; texts, ids, reasons, timings."""
         ids, tokens, mask, cache, sampling, stops, pad, budget = self._setup(
             prompts, chat, max_new_tokens, sampling, stop_token_ids)
+        compiled_before = self.compile_count()
         start = time.perf_counter()
         logits, cache = self._prefill(self.bundle, tokens, mask, cache)
         logits.block_until_ready()
@@ -195,7 +198,8 @@ class Generator:
         decode_ms = (time.perf_counter() - start) * 1e3
         result = GenerationResult([], [], [], [len(p) for p in ids],
                                   {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms / max(steps - 1, 1),
-                                   "total_ms": prefill_ms + decode_ms})
+                                   "total_ms": prefill_ms + decode_ms,
+                                   "compiled": float(self.compile_count() > compiled_before)})
         for row in range(len(ids)):
             row_ids = out[row, :steps].tolist()
             reason = "length"
@@ -221,6 +225,9 @@ class Generator:
         logits, cache = self._prefill(self.bundle, tokens, mask, cache)
         key, sub = jax.random.split(jax.random.key(sampling.seed))
         token = sample(logits, sub, **sampling.arrays())
+        # committed to the device, as the step's own outputs are: otherwise the second step call sees
+        # another input placement and compiles the step again
+        key = jax.device_put(key, next(iter(logits.devices())))
         generated: list[int] = []
         shown = ""
         arrays = sampling.arrays()

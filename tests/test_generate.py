@@ -141,9 +141,24 @@ def test_no_recompilation_within_a_bucket(tiny_llama):
     gen = Generator(model, tok)
     gen.generate([[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=5)
     count = gen.compile_count()
-    gen.generate([[9, 8, 7, 6, 5, 4], [3]], max_new_tokens=5, sampling=SamplingConfig(temperature=0.7, top_k=5, seed=3))
-    gen.generate([[11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21]], max_new_tokens=3)
+    later = [gen.generate([[9, 8, 7, 6, 5, 4], [3]], max_new_tokens=5,
+                          sampling=SamplingConfig(temperature=0.7, top_k=5, seed=3)),
+             gen.generate([[11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21]], max_new_tokens=3)]
     assert gen.compile_count() == count
+    assert [r.timings["compiled"] for r in later] == [0.0, 0.0]  # the timings say they include no compiling
+    fresh = gen.generate([[1] * 5] * 5, max_new_tokens=5)  # batch 5: a shape no other test decodes
+    assert fresh.timings["compiled"] == 1.0 and gen.compile_count() > count
+
+
+def test_streaming_compiles_its_step_once(tiny_llama):
+    _, model, tok = tiny_llama
+    gen = Generator(model, tok)
+    before = gen.compile_count()
+    prompt = list(range(3, 103))  # 100 tokens: a bucket (128) no other test streams
+    events = list(gen.stream(prompt, max_new_tokens=6, stop_token_ids=()))
+    assert len(events) == 6 and gen.compile_count() - before == 2  # this bucket's prefill and its step, once each
+    assert [e.token_id for e in gen.stream(prompt, max_new_tokens=6, stop_token_ids=())] == \
+        [e.token_id for e in events] and gen.compile_count() - before == 2
 
 
 def test_stops_streaming_and_seeds(tiny_llama):
