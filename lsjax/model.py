@@ -33,6 +33,15 @@ def plain_project(kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return x @ w
 
 
+def project_group(project: Project, kinds: tuple[str, ...], x: jax.Array, ws: tuple[jax.Array, ...]) -> list[jax.Array]:
+    """Several projections of one input (q, k, v; gate, up): in one call where `project` offers
+    `group(kinds, x, ws)` (`lsjax.native`'s decode products), else one call each."""
+    group = getattr(project, "group", None)
+    if group is not None:
+        return group(kinds, x, list(ws))
+    return [project(kind, x, w) for kind, w in zip(kinds, ws)]
+
+
 # -- building blocks --------------------------------------------------------------------------
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm as HF computes it: normalise in fp32, cast back, then scale."""
@@ -100,9 +109,10 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     """
     b, s, _ = x.shape
     h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
-    q = project("q", h, w["q"]).reshape(b, s, config.num_heads, config.head_dim)
-    k = project("k", h, w["k"]).reshape(b, s, config.num_kv_heads, config.head_dim)
-    v = project("v", h, w["v"]).reshape(b, s, config.num_kv_heads, config.head_dim)
+    q, k, v = project_group(project, ("q", "k", "v"), h, (w["q"], w["k"], w["v"]))
+    q = q.reshape(b, s, config.num_heads, config.head_dim)
+    k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
+    v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     if kv is not None:
@@ -112,7 +122,8 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     attn = attention(q, k, v, mask).reshape(b, s, config.q_size)
     x = x + project("o", attn, w["o"])
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-    gated = jax.nn.silu(project("gate", h, w["gate"])) * project("up", h, w["up"])
+    gate, up = project_group(project, ("gate", "up"), h, (w["gate"], w["up"]))
+    gated = jax.nn.silu(gate) * up
     x = x + project("down", gated, w["down"])
     return x if kv is None else (x, (k_cache, v_cache))
 

@@ -51,6 +51,40 @@ def test_products_match_jnp(rows, k, n):
 
 
 @needs_native
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("k, widths", [(37, (45, 20)), (576, (576, 192, 192)), (64, (1536, 1536))])
+def test_grouped_products_match_one_call_each(rows, k, widths):
+    """q, k, v (or gate, up) in one call: each output equals its own product, routed or not."""
+    x = rand(rows, k)
+    ws = [rand(k, n) for n in widths]
+    as_, bs = [rand(5, k, 3) for _ in widths], [rand(5, 3, n) for n in widths]
+    ids, gates = jnp.asarray(rng.integers(0, 5, (rows, 2)), jnp.int32), rand(rows, 2)
+    assert "lsjax_matmul_group" in targets(native.matmul_group, x, ws)
+    assert "lsjax_routed_matmul_group" in targets(native.routed_matmul_group, x, ws, as_, bs, ids, gates)
+    plain = jax.jit(native.matmul_group)(x, ws)
+    routed = jax.jit(native.routed_matmul_group)(x, ws, as_, bs, ids, gates)
+    for w, a, b, got_plain, got_routed in zip(ws, as_, bs, plain, routed):
+        want = x @ w
+        term = jnp.einsum("tj,tjr,tjrn->tn", gates, jnp.einsum("tk,tjkr->tjr", x, a[ids]), b[ids])
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got_plain, want, atol=1e-5 * scale, rtol=0)
+        np.testing.assert_allclose(got_routed, want + term, atol=1e-5 * scale, rtol=0)
+
+
+def test_groups_the_native_route_cannot_take_fall_back_to_one_call_each():
+    x, ws = rand(2, 32), [rand(32, 8), rand(32, 16)]
+    as_, bs = [rand(3, 32, 2), rand(3, 32, 4)], [rand(3, 2, 8), rand(3, 4, 16)]  # two ranks: not one group
+    ids, gates = jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1))
+    assert "lsjax_routed_matmul_group" not in targets(native.routed_matmul_group, x, ws, as_, bs, ids, gates)
+    for got, w, a, b in zip(native.routed_matmul_group(x, ws, as_, bs, ids, gates), ws, as_, bs):
+        np.testing.assert_allclose(got, native.routed_reference(x, w, a, b, ids, gates), atol=1e-5)
+    big = rand(native.MAX_ROWS + 1, 32)  # prefill-sized rows: XLA's products
+    assert "lsjax_" not in targets(native.matmul_group, big, ws)
+    for got, w in zip(native.matmul_group(big, ws), ws):
+        np.testing.assert_allclose(got, big @ w, atol=1e-5)
+
+
+@needs_native
 def test_leading_axes_and_gateless_rows():
     x, w = rand(2, 1, 64), rand(64, 40)
     np.testing.assert_allclose(jax.jit(native.matmul)(x, w), x @ w, atol=1e-4)
@@ -118,7 +152,8 @@ def test_decode_steps_with_native_matvecs_match_xla(tiny_llama):
 
 @needs_native
 @pytest.mark.parametrize("method, strategy", [(None, "auto"), ("lora", "unmerged"), ("switch", "unmerged"),
-                                              ("switch", "fused"), ("layerwise", "fused")])
+                                              ("switch", "fused"), ("layerwise", "fused"), ("blockwise", "fused"),
+                                              ("blockwise", "unmerged")])
 def test_generators_give_the_same_tokens_with_and_without(tiny_llama, method, strategy):
     _, model, tok = tiny_llama
     adapter = None if method is None else random_adapter(model, method, **(
@@ -130,6 +165,11 @@ def test_generators_give_the_same_tokens_with_and_without(tiny_llama, method, st
         tokens[use] = gen.generate(PROMPTS, max_new_tokens=12, stop_token_ids=()).token_ids
     assert tokens[True] == tokens[False]
     assert Generator(model, tok, adapter, strategy=strategy).native  # the default on CPU, fp32, built
+    if (method, strategy) in ((None, "auto"), ("switch", "fused")):  # q, k, v and gate, up: one call each
+        _, ids, mask, cache, *_ = gen._setup(PROMPTS[:1], False, 4, None, ())
+        step = gen._step.lower(gen.bundle, jnp.zeros((1,), jnp.int32), cache).as_text()
+        target = "lsjax_matmul_group" if method is None else "lsjax_routed_matmul_group"
+        assert step.count(f"@{target}(") == 2 * model.config.num_layers
 
 
 def test_native_choice_and_auto_strategy(monkeypatch):

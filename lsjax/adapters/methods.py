@@ -79,11 +79,39 @@ class LayerProject:
             self.block_route = self._decide(x, self.routers["ffn"], kind)
         if kind not in cfg.targets:
             return self._matmul(x, w)
-        route = self._route_for(kind, x)
+        return self._adapted(kind, x, w, self._route_for(kind, x))
+
+    def group(self, kinds: tuple[str, ...], x: jax.Array, ws: list[jax.Array]) -> list[jax.Array]:
+        """Several projections of one input (`lsjax.model.project_group`), the same values as one call
+        each. With native matvecs their base products run as one call, and under `fused` with one
+        route for all of them (switch, lora, blockwise's FFN) their routed terms too."""
+        cfg = self.config
+        if not self.native:
+            return [self(kind, x, w) for kind, w in zip(kinds, ws)]
+        from lsjax.native import matmul_group
+
+        if cfg.method == "blockwise" and "gate" in kinds:
+            self.block_route = self._decide(x, self.routers["ffn"], "gate")
+        routes = {kind: self._route_for(kind, x) for kind in kinds if kind in cfg.targets}
+        if cfg.computation == "fused" and len(routes) == len(kinds) > 1 and \
+                all(r is routes[kinds[0]] for r in routes.values()):
+            return fused_project_group(x, ws, [self.experts[k]["a"] for k in kinds],
+                                       [self.experts[k]["b"] for k in kinds], routes[kinds[0]], cfg.scale)
+        if cfg.computation == "fused":
+            return [self._adapted(k, x, w, routes[k]) if k in routes else self._matmul(x, w) for k, w in zip(kinds, ws)]
+        bases = matmul_group(x, ws)
+        return [base + self._term(k, x, routes[k]) if k in routes else base for k, base in zip(kinds, bases)]
+
+    def _adapted(self, kind: str, x: jax.Array, w: jax.Array, route: Routing | None) -> jax.Array:
         a, b = self.experts[kind]["a"], self.experts[kind]["b"]
-        if cfg.computation == "fused":  # one kernel: x @ W plus each row's own experts
-            return fused_project(x, w, a, b, route, cfg.scale, self.native)
-        return self._matmul(x, w) + lora_term(self._dropout(kind, x), a, b, route, cfg.scale, cfg.computation).astype(x.dtype)
+        if self.config.computation == "fused":  # one kernel: x @ W plus each row's own experts
+            return fused_project(x, w, a, b, route, self.config.scale, self.native)
+        return self._matmul(x, w) + self._term(kind, x, route)
+
+    def _term(self, kind: str, x: jax.Array, route: Routing | None) -> jax.Array:
+        cfg = self.config
+        a, b = self.experts[kind]["a"], self.experts[kind]["b"]
+        return lora_term(self._dropout(kind, x), a, b, route, cfg.scale, cfg.computation).astype(x.dtype)
 
     def _matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
         if self.native:
@@ -167,13 +195,7 @@ def fused_project(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, route:
 
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
-    if route is None:  # plain LoRA: expert 0 with gate 1
-        ids = jnp.zeros((rows.shape[0], 1), jnp.int32)
-        gates = jnp.full((rows.shape[0], 1), scale, jnp.float32)
-    else:
-        ids = route.ids.reshape(rows.shape[0], -1)
-        gates = scale * route.gates.reshape(rows.shape[0], -1)
-    gates = gates.astype(jnp.float32)
+    ids, gates = _route_arrays(route, rows.shape[0], scale)
     if native:
         from lsjax.native import routed_matmul
 
@@ -181,6 +203,27 @@ def fused_project(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, route:
     else:
         y = routed_lora_matmul(rows, w, a, b, ids, gates, implementation=implementation)
     return y.reshape(*lead, w.shape[-1])
+
+
+def _route_arrays(route: Routing | None, rows: int, scale: float) -> tuple[jax.Array, jax.Array]:
+    """`ids`, `gates [rows, J]` of a route (None, plain LoRA: expert 0 with gate 1), scale folded in."""
+    if route is None:
+        return jnp.zeros((rows, 1), jnp.int32), jnp.full((rows, 1), scale, jnp.float32)
+    return route.ids.reshape(rows, -1), (scale * route.gates.reshape(rows, -1)).astype(jnp.float32)
+
+
+def fused_project_group(x: jax.Array, ws: list[jax.Array], as_: list[jax.Array], bs: list[jax.Array],
+                        route: Routing | None, scale: float) -> list[jax.Array]:
+    """`[fused_project(x, w, a, b, route, scale, native=True) ...]` over one input and one route, as
+    one `lsjax.native.routed_matmul_group` call where it applies."""
+    from lsjax.native import routed_matmul_group
+    from pallas_kernels import routed_lora_matmul
+
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    ids, gates = _route_arrays(route, rows.shape[0], scale)
+    ys = routed_matmul_group(rows, ws, as_, bs, ids, gates, otherwise=routed_lora_matmul)
+    return [y.reshape(*lead, w.shape[-1]) for y, w in zip(ys, ws)]
 
 
 def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:

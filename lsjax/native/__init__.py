@@ -3,6 +3,8 @@
     matmul(x, w)                          x [..., K] @ w [K, N]
     matmul_t(x, wt)                       x [1, K] @ wt[N, K].T        (the tied vocabulary head, batch 1)
     routed_matmul(x, w, a, b, ids, gates) x @ w + sum_j gates[t, j] (x[t] @ a[ids[t, j]]) @ b[ids[t, j]]
+    matmul_group(x, ws), routed_matmul_group(x, ws, as_, bs, ids, gates)
+                                          several of those over the same x (q, k, v; gate, up) in one call
 
 Each equals its jnp expression up to float summation order. Under jit each runs the native code
 when it can (library built, a CPU backend, float32 everywhere, at most `MAX_ROWS` rows: decode, not
@@ -28,7 +30,9 @@ SOURCE = Path(__file__).with_name("matvec.cc")
 LIBRARY = Path(__file__).with_name("_matvec.so")
 MAX_ROWS = 16  # more rows than this (prefill) are matrix products: XLA's GEMM wins there
 TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT",
-           "lsjax_routed_matmul": "LsjaxRoutedMatmul"}
+           "lsjax_routed_matmul": "LsjaxRoutedMatmul", "lsjax_matmul_group": "LsjaxMatmulGroup",
+           "lsjax_routed_matmul_group": "LsjaxRoutedMatmulGroup"}
+MAX_GROUP = 4  # products per grouped call
 
 
 @functools.cache
@@ -103,7 +107,55 @@ def routed_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: j
                  otherwise=otherwise)
 
 
-def project(kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`lsjax.model.plain_project` through `matmul` (the base model's decode projections)."""
-    del kind
-    return matmul(x, w)
+def _group_call(target: str, rows: jax.Array, widths: list[int], *args, otherwise: Callable) -> list[jax.Array]:
+    results = [jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32) for n in widths]
+    native = jax.ffi.ffi_call(target, results)
+    return list(jax.lax.platform_dependent(rows, *args, cpu=lambda *a: tuple(native(*a)),
+                                           default=lambda *a: tuple(otherwise(*a))))
+
+
+def matmul_group(x: jax.Array, ws: list[jax.Array]) -> list[jax.Array]:
+    """`[x @ w for w in ws]` in one call (the products of one input: q, k, v or gate, up)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    if len(ws) == 1 or len(ws) > MAX_GROUP or not _usable(rows.shape[0], x, *ws):
+        return [matmul(x, w) for w in ws]
+
+    def xla(rows, *ws):
+        return [rows @ w for w in ws]
+
+    ys = _group_call("lsjax_matmul_group", rows, [w.shape[1] for w in ws], *ws, otherwise=xla)
+    return [y.reshape(*lead, y.shape[-1]) for y in ys]
+
+
+def routed_matmul_group(x: jax.Array, ws: list[jax.Array], as_: list[jax.Array], bs: list[jax.Array],
+                        ids: jax.Array, gates: jax.Array, *, otherwise: Callable = routed_reference) -> list[jax.Array]:
+    """`[routed_matmul(x, w, a, b, ids, gates) for w, a, b in zip(ws, as_, bs)]` in one call: rows
+    `x [T, K]`, one route `ids`/`gates [T, J]` for every product, A's of one rank."""
+    usable = (1 < len(ws) <= MAX_GROUP and len({a.shape[-1] for a in as_}) == 1
+              and _usable(x.shape[0], x, *ws, *as_, *bs, gates))
+    if not usable:
+        return [routed_matmul(x, w, a, b, ids, gates, otherwise=otherwise) for w, a, b in zip(ws, as_, bs)]
+    S = len(ws)
+
+    def xla(rows, ids, gates, *weights):
+        return [otherwise(rows, w, a, b, ids, gates) for w, a, b in zip(weights[:S], weights[S:2 * S], weights[2 * S:])]
+
+    return _group_call("lsjax_routed_matmul_group", x, [w.shape[1] for w in ws], ids.astype(jnp.int32), gates,
+                       *ws, *as_, *bs, otherwise=xla)
+
+
+class Project:
+    """`lsjax.model.plain_project` through `matmul` (the base model's decode projections), with
+    `group` for several projections of one input (`lsjax.model.project_group`)."""
+
+    def __call__(self, kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        del kind
+        return matmul(x, w)
+
+    def group(self, kinds: tuple[str, ...], x: jax.Array, ws: list[jax.Array]) -> list[jax.Array]:
+        del kinds
+        return matmul_group(x, ws)
+
+
+project = Project()

@@ -9,6 +9,7 @@
 //   lsjax_matmul:        y[T, N] = x[T, K] @ W[K, N]
 //   lsjax_matmul_t:      y[T, N] = x[T, K] @ Wt[N, K]^T            (the tied vocabulary head)
 //   lsjax_routed_matmul: y[T, N] = x @ W + sum_j gates[t, j] * (x[t] @ A[ids[t, j]]) @ B[ids[t, j]]
+//   lsjax_matmul_group, lsjax_routed_matmul_group: up to four of those over the same x (and route), one call
 //
 // Work is split in two phases over a small pool of spinning threads: rows of W (K) split across
 // threads into partial sums, then columns (N) split to reduce the partials and add the B term.
@@ -158,56 +159,70 @@ void Piece(int64_t size, int part, int parts, int64_t align, int64_t* begin, int
   *end = edge(part + 1);
 }
 
+// One call: S products of the same rows x (q, k and v, or gate and up), each optionally with its own
+// routed LoRA term over the same chosen experts. Grouping them saves a pool round trip and an XLA
+// dispatch per extra product; each W (and A, B) is still read as its own contiguous stream.
+constexpr int kMaxSegments = 4;
+
 struct Product {
-  const float* x;      // [T, K]
-  const float* w;      // [K, N] or, transposed, [N, K]
-  const float* a;      // [E, K, R] or null
-  const float* b;      // [E, R, N]
-  const int32_t* ids;  // [T, J]
-  const float* gates;  // [T, J]
-  int64_t T, K, N, R, J;
-  int parts;
-  float* partial_y;   // [parts, T, N]
-  float* partial_xa;  // [parts, T, J, R]
-  float* y;           // [T, N]
+  const float* x = nullptr;  // [T, K]
+  int S = 1;
+  const float* w[kMaxSegments] = {};  // [K, N_s] or, transposed (S = 1), [N, K]
+  const float* a[kMaxSegments] = {};  // [E, K, R] each, or all null (no routed term)
+  const float* b[kMaxSegments] = {};  // [E, R, N_s]
+  float* y[kMaxSegments] = {};        // [T, N_s]
+  int64_t n[kMaxSegments] = {};
+  int64_t offset[kMaxSegments] = {};  // segment s's columns in the partial sums
+  const int32_t* ids = nullptr;       // [T, J]
+  const float* gates = nullptr;       // [T, J]
+  int64_t T = 0, K = 0, total_n = 0, R = 0, J = 0;
+  int parts = 1;
+  float* partial_y = nullptr;   // [parts, T, total_n]
+  float* partial_xa = nullptr;  // [parts, S, T, J, R]
+
+  bool routed() const { return a[0] != nullptr; }
+  float* xa(int part, int s, int64_t t, int64_t j) const { return partial_xa + (((part * S + s) * T + t) * J + j) * R; }
 };
 
-void RowsPhase(void* ctx, int part) {  // each thread: its block of W's rows (and of A's) for every token
+void RowsPhase(void* ctx, int part) {  // each thread: its block of every W's rows (and of A's) for every token
   auto& p = *static_cast<Product*>(ctx);
   int64_t k0, k1;
   Piece(p.K, part, p.parts, 4, &k0, &k1);
-  rows_axpy(p.x, p.K, p.T, p.w, p.N, k0, k1, 0, p.N, p.partial_y + part * p.T * p.N, p.N);
-  for (int64_t t = 0; p.a && t < p.T; ++t) {
-    for (int64_t j = 0; j < p.J; ++j) {
-      const float* a = p.a + int64_t(p.ids[t * p.J + j]) * p.K * p.R;
-      rows_axpy(p.x + t * p.K, p.K, 1, a, p.R, k0, k1, 0, p.R, p.partial_xa + ((part * p.T + t) * p.J + j) * p.R, p.R);
-    }
-  }
+  float* partial = p.partial_y + part * p.T * p.total_n;
+  for (int s = 0; s < p.S; ++s) rows_axpy(p.x, p.K, p.T, p.w[s], p.n[s], k0, k1, 0, p.n[s], partial + p.offset[s], p.total_n);
+  for (int s = 0; p.routed() && s < p.S; ++s)
+    for (int64_t t = 0; t < p.T; ++t)
+      for (int64_t j = 0; j < p.J; ++j) {
+        const float* a = p.a[s] + int64_t(p.ids[t * p.J + j]) * p.K * p.R;
+        rows_axpy(p.x + t * p.K, p.K, 1, a, p.R, k0, k1, 0, p.R, p.xa(part, s, t, j), p.R);
+      }
 }
 
-void ColumnsPhase(void* ctx, int part) {  // each thread: its columns; sum the partials, add x A B
+void ColumnsPhase(void* ctx, int part) {  // each thread: its columns of every product; sum the partials, add x A B
   auto& p = *static_cast<Product*>(ctx);
-  int64_t n0, n1;
-  Piece(p.N, part, p.parts, 16, &n0, &n1);
   thread_local std::vector<float> coef, term;
   coef.resize(p.R);
-  term.resize(p.N);
-  for (int64_t t = 0; t < p.T; ++t) {
-    float* y = p.y + t * p.N;
-    for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
-    for (int q = 0; q < p.parts; ++q) {
-      const float* src = p.partial_y + (q * p.T + t) * p.N;
-      for (int64_t n = n0; n < n1; ++n) y[n] += src[n];
-    }
-    for (int64_t j = 0; p.a && j < p.J; ++j) {
-      for (int64_t r = 0; r < p.R; ++r) {
-        float s = 0.f;
-        for (int q = 0; q < p.parts; ++q) s += p.partial_xa[((q * p.T + t) * p.J + j) * p.R + r];
-        coef[r] = p.gates[t * p.J + j] * s;
+  for (int s = 0; s < p.S; ++s) {
+    int64_t n0, n1;
+    Piece(p.n[s], part, p.parts, 16, &n0, &n1);
+    term.resize(p.n[s]);
+    for (int64_t t = 0; t < p.T; ++t) {
+      float* y = p.y[s] + t * p.n[s];
+      for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
+      for (int q = 0; q < p.parts; ++q) {
+        const float* src = p.partial_y + (q * p.T + t) * p.total_n + p.offset[s];
+        for (int64_t n = n0; n < n1; ++n) y[n] += src[n];
       }
-      const float* b = p.b + int64_t(p.ids[t * p.J + j]) * p.R * p.N;
-      rows_axpy(coef.data(), p.R, 1, b, p.N, 0, p.R, n0, n1, term.data(), p.N);
-      for (int64_t n = n0; n < n1; ++n) y[n] += term[n];
+      for (int64_t j = 0; p.routed() && j < p.J; ++j) {
+        for (int64_t r = 0; r < p.R; ++r) {
+          float sum = 0.f;
+          for (int q = 0; q < p.parts; ++q) sum += p.xa(q, s, t, j)[r];
+          coef[r] = p.gates[t * p.J + j] * sum;
+        }
+        const float* b = p.b[s] + int64_t(p.ids[t * p.J + j]) * p.R * p.n[s];
+        rows_axpy(coef.data(), p.R, 1, b, p.n[s], 0, p.R, n0, n1, term.data(), p.n[s]);
+        for (int64_t n = n0; n < n1; ++n) y[n] += term[n];
+      }
     }
   }
 }
@@ -215,23 +230,28 @@ void ColumnsPhase(void* ctx, int part) {  // each thread: its columns; sum the p
 void TransposedPhase(void* ctx, int part) {  // each thread: its rows of Wt, i.e. its outputs
   auto& p = *static_cast<Product*>(ctx);
   int64_t n0, n1;
-  Piece(p.N, part, p.parts, 1, &n0, &n1);
-  for (int64_t t = 0; t < p.T; ++t) rows_dot(p.x + t * p.K, p.w, p.K, n0, n1, p.y + t * p.N);
+  Piece(p.n[0], part, p.parts, 1, &n0, &n1);
+  for (int64_t t = 0; t < p.T; ++t) rows_dot(p.x + t * p.K, p.w[0], p.K, n0, n1, p.y[0] + t * p.n[0]);
 }
 
 // Below this many weight bytes a product runs on the calling thread: waking another costs more.
 constexpr int64_t kParallelBytes = 256 << 10;
 
 int Parts(const Product& p) {
-  return p.K * p.N * int64_t(sizeof(float)) < kParallelBytes ? 1 : SharedPool().threads();
+  return p.K * p.total_n * int64_t(sizeof(float)) < kParallelBytes ? 1 : SharedPool().threads();
 }
 
 void Multiply(Product& p) {
   Pool& pool = SharedPool();
+  p.total_n = 0;
+  for (int s = 0; s < p.S; ++s) {
+    p.offset[s] = p.total_n;
+    p.total_n += p.n[s];
+  }
   p.parts = Parts(p);
   thread_local std::vector<float> partial_y, partial_xa;
-  partial_y.resize(size_t(p.parts) * p.T * p.N);
-  partial_xa.resize(size_t(p.parts) * p.T * std::max<int64_t>(p.J, 1) * std::max<int64_t>(p.R, 1));
+  partial_y.resize(size_t(p.parts) * p.T * p.total_n);
+  partial_xa.resize(size_t(p.parts) * p.S * p.T * std::max<int64_t>(p.J, 1) * std::max<int64_t>(p.R, 1));
   p.partial_y = partial_y.data();
   p.partial_xa = partial_xa.data();
   pool.Run(RowsPhase, &p, p.parts);
@@ -240,11 +260,59 @@ void Multiply(Product& p) {
 
 ffi::Error Invalid(const std::string& message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
 
-ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) return Invalid("lsjax_matmul: expected x [T, K] and W [K, N]");
-  Product p{x.typed_data(), w.typed_data(), nullptr, nullptr, nullptr, nullptr, xd[0], xd[1], wd[1], 0, 0};
-  p.y = y->typed_data();
+// Checks W [K, N] (N > 0) against x and, when routed, A [E, K, R] and B [E, R, N]; fills segment s.
+ffi::Error AddSegment(Product& p, int s, ffi::AnyBuffer w, const ffi::AnyBuffer* a, const ffi::AnyBuffer* b,
+                      ffi::Result<ffi::AnyBuffer> y, const char* name) {
+  auto wd = w.dimensions();
+  if (w.element_type() != ffi::DataType::F32 || wd.size() != 2 || wd[0] != p.K)
+    return Invalid(std::string(name) + ": expected float32 W [K, N] with K = x's columns");
+  if (y->element_type() != ffi::DataType::F32 || y->dimensions().size() != 2 || y->dimensions()[0] != p.T ||
+      y->dimensions()[1] != wd[1])
+    return Invalid(std::string(name) + ": result shape does not match [T, N]");
+  p.w[s] = static_cast<const float*>(w.untyped_data());
+  p.n[s] = wd[1];
+  p.y[s] = static_cast<float*>(y->untyped_data());
+  if (a == nullptr) return ffi::Error::Success();
+  auto ad = a->dimensions(), bd = b->dimensions();
+  if (a->element_type() != ffi::DataType::F32 || b->element_type() != ffi::DataType::F32 || ad.size() != 3 ||
+      bd.size() != 3 || ad[1] != p.K || bd[0] != ad[0] || bd[1] != ad[2] || bd[2] != wd[1] || ad[2] != p.R)
+    return Invalid(std::string(name) + ": expected float32 A [E, K, R] and B [E, R, N] of one rank R");
+  for (int64_t i = 0; i < p.T * p.J; ++i)
+    if (p.ids[i] < 0 || p.ids[i] >= ad[0]) return Invalid(std::string(name) + ": expert id out of range");
+  p.a[s] = static_cast<const float*>(a->untyped_data());
+  p.b[s] = static_cast<const float*>(b->untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Rows(Product& p, ffi::Buffer<ffi::F32> x, const char* name) {
+  if (x.dimensions().size() != 2) return Invalid(std::string(name) + ": expected x [T, K]");
+  p.x = x.typed_data();
+  p.T = x.dimensions()[0];
+  p.K = x.dimensions()[1];
+  return ffi::Error::Success();
+}
+
+ffi::Error Route(Product& p, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates, int64_t rank, const char* name) {
+  auto id = ids.dimensions(), gd = gates.dimensions();
+  if (id.size() != 2 || id[0] != p.T || gd.size() != 2 || gd[0] != id[0] || gd[1] != id[1])
+    return Invalid(std::string(name) + ": expected ids and gates [T, J]");
+  p.ids = ids.typed_data();
+  p.gates = gates.typed_data();
+  p.J = id[1];
+  p.R = rank;
+  return ffi::Error::Success();
+}
+
+#define LSJAX_RETURN_IF_ERROR(expr)         \
+  do {                                      \
+    ffi::Error error = (expr);              \
+    if (error.failure()) return error;      \
+  } while (0)
+
+ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
+  Product p;
+  LSJAX_RETURN_IF_ERROR(Rows(p, x, "lsjax_matmul"));
+  LSJAX_RETURN_IF_ERROR(AddSegment(p, 0, w, nullptr, nullptr, y, "lsjax_matmul"));
   Multiply(p);
   return ffi::Error::Success();
 }
@@ -252,27 +320,66 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Res
 ffi::Error MatmulTImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = wt.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) return Invalid("lsjax_matmul_t: expected x [T, K] and Wt [N, K]");
-  Product p{x.typed_data(), wt.typed_data(), nullptr, nullptr, nullptr, nullptr, xd[0], xd[1], wd[0], 0, 0};
-  p.y = y->typed_data();
+  Product p;
+  p.x = x.typed_data();
+  p.w[0] = wt.typed_data();
+  p.y[0] = y->typed_data();
+  p.T = xd[0];
+  p.K = xd[1];
+  p.n[0] = p.total_n = wd[0];
   p.parts = Parts(p);
   SharedPool().Run(TransposedPhase, &p, p.parts);
   return ffi::Error::Success();
 }
 
-ffi::Error RoutedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> a,
-                            ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates,
-                            ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions(), ad = a.dimensions(), bd = b.dimensions(), id = ids.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || ad.size() != 3 || bd.size() != 3 || id.size() != 2 ||
-      xd[1] != wd[0] || ad[1] != xd[1] || bd[0] != ad[0] || bd[1] != ad[2] || bd[2] != wd[1] || id[0] != xd[0] ||
-      gates.dimensions().size() != 2 || gates.dimensions()[0] != id[0] || gates.dimensions()[1] != id[1])
-    return Invalid("lsjax_routed_matmul: expected x [T, K], W [K, N], A [E, K, R], B [E, R, N], ids and gates [T, J]");
-  const int32_t* chosen = ids.typed_data();
-  for (int64_t i = 0; i < id[0] * id[1]; ++i)
-    if (chosen[i] < 0 || chosen[i] >= ad[0]) return Invalid("lsjax_routed_matmul: expert id out of range");
-  Product p{x.typed_data(), w.typed_data(), a.typed_data(), b.typed_data(), chosen, gates.typed_data(),
-            xd[0], xd[1], wd[1], ad[2], id[1]};
-  p.y = y->typed_data();
+ffi::Error RoutedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                            ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates, ffi::Result<ffi::AnyBuffer> y) {
+  Product p;
+  LSJAX_RETURN_IF_ERROR(Rows(p, x, "lsjax_routed_matmul"));
+  LSJAX_RETURN_IF_ERROR(Route(p, ids, gates, a.dimensions().size() == 3 ? a.dimensions()[2] : -1, "lsjax_routed_matmul"));
+  LSJAX_RETURN_IF_ERROR(AddSegment(p, 0, w, &a, &b, y, "lsjax_routed_matmul"));
+  Multiply(p);
+  return ffi::Error::Success();
+}
+
+// x, then W_1..W_S -> y_1..y_S
+ffi::Error MatmulGroupImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys) {
+  const char* name = "lsjax_matmul_group";
+  Product p;
+  LSJAX_RETURN_IF_ERROR(Rows(p, x, name));
+  if (ws.size() < 1 || ws.size() > size_t(kMaxSegments) || ys.size() != ws.size())
+    return Invalid("lsjax_matmul_group: expected 1 to 4 weights and as many results");
+  p.S = int(ws.size());
+  for (int s = 0; s < p.S; ++s) {
+    auto w = ws.get<ffi::AnyBuffer>(s);
+    auto y = ys.get<ffi::AnyBuffer>(s);
+    if (!w.has_value() || !y.has_value()) return Invalid("lsjax_matmul_group: cannot read an operand");
+    LSJAX_RETURN_IF_ERROR(AddSegment(p, s, *w, nullptr, nullptr, *y, name));
+  }
+  Multiply(p);
+  return ffi::Error::Success();
+}
+
+// x, ids, gates, then W_1..W_S, A_1..A_S, B_1..B_S -> y_1..y_S (every product with the same chosen experts)
+ffi::Error RoutedGroupImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates,
+                           ffi::RemainingArgs rest, ffi::RemainingRets ys) {
+  const char* name = "lsjax_routed_matmul_group";
+  Product p;
+  LSJAX_RETURN_IF_ERROR(Rows(p, x, name));
+  const size_t S = ys.size();
+  if (S < 1 || S > size_t(kMaxSegments) || rest.size() != 3 * S)
+    return Invalid("lsjax_routed_matmul_group: expected 1 to 4 products: S weights, S A's, S B's and S results");
+  p.S = int(S);
+  auto a0 = rest.get<ffi::AnyBuffer>(S);
+  if (!a0.has_value() || a0->dimensions().size() != 3) return Invalid("lsjax_routed_matmul_group: expected A [E, K, R]");
+  LSJAX_RETURN_IF_ERROR(Route(p, ids, gates, a0->dimensions()[2], name));
+  for (size_t s = 0; s < S; ++s) {
+    auto w = rest.get<ffi::AnyBuffer>(s), a = rest.get<ffi::AnyBuffer>(S + s), b = rest.get<ffi::AnyBuffer>(2 * S + s);
+    auto y = ys.get<ffi::AnyBuffer>(s);
+    if (!w.has_value() || !a.has_value() || !b.has_value() || !y.has_value())
+      return Invalid("lsjax_routed_matmul_group: cannot read an operand");
+    LSJAX_RETURN_IF_ERROR(AddSegment(p, int(s), *w, &*a, &*b, *y, name));
+  }
   Multiply(p);
   return ffi::Error::Success();
 }
@@ -280,8 +387,8 @@ ffi::Error RoutedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ff
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmul, MatmulImpl,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmulT, MatmulTImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
@@ -290,9 +397,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmulT, MatmulTImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedMatmul, RoutedMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmulGroup, MatmulGroupImpl,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedMatmulGroup, RoutedGroupImpl,
+                              ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
