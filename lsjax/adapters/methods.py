@@ -75,8 +75,7 @@ class LayerProject:
 
     def __call__(self, kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
         cfg = self.config
-        if cfg.method == "blockwise" and kind == "gate":  # the FFN block's input, adapted or not
-            self.block_route = self._decide(x, self.routers["ffn"], kind)
+        self._enter_block(kind, x)
         if kind not in cfg.targets:
             return self._matmul(x, w)
         return self._adapted(kind, x, w, self._route_for(kind, x))
@@ -90,8 +89,8 @@ class LayerProject:
             return [self(kind, x, w) for kind, w in zip(kinds, ws)]
         from lsjax.native import matmul_group
 
-        if cfg.method == "blockwise" and "gate" in kinds:
-            self.block_route = self._decide(x, self.routers["ffn"], "gate")
+        for kind in kinds:
+            self._enter_block(kind, x)
         routes = {kind: self._route_for(kind, x) for kind in kinds if kind in cfg.targets}
         if cfg.computation == "fused" and len(routes) == len(kinds) > 1 and \
                 all(r is routes[kinds[0]] for r in routes.values()):
@@ -101,6 +100,11 @@ class LayerProject:
             return [self._adapted(k, x, w, routes[k]) if k in routes else self._matmul(x, w) for k, w in zip(kinds, ws)]
         bases = matmul_group(x, ws)
         return [base + self._term(k, x, routes[k]) if k in routes else base for k, base in zip(kinds, bases)]
+
+    def _enter_block(self, kind: str, x: jax.Array) -> None:
+        """Blockwise routes once per FFN block, on the block's input (gate's), adapted or not."""
+        if self.config.method == "blockwise" and kind == "gate":
+            self.block_route = self._decide(x, self.routers["ffn"], kind)
 
     def _adapted(self, kind: str, x: jax.Array, w: jax.Array, route: Routing | None) -> jax.Array:
         a, b = self.experts[kind]["a"], self.experts[kind]["b"]
