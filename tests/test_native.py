@@ -28,15 +28,17 @@ def targets(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-# K not a multiple of the 4-row step, N not of the 16-column pieces, expert ids repeated across rows
+# K not a multiple of the 4-row step, N not of the 16-column pieces, expert ids repeated across rows,
+# top-1 and top-2 routes
 @needs_native
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("k, n", [(37, 45), (576, 192)])
-def test_products_match_jnp(rows, k, n):
+@pytest.mark.parametrize("chosen", [1, 2])
+def test_products_match_jnp(rows, k, n, chosen):
     x, w = rand(rows, k), rand(k, n)
     a, b = rand(5, k, 3), rand(5, 3, n)
-    ids = jnp.asarray(rng.integers(0, 5, (rows, 2)), jnp.int32)
-    gates = rand(rows, 2)
+    ids = jnp.asarray(rng.integers(0, 5, (rows, chosen)), jnp.int32)
+    gates = rand(rows, chosen)
     want = x @ w
     scale = float(jnp.abs(want).max())
     for fn, args, expected in ((native.matmul, (x, w), want), (native.routed_matmul, (x, w, a, b, ids, gates),
