@@ -137,17 +137,23 @@ class Generator:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ConfigError("prompts must be a non-empty list of strings or token id lists (got an empty batch)"
                               if not isinstance(prompts, (str, bytes)) else "prompts must be a list; wrap one prompt in [ ]")
+        if chat:
+            self._need_tokenizer("chat=True (the tokenizer's chat template)")
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 if not p:
                     raise ConfigError(f"prompt {i} is empty; expected at least one token")
+                self._need_tokenizer(f"prompt {i} is text, which")
                 if chat:
                     ids = self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                              add_generation_prompt=True, tokenize=True)
                     ids = list(getattr(ids, "input_ids", ids))
                 else:
                     ids = self.tokenizer.encode(p, add_special_tokens=False)
+            elif chat:
+                raise ConfigError(f"chat=True applies the chat template to text prompts, but prompt {i} is token ids; "
+                                  "pass the text, or chat=False for ids that are already templated")
             else:
                 ids = [int(t) for t in p]
             if not ids:
@@ -155,9 +161,17 @@ class Generator:
             out.append(ids)
         return out
 
-    def _setup(self, prompts, chat, max_new_tokens, sampling, stop_token_ids):
+    def _need_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise ConfigError(f"{what} needs a tokenizer, and this Generator has none; pass one, or prompts as token ids")
+
+    def _setup(self, prompts, chat, max_new_tokens, sampling, stop_token_ids, stop_strings):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 1")
+        if isinstance(stop_strings, str):
+            raise ConfigError(f"stop_strings={stop_strings!r} must be a list of strings; wrap one in [ ]")
+        if any(stop_strings):
+            self._need_tokenizer("stop_strings")
         sampling = sampling or SamplingConfig()
         ids = self.encode(prompts, chat)
         batch = len(ids)
@@ -184,7 +198,7 @@ class Generator:
                  chat: bool = False) -> GenerationResult:
         """Generate for a batch of prompts (strings or token ids) on device; texts, ids, reasons, timings."""
         ids, tokens, mask, cache, sampling, stops, pad, budget = self._setup(
-            prompts, chat, max_new_tokens, sampling, stop_token_ids)
+            prompts, chat, max_new_tokens, sampling, stop_token_ids, stop_strings)
         compiled_before = self.compile_count()
         start = time.perf_counter()
         logits, cache = self._prefill(self.bundle, tokens, mask, cache)
@@ -219,9 +233,13 @@ class Generator:
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
                stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
                chat: bool = False) -> Iterator[StreamEvent]:
-        """Yield each new token and the text it completes, as it is decoded (one prompt)."""
+        """Yield each new token and the text it completes, as it is decoded (one prompt).
+
+        The texts joined equal `generate`'s text for the same call: text that may be the start of a
+        stop string is held back until it is known not to be one, so no part of a stop string is
+        ever shown. Without a tokenizer every text is empty."""
         _, tokens, mask, cache, sampling, stops, _, _ = self._setup(
-            [prompt], chat, max_new_tokens, sampling, stop_token_ids)
+            [prompt], chat, max_new_tokens, sampling, stop_token_ids, stop_strings)
         logits, cache = self._prefill(self.bundle, tokens, mask, cache)
         key, sub = jax.random.split(jax.random.key(sampling.seed))
         token = sample(logits, sub, **sampling.arrays())
@@ -234,12 +252,15 @@ class Generator:
         for i in range(max_new_tokens):
             tid = int(token[0])
             generated.append(tid)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True) if self.tokenizer else ""
             reason = "stop" if tid in stops else ("length" if i == max_new_tokens - 1 else None)
             cut = _first_stop_string(text, stop_strings)
             if cut is not None:
                 text, reason = text[:cut], "stop_string"
-            new = text[len(shown):] if text.startswith(shown) and not text.endswith("\ufffd") else ""
+            if not reason:  # hold back what may still change: a stop string's start, a partial character
+                text = text[:len(text) - _stop_string_start(text, stop_strings)]
+                text = text.rstrip("\ufffd")
+            new = text[len(shown):] if text.startswith(shown) else ""
             shown += new
             yield StreamEvent(tid, new, reason)
             if reason:
@@ -254,6 +275,12 @@ class Generator:
 def _first_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stop_strings if s and s in text]
     return min(hits) if hits else None
+
+
+def _stop_string_start(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (and so may become one)."""
+    return max((n for s in stop_strings for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])),
+               default=0)
 
 
 def _ids_covering(tokenizer, ids: list[int], text: str) -> list[int]:

@@ -184,6 +184,43 @@ def test_stops_streaming_and_seeds(tiny_llama):
     assert a == b and a != c
 
 
+def test_streamed_text_is_generated_text_and_never_shows_part_of_a_stop_string(tiny_llama):
+    _, model, tok = tiny_llama
+    gen = Generator(model, tok)
+    free = list(gen.stream(PROMPTS[0], max_new_tokens=16, stop_token_ids=()))
+    pieces = [e.text for e in free]
+    text = "".join(pieces)
+    # the end of one token's text and the start of the next: its start comes a token before it completes
+    i = next(i for i in range(len(pieces) - 1) if pieces[i] and pieces[i + 1] and pieces[i][-1] != pieces[i + 1][0])
+    spanning = pieces[i][-1] + pieces[i + 1][0]
+    never = spanning[:1] + "\x00"  # begins like a stop string, never completes: held back, shown at the end
+    for needle in (spanning, never, text[-2:]):
+        want = gen.generate([PROMPTS[0]], max_new_tokens=16, stop_token_ids=(), stop_strings=[needle])
+        events = list(gen.stream(PROMPTS[0], max_new_tokens=16, stop_token_ids=(), stop_strings=[needle]))
+        shown = ""
+        for e in events:
+            shown += e.text
+            assert len(shown) <= (text.find(needle) if needle in text else len(text)), (needle, shown)
+        assert shown == want.texts[0] and events[-1].finish_reason == want.finish_reasons[0], needle
+    assert [e.finish_reason for e in events][-1] == "stop_string"
+
+
+def test_without_a_tokenizer_ids_work_and_text_features_say_what_they_need(tiny_llama):
+    _, model, tok = tiny_llama
+    gen = Generator(model, None)
+    want = Generator(model, tok).generate([PROMPTS[0]], max_new_tokens=5, stop_token_ids=())
+    got = gen.generate([PROMPTS[0]], max_new_tokens=5, stop_token_ids=())
+    assert got.token_ids == want.token_ids and got.texts == [""]
+    events = list(gen.stream(PROMPTS[0], max_new_tokens=5, stop_token_ids=()))
+    assert [e.token_id for e in events] == want.token_ids[0] and all(e.text == "" for e in events)
+    with pytest.raises(ConfigError, match=r"prompt 1 is text, which needs a tokenizer"):
+        gen.generate([PROMPTS[0], "hello"])
+    with pytest.raises(ConfigError, match=r"stop_strings needs a tokenizer"):
+        gen.generate([PROMPTS[0]], stop_strings=["x"])
+    with pytest.raises(ConfigError, match=r"chat=True .* needs a tokenizer"):
+        list(gen.stream(PROMPTS[0], chat=True))
+
+
 def test_bad_input(tiny_llama):
     _, model, tok = tiny_llama
     gen = Generator(model, tok, max_cache_len=64)
@@ -214,3 +251,7 @@ def test_bad_input(tiny_llama):
         Generator(model, tok, foreign)
     with pytest.raises(ConfigError, match=r"max_new_tokens=0 is invalid"):
         gen.generate([[3]], max_new_tokens=0)
+    with pytest.raises(ConfigError, match=r"chat=True applies the chat template to text prompts, but prompt 0 is token"):
+        gen.generate([[3]], chat=True)
+    with pytest.raises(ConfigError, match=r"stop_strings='x' must be a list of strings"):
+        gen.generate([[3]], stop_strings="x")
