@@ -165,7 +165,7 @@ class Generator:
         if self.tokenizer is None:
             raise ConfigError(f"{what} needs a tokenizer, and this Generator has none; pass one, or prompts as token ids")
 
-    def _setup(self, prompts, chat, max_new_tokens, sampling, stop_token_ids, stop_strings):
+    def _setup(self, prompts, chat, max_new_tokens, sampling, stop_token_ids, stop_strings=()):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 1")
         if isinstance(stop_strings, str):
