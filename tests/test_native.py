@@ -31,7 +31,7 @@ def targets(fn, *args) -> str:
 # K not a multiple of the 4-row step, N not of the 16-column pieces, expert ids repeated across rows,
 # top-1 and top-2 routes
 @needs_native
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 6, 8])  # 3: tokens one by one; 8: in fours; 6: both
 @pytest.mark.parametrize("k, n", [(37, 45), (576, 192)])
 @pytest.mark.parametrize("chosen", [1, 2])
 def test_products_match_jnp(rows, k, n, chosen):
