@@ -204,8 +204,9 @@ def lm_logits(config: ModelConfig, params: Params, h: jax.Array, native: bool = 
     """Final norm and vocabulary projection; fp32 logits `[B, S, V]`.
 
     The tied head is an einsum against `embed [V, D]`: `h @ embed.T` made XLA copy the transposed
-    embedding every call (DESIGN.md section 11). `native`: through `lsjax.native` (decode on CPU;
-    the tied head only at batch 1, where XLA's einsum ran 4 ms a token slower inside the step).
+    embedding every call (DESIGN.md section 11). `native`: through `lsjax.native` (decode on CPU),
+    whose transposed product reads the embedding once a step (XLA's einsum ran 4 ms a token slower
+    at batch 1, and at batch 8 transposed the whole embedding every step).
     """
     h = rms_norm(h, params["norm"], config.rms_norm_eps)
     if native:

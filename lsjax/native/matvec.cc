@@ -76,20 +76,27 @@ void rows_axpy(const float* __restrict x, int64_t ldx, int64_t T, const float* _
   }
 }
 
-// y[n] = dot(Wt[n, :], x) for n in [n0, n1)
-void rows_dot(const float* __restrict x, const float* __restrict Wt, int64_t K, int64_t n0, int64_t n1,
-              float* __restrict y) {
+// y[t, n] = dot(Wt[n, :], x[t, :]) for n in [n0, n1) and TB tokens: each row of Wt is read once for
+// all of them (the tied vocabulary head, whose [V, D] embedding XLA would transpose every step)
+template <int TB>
+void rows_dot(const float* __restrict x, int64_t ldx, const float* __restrict Wt, int64_t K, int64_t n0,
+              int64_t n1, float* __restrict y, int64_t ldy) {
+  typedef float Lanes __attribute__((vector_size(64), aligned(4), may_alias));  // 16 floats, unaligned
   constexpr int kLanes = 16;
   for (int64_t n = n0; n < n1; ++n) {
     const float* __restrict w = Wt + n * K;
-    float lanes[kLanes] = {};
+    Lanes acc[TB] = {};
     int64_t k = 0;
-    for (; k + kLanes <= K; k += kLanes)
-      for (int j = 0; j < kLanes; ++j) lanes[j] += w[k + j] * x[k + j];
-    float s = 0.f;
-    for (; k < K; ++k) s += w[k] * x[k];
-    for (int j = 0; j < kLanes; ++j) s += lanes[j];
-    y[n] = s;
+    for (; k + kLanes <= K; k += kLanes) {
+      const Lanes wk = *reinterpret_cast<const Lanes*>(w + k);
+      for (int t = 0; t < TB; ++t) acc[t] += wk * *reinterpret_cast<const Lanes*>(x + t * ldx + k);
+    }
+    for (int t = 0; t < TB; ++t) {
+      float s = 0.f;
+      for (int64_t r = k; r < K; ++r) s += w[r] * x[t * ldx + r];
+      for (int j = 0; j < kLanes; ++j) s += acc[t][j];
+      y[t * ldy + n] = s;
+    }
   }
 }
 
@@ -249,7 +256,12 @@ void TransposedPhase(void* ctx, int part) {  // each thread: its rows of Wt, i.e
   auto& p = *static_cast<Product*>(ctx);
   int64_t n0, n1;
   Piece(p.n[0], part, p.parts, 1, &n0, &n1);
-  for (int64_t t = 0; t < p.T; ++t) rows_dot(p.x + t * p.K, p.w[0], p.K, n0, n1, p.y[0] + t * p.n[0]);
+  const int64_t K = p.K, N = p.n[0];
+  int64_t t = 0;
+  for (; t + 8 <= p.T; t += 8) rows_dot<8>(p.x + t * K, K, p.w[0], K, n0, n1, p.y[0] + t * N, N);
+  for (; t + 4 <= p.T; t += 4) rows_dot<4>(p.x + t * K, K, p.w[0], K, n0, n1, p.y[0] + t * N, N);
+  for (; t + 2 <= p.T; t += 2) rows_dot<2>(p.x + t * K, K, p.w[0], K, n0, n1, p.y[0] + t * N, N);
+  for (; t < p.T; ++t) rows_dot<1>(p.x + t * K, K, p.w[0], K, n0, n1, p.y[0] + t * N, N);
 }
 
 // Below this many weight bytes a product runs on the calling thread: waking another costs more.
