@@ -1,7 +1,7 @@
 """Native CPU matvecs for decoding: XLA FFI custom calls from `matvec.cc` (which says why).
 
     matmul(x, w)                          x [..., K] @ w [K, N]
-    matmul_t(x, wt)                       x [1, K] @ wt[N, K].T        (the tied vocabulary head, batch 1)
+    matmul_t(x, wt)                       x [..., K] @ wt[N, K].T      (the tied vocabulary head)
     routed_matmul(x, w, a, b, ids, gates) x @ w + sum_j gates[t, j] (x[t] @ a[ids[t, j]]) @ b[ids[t, j]]
     matmul_group(x, ws), routed_matmul_group(x, ws, as_, bs, ids, gates)
                                           several of those over the same x (q, k, v; gate, up) in one call
