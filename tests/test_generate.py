@@ -54,6 +54,33 @@ def test_greedy_matches_transformers(tiny):
     assert scanned.token_ids == out.token_ids
 
 
+def greedy_steps(step, state, logits, cache, n):
+    """`n` greedy decode steps from prefill's `logits`: (every step's logits, prefill's included;
+    the tokens fed, one array per step; the final cache)."""
+    seen, generated = [logits], []
+    for _ in range(n):
+        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        generated.append(np.asarray(tokens))
+        logits, cache = step(state, tokens, cache)
+        seen.append(logits)
+    return seen, generated, cache
+
+
+def finished_batch(prompts, generated):
+    """Right-padded ids and mask of each prompt followed by its generated tokens."""
+    seqs = [list(p) + [int(g[row]) for g in generated] for row, p in enumerate(prompts)]
+    width = max(map(len, seqs))
+    ids = np.array([s + [0] * (width - len(s)) for s in seqs])
+    return ids, np.array([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+
+
+def assert_steps_match(prompts, seen, full):
+    """Step i's logits of each row equal the full forward at that row's position len(prompt) - 1 + i."""
+    for row, prompt in enumerate(prompts):
+        for i, step_logits in enumerate(seen):
+            assert np.abs(np.asarray(step_logits[row]) - full[row, len(prompt) - 1 + i]).max() <= 1e-4, (row, i)
+
+
 @pytest.mark.parametrize("layout", ["stacked", "per-layer"])
 def test_decode_steps_match_full_forward(tiny, layout):
     """Every step's logits against one full forward over the finished sequences (causal: same thing).
@@ -73,21 +100,9 @@ def test_decode_steps_match_full_forward(tiny, layout):
     logits, cache = prefill(cfg, params, ids, mask, init_cache(cfg, len(PROMPTS), 32, per_layer=per_layer))
     assert isinstance(cache.k, LayerTuple) == per_layer and cache.capacity == 32
     step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c), donate_argnums=2)
-    seen, generated = [logits], []
-    for _ in range(8):
-        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-        generated.append(np.asarray(tokens))
-        logits, cache = step(params, tokens, cache)
-        seen.append(logits)
-    seqs = [list(p) + [int(g[row]) for g in generated] for row, p in enumerate(PROMPTS)]
-    width = max(map(len, seqs))
-    full_ids = np.array([s + [0] * (width - len(s)) for s in seqs])
-    full_mask = np.array([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    seen, generated, cache = greedy_steps(step, params, logits, cache, 8)
     assert isinstance(cache.k, LayerTuple) == per_layer and int(cache.length) == ids.shape[1] + 8
-    full = np.asarray(forward(cfg, full_params, full_ids, full_mask))
-    for row, prompt in enumerate(PROMPTS):
-        for i, step_logits in enumerate(seen):
-            assert np.abs(np.asarray(step_logits[row]) - full[row, len(prompt) - 1 + i]).max() <= 1e-4
+    assert_steps_match(PROMPTS, seen, np.asarray(forward(cfg, full_params, *finished_batch(PROMPTS, generated))))
 
 
 @pytest.mark.parametrize("method", ["switch", "lora"])
@@ -104,6 +119,31 @@ def test_strategies_agree(tiny_llama, method):
     unmerged = Generator(model, tok, adapter, strategy="unmerged").generate(PROMPTS, max_new_tokens=8,
                                                                              stop_token_ids=())
     assert batched.token_ids == unmerged.token_ids
+
+
+@pytest.mark.parametrize("method", ["switch", "layerwise"])
+def test_unmerged_steps_match_the_full_adapted_forward(tiny_llama, method):
+    """`unmerged` gathers the chosen experts for one row and masks all of them from E / k rows on
+    (`unmerged_computation`); either way each step's logits equal one full adapted forward over the
+    finished sequences, computed the other way."""
+    from lsjax.adapters.methods import adapted_forward
+    from lsjax.strategies import build, prepare_bundle, unmerged_computation
+
+    _, model, _ = tiny_llama
+    cfg, params = model.config, model.params()
+    adapter = random_adapter(model, method, num_experts=4, top_k=2)
+    acfg, arrays = adapter.config, adapter.arrays()
+    prefill_fn, step_fn = build(cfg, acfg, "unmerged")
+    bundle = prepare_bundle(cfg, params, acfg, arrays, "unmerged")
+    step = jax.jit(step_fn, donate_argnums=2)
+    for prompts, form in [(PROMPTS[:1], "gathered"), (PROMPTS, "dense")]:
+        assert unmerged_computation(acfg, len(prompts)) == form
+        ids, mask = left_pad(prompts)
+        logits, cache = prefill_fn(bundle, ids, mask, init_cache(cfg, len(prompts), 32, per_layer=True))
+        seen, generated, _ = greedy_steps(step, bundle, logits, cache, 6)
+        other = acfg.replace(computation="dense" if form == "gathered" else "gathered")
+        full = adapted_forward(cfg, params, other, arrays, *finished_batch(prompts, generated))[0]
+        assert_steps_match(prompts, seen, np.asarray(full))
 
 
 def test_generators_share_one_split_copy(tiny_llama):
