@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (a lent GPU machine starts bare and is held briefly):
 #   native Pallas kernel tests, the strategies end to end on the GPU, the tile sweeps, the kernel benchmark,
-#   `lsjax bench decode` at llama2-7b shape, and training throughput there (`train`, not run yet).
+#   `lsjax bench decode` at llama2-7b shape (batch 1, 8, or both in one run: `decode_b1_8`), and
+#   training throughput there (`train`).
 # Runs from the repo root without installing: the GPU image already has jax, flax, optax, orbax and
 # transformers. Logs and JSON go to $OUT (default runs/gpu). Pick steps with STEPS="env tests ...".
 #
@@ -10,7 +11,9 @@
 # On a lent H100 (10 min a call) the steps took: tests 100 s (TESTS_K=native: 20-50 s), tests_e2e
 # 125 s, tune 170 s and more (cut short), tune_add with TUNE_TOKENS=1 65 s, decode_b1 240-290 s
 # (15-60 s of compiling per configuration; METHODS=base,switch 110 s), decode_b8 for every method
-# 270 s, kernels over 150 s (cut short; KERNELS_ARGS="--projections q,down --tokens 1": 110 s).
+# 270-290 s (compiling 30-40 s a configuration), decode_b1_8 with METHODS=base,switch/unmerged 105-117 s,
+# train 45 s (lora,switch) to 55 s (layerwise,blockwise), kernels over 150 s (cut short;
+# KERNELS_ARGS="--projections q,down --tokens 1": 110 s). TAG=_x appends _x to a decode step's files.
 # So split them over calls, e.g.
 #   STEPS="env tests decode_b1"   then   STEPS="decode_b8 kernels" KERNELS_LIMIT=300
 set -u
@@ -40,9 +43,9 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   grep -v -E "it/s|s/it|config/s|s/config|round/s|s/round|DeprecationWarning|return rule" "$OUT/$name.log" | tail -n "${TAIL:-25}"
 }
 
-decode() {  # decode BATCH: lsjax bench decode at llama2-7b shape, random bf16 weights
-  step "decode_b$1" "${DECODE_LIMIT:-280}" "${IN_SITE[@]}" $PY -m lsjax.cli bench decode --shape "${SHAPE:-llama2-7b}" --dtype "${DTYPE:-bfloat16}" \
-    --batch "$1" --methods "${METHODS:-base,lora,layerwise,blockwise,switch}" --rounds "${ROUNDS:-5}" --json "$OUT/decode_b$1.json" --plot "$OUT/decode_b$1.png"
+decode() {  # decode BATCHES NAME: lsjax bench decode at llama2-7b shape, random bf16 weights
+  step "$2" "${DECODE_LIMIT:-280}" "${IN_SITE[@]}" $PY -m lsjax.cli bench decode --shape "${SHAPE:-llama2-7b}" --dtype "${DTYPE:-bfloat16}" \
+    --batch "$1" --methods "${METHODS:-base,lora,layerwise,blockwise,switch}" --rounds "${ROUNDS:-5}" --json "$OUT/$2.json" --plot "$OUT/$2.png"
 }
 
 for s in $STEPS; do
@@ -64,8 +67,9 @@ for s in $STEPS; do
     train) TAIL=12 step train "${TRAIN_LIMIT:-280}" "${IN_SITE[@]}" $PY -m lsjax.train.bench --shape "${SHAPE:-llama2-7b}" \
              --dtype "${DTYPE:-bfloat16}" --batch "${TRAIN_BATCH:-8}" --length "${TRAIN_LENGTH:-512}" --steps 3 \
              --methods "${TRAIN_METHODS:-lora,switch}" --json "$OUT/train.json" ;;
-    decode_b1) decode 1 ;;
-    decode_b8) decode 8 ;;
+    decode_b1) decode 1 "decode_b1${TAG:-}" ;;
+    decode_b8) decode 8 "decode_b8${TAG:-}" ;;
+    decode_b1_8) decode 1,8 "decode_b1_8${TAG:-}" ;;
     *) echo "unknown step $s" ;;
   esac
 done
