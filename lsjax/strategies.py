@@ -15,8 +15,8 @@ Each strategy yields two pure functions over a `bundle` of arrays (jit them, don
   One route per step, so batch 1 only.
 - `auto`: `lora` -> merged (free after the one-time merge); otherwise `fused` with native matvecs
   (2-core CPU, SmolLM2 batch 1: 1.12x base against unmerged's 1.58x) and `unmerged` without them,
-  the fastest on an H100 (7B bf16, batch 1: unmerged 1.28x base, fused 1.47x, merged 5.3x; XLA's
-  own matvec beats the Pallas kernel's; docs/perf.md).
+  the fastest on an H100 (7B bf16, batch 1: unmerged 1.27x base, fused 1.47x, merged 5.3x; batch 8:
+  unmerged 1.28x, fused 2.46x; XLA's own matvec beats the Pallas kernel's; docs/perf.md).
 Prefill always runs the training form (dense routed term), as in the paper.
 """
 
