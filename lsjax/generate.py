@@ -38,6 +38,9 @@ class GenerationResult:
     # prefill_ms, decode_ms_per_token, total_ms; "compiled": 1.0 when this call compiled (a new bucket
     # or the first call), whose times then include compiling, else 0.0
     timings: dict[str, float]
+    # with logprobs=True: each token's log-probability under the model (log-softmax of its logits,
+    # before temperature, top-k and top-p), one per token id; else None
+    logprobs: list[list[float]] | None = None
 
 
 @dataclasses.dataclass
@@ -45,6 +48,7 @@ class StreamEvent:
     token_id: int
     text: str  # the new text this token completes (may be empty mid-character)
     finish_reason: str | None = None
+    logprob: float | None = None  # with logprobs=True, as in `GenerationResult.logprobs`
 
 
 def bucket(n: int) -> int:
@@ -55,42 +59,58 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _loop(step, bundle, first_logits, cache, key, sampling, stop_ids, max_new, pad_id, budget: int):
-    """Sample the first token from prefill logits, then decode on device until every row stops."""
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log p(token) under the model for each row: log-softmax of fp32 logits `[B, V]` at `tokens [B]`."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _loop(step, bundle, first_logits, cache, key, sampling, stop_ids, max_new, pad_id, budget: int,
+          logprobs: bool = False):
+    """Sample the first token from prefill logits, then decode on device until every row stops.
+    With `logprobs` (static) also each token's log-probability (0 after a row stops), else None."""
     batch = first_logits.shape[0]
     key, sub = jax.random.split(key)
     token = sample(first_logits, sub, **sampling)
     tokens = jnp.full((batch, budget), pad_id, jnp.int32).at[:, 0].set(token)
+    scores = jnp.zeros((batch, budget), jnp.float32).at[:, 0].set(token_logprobs(first_logits, token)) \
+        if logprobs else None
     done = jnp.isin(token, stop_ids)
 
     def cond(state):
-        i, _, _, _, _, done = state
+        i, _, _, _, _, _, done = state
         return (i < max_new) & ~jnp.all(done)
 
     def body(state):
-        i, token, cache, key, tokens, done = state
+        i, token, cache, key, tokens, scores, done = state
         logits, cache = step(bundle, token, cache)
         key, sub = jax.random.split(key)
         token = jnp.where(done, pad_id, sample(logits, sub, **sampling))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, axis=1)
-        return i + 1, token, cache, key, tokens, done | jnp.isin(token, stop_ids)
+        if logprobs:
+            score = jnp.where(done, 0.0, token_logprobs(logits, token))
+            scores = jax.lax.dynamic_update_slice_in_dim(scores, score[:, None], i, axis=1)
+        return i + 1, token, cache, key, tokens, scores, done | jnp.isin(token, stop_ids)
 
-    steps, _, _, _, tokens, done = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, key, tokens, done))
-    return tokens, done, steps
+    steps, _, _, _, tokens, scores, done = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), token, cache, key, tokens, scores, done))
+    return tokens, scores, done, steps
 
 
-def _sample_step(step, bundle, token, cache, key, sampling):
+def _sample_step(step, bundle, token, cache, key, sampling, logprobs: bool = False):
     logits, cache = step(bundle, token, cache)
     key, sub = jax.random.split(key)
-    return sample(logits, sub, **sampling), cache, key
+    token = sample(logits, sub, **sampling)
+    return token, token_logprobs(logits, token) if logprobs else None, cache, key
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_loops(step):
     """The jitted decode loop and streaming step around one (cached, jitted) step function, so
     Generators for the same model, adapter config and strategy share their compilations."""
-    return (jax.jit(functools.partial(_loop, step), static_argnames=("budget",)),
-            jax.jit(functools.partial(_sample_step, step), donate_argnums=(2,)))
+    return (jax.jit(functools.partial(_loop, step), static_argnames=("budget", "logprobs")),
+            jax.jit(functools.partial(_sample_step, step), donate_argnums=(2,), static_argnames=("logprobs",)))
 
 
 class Generator:
@@ -195,8 +215,9 @@ class Generator:
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                  stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-                 chat: bool = False) -> GenerationResult:
-        """Generate for a batch of prompts (strings or token ids) on device; texts, ids, reasons, timings."""
+                 chat: bool = False, logprobs: bool = False) -> GenerationResult:
+        """Generate for a batch of prompts (strings or token ids) on device; texts, ids, reasons, timings,
+        and with `logprobs` each token's log-probability under the model."""
         ids, tokens, mask, cache, sampling, stops, pad, budget = self._setup(
             prompts, chat, max_new_tokens, sampling, stop_token_ids, stop_strings)
         compiled_before = self.compile_count()
@@ -205,15 +226,18 @@ class Generator:
         logits.block_until_ready()
         prefill_ms = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
-        out, done, steps = self._loop(self.bundle, logits, cache, jax.random.key(sampling.seed), sampling.arrays(),
-                                      jnp.asarray(stops or (-1,), jnp.int32), jnp.int32(max_new_tokens),
-                                      jnp.int32(pad), budget=budget)
+        out, scores, done, steps = self._loop(
+            self.bundle, logits, cache, jax.random.key(sampling.seed), sampling.arrays(),
+            jnp.asarray(stops or (-1,), jnp.int32), jnp.int32(max_new_tokens), jnp.int32(pad), budget=budget,
+            logprobs=bool(logprobs))
         out, done, steps = np.asarray(out), np.asarray(done), int(steps)
+        scores = None if scores is None else np.asarray(scores)
         decode_ms = (time.perf_counter() - start) * 1e3
         result = GenerationResult([], [], [], [len(p) for p in ids],
                                   {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms / max(steps - 1, 1),
                                    "total_ms": prefill_ms + decode_ms,
-                                   "compiled": float(self.compile_count() > compiled_before)})
+                                   "compiled": float(self.compile_count() > compiled_before)},
+                                  [] if logprobs else None)
         for row in range(len(ids)):
             row_ids = out[row, :steps].tolist()
             reason = "length"
@@ -228,11 +252,13 @@ class Generator:
             result.texts.append(text)
             result.token_ids.append(row_ids)
             result.finish_reasons.append(reason)
+            if scores is not None:
+                result.logprobs.append(scores[row, :len(row_ids)].tolist())
         return result
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
                stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-               chat: bool = False) -> Iterator[StreamEvent]:
+               chat: bool = False, logprobs: bool = False) -> Iterator[StreamEvent]:
         """Yield each new token and the text it completes, as it is decoded (one prompt).
 
         The texts joined equal `generate`'s text for the same call: text that may be the start of a
@@ -243,6 +269,7 @@ class Generator:
         logits, cache = self._prefill(self.bundle, tokens, mask, cache)
         key, sub = jax.random.split(jax.random.key(sampling.seed))
         token = sample(logits, sub, **sampling.arrays())
+        score = token_logprobs(logits, token) if logprobs else None
         # committed to the device, as the step's own outputs are: otherwise the second step call sees
         # another input placement and compiles the step again
         key = jax.device_put(key, next(iter(logits.devices())))
@@ -262,10 +289,11 @@ class Generator:
                 text = text.rstrip("\ufffd")
             new = text[len(shown):] if text.startswith(shown) else ""
             shown += new
-            yield StreamEvent(tid, new, reason)
+            yield StreamEvent(tid, new, reason, None if score is None else float(score[0]))
             if reason:
                 return
-            token, cache, key = self._sample_step(self.bundle, token, cache, key, arrays)
+            token, score, cache, key = self._sample_step(self.bundle, token, cache, key, arrays,
+                                                         logprobs=bool(logprobs))
 
     def compile_count(self) -> int:
         """Compiled executables behind this generator (for checking that calls do not recompile)."""

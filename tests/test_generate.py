@@ -201,6 +201,32 @@ def test_streaming_compiles_its_step_once(tiny_llama):
         [e.token_id for e in events] and gen.compile_count() - before == 2
 
 
+def test_logprobs_are_the_models_log_probabilities(tiny_llama):
+    """`logprobs=True`: each generated token's log-softmax under the model (before the sampling
+    filters), against one full forward of the finished sequences; streaming gives the same ones."""
+    _, model, tok = tiny_llama
+    gen = Generator(model, tok)
+    sampling = SamplingConfig(temperature=0.8, top_k=5, seed=3)
+    out = gen.generate(PROMPTS, max_new_tokens=7, stop_token_ids=(), sampling=sampling, logprobs=True)
+    plain = gen.generate(PROMPTS, max_new_tokens=7, stop_token_ids=(), sampling=sampling)
+    assert plain.logprobs is None and plain.token_ids == out.token_ids
+    width = max(len(p) + len(t) for p, t in zip(PROMPTS, out.token_ids))
+    ids = np.array([p + t + [0] * (width - len(p) - len(t)) for p, t in zip(PROMPTS, out.token_ids)])
+    mask = np.array([[1] * (len(p) + len(t)) + [0] * (width - len(p) - len(t)) for p, t in zip(PROMPTS, out.token_ids)])
+    logp = np.asarray(jax.nn.log_softmax(forward(model.config, model.params(), ids, mask), axis=-1))
+    for row, prompt in enumerate(PROMPTS):
+        assert len(out.logprobs[row]) == len(out.token_ids[row]) == 7
+        want = [logp[row, len(prompt) - 1 + i, t] for i, t in enumerate(out.token_ids[row])]
+        np.testing.assert_allclose(out.logprobs[row], want, atol=1e-4)
+    events = list(gen.stream(PROMPTS[0], max_new_tokens=7, stop_token_ids=(), sampling=sampling, logprobs=True))
+    np.testing.assert_allclose([e.logprob for e in events], out.logprobs[0], atol=1e-5)
+    # a row that stops early keeps one logprob per kept token
+    stop = out.token_ids[1][2]
+    early = gen.generate(PROMPTS, max_new_tokens=7, stop_token_ids=(stop,), sampling=sampling, logprobs=True)
+    assert [len(x) for x in early.logprobs] == [len(x) for x in early.token_ids]
+    assert early.logprobs[1] == out.logprobs[1][:len(early.token_ids[1])]
+
+
 def test_stops_streaming_and_seeds(tiny_llama):
     _, model, tok = tiny_llama
     gen = Generator(model, tok)
