@@ -66,9 +66,9 @@ def greedy_steps(step, state, logits, cache, n):
     return seen, generated, cache
 
 
-def finished_batch(prompts, generated):
-    """Right-padded ids and mask of each prompt followed by its generated tokens."""
-    seqs = [list(p) + [int(g[row]) for g in generated] for row, p in enumerate(prompts)]
+def finished_batch(prompts, continuations):
+    """Right-padded ids and mask of each prompt followed by its row of `continuations` (token lists)."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
     width = max(map(len, seqs))
     ids = np.array([s + [0] * (width - len(s)) for s in seqs])
     return ids, np.array([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
@@ -102,7 +102,7 @@ def test_decode_steps_match_full_forward(tiny, layout):
     step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c), donate_argnums=2)
     seen, generated, cache = greedy_steps(step, params, logits, cache, 8)
     assert isinstance(cache.k, LayerTuple) == per_layer and int(cache.length) == ids.shape[1] + 8
-    assert_steps_match(PROMPTS, seen, np.asarray(forward(cfg, full_params, *finished_batch(PROMPTS, generated))))
+    assert_steps_match(PROMPTS, seen, np.asarray(forward(cfg, full_params, *finished_batch(PROMPTS, np.stack(generated, 1).tolist()))))
 
 
 @pytest.mark.parametrize("method", ["switch", "lora"])
@@ -142,7 +142,7 @@ def test_unmerged_steps_match_the_full_adapted_forward(tiny_llama, method):
         logits, cache = prefill_fn(bundle, ids, mask, init_cache(cfg, len(prompts), 32, per_layer=True))
         seen, generated, _ = greedy_steps(step, bundle, logits, cache, 6)
         other = acfg.replace(computation="dense" if form == "gathered" else "gathered")
-        full = adapted_forward(cfg, params, other, arrays, *finished_batch(prompts, generated))[0]
+        full = adapted_forward(cfg, params, other, arrays, *finished_batch(prompts, np.stack(generated, 1).tolist()))[0]
         assert_steps_match(prompts, seen, np.asarray(full))
 
 
@@ -210,10 +210,8 @@ def test_logprobs_are_the_models_log_probabilities(tiny_llama):
     out = gen.generate(PROMPTS, max_new_tokens=7, stop_token_ids=(), sampling=sampling, logprobs=True)
     plain = gen.generate(PROMPTS, max_new_tokens=7, stop_token_ids=(), sampling=sampling)
     assert plain.logprobs is None and plain.token_ids == out.token_ids
-    width = max(len(p) + len(t) for p, t in zip(PROMPTS, out.token_ids))
-    ids = np.array([p + t + [0] * (width - len(p) - len(t)) for p, t in zip(PROMPTS, out.token_ids)])
-    mask = np.array([[1] * (len(p) + len(t)) + [0] * (width - len(p) - len(t)) for p, t in zip(PROMPTS, out.token_ids)])
-    logp = np.asarray(jax.nn.log_softmax(forward(model.config, model.params(), ids, mask), axis=-1))
+    full = forward(model.config, model.params(), *finished_batch(PROMPTS, out.token_ids))
+    logp = np.asarray(jax.nn.log_softmax(full, axis=-1))
     for row, prompt in enumerate(PROMPTS):
         assert len(out.logprobs[row]) == len(out.token_ids[row]) == 7
         want = [logp[row, len(prompt) - 1 + i, t] for i, t in enumerate(out.token_ids[row])]
