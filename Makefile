@@ -26,7 +26,7 @@ demo: setup
 
 # the paper's tables at SmolLM2 scale (~1.5 h on 2 CPU cores; resumable): docs/results.{md,json}
 reproduce: setup
-	$(BIN)/python -m lsjax.eval.reproduce
+	$(BIN)/python -m lsjax.reproduce
 
 test: setup
 	$(BIN)/python -m pytest -q tests

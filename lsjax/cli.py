@@ -6,26 +6,29 @@ import argparse
 import sys
 import time
 
-from lsjax.errors import LsjaxError
+import lsjax
+from lsjax.convert import convert_gguf, convert_hf
+from lsjax.errors import exit_status
+from lsjax.eval.harness import add_eval_parser
+from lsjax.eval.latency import add_bench_parser
+from lsjax.generate import Generator
+from lsjax.sampling import SamplingConfig
+from lsjax.train.cli import add_train_parser
 
 
 def _convert(args) -> None:
-    from lsjax.convert import convert_gguf, convert_hf
 
     if args.hf:
-        out = convert_hf(args.hf, args.out, dtype=args.dtype)
+        out = convert_hf(args.hf, args.out, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)
     else:
         if args.gguf == "default":
             from lsjax.assets import default_gguf_path
             args.gguf = default_gguf_path()
-        out = convert_gguf(args.gguf, args.out, dtype=args.dtype or "float32")
+        out = convert_gguf(args.gguf, args.out, dtype=args.dtype or "float32", allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out}")
 
 
 def _generate(args) -> None:
-    import lsjax
-    from lsjax.generate import Generator
-    from lsjax.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
@@ -33,21 +36,22 @@ def _generate(args) -> None:
     if args.adapter:
         from lsjax.adapters import open_adapter
         adapter = open_adapter(args.adapter, model.config)
-    generator = Generator(model, tokenizer, adapter, strategy=args.strategy)
+    generator = Generator(model, tokenizer, adapter, strategy=args.strategy, backend=args.backend)
     reason, arrivals, start = None, [], time.perf_counter()
     for event in generator.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                   stop_strings=args.stop, chat=not args.raw):
         print(event.text, end="", flush=True)
         arrivals.append(time.perf_counter())
         reason = event.finish_reason
-    matvecs = "lsjax.native" if generator.native else "XLA"
     # the first token waits for the prefill's compilation and the second for the step's; then one
     # decode step each
     speed = f"first token {arrivals[0] - start:.2f} s (with compiling)"
     if len(arrivals) > 2:
         speed += f", then {(arrivals[-1] - arrivals[1]) / (len(arrivals) - 2) * 1e3:.1f} ms/token"
-    print(f"\n[{reason}; {len(arrivals)} tokens; {speed}; strategy {generator.strategy}; {matvecs} matvecs; "
-          f"{generator.huge_page_bytes >> 20} MiB on huge pages]", file=sys.stderr)
+    huge = generator.prepared.get("huge_page_bytes")
+    placed = "" if huge is None else f"; {huge >> 20} MiB on huge pages"
+    print(f"\n[{reason}; {len(arrivals)} tokens; {speed}; strategy {generator.strategy}; "
+          f"backend {generator.backend.name}{placed}]", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--gguf", metavar="FILE", help="GGUF file, or 'default' for the embedded SmolLM2-135M-Instruct")
     convert.add_argument("--out", required=True, metavar="CKPT", help="checkpoint folder to create (must not exist)")
     convert.add_argument("--dtype", default=None, help="stored dtype: float32, bfloat16, float16 (default: the source's)")
+    convert.add_argument("--allow-nonfinite", action="store_true",
+                         help="convert weights holding NaN or Inf instead of refusing them")
     convert.set_defaults(run=_convert)
 
     gen = sub.add_parser("generate", help="stream a completion for one prompt")
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ckpt", required=True, help="lsjax checkpoint folder (from `lsjax convert`)")
     gen.add_argument("--adapter", help="adapter folder: lsjax format or a PEFT LoRA")
     gen.add_argument("--strategy", default="auto", help="unmerged, merged, fused or auto")
+    gen.add_argument("--backend", default="auto", help="what runs the products: auto, xla, native or pallas")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -77,9 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32")
     gen.set_defaults(run=_generate)
 
-    from lsjax.eval.harness import add_eval_parser
-    from lsjax.eval.latency import add_bench_parser
-    from lsjax.train.cli import add_train_parser
     add_train_parser(sub)
     add_eval_parser(sub)
     add_bench_parser(sub)
@@ -88,12 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except LsjaxError as e:
-        print(f"lsjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(f"lsjax {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

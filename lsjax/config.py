@@ -14,10 +14,14 @@ from typing import Any
 import numpy as np
 
 from lsjax.errors import ConfigError
+from lsjax.validate import check
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ACTIVATIONS = ("silu",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Projections that read the same input run as one product (one weight, members side by side).
+PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"),
+                                                 "down": ("down",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +39,10 @@ class RopeConfig:
         if self.type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"rope_scaling type {self.type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")
-        _check(self.theta > 0, "rope_theta", self.theta, "a positive number")
-        _check(self.factor > 0, "rope_scaling.factor", self.factor, "a positive number")
+        check(self.theta > 0, "rope_theta", self.theta, "a positive number")
+        check(self.factor > 0, "rope_scaling.factor", self.factor, "a positive number")
         if self.type == "llama3":
-            _check(self.high_freq_factor > self.low_freq_factor, "rope_scaling.high_freq_factor",
+            check(self.high_freq_factor > self.low_freq_factor, "rope_scaling.high_freq_factor",
                    self.high_freq_factor, f"greater than low_freq_factor={self.low_freq_factor}")
 
     def inverse_frequencies(self, head_dim: int) -> np.ndarray:
@@ -88,13 +92,13 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, name, value, "a positive integer")
-        _check(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads", self.num_kv_heads,
+            check(isinstance(value, int) and value > 0, name, value, "a positive integer")
+        check(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads", self.num_kv_heads,
                f"a divisor of num_attention_heads={self.num_heads}")
-        _check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
-        _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "a positive number")
+        check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
+        check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "a positive number")
         if self.sliding_window is not None:
-            _check(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
+            check(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
                    self.sliding_window, "a positive integer or null")
 
     @property
@@ -116,6 +120,20 @@ class ModelConfig:
         d, f = self.hidden_size, self.intermediate_size
         return {"q": (d, self.q_size), "k": (d, self.kv_size), "v": (d, self.kv_size),
                 "o": (self.q_size, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+
+    def group_shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of each projection group: the projections of one input side by side."""
+        shapes = self.projection_shapes()
+        return {group: (shapes[members[0]][0], sum(shapes[m][1] for m in members))
+                for group, members in PROJECTION_GROUPS.items()}
+
+    def member_columns(self, group: str) -> dict[str, tuple[int, int]]:
+        """Each member's (first column, width) in its group's output."""
+        shapes, start, out = self.projection_shapes(), 0, {}
+        for member in PROJECTION_GROUPS[group]:
+            out[member] = (start, shapes[member][1])
+            start += shapes[member][1]
+        return out
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -207,6 +225,22 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> RopeConfig:
     return RopeConfig(**kwargs)
 
 
-def _check(ok: bool, field: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}={value!r} is invalid; expected {expected}")
+
+
+SHAPES: dict[str, dict[str, Any]] = {  # random-weight shapes for benchmarks (no checkpoint needed)
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                      num_kv_heads=32, head_dim=128, max_position_embeddings=4096),
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                       num_kv_heads=8, head_dim=128, max_position_embeddings=32768, model_type="mistral",
+                       sliding_window=4096),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope={"theta": 100000.0}),
+}
+
+
+def named_config(name: str) -> ModelConfig:
+    """The `ModelConfig` of a named shape in `SHAPES` (e.g. "llama2-7b"), refusing unknown names."""
+    if name not in SHAPES:
+        raise ConfigError(f"--shape {name!r} is not known; expected one of {sorted(SHAPES)}")
+    return ModelConfig.from_dict(SHAPES[name])

@@ -2,7 +2,9 @@
 
 Prompts are left-padded so every row writes the same cache slot each step; each row's positions
 count only its real tokens, so padding never shifts RoPE. All functions are pure and jit-able
-(config is a hashable frozen dataclass: pass it as a static argument or close over it).
+(config and backend are hashable frozen dataclasses: pass them as static arguments or close over
+them). Over the held (split) layout a step loops over the layers' own arrays and the cache holds
+one buffer per layer, updated in place; stacked params and cache take a scan instead.
 """
 
 from __future__ import annotations
@@ -14,10 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
-from lsjax.model import (LayerTuple, Params, Project, decoder_layer, default_positions, embed_tokens, lm_logits,
-                         plain_project, rope_tables, run_layers, stacked, visibility_mask)
+from lsjax.model import (
+    LayerTuple,
+    Params,
+    Project,
+    decoder_layer,
+    default_positions,
+    embed_tokens,
+    lm_logits,
+    rope_tables,
+    run_layers,
+    stacked,
+    visibility_mask,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -25,10 +39,10 @@ from lsjax.model import (LayerTuple, Params, Project, decoder_layer, default_pos
 class KVCache:
     """Keys/values, each slot's position and validity `[B, T]`, slots used.
 
-    k / v are `[L, B, KV, T, D]` (head-major: attention reads them without a transpose), or a
-    `LayerTuple` of L `[B, KV, T, D]` arrays: the per-layer layout that goes with split
-    (unrolled) params, where a step updates each layer's buffer in place instead of slicing and
-    restacking a stacked cache (which copied the whole cache every token).
+    k / v are a `LayerTuple` of L `[B, KV, T, D]` arrays (head-major: attention reads them without
+    a transpose), the layout that goes with split params: a step updates each layer's buffer in
+    place instead of slicing and restacking a stacked cache (which copied the whole cache every
+    token); or `[L, B, KV, T, D]` arrays for stacked params (a scan).
     """
 
     k: jax.Array
@@ -43,8 +57,8 @@ class KVCache:
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.float32,
-               per_layer: bool = False) -> KVCache:
-    """An empty cache; `per_layer` for split params (`lsjax.model.split_layers`)."""
+               per_layer: bool = True) -> KVCache:
+    """An empty cache: one buffer per layer (the held, split layout), or stacked for stacked params."""
     shape = (batch, config.num_kv_heads, capacity, config.head_dim)
     if per_layer:
         k = LayerTuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
@@ -67,28 +81,23 @@ def cached_inputs(config: ModelConfig, cache: KVCache, attention_mask: jax.Array
 
 def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
                    positions: jax.Array, cache: KVCache, project_factory: Callable[[Any], Project] | None = None,
-                   layer_extras: Any = None, native: bool = False) -> tuple[jax.Array, KVCache]:
+                   layer_extras: Any = None, backend: Any = XLA) -> tuple[jax.Array, KVCache]:
     """Run `[B, S]` new tokens against the cache; returns logits `[B, S, V]` and the grown cache.
 
     Adapters plug in as in `lsjax.model.forward`: `project_factory(layer_extras slice) -> project`.
-    `native` (static): the base projections and the vocabulary head through `lsjax.native`'s
-    multi-threaded CPU matvecs where they apply (few rows, fp32, CPU), XLA elsewhere.
+    `backend` (static, `lsjax.backends`) runs the products and the vocabulary head.
     """
     index = cache.length
     all_positions, all_valid, cos, sin, mask = cached_inputs(config, cache, attention_mask, positions)
 
-    plain = plain_project
-    if native:
-        from lsjax.native import project as plain
-
     def body(x, xs):
         w, (k, v, extras) = xs
-        project = plain if project_factory is None else project_factory(extras)
+        project = backend if project_factory is None else project_factory(extras)
         x, (k, v) = decoder_layer(config, w, x, cos, sin, mask, project, kv=(k, v, index))
         return x, (k, v)
 
     x, (k, v) = run_layers(body, embed_tokens(params, input_ids), params["layers"], (cache.k, cache.v, layer_extras))
-    logits = lm_logits(config, params, x, native)
+    logits = lm_logits(config, params, x, backend)
     return logits, grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
 
 
@@ -100,10 +109,10 @@ def grown_cache(cache: KVCache, k: Any, v: Any, positions: jax.Array, valid: jax
 
 
 def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
-            cache: KVCache, native: bool = False) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, backend: Any = XLA) -> tuple[jax.Array, KVCache]:
     """Left-padded prompts `[B, S]` into an empty cache; logits of each prompt's last token `[B, V]`."""
     logits, cache = forward_cached(config, params, input_ids, attention_mask, default_positions(attention_mask), cache,
-                                   native=native)
+                                   backend=backend)
     return logits[:, -1], cache
 
 
@@ -113,13 +122,11 @@ def next_positions(cache: KVCache) -> jax.Array:
 
 
 def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache,
-                native: bool = False) -> tuple[jax.Array, KVCache]:
-    """One new token per row `[B]`; its position is the row's count of real tokens so far.
-
-    `native` (static): multi-threaded CPU matvecs (`lsjax.native`), about 1.3x faster on CPU."""
+                backend: Any = XLA) -> tuple[jax.Array, KVCache]:
+    """One new token per row `[B]`; its position is the row's count of real tokens so far."""
     positions = next_positions(cache)
     logits, cache = forward_cached(config, params, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
-                                   positions, cache, native=native)
+                                   positions, cache, backend=backend)
     return logits[:, 0], cache
 
 

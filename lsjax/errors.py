@@ -15,3 +15,16 @@ class ConversionError(LsjaxError, ValueError):
 
 class CheckpointError(LsjaxError, ValueError):
     """An lsjax checkpoint is missing, incomplete, or would be overwritten."""
+
+
+def exit_status(command: str, run) -> int:
+    """Run a command-line entry point's body: 0 when it returns, 2 with one line on stderr
+    (`<command>: error: ...`) when it raises an `LsjaxError`, never a traceback for bad input."""
+    import sys
+
+    try:
+        run()
+    except LsjaxError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsjax import hugepages, strategies
+from lsjax import strategies
+from lsjax.backends import resolve_backend
 from lsjax.decode import init_cache, left_pad
 from lsjax.errors import ConfigError
 from lsjax.sampling import SamplingConfig, sample
@@ -116,20 +117,16 @@ def _compiled_loops(step):
 class Generator:
     """Generation from a loaded model (+ optional adapter) with a chosen decode strategy.
 
-    `unroll=True` (default) keeps a per-layer copy of the base weights so prefill and decode loop
-    over layers without slicing stacked arrays (faster decode on CPU; costs one extra copy of the
-    weights in memory and compile time that grows with depth). `unroll=False` scans the stacked
-    weights in place. `params` replaces `model.params()` as the weights decoded with: pass one
-    `lsjax.model.split_layers(model.params())` to several Generators so they share one per-layer copy
-    (at 7B that copy is 13.5 GB in bf16). `native`: decode matvecs through `lsjax.native`
-    (multi-threaded CPU custom calls); None (default) uses them when built, on CPU, for fp32 weights.
-    `huge_pages` (default True): remap the decoded arrays onto transparent huge pages where the OS
-    allows (`lsjax.hugepages`; 2-3% faster CPU decode); `huge_page_bytes` says how much it remapped.
+    `strategy`: unmerged | fused | merged | auto (`lsjax.strategies`). `backend`: what runs the
+    products (`lsjax.backends`: "auto" picks by platform, or "xla", "native", "pallas", or a
+    backend object, e.g. `lsjax.backends.native_backend(huge_pages=False)`). The Generator decodes
+    from the model's and the adapter's own arrays: building one copies no weights (only the
+    `merged` strategies hold weights of their own). `prepared` says what the backend did to place
+    them (e.g. `{"huge_page_bytes": ...}` on the native CPU backend).
     """
 
-    def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", max_cache_len: int | None = None,
-                 unroll: bool = True, params: dict | None = None, native: bool | None = None,
-                 huge_pages: bool = True):
+    def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", backend=None,
+                 max_cache_len: int | None = None):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.config = model.config
         adapter_config = None
@@ -141,15 +138,15 @@ class Generator:
                 raise AdapterError("adapter was made for another base model: "
                                    f"{_shape_summary(adapter.model_config)} vs this model's {_shape_summary(model.config)}")
         self.adapter_config = adapter_config
-        self.native = strategies.resolve_native(native, model.dtype)
-        self.strategy = strategies.resolve_strategy(strategy, adapter_config, self.native)
+        params = model.params()
+        sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(params))
+        self.backend = resolve_backend(backend, model.dtype, sharded)
+        self.strategy = strategies.resolve_strategy(strategy, adapter_config, self.backend)
         self.max_cache_len = max_cache_len or self.config.max_position_embeddings
         adapter_params = None if adapter is None else adapter.arrays()
-        base = model.params() if params is None else params
-        self.bundle = strategies.prepare_bundle(self.config, base, adapter_config, adapter_params,
-                                                 self.strategy, unroll)
-        self.huge_page_bytes = hugepages.collapse(self.bundle) if huge_pages else 0
-        self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy, self.native)
+        self.bundle = strategies.prepare_bundle(self.config, params, adapter_config, adapter_params, self.strategy)
+        self.prepared = self.backend.prepare(self.bundle)
+        self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy, self.backend)
         self._loop, self._sample_step = _compiled_loops(self._step)
 
     # -- inputs ---------------------------------------------------------------------------------

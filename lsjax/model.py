@@ -1,12 +1,17 @@
 """Llama-family decoder: a pure functional core and a thin Flax NNX module around it.
 
-Layers are stacked on a leading axis: every projection kind is one `[L, d_in, d_out]` array
-(y = x @ W), norms are `[L, d]`. `forward` scans one layer body over that axis, which keeps compile
-time flat in depth and is exactly the layout a kernel merging "all layers at once" wants.
+Weights are held the way a decode step reads them. Projections that share an input are one
+product: `qkv [d, q + k + v]` (q, k and v side by side) and `gate_up [d, 2 f]`, with `o` and
+`down` alone (`PROJECTION_GROUPS`). Each layer's weights are their own arrays: `params["layers"]`
+is a tuple of per-layer dicts, so a decode step reads every weight in place; a stacked slice would
+be copied first (XLA:CPU and GPU both materialise a slice of a stacked weight before a product).
+Full-sequence forwards (training, scoring) stack the layers inside the jitted call and scan them,
+which keeps compile time flat in depth; `stack_layers` / `split_layers` convert between the two.
 
 The pure functions (`forward`, `decoder_layer`, `rms_norm`, `apply_rope`, `attention`) take a plain
 dict of arrays, so they compose with jit, shard_map and pmap and with the adapters, which hook in
-through `project`: a function `(kind, x, w) -> y` used for every linear projection of a layer.
+through `project`: a function `(group, x, w) -> y` used for every projection group of a layer.
+How a product runs (XLA, a Pallas kernel, the CPU native library) is a `lsjax.backends` backend.
 """
 
 from __future__ import annotations
@@ -18,29 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsjax.config import ModelConfig
+from lsjax.backends import XLA
+from lsjax.config import PROJECTION_GROUPS, ModelConfig
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+GROUPS = tuple(PROJECTION_GROUPS)  # ("qkv", "o", "gate_up", "down"), in execution order
+GROUP_OF = {member: group for group, members in PROJECTION_GROUPS.items() for member in members}
 LAYER_NORMS = ("attn_norm", "mlp_norm")
-LAYER_WEIGHTS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
+LAYER_WEIGHTS = ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down")
 
 Params = dict[str, Any]
 Project = Callable[[str, jax.Array, jax.Array], jax.Array]
 
 
-def plain_project(kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    del kind
-    return x @ w
-
-
-def project_group(project: Project, kinds: tuple[str, ...], x: jax.Array, ws: tuple[jax.Array, ...]) -> list[jax.Array]:
-    """Several projections of one input (q, k, v; gate, up): in one call where `project` offers
-    `group(kinds, x, ws)` (`lsjax.native`'s decode products), else one call each."""
-    group = getattr(project, "group", None)
-    if group is not None:
-        return group(kinds, x, list(ws))
-    return [project(kind, x, w) for kind, w in zip(kinds, ws)]
-
+plain_project: Project = XLA  # XLA's own products
 
 # -- building blocks --------------------------------------------------------------------------
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -100,16 +96,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, project: Project = plain_project,
                   kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
-    """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's slice.
+    """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's weights.
 
-    Without `kv`, attends over the block's own tokens and returns the new x. With
-    `kv = (k_cache [B,KV,T,D], v_cache, write_index)`, writes this block's keys/values into the
-    cache at `write_index`, attends over the whole cache (mask `[B,S,T]`), and returns
-    `(x, (k_cache, v_cache))`.
+    Four products: `qkv`, `o`, `gate_up`, `down`. Without `kv`, attends over the block's own tokens
+    and returns the new x. With `kv = (k_cache [B,KV,T,D], v_cache, write_index)`, writes this
+    block's keys/values into the cache at `write_index`, attends over the whole cache (mask
+    `[B,S,T]`), and returns `(x, (k_cache, v_cache))`.
     """
     b, s, _ = x.shape
     h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
-    q, k, v = project_group(project, ("q", "k", "v"), h, (w["q"], w["k"], w["v"]))
+    q, k, v = jnp.split(project("qkv", h, w["qkv"]), [config.q_size, config.q_size + config.kv_size], axis=-1)
     q = q.reshape(b, s, config.num_heads, config.head_dim)
     k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
     v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
@@ -122,9 +118,8 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     attn = attention(q, k, v, mask).reshape(b, s, config.q_size)
     x = x + project("o", attn, w["o"])
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-    gate, up = project_group(project, ("gate", "up"), h, (w["gate"], w["up"]))
-    gated = jax.nn.silu(gate) * up
-    x = x + project("down", gated, w["down"])
+    gate, up = jnp.split(project("gate_up", h, w["gate_up"]), 2, axis=-1)
+    x = x + project("down", jax.nn.silu(gate) * up, w["down"])
     return x if kv is None else (x, (k_cache, v_cache))
 
 
@@ -132,11 +127,10 @@ def run_layers(body: Callable, carry: Any, layers: Params | tuple[Params, ...], 
     """`body(carry, (layer_weights, xs_slice)) -> (carry, ys)` over every layer.
 
     `layers` stacked (a dict of `[L, ...]` arrays): one `lax.scan`, compile time flat in depth;
-    ys come back stacked. `layers` split (a tuple of per-layer dicts, see `split_layers`): a
-    Python loop, so no step slices the stacked weights (on XLA:CPU a scanned decode step copied
-    every layer's weights each token, DESIGN.md section 11); `xs` leaves are `[L, ...]` arrays or
-    `LayerTuple`s, and every ys leaf comes back as a `LayerTuple` (no stacking copy; `stacked`
-    makes arrays of them).
+    ys come back stacked. `layers` split (a tuple of per-layer dicts, the held layout): a Python
+    loop over the layers' own arrays; `xs` leaves are `[L, ...]` arrays (numpy ones give static
+    slices) or `LayerTuple`s, and every ys leaf comes back as a `LayerTuple` (no stacking copy;
+    `stacked` makes arrays of them).
     """
     if isinstance(layers, dict):
         return jax.lax.scan(body, carry, (layers, xs))
@@ -150,9 +144,8 @@ def run_layers(body: Callable, carry: Any, layers: Params | tuple[Params, ...], 
 class LayerTuple(tuple):
     """One array per layer in place of a layer-stacked array (a pytree node: its items are leaves).
 
-    The unrolled decode layout for small per-layer arrays riding along in `xs` (adapter experts):
-    `layer_slice` picks an item instead of slicing, because XLA:CPU copied a slice of a stacked
-    argument every step (DESIGN.md section 11).
+    The per-layer layout of buffers that ride along with split layers (the KV cache): `layer_slice`
+    picks an item instead of slicing, so a decode step updates each layer's buffer in place.
     """
 
     @property
@@ -174,13 +167,8 @@ def stacked(tree: Any) -> Any:
                         is_leaf=lambda n: isinstance(n, LayerTuple))
 
 
-def split_stacked(tree: Any) -> Any:
-    """Every `[L, ...]` array of `tree` as a `LayerTuple` of per-layer arrays (done once, outside jit)."""
-    return jax.tree.map(lambda a: LayerTuple(a[i] for i in range(a.shape[0])), tree)
-
-
 def split_layers(params: Params) -> Params:
-    """The same params with `layers` as a tuple of per-layer dicts (the unrolled decode layout)."""
+    """`params` with `layers` as a tuple of per-layer dicts (the held layout); split ones pass through."""
     layers = params["layers"]
     if not isinstance(layers, dict):
         return params
@@ -189,7 +177,7 @@ def split_layers(params: Params) -> Params:
 
 
 def stack_layers(params: Params) -> Params:
-    """The inverse of `split_layers`: `layers` as one dict of `[L, ...]` arrays."""
+    """The inverse of `split_layers`: `layers` as one dict of `[L, ...]` arrays (a copy, for scans)."""
     layers = params["layers"]
     if isinstance(layers, dict):
         return params
@@ -200,24 +188,16 @@ def embed_tokens(params: Params, input_ids: jax.Array) -> jax.Array:
     return jnp.take(params["embed"], input_ids, axis=0)
 
 
-def lm_logits(config: ModelConfig, params: Params, h: jax.Array, native: bool = False) -> jax.Array:
-    """Final norm and vocabulary projection; fp32 logits `[B, S, V]`.
+def lm_logits(config: ModelConfig, params: Params, h: jax.Array, backend: Any = None) -> jax.Array:
+    """Final norm and vocabulary projection through `backend.logits` (XLA by default); fp32 `[B, S, V]`.
 
-    The tied head is an einsum against `embed [V, D]`: `h @ embed.T` made XLA copy the transposed
-    embedding every call (DESIGN.md section 11). `native`: through `lsjax.native` (decode on CPU),
-    whose transposed product reads the embedding once a step (XLA's einsum ran 4 ms a token slower
-    at batch 1, and at batch 8 transposed the whole embedding every step).
+    A tied head reads `embed [V, D]` as it is: `h @ embed.T` made XLA copy the transposed embedding.
     """
     h = rms_norm(h, params["norm"], config.rms_norm_eps)
-    if native:
-        from lsjax import native as kernels
-
-        if config.tie_word_embeddings:
-            return kernels.matmul_t(h, params["embed"]).astype(jnp.float32)
-        return kernels.matmul(h, params["lm_head"]).astype(jnp.float32)
+    backend = XLA if backend is None else backend
     if config.tie_word_embeddings:
-        return jnp.einsum("bsd,vd->bsv", h, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("bsd,dv->bsv", h, params["lm_head"], preferred_element_type=jnp.float32)
+        return backend.logits(h, params["embed"], transposed=True)
+    return backend.logits(h, params["lm_head"], transposed=False)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -243,12 +223,14 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
             last: int | None = None) -> jax.Array:
     """Logits `[B, S, V]` for token ids `[B, S]`; `attention_mask` (1 = token, 0 = padding).
 
-    Adapters plug in through `layer_extras` (a pytree stacked on the layer axis, sliced per layer
-    by the scan) and `project_factory(extras_slice) -> project`. `last` (static): logits of the
-    last `last` positions only, `[B, last, V]`; scoring needs few, and the vocabulary projection
-    of every position is the largest tensor of a forward.
+    Scans the layers (split ones are stacked first, inside the caller's jit). Adapters plug in
+    through `layer_extras` (a pytree stacked on the layer axis, sliced per layer by the scan) and
+    `project_factory(extras_slice) -> project`. `last` (static): logits of the last `last`
+    positions only, `[B, last, V]`; scoring needs few, and the vocabulary projection of every
+    position is the largest tensor of a forward.
     """
     input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions)
+    params = stack_layers(params)
     x = embed_tokens(params, input_ids)
 
     def body(x, xs):
@@ -261,22 +243,29 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
 
 
 # -- parameters -------------------------------------------------------------------------------
-def param_shapes(config: ModelConfig) -> dict[str, Any]:
-    """Shape of every parameter, in the nested layout the checkpoints store."""
-    L, d = config.num_layers, config.hidden_size
-    layers = {name: (L, *shape) for name, shape in config.projection_shapes().items()}
-    layers.update(attn_norm=(L, d), mlp_norm=(L, d))
+def param_shapes(config: ModelConfig, stacked: bool = False) -> dict[str, Any]:
+    """Shape of every parameter in the held layout (grouped products, one dict per layer), or with
+    `stacked` the scan layout (one `[L, ...]` array per name)."""
+    d = config.hidden_size
+    layer = {group: shape for group, shape in config.group_shapes().items()}
+    layer.update(attn_norm=(d,), mlp_norm=(d,))
+    layers = {name: (config.num_layers, *shape) for name, shape in layer.items()} if stacked else \
+        tuple(dict(layer) for _ in range(config.num_layers))
     shapes: dict[str, Any] = {"embed": (config.vocab_size, d), "layers": layers, "norm": (d,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (d, config.vocab_size)
     return shapes
 
 
-class DecoderLayers(nnx.Module):
-    """The stacked per-layer weights: each attribute is one `[L, ...]` parameter."""
+def is_shape(node: Any) -> bool:
+    """A shape tuple in a `param_shapes` tree (a leaf), as opposed to the tuple of layers."""
+    return isinstance(node, tuple) and all(isinstance(n, int) for n in node)
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, dtype: Any):
-        shapes = param_shapes(config)["layers"]
+
+class DecoderLayer(nnx.Module):
+    """One layer's weights, each its own `nnx.Param`."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], rngs: nnx.Rngs, dtype: Any):
         init = nnx.initializers.normal(0.02)
         for name in LAYER_WEIGHTS:
             if name in LAYER_NORMS:
@@ -301,7 +290,7 @@ class Llama(nnx.Module):
         shapes = param_shapes(config)
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), shapes["embed"], dtype))
-        self.layers = DecoderLayers(config, rngs, dtype)
+        self.layers = nnx.List([DecoderLayer(layer, rngs, dtype) for layer in shapes["layers"]])
         self.norm = nnx.Param(jnp.ones(shapes["norm"], dtype))
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Param(init(rngs.params(), shapes["lm_head"], dtype))
@@ -311,8 +300,9 @@ class Llama(nnx.Module):
         return self.embed[...].dtype
 
     def params(self) -> Params:
-        """The weights as the nested dict of arrays that `forward` and the checkpoints use."""
-        out = {"embed": self.embed[...], "layers": self.layers.arrays(), "norm": self.norm[...]}
+        """The weights as the nested dict of arrays that the pure functions take (no copies)."""
+        out = {"embed": self.embed[...], "layers": tuple(layer.arrays() for layer in self.layers),
+               "norm": self.norm[...]}
         if not self.config.tie_word_embeddings:
             out["lm_head"] = self.lm_head[...]
         return out
@@ -322,16 +312,50 @@ class Llama(nnx.Module):
 
 
 def abstract_model(config: ModelConfig, dtype: Any = jnp.float32) -> Llama:
-    """A `Llama` whose params are shape/dtype placeholders: no memory, filled by `nnx.update`."""
+    """A `Llama` whose params are shape/dtype placeholders: no memory, filled by `model_from_params`."""
     return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype))
 
 
 def model_from_params(config: ModelConfig, params: Params) -> Llama:
-    dtype = params["embed"].dtype
-    model = abstract_model(config, dtype)
-    nnx.update(model, params)
+    """A `Llama` holding exactly these arrays (held layout; stacked layers are split first)."""
+    params = split_layers(params)
+    model = abstract_model(config, params["embed"].dtype)
+    model.embed = nnx.Param(params["embed"])
+    model.norm = nnx.Param(params["norm"])
+    if not config.tie_word_embeddings:
+        model.lm_head = nnx.Param(params["lm_head"])
+    for module, arrays in zip(model.layers, params["layers"]):
+        for name in LAYER_WEIGHTS:
+            setattr(module, name, nnx.Param(arrays[name]))
     return model
 
 
 def count_params(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def from_projections(config: ModelConfig, params: Params) -> Params:
+    """Params with one stacked `[L, d_in, d_out]` array per projection (the checkpoint's and
+    Hugging Face's order) in the held layout: grouped products, one dict per layer. Numpy in, numpy out."""
+    layers = params["layers"]
+    xp = np if isinstance(layers["q"], np.ndarray) else jnp
+    held = []
+    for i in range(config.num_layers):
+        layer = {name: layers[name][i] for name in LAYER_NORMS}
+        for group, members in PROJECTION_GROUPS.items():
+            layer[group] = layers[members[0]][i] if len(members) == 1 else \
+                xp.concatenate([layers[m][i] for m in members], axis=-1)
+        held.append(layer)
+    return {**params, "layers": tuple(held)}
+
+
+def to_projections(config: ModelConfig, params: Params) -> Params:
+    """The inverse of `from_projections`: one stacked array per projection (for export)."""
+    layers = split_layers(params)["layers"]
+    xp = np if isinstance(layers[0]["qkv"], np.ndarray) else jnp
+    out = {name: xp.stack([layer[name] for layer in layers]) for name in LAYER_NORMS}
+    for group in PROJECTION_GROUPS:
+        stacked_group = xp.stack([layer[group] for layer in layers])
+        for member, (start, width) in config.member_columns(group).items():
+            out[member] = stacked_group[..., start:start + width]
+    return {**params, "layers": out}

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lsjax.errors import ConfigError
+from lsjax.validate import check, is_int, is_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +26,11 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature={self.temperature!r} is invalid; expected a number >= 0 (0 = greedy)")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ConfigError(f"top_k={self.top_k!r} is invalid; expected an integer >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p={self.top_p!r} is invalid; expected a number in (0, 1] (1 = off)")
+        check(is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+              "a number >= 0 (0 = greedy)")
+        check(is_int(self.top_k, 0), "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        check(is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1] (1 = off)")
+        check(is_int(self.seed), "seed", self.seed, "an integer")
 
     def arrays(self) -> dict[str, jax.Array]:
         """The traced form `sample` takes."""

@@ -10,22 +10,26 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-# Column-parallel projections split d_out over `tensor`, row-parallel ones split d_in.
+# Column-parallel products split d_out over `tensor`, row-parallel ones split d_in. Rules name the
+# dims of one layer's weight; a stacked `[L, ...]` array (a checkpoint's) gets a leading None.
 PARAM_RULES: dict[str, tuple[str | None, ...]] = {
     "embed": ("tensor", "fsdp"),
     "lm_head": ("fsdp", "tensor"),
     "norm": (None,),
-    "layers/attn_norm": (None, None),
-    "layers/mlp_norm": (None, None),
-    "layers/q": (None, "fsdp", "tensor"),
-    "layers/k": (None, "fsdp", "tensor"),
-    "layers/v": (None, "fsdp", "tensor"),
-    "layers/gate": (None, "fsdp", "tensor"),
-    "layers/up": (None, "fsdp", "tensor"),
-    "layers/o": (None, "tensor", "fsdp"),
-    "layers/down": (None, "tensor", "fsdp"),
+    "layers/attn_norm": (None,),
+    "layers/mlp_norm": (None,),
+    "layers/qkv": ("fsdp", "tensor"),
+    "layers/gate_up": ("fsdp", "tensor"),
+    "layers/o": ("tensor", "fsdp"),
+    "layers/down": ("tensor", "fsdp"),
+    "layers/q": ("fsdp", "tensor"),
+    "layers/k": ("fsdp", "tensor"),
+    "layers/v": ("fsdp", "tensor"),
+    "layers/gate": ("fsdp", "tensor"),
+    "layers/up": ("fsdp", "tensor"),
 }
 
 
@@ -38,16 +42,28 @@ def fit_spec(rule: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -
     return P(*axes)
 
 
+def param_rule(path, shape: tuple[int, ...]) -> tuple[str | None, ...]:
+    """The rule of one param, by its name (layer indices dropped: `layers/3/qkv` is `layers/qkv`)."""
+    key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path
+                   if not isinstance(getattr(p, "idx", None), int))
+    rule = PARAM_RULES.get(key, ())
+    if len(shape) == len(rule) + 1:  # stacked on the layer axis
+        rule = (None, *rule)
+    return rule if len(rule) == len(shape) else (None,) * len(shape)
+
+
 def param_shardings(shapes: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
-    """NamedShardings for a nested dict of shapes (or arrays) in the lsjax params layout."""
+    """NamedShardings for a nested dict of shapes (or arrays) in either lsjax params layout."""
 
     def one(path, leaf):
-        key = "/".join(str(getattr(p, "key", p)) for p in path)
         shape = tuple(getattr(leaf, "shape", leaf))
-        rule = PARAM_RULES.get(key, (None,) * len(shape))
-        return NamedSharding(mesh, fit_spec(rule, shape, mesh))
+        return NamedSharding(mesh, fit_spec(param_rule(path, shape), shape, mesh))
 
-    return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=_is_shape)
+
+
+def _is_shape(node) -> bool:
+    return isinstance(node, tuple) and all(isinstance(n, int) for n in node)
 
 
 # Adapter arrays (lsjax.adapters layout): expert A [L, E, d_in, r] splits d_in over fsdp, B
@@ -59,7 +75,7 @@ ADAPTER_RULES: dict[str, tuple[str | None, ...]] = {
 
 
 def adapter_shardings(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
-    """NamedShardings for an adapter pytree {"experts": {proj: {"a", "b"}}, "routers": {...}}."""
+    """NamedShardings for an adapter pytree {"experts": {group: {"a", "b"}}, "routers": {...}}."""
 
     def one(path, leaf):
         keys = [str(getattr(p, "key", p)) for p in path]
@@ -67,4 +83,4 @@ def adapter_shardings(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
         rule = ADAPTER_RULES.get(keys[-1], ()) if keys[0] == "experts" else ()
         return NamedSharding(mesh, fit_spec(rule or (None,) * len(shape), shape, mesh))
 
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_shape)

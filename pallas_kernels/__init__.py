@@ -6,20 +6,21 @@ or None = pallas on GPU, xla elsewhere) and `interpret=` (default: True off GPU)
 
 from .reference import (
     lora_delta_reference,
-    routed_lora_matmul_reference,
+    routed_group_matmul_reference,
     sgmm_merge_reference,
     sgmm_switch_reference,
+    whole_output,
 )
-from .routed_matmul import routed_lora_add, routed_lora_matmul
+from .routed_group import routed_group_matmul
 from .sgmm import sgmm_merge, sgmm_switch
 
 __all__ = [
+    "routed_group_matmul",
     "sgmm_merge",
     "sgmm_switch",
-    "routed_lora_matmul",
-    "routed_lora_add",
+    "routed_group_matmul_reference",
     "sgmm_merge_reference",
     "sgmm_switch_reference",
-    "routed_lora_matmul_reference",
     "lora_delta_reference",
+    "whole_output",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 try:  # the Triton-specific Pallas module (jax >= 0.4.36); older jax called it `gpu`
     from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
@@ -51,13 +52,27 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def tile(dim: int, requested: int | None, default: int, name: str) -> int:
-    """Power-of-two tile for a dim: no larger than needed, at least MIN_DOT_DIM."""
+def prev_pow2(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def check_pow2(name: str, requested) -> None:
+    if not isinstance(requested, int) or requested < 1 or requested & (requested - 1):
+        raise ValueError(f"{name}={requested!r} must be a positive power of two")
+
+
+def tile(dim: int, requested: int | None, default: int, name: str, minimum: int = MIN_DOT_DIM) -> int:
+    """Power-of-two tile for a dim: no larger than needed, at least `minimum` (tl.dot's 16 by default;
+    1 for tiles that never meet a dot)."""
     if requested is not None:
-        if requested < 1 or requested & (requested - 1):
-            raise ValueError(f"{name}={requested} must be a positive power of two")
-        return max(MIN_DOT_DIM, requested)
-    return max(MIN_DOT_DIM, min(default, next_pow2(dim)))
+        check_pow2(name, requested)
+        return max(minimum, requested)
+    return max(minimum, min(default, next_pow2(dim)))
+
+
+def check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
 def compiler_params(num_warps: int = 4, num_stages: int = 2) -> Any:
@@ -76,9 +91,10 @@ def dot(a, b):
     return jnp.dot(a, b, precision=prec, preferred_element_type=jnp.float32)
 
 
-def load(ref, mask, other=0):
-    """Masked load; masked-off lanes read `other` and touch no memory on GPU."""
-    return pltriton.load(ref, mask=mask, other=jnp.asarray(other, ref.dtype))
+def load(ref, mask, other=0, eviction_policy=None):
+    """Masked load; masked-off lanes read `other` and touch no memory on GPU. `eviction_policy=
+    "evict_first"` marks a read-once stream so that it does not push reused data out of L2."""
+    return pltriton.load(ref, mask=mask, other=jnp.asarray(other, ref.dtype), eviction_policy=eviction_policy)
 
 
 def store(ref, value, mask):

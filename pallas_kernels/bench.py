@@ -1,18 +1,25 @@
 """Benchmark the kernels against the bytes they must move and against a device copy.
 
-    python -m pallas_kernels.bench --quick                      # CPU: xla timings, small interpret checks
-    python -m pallas_kernels.bench --shapes llama2-7b --dtype bfloat16 --json out.json   # GPU
+    python -m pallas_kernels.bench --quick                 # CPU: xla timings, tiny interpret checks
+    python -m pallas_kernels.bench --json out.json         # GPU: llama2-7b groups, bf16, pallas and xla
 
-Bytes each kernel must move (s = bytes per element; M layers; k experts; r rank; T rows):
-  sgmm_merge          2*M*d_in*d_out*s + M*k*r*(d_in+d_out)*s     read W_base, write W, read k experts
-  sgmm_switch         2*M*d_in*d_out*s + M*2k*r*(d_in+d_out)*s    read+write W in place, old+new experts
-  routed_lora_matmul  d_in*d_out*s + T*(d_in+d_out)*s + min(T*k, E)*r*(d_in+d_out)*s
-  x @ W (plain)       d_in*d_out*s + T*(d_in+d_out)*s
-(ids/gates are a few bytes and are left out.) Achieved GB/s = bytes / median time. The
-row-wise kernels (x @ W, routed) run over all M layers in one jit, each layer in its own buffers,
-and are reported per layer. The copy
-row times a jitted copy of a large buffer in the same run and counts read + write bytes: it
-is the practical ceiling for these memory-bound kernels on this machine.
+Groups of a model shape (d hidden, ff FFN, kv = n_kv_heads * head_dim): qkv [d, d+2kv] (three
+members), o [d, d], gate_up [d, 2ff] (two members), down [ff, d]. Adapters: E experts of rank r on
+every member, k chosen per row (one route for all members unless --route-per-member).
+
+Bytes each must move (s = bytes per element; K x N group weight, S members, B's width Nb; T rows;
+n = min(T*k, E) distinct experts per route; M layers):
+  x @ W (plain, XLA)       K*N*s + T*(K+N)*s
+  routed_group_matmul      plain + n*(K*S*r + r*Nb)*s      pallas, and xla = XLA's x @ W + routed term
+  sgmm_merge               2*M*K*N*s + M*k*(K*S*r + r*Nb)*s    read W_base, write W, read k experts
+(ids/gates are a few bytes and are left out.) GB/s = bytes / median time; `vs_plain` is a routed
+row's time over the plain `x @ W` of the same group and T in the same run. Row-wise products run
+over `--layers` layers inside one jit, each layer its own weight buffer (the decode's layout:
+together they overflow L2), and are reported per layer; each timing queues several calls per
+sync. sgmm_merge runs over all M layers of the stacked group weight, writing into a donated
+working buffer (the decode loop's form); `pct_copy` is against a device copy timed in the same
+run (read + write), the practical ceiling for these memory-bound kernels. The environment,
+XLA_FLAGS included (command buffers / CUDA graphs change launch costs), goes into the JSON.
 """
 
 from __future__ import annotations
@@ -21,19 +28,18 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _common as C
-from .reference import routed_lora_matmul_reference, sgmm_merge_reference, sgmm_switch_reference
-from .routed_matmul import _routed_xla, routed_lora_add, routed_lora_matmul
-from .sgmm import sgmm_merge, sgmm_switch
-from .timing import queued_seconds
+from .reference import routed_group_matmul_reference, sgmm_merge_reference, whole_output
+from .routed_group import routed_group_matmul
+from .sgmm import sgmm_merge
+from .timing import bandwidth, queued_seconds
 
 # Model shapes: layers, hidden, FFN, k/v width (n_kv_heads * head_dim).
 SHAPES = {
@@ -41,73 +47,46 @@ SHAPES = {
     "llama2-7b": dict(L=32, d=4096, ff=11008, kv=4096),
     "mistral-7b": dict(L=32, d=4096, ff=14336, kv=1024),
 }
-PROJECTIONS = {"q": ("d", "d"), "k": ("d", "kv"), "up": ("d", "ff"), "down": ("ff", "d")}
+GROUPS = ("qkv", "o", "gate_up", "down")
+# The earlier one-tile-per-program SGMM layout, timed beside the default for comparison.
+SGMM_OLD_TILES = dict(block_in=64, block_out=128, row_steps=1, num_warps=4, num_stages=2)
 
 
-def timeit(fn, *args, iters=10, warmup=2, donate_first=False):
-    """Median wall time (s) of fn(*args) after warmup; with donate_first the output is fed
-    back as the first argument, as an in-place update loop would do."""
-    for _ in range(warmup):
-        out = jax.block_until_ready(fn(*args))
-        if donate_first:
-            args = (out,) + args[1:]
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-        if donate_first:
-            args = (out,) + args[1:]
-    return statistics.median(times)
-
-
-def copy_gbps(nbytes, iters):
-    """Device copy bandwidth, read + write bytes, two ways:
-
-    fresh:   jit(x.copy()) into a newly allocated buffer (what a non-donated op pays);
-    inplace: jit(x + 1) with x donated, so the output reuses x's buffer.
-    Each sample queues `iters` copies before one sync: one sync per copy cost an H100 a third
-    of its bandwidth (1.97 TB/s vs 2.88 TB/s at 512 MiB). On the 2-core CPU VM the fresh copy
-    runs ~4x slower than the in-place one: every large new buffer is mmap'ed and page-faulted in.
-    The better of the two is the ceiling used for "% of copy".
-    """
-    def queued(fn, x, feed_back):
-        return 2 * x.nbytes / queued_seconds(fn, x, iters, 3, feed_back) / 1e9
-
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    fresh = queued(jax.jit(lambda x: x.copy()), x, feed_back=False)
-    inplace = queued(jax.jit(lambda x: x + 1, donate_argnums=0), x + 0, feed_back=True)
-    return dict(fresh=fresh, inplace=inplace, bytes=x.nbytes)
-
-
-def per_layer(f):
-    """jit of `f(x, W, A, B, ids, gates)` summed over per-layer buffers: M kernels, one dispatch."""
-    def run(x, Ws, As, Bs, ids, gates):
-        return sum(f(x, w, a, b, ids, gates).astype(jnp.float32) for w, a, b in zip(Ws, As, Bs))
-    return jax.jit(run)
-
-
-def projected_add(**kwargs):
-    """f(x, w, a, b, ids, gates): XLA's own x @ w, then `routed_lora_add(..., **kwargs)` onto it."""
-    add = functools.partial(routed_lora_add, **kwargs)
-    return lambda x, w, a, b, ids, gates: add(jnp.dot(x, w), x, a, b, ids, gates)
+def group_shape(cfg: dict, group: str) -> tuple[int, tuple]:
+    """(K, members) of a group; members' widths add up to N and B's width equals N."""
+    d, ff, kv = cfg["d"], cfg["ff"], cfg["kv"]
+    if group == "qkv":
+        return d, ((0, 0, d), (d, d, kv), (d + kv, d + kv, kv))
+    if group == "gate_up":
+        return d, ((0, 0, ff), (ff, ff, ff))
+    if group == "o":
+        return d, whole_output(d)
+    if group == "down":
+        return ff, whole_output(d)
+    raise ValueError(f"group {group!r} is unknown; expected one of {GROUPS}")
 
 
 def _rand(key, shape, dtype, scale):
-    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return scale * jax.random.normal(key, shape, dtype)
 
 
-def make_inputs(key, M, d_in, d_out, E, r, dtype):
+def make_group(key, L, K, members, E, r, dtype, stacked_w=False):
+    """W (one [K, N] per layer, or stacked [L, K, N]) and stacked experts A [L, E, K, S*r], B [L, E, r, N]."""
+    N = sum(m[2] for m in members)
     kw, ka, kb = jax.random.split(key, 3)
-    W = _rand(kw, (M, d_in, d_out), dtype, d_in**-0.5)
-    A = _rand(ka, (M, E, d_in, r), dtype, d_in**-0.5)
-    B = _rand(kb, (M, E, r, d_out), dtype, 0.1 * r**-0.5)
+    if stacked_w:
+        W = _rand(kw, (L, K, N), dtype, K**-0.5)
+    else:
+        W = [_rand(k, (K, N), dtype, K**-0.5) for k in jax.random.split(kw, L)]
+    A = _rand(ka, (L, E, K, len(members) * r), dtype, K**-0.5)
+    B = _rand(kb, (L, E, r, N), dtype, 0.1 * r**-0.5)
     return W, A, B
 
 
-def route(key, T, E, k):
-    ids = jnp.argsort(jax.random.uniform(key, (T, E)), axis=1)[:, :k].astype(jnp.int32)
-    gates = jax.nn.softmax(jax.random.normal(key, (T, k)), axis=-1)
+def route(key, T, S_r, E, k):
+    """ids [T, S_r, k] (k distinct experts per row and route), gates [T, S_r, k] summing to 1."""
+    ids = jnp.argsort(jax.random.uniform(key, (T, S_r, E)), axis=-1)[..., :k].astype(jnp.int32)
+    gates = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 1), (T, S_r, k)), axis=-1)
     return ids, gates
 
 
@@ -116,162 +95,193 @@ def rel_err(out, want):
     return float(np.abs(out - want).max() / np.abs(want).max())
 
 
+def per_layer(f):
+    """jit of f(x, w, A, B, ids, gates, layer) over per-layer weights: one dispatch, L products."""
+    return jax.jit(lambda x, Ws, A, B, ids, gates: [f(x, w, A, B, ids, gates, l) for l, w in enumerate(Ws)])
+
+
+def routed_fn(members, implementation, **knobs):
+    """f(x, w, A, B, ids, gates, layer): the group product with its routed term."""
+    return lambda x, w, A, B, ids, gates, layer: routed_group_matmul(
+        x, w, A, B, ids, gates, members=members, layer=layer, implementation=implementation, **knobs)
+
+
+def plain_fn(x, w, A, B, ids, gates, layer):
+    del A, B, ids, gates, layer
+    return x @ w
+
+
+def routed_bytes(K, N, members, T, E, r, k, s):
+    n = min(T * k, E)
+    return (K * N + T * (K + N) + n * (K * len(members) * r + r * N)) * s
+
+
 # ----------------------------------------------------------------------------- correctness
 
 
 def interpret_checks(E, r, k, dtype):
-    """Pallas in interpret mode vs the references at a small ragged shape (full shapes would
-    take hours interpreted). Returns {kernel: max relative error}."""
-    key = jax.random.PRNGKey(1)
-    W, A, B = make_inputs(key, 2, 96, 80, E, r, dtype)
-    ids, gates = route(key, 2, E, k)
-    blk = dict(implementation="pallas", interpret=True, block_in=32, block_out=32)
-    merged = sgmm_merge(W, A, B, ids[0], gates[0], **blk)
-    res = {"sgmm_merge": rel_err(merged, sgmm_merge_reference(W, A, B, ids[0], gates[0]))}
-    sw = sgmm_switch(merged, A, B, ids[0], gates[0], ids[1], gates[1], **blk)
-    res["sgmm_switch"] = rel_err(sw, sgmm_switch_reference(merged, A, B, ids[0], gates[0], ids[1], gates[1]))
-    x = _rand(key, (5, 96), dtype, 1.0)
-    rids, rg = route(jax.random.PRNGKey(2), 5, E, k)
-    y = routed_lora_matmul(x, W[0], A[0], B[0], rids, rg, block_t=16, **blk)
-    res["routed_lora_matmul"] = rel_err(y, routed_lora_matmul_reference(x, W[0], A[0], B[0], rids, rg))
+    """Pallas in interpret mode vs the references on a tiny q|k|v group with ragged tiles (full
+    shapes would take hours interpreted). Returns {check: max relative error}."""
+    members = ((0, 0, 48), (48, 48, 24), (72, 72, 24))
+    W, A, B = make_group(jax.random.PRNGKey(1), 2, 40, members, E, r, dtype, stacked_w=True)
+    ids, gates = route(jax.random.PRNGKey(2), 1, 1, E, k)
+    blk = dict(implementation="pallas", interpret=True)
+    merged = sgmm_merge(W, A, B, ids[0, 0], gates[0, 0], members=members, block_in=16, block_out=16, **blk)
+    res = {"sgmm_merge": rel_err(merged, sgmm_merge_reference(W, A, B, ids[0, 0], gates[0, 0], members))}
+    for T in (1, 8):
+        x = _rand(jax.random.PRNGKey(3), (T, 40), dtype, 1.0)
+        ids, gates = route(jax.random.PRNGKey(T), T, 3, E, k)
+        y = routed_group_matmul(x, W[0], A, B, ids, gates, members=members, layer=1, block_k=16, block_n=16, **blk)
+        want = routed_group_matmul_reference(x, W[0], A, B, ids, gates, members, layer=1)
+        res[f"routed_group_matmul T={T}"] = rel_err(y, want)
     return res
 
 
 # ----------------------------------------------------------------------------- benchmark
 
 
-def bench_projection(name, proj, cfg, args, impls, dtype, copy_bw, check):
-    d_in, d_out = (cfg[a] for a in PROJECTIONS[proj])
-    M = cfg["L"] if args.layers is None else min(cfg["L"], args.layers)
-    E, r, k, it = args.experts, args.rank, args.topk, args.iters
-    s = jnp.dtype(dtype).itemsize
-    key = jax.random.PRNGKey(0)
-    W, A, B = make_inputs(key, M, d_in, d_out, E, r, dtype)
-    (old_ids, new_ids), (old_g, new_g) = route(jax.random.PRNGKey(3), 2, E, k)
+def _row(rows, copy_bw, **r):
+    r["gbps"] = r["bytes"] / (r["time_ms"] / 1e3) / 1e9
+    r["pct_copy"] = 100 * r["gbps"] / copy_bw
+    rows.append(r)
+    print(fmt_row(r), flush=True)
+
+
+def bench_routed(name, group, cfg, args, dtype, copy_bw, check):
+    K, members = group_shape(cfg, group)
+    N = sum(m[2] for m in members)
+    L = min(cfg["L"], args.layers)
+    E, r, k, s = args.experts, args.rank, args.topk, jnp.dtype(dtype).itemsize
+    S_r = len(members) if args.route_per_member else 1
+    Ws, A, B = make_group(jax.random.PRNGKey(0), L, K, members, E, r, dtype)
     rows = []
-
-    def row(kernel, impl, t, nbytes, extra=None):
-        r_ = dict(shape=name, proj=f"{proj} {d_in}x{d_out}", kernel=kernel, impl=impl, dtype=jnp.dtype(dtype).name,
-                  M=M, E=E, r=r, k=k, time_ms=1e3 * t, bytes=nbytes, gbps=nbytes / t / 1e9,
-                  pct_copy=100 * nbytes / t / 1e9 / copy_bw)
-        r_.update(extra or {})
-        rows.append(r_)
-        print(fmt_row(r_), flush=True)
-
-    for impl in impls:
-        merge = functools.partial(sgmm_merge, implementation=impl)
-        # Decode-loop form: the previous working weights are donated (keep_unused keeps the
-        # otherwise unused argument) so the merged weights land in the same buffer.
-        merge_into = jax.jit(lambda W_work, *a: merge(*a), donate_argnums=0, keep_unused=True)
-        W_work = W + 0
-        t = timeit(merge_into, W_work, W, A, B, new_ids, new_g, iters=it, donate_first=True)
-        extra = {}
-        if check:
-            extra["rel_err"] = rel_err(jax.jit(merge)(W, A, B, new_ids, new_g),
-                                       sgmm_merge_reference(W, A, B, new_ids, new_g))
-        row("sgmm_merge", impl, t, 2 * M * d_in * d_out * s + M * k * r * (d_in + d_out) * s, extra)
-        del W_work
-
-        switch = jax.jit(functools.partial(sgmm_switch, implementation=impl), donate_argnums=0)
-        W_work = W + 0  # our own buffer to donate round and round
-        t = timeit(switch, W_work, A, B, old_ids, old_g, new_ids, new_g, iters=it, donate_first=True)
-        row("sgmm_switch", impl, t, 2 * M * d_in * d_out * s + M * 2 * k * r * (d_in + d_out) * s)
-        del W_work
-
-    # Row-wise kernels are timed over all M layers inside one jit, each layer its own buffers (the
-    # unrolled decode's layout): one dispatch for M kernels, and M weight matrices overflow the GPU's
-    # L2 where one 4096x4096 bf16 matrix (34 MB) would sit in it. Figures are per layer.
-    Ws = [W[i] + 0 for i in range(M)]
-    As, Bs = [A[i] + 0 for i in range(M)], [B[i] + 0 for i in range(M)]
-    del W, A, B
-
-    plain = per_layer(lambda x, w, a, b, ids, g: jnp.dot(x, w, preferred_element_type=jnp.float32))
     for T in args.tokens:
-        x = _rand(jax.random.PRNGKey(4), (T, d_in), dtype, 1.0)
-        ids, gates = route(jax.random.PRNGKey(5), T, E, k)
-        io = T * (d_in + d_out) * s
-        t_plain = timeit(plain, x, Ws, As, Bs, ids, gates, iters=it) / M
-        row("x @ W", "xla", t_plain, d_in * d_out * s + io, dict(T=T))
-        nbytes = d_in * d_out * s + io + min(T * k, E) * r * (d_in + d_out) * s
-        want = routed_lora_matmul_reference(x, Ws[-1], As[-1], Bs[-1], ids, gates) if check else None
-        for impl in impls:
-            for kernel, fn in [
-                ("routed_lora_matmul", functools.partial(routed_lora_matmul, implementation=impl)),
-                ("x @ W + routed_lora_add", projected_add(implementation=impl)),
-            ]:
-                t = timeit(per_layer(fn), x, Ws, As, Bs, ids, gates, iters=it) / M
-                extra = dict(T=T, vs_plain=t / t_plain)
-                if check:
-                    extra["rel_err"] = rel_err(jax.jit(fn)(x, Ws[-1], As[-1], Bs[-1], ids, gates), want)
-                row(kernel, impl, t, nbytes, extra)
-        if "xla" in impls and T * k > E:  # the per-row gather form the auto choice skipped
-            gather = functools.partial(_routed_xla, form="gather")
-            t = timeit(per_layer(gather), x, Ws, As, Bs, ids, gates, iters=it) / M
-            row("routed_lora_matmul", "xla-gather", t, nbytes, dict(T=T, vs_plain=t / t_plain))
+        x = _rand(jax.random.PRNGKey(4), (T, K), dtype, 1.0)
+        ids, gates = route(jax.random.PRNGKey(5), T, S_r, E, k)
+        inputs = (x, Ws, A, B, ids, gates)
+        want = routed_group_matmul_reference(x, Ws[-1], A, B, ids, gates, members, layer=L - 1) if check else None
+        base = dict(shape=name, group=group, K=K, N=N, T=T, L=L, E=E, r=r, k=k, S_r=S_r, dtype=jnp.dtype(dtype).name)
+        t_plain = queued_seconds(per_layer(plain_fn), inputs, args.repeats, args.samples) / L
+        _row(rows, copy_bw, **base, kernel="x @ W", impl="xla", time_ms=1e3 * t_plain,
+             bytes=(K * N + T * (K + N)) * s)
+        for impl in args.impls:
+            f = per_layer(routed_fn(members, impl, **(args.knobs if impl == "pallas" else {})))
+            t = queued_seconds(f, inputs, args.repeats, args.samples) / L
+            extra = dict(rel_err=rel_err(f(*inputs)[-1], want)) if check else {}
+            _row(rows, copy_bw, **base, kernel="routed_group_matmul", impl=impl, time_ms=1e3 * t,
+                 bytes=routed_bytes(K, N, members, T, E, r, k, s), vs_plain=t / t_plain, **extra)
     return rows
 
 
-HEADER = ("| shape | proj | kernel | impl | M or T | time ms | MB moved | GB/s | % of copy | vs x@W | rel err |\n"
-          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+def merging_into(merge):
+    """The decode loop's form of a merge: the previous working weights are donated (keep_unused keeps
+    the otherwise unused argument) so the merged weights land in the same buffer."""
+    return jax.jit(lambda W_work, *args: merge(*args), donate_argnums=0, keep_unused=True)
+
+
+def bench_sgmm(name, group, cfg, args, dtype, copy_bw, check):
+    K, members = group_shape(cfg, group)
+    N = sum(m[2] for m in members)
+    M = min(cfg["L"], args.sgmm_layers)
+    E, r, k, s = args.experts, args.rank, args.topk, jnp.dtype(dtype).itemsize
+    W, A, B = make_group(jax.random.PRNGKey(6), M, K, members, E, r, dtype, stacked_w=True)
+    ids, gates = route(jax.random.PRNGKey(7), 1, 1, E, k)
+    ids, gates = ids[0, 0], gates[0, 0]
+    nbytes = (2 * M * K * N + M * k * (K * len(members) * r + r * N)) * s
+    variants = [(impl, {}) for impl in args.impls]
+    if "pallas" in args.impls:
+        variants.insert(args.impls.index("pallas") + 1, ("pallas-old-tiles", SGMM_OLD_TILES))
+    rows = []
+    for label, knobs in variants:
+        impl = label.split("-")[0]
+        merge_into = merging_into(functools.partial(sgmm_merge, members=members, implementation=impl, **knobs))
+        t = queued_seconds(merge_into, (W + 0, W, A, B, ids, gates), args.sgmm_repeats, args.samples,
+                           feed_back=True)
+        extra = {}
+        if check:  # the same compiled call once more, on a fresh working buffer
+            out = merge_into(W + 0, W, A, B, ids, gates)[-1]
+            extra["rel_err"] = rel_err(out, sgmm_merge_reference(W[-1:], A[-1:], B[-1:], ids, gates, members)[0])
+        _row(rows, copy_bw, shape=name, group=group, K=K, N=N, M=M, E=E, r=r, k=k, dtype=jnp.dtype(dtype).name,
+             kernel="sgmm_merge", impl=label, time_ms=1e3 * t, bytes=nbytes, **extra)
+    return rows
+
+
+HEADER = ("| shape | group | K x N | kernel | impl | T or M | time ms | MB moved | GB/s | % of copy | vs x@W "
+          "| rel err |\n|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def fmt_row(r):
-    mt = f"T={r['T']}" if "T" in r else f"M={r['M']}"
+    tm = f"T={r['T']}" if "T" in r else f"M={r['M']}"
     vs = f"{r['vs_plain']:.2f}x" if "vs_plain" in r else ""
     err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-    return (f"| {r['shape']} | {r['proj']} | {r['kernel']} | {r['impl']} | {mt} | {r['time_ms']:.3f} | "
-            f"{r['bytes'] / 1e6:.1f} | {r['gbps']:.1f} | {r['pct_copy']:.0f}% | {vs} | {err} |")
+    return (f"| {r['shape']} | {r['group']} | {r['K']}x{r['N']} | {r['kernel']} | {r['impl']} | {tm} | "
+            f"{r['time_ms']:.4f} | {r['bytes'] / 1e6:.1f} | {r['gbps']:.1f} | {r['pct_copy']:.0f}% | {vs} | {err} |")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark pallas_kernels (see module docstring for byte formulas)")
-    p.add_argument("--shapes", default="smollm2-135m,llama2-7b,mistral-7b")
-    p.add_argument("--projections", default="q,up,down")
+    p = argparse.ArgumentParser(description="Benchmark pallas_kernels (see the module docstring for byte counts)")
+    p.add_argument("--shapes", default=None, help="default: llama2-7b (smollm2-135m with --quick)")
+    p.add_argument("--groups", default=",".join(GROUPS))
+    p.add_argument("--kernels", default="routed,sgmm", help="routed and/or sgmm")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 elsewhere")
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None, help="cap M (stacked layers) for sgmm")
-    p.add_argument("--tokens", default="1,64", help="T values for routed_lora_matmul")
+    p.add_argument("--tokens", default="1,8", help="T values for the row-wise products")
+    p.add_argument("--layers", type=int, default=6, help="per-layer weight buffers per routed timing")
+    p.add_argument("--sgmm-layers", type=int, default=32, help="cap M, the stacked layers sgmm merges")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--route-per-member", action="store_true", help="S_r = S routes instead of one for all members")
     p.add_argument("--impls", default=None, help="default: pallas,xla on GPU; xla elsewhere")
-    p.add_argument("--copy-mb", type=int, default=512)
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: M<=2, 3 iters, 256 MB copy")
+    p.add_argument("--knobs", default="{}", help="JSON tuning knobs for the Pallas routed_group_matmul")
+    p.add_argument("--repeats", type=int, default=20, help="routed calls queued per sync")
+    p.add_argument("--sgmm-repeats", type=int, default=3, help="sgmm calls queued per sync")
+    p.add_argument("--samples", type=int, default=5, help="timed samples (median)")
+    p.add_argument("--copy-mb", type=int, default=1024)
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 layers, few repeats, 64 MB copy")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     gpu = C.on_gpu()
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    impls = (args.impls or ("pallas,xla" if gpu else "xla")).split(",")
+    args.impls = (args.impls or ("pallas,xla" if gpu else "xla")).split(",")
+    args.knobs = json.loads(args.knobs)
     if args.quick:
-        args.layers = 2 if args.layers is None else args.layers
-        args.iters = args.iters or 3
-        args.copy_mb = min(args.copy_mb, 256)
-    args.iters = args.iters or 10
+        args.shapes = args.shapes or "smollm2-135m"
+        args.layers, args.sgmm_layers = min(args.layers, 2), min(args.sgmm_layers, 2)
+        args.repeats, args.sgmm_repeats, args.samples = 2, 1, 2
+        args.copy_mb = min(args.copy_mb, 64)
+    args.shapes = args.shapes or "llama2-7b"
     args.tokens = [int(t) for t in args.tokens.split(",")]
+    kernels = args.kernels.split(",")
     for n in args.shapes.split(","):
         if n not in SHAPES:
             raise ValueError(f"--shapes entry {n!r} is unknown; expected one of {sorted(SHAPES)}")
+    for g in args.groups.split(","):
+        group_shape(SHAPES["smollm2-135m"], g)
 
     env = dict(jax=jax.__version__, backend=jax.default_backend(), device=str(jax.devices()[0]),
                machine=platform.processor() or platform.machine(), date=datetime.date.today().isoformat(),
-               dtype=dtype, impls=impls, args=vars(args))
+               xla_flags=os.environ.get("XLA_FLAGS", ""), dtype=dtype, args=vars(args))
     checks = interpret_checks(args.experts, args.rank, args.topk, dtype) if not gpu or args.quick else {}
     if checks:
-        print("interpret-mode Pallas vs reference (M=2, 96x80, T=5), max rel err:",
+        print("interpret-mode Pallas vs reference (tiny q|k|v group), max rel err:",
               ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
-    copy = copy_gbps(args.copy_mb << 20, args.iters)
-    bw = max(copy["fresh"], copy["inplace"])
-    print(f"device copy of {copy['bytes'] >> 20} MiB, read + write: {copy['inplace']:.1f} GB/s in place (donated), "
-          f"{copy['fresh']:.1f} GB/s into a fresh buffer; ceiling for '% of copy': {bw:.1f} GB/s\n")
+    copy = bandwidth(args.copy_mb << 20, max(args.sgmm_repeats, 3), args.samples)
+    bw = max(copy["fresh_gb_s"], copy["copy_gb_s"])
+    print(f"device copy of {copy['bytes'] >> 20} MiB, read + write: {copy['copy_gb_s']:.1f} GB/s in place (donated), "
+          f"{copy['fresh_gb_s']:.1f} GB/s into a fresh buffer; ceiling for '% of copy': {bw:.1f} GB/s\n")
     print(HEADER)
     rows = []
     for name in args.shapes.split(","):
-        for proj in args.projections.split(","):
-            rows += bench_projection(name, proj, SHAPES[name], args, impls, dtype, bw, check=gpu)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(env=env, copy_gbps=copy, ceiling_gbps=bw, interpret_checks=checks, rows=rows), f, indent=1)
+        for group in args.groups.split(","):
+            if "routed" in kernels:
+                rows += bench_routed(name, group, SHAPES[name], args, dtype, bw, check=gpu)
+            if "sgmm" in kernels:
+                rows += bench_sgmm(name, group, SHAPES[name], args, dtype, bw, check=gpu)
+            if args.json:  # after every group, so a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(dict(env=env, copy_gbps=copy, ceiling_gbps=bw, interpret_checks=checks, rows=rows),
+                              f, indent=1)
     return rows
 
 

@@ -13,40 +13,71 @@ import jax.numpy as jnp
 _HI = jax.lax.Precision.HIGHEST
 
 
-def lora_delta_reference(A, B, ids, gates):
-    """sum_k g_k A[:, ids_k] @ B[:, ids_k] in float32; A [M,E,d_in,r], B [M,E,r,d_out] -> [M,d_in,d_out]."""
-    delta = jnp.zeros((A.shape[0], A.shape[2], B.shape[3]), jnp.float32)
-    for j in range(ids.shape[0]):
-        a = A[:, ids[j]].astype(jnp.float32)
-        b = B[:, ids[j]].astype(jnp.float32)
-        delta = delta + gates[j].astype(jnp.float32) * jnp.matmul(a, b, precision=_HI)
+def lora_delta_reference(A, B, ids, gates, members=None, d_out=None):
+    """sum_k g_k A[:, ids_k] @ B[:, ids_k] in float32, [M, d_in, d_out]; A [M,E,d_in,S*r], B [M,E,r,Nb].
+
+    members None: one member covering every column (d_out = Nb). Otherwise member s's term
+    (A's rank block s, B's columns [b_off, b_off+width)) lands in columns [w_off, w_off+width) of
+    a [M, d_in, d_out] delta that is zero elsewhere; one route (ids, gates [k]) for every member.
+    """
+    if members is None:
+        members, d_out = whole_output(B.shape[3]), B.shape[3]
+    r = A.shape[3] // len(members)
+    delta = jnp.zeros((A.shape[0], A.shape[2], d_out), jnp.float32)
+    for s, (w_off, b_off, width) in enumerate(members):
+        for j in range(ids.shape[0]):
+            a = A[:, ids[j], :, s * r:(s + 1) * r].astype(jnp.float32)
+            b = B[:, ids[j], :, b_off:b_off + width].astype(jnp.float32)
+            term = gates[j].astype(jnp.float32) * jnp.matmul(a, b, precision=_HI)
+            delta = delta.at[:, :, w_off:w_off + width].add(term)
     return delta
 
 
-def sgmm_merge_reference(W_base, A, B, ids, gates):
-    """W_base + sum_k g_k A[:, ids_k] @ B[:, ids_k], fp32 accumulation, cast to W's dtype."""
-    out = W_base.astype(jnp.float32) + lora_delta_reference(A, B, ids, gates)
+def sgmm_merge_reference(W_base, A, B, ids, gates, members=None):
+    """W_base + sum_k g_k A[:, ids_k] @ B[:, ids_k] (placed by members), fp32, cast to W's dtype."""
+    out = W_base.astype(jnp.float32) + lora_delta_reference(A, B, ids, gates, members, W_base.shape[2])
     return out.astype(W_base.dtype)
 
 
-def sgmm_switch_reference(W, A, B, old_ids, old_gates, new_ids, new_gates):
+def sgmm_switch_reference(W, A, B, old_ids, old_gates, new_ids, new_gates, members=None):
     """W - delta(old) + delta(new); both deltas in fp32, one rounding to W's dtype."""
-    upd = lora_delta_reference(A, B, new_ids, new_gates) - lora_delta_reference(A, B, old_ids, old_gates)
+    n = W.shape[2]
+    upd = (lora_delta_reference(A, B, new_ids, new_gates, members, n)
+           - lora_delta_reference(A, B, old_ids, old_gates, members, n))
     return (W.astype(jnp.float32) + upd).astype(W.dtype)
 
 
-def routed_lora_matmul_reference(x, W, A, B, ids, gates, layer=None):
-    """y[t] = x[t] @ W + sum_k g[t,k] (x[t] @ A[ids[t,k]]) @ B[ids[t,k]], fp32, cast to x's dtype.
+def whole_output(d_out: int) -> tuple[tuple[int, int, int], ...]:
+    """The `members` of a projection that is one member: its routed term covers every column."""
+    return ((0, 0, int(d_out)),)
 
-    With `layer`, W/A/B carry a leading stacked-layer axis and `layer` picks one.
+
+def routed_group_matmul_reference(x, W, A, B, ids, gates, members, layer=None):
+    """A projection group (q|k|v, gate|up, or one projection) plus each row's routed LoRA experts.
+
+    x [T, d_in]; W [d_in, N] (the group's members side by side); A [E, d_in, S*r] (member s's A in
+    rank columns [s*r, (s+1)*r)); B [E, r, Nb] (member s's B in columns [b_off_s, b_off_s + w_s));
+    ids / gates [T, S_r, k] with S_r = 1 (one route for every member) or S (a route per member).
+    members: S static triples (w_off, b_off, width); member s's term lands in y[:, w_off:w_off+width].
+
+        y[t] = x[t] @ W + sum_s sum_j g[t,s,j] * (x[t] @ A[e][:, s-th rank block]) @ B[e][:, s-th columns],
+        e = ids[t, s, j]   (s -> 0 when S_r = 1)
+
+    With `layer`, A/B carry a leading stacked-layer axis and `layer` picks one (W is always one
+    layer's). fp32 at HIGHEST, one rounding to x's dtype at the end.
     """
     if layer is not None:
-        W, A, B = W[layer], A[layer], B[layer]
+        A, B = A[layer], B[layer]
+    S, r = len(members), A.shape[-1] // len(members)
     xf = x.astype(jnp.float32)
     y = jnp.matmul(xf, W.astype(jnp.float32), precision=_HI)
-    for j in range(ids.shape[1]):
-        a = A[ids[:, j]].astype(jnp.float32)  # [T, d_in, r]
-        b = B[ids[:, j]].astype(jnp.float32)  # [T, r, d_out]
-        xa = jnp.einsum("td,tdr->tr", xf, a, precision=_HI)
-        y = y + gates[:, j, None].astype(jnp.float32) * jnp.einsum("tr,tro->to", xa, b, precision=_HI)
+    for s, (w_off, b_off, width) in enumerate(members):
+        route = s if ids.shape[1] == S else 0
+        for j in range(ids.shape[2]):
+            e = ids[:, route, j]
+            a = A[e][:, :, s * r:(s + 1) * r].astype(jnp.float32)          # [T, d_in, r]
+            b = B[e][:, :, b_off:b_off + width].astype(jnp.float32)        # [T, r, width]
+            xa = jnp.einsum("td,tdr->tr", xf, a, precision=_HI)
+            term = gates[:, route, j, None].astype(jnp.float32) * jnp.einsum("tr,trw->tw", xa, b, precision=_HI)
+            y = y.at[:, w_off:w_off + width].add(term)
     return y.astype(x.dtype)

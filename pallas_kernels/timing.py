@@ -1,21 +1,54 @@
-"""Wall-clock timing of jitted calls with the host's sync latency spread thin (benchmarks only)."""
+"""How every benchmark here times things: one timer for jitted calls and one device-bandwidth probe.
+
+`queued_seconds` queues several calls before each sync, so the host's sync latency (tens of us, a
+sizeable part of one small GPU kernel) is spread thin; `bandwidth` measures the ceilings a
+memory-bound kernel is held to, in the same run as the kernel.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
 
 
-def queued_seconds(fn, x, repeats: int, samples: int, feed_back: bool) -> float:
-    """Median seconds per call of `fn`, `repeats` calls queued before each sync, so the host's sync
-    latency (tens of us, a sizeable part of one GPU copy) is spread thin. With `feed_back` each
-    output is the next input (a donated, in-place update)."""
-    out = fn(x).block_until_ready()
+def queued_seconds(fn: Callable, args: tuple, repeats: int = 1, samples: int = 5, feed_back: bool = False) -> float:
+    """Median seconds per `fn(*args)` over `samples` samples of `repeats` queued calls, after one
+    warm-up call (compilation). With `feed_back` each output is the next call's first argument (an
+    in-place update loop over a donated buffer)."""
+
+    def call(args):
+        out = fn(*args)
+        return out, ((out, *args[1:]) if feed_back else args)
+
+    out, args = call(args)
+    jax.block_until_ready(out)
     times = []
     for _ in range(samples):
         start = time.perf_counter()
         for _ in range(repeats):
-            out = fn(out if feed_back else x)
-        out.block_until_ready()
+            out, args = call(args)
+        jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / repeats)
     return statistics.median(times)
+
+
+def bandwidth(nbytes: int | None = None, repeats: int = 10, samples: int = 5) -> dict[str, Any]:
+    """Device memory bandwidth in GB/s, over a buffer far larger than the caches (1 GiB on a GPU,
+    256 MiB elsewhere):
+        copy:  a jitted in-place `x + 1` with x donated, counting bytes read + written: the floor a
+               kernel that reads and writes its data is held to;
+        fresh: a jitted `x.copy()` into a new buffer (what a non-donated op pays for allocation);
+        read:  a jitted sum (bytes read): the floor of a decode step, which only reads its weights.
+    """
+    if nbytes is None:
+        nbytes = (1 << 30) if jax.default_backend() == "gpu" else 256 << 20
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = 2 * nbytes / queued_seconds(jax.jit(lambda x: x + 1, donate_argnums=0), (x + 0,), repeats, samples,
+                                       feed_back=True) / 1e9
+    fresh = 2 * nbytes / queued_seconds(jax.jit(lambda x: x.copy()), (x,), repeats, samples) / 1e9
+    read = nbytes / queued_seconds(jax.jit(jnp.sum), (x,), repeats, samples) / 1e9
+    return {"copy_gb_s": copy, "fresh_gb_s": fresh, "read_gb_s": read, "bytes": nbytes}

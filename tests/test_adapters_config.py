@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from lsjax.adapters import AdapterConfig, AdapterError, RouterConfig, check_params, init_params, param_shapes
+from lsjax.adapters import (AdapterConfig, AdapterError, RouterConfig, check_params, grouped, init_params, param_shapes,
+                            per_projection)
+from lsjax.adapters.params import member_layout
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError, LsjaxError
 
@@ -69,26 +71,55 @@ def test_from_dict_refuses_unknown_fields():
 
 
 def test_param_shapes_per_method():
+    """Experts per projection group (q|k|v, o, gate|up, down): A's of the adapted members side by side
+    along the rank, B's side by side along the output. MC: d 16, q 16, k = v 8, intermediate 24."""
     shapes = param_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2, targets=("gate", "down")))
-    assert shapes == {"experts": {"gate": {"a": (2, 4, 16, 2), "b": (2, 4, 2, 24)},
+    assert shapes == {"experts": {"gate_up": {"a": (2, 4, 16, 2), "b": (2, 4, 2, 24)},
                                   "down": {"a": (2, 4, 24, 2), "b": (2, 4, 2, 16)}},
                       "routers": {"switch": (16, 4)}}
+    shapes = param_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2))
+    assert shapes["experts"] == {"qkv": {"a": (2, 4, 16, 6), "b": (2, 4, 2, 32)},
+                                 "o": {"a": (2, 4, 16, 2), "b": (2, 4, 2, 16)},
+                                 "gate_up": {"a": (2, 4, 16, 4), "b": (2, 4, 2, 48)},
+                                 "down": {"a": (2, 4, 24, 2), "b": (2, 4, 2, 16)}}
     shapes = param_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2, targets=("o",)))
     assert shapes["routers"] == {"switch": (16, 4)}  # o's input is num_heads * head_dim = 16
     shapes = param_shapes(MC, AdapterConfig(method="layerwise", num_experts=4, rank=2, targets=("k", "down")))
-    assert shapes["routers"] == {"k": (2, 16, 4), "down": (2, 24, 4)}
+    assert shapes["routers"] == {"qkv": (2, 16, 4), "down": (2, 24, 4)}
+    shapes = param_shapes(MC, AdapterConfig(method="layerwise", num_experts=4, rank=2, targets=("q", "v")))
+    assert shapes["routers"] == {"qkv": (2, 16, 8)}  # q's router and v's side by side
     shapes = param_shapes(MC, AdapterConfig(method="blockwise", num_experts=4, rank=2, targets=("q", "up")))
-    assert shapes["experts"]["q"]["a"] == (2, 1, 16, 2) and shapes["experts"]["up"]["a"] == (2, 4, 16, 2)
+    assert shapes["experts"]["qkv"]["a"] == (2, 1, 16, 2) and shapes["experts"]["gate_up"]["a"] == (2, 4, 16, 2)
     assert shapes["routers"] == {"ffn": (2, 16, 4)}
     assert param_shapes(MC, AdapterConfig(method="lora", rank=2, targets="v"))["routers"] == {}
+
+
+def test_member_layout_places_each_adapted_member():
+    """(column in the group's output, column in the group's B, width) of each adapted member."""
+    q_and_v = AdapterConfig(method="switch", num_experts=4, rank=2, targets=("q", "v"))
+    assert member_layout(MC, q_and_v, "qkv") == ((0, 0, 16), (24, 16, 8))  # k's 8 columns skipped in B
+    assert member_layout(MC, AdapterConfig(method="lora"), "gate_up") == ((0, 0, 24), (24, 24, 24))
+    assert member_layout(MC, AdapterConfig(method="lora", targets="up"), "gate_up") == ((24, 0, 24),)
+
+
+def test_per_projection_and_grouped_layouts_round_trip():
+    cfg = AdapterConfig(method="layerwise", num_experts=3, rank=2, targets=("q", "v", "up", "down"))
+    params = init_params(MC, cfg, jax.random.key(0))
+    params = jax.tree.map(lambda a: np.random.default_rng(0).normal(size=a.shape).astype(np.float32), params)
+    per = per_projection(MC, cfg, params)
+    assert set(per["experts"]) == {"q", "v", "up", "down"} and set(per["routers"]) == {"q", "v", "up", "down"}
+    np.testing.assert_array_equal(per["experts"]["v"]["a"], params["experts"]["qkv"]["a"][..., 2:4])
+    np.testing.assert_array_equal(per["experts"]["v"]["b"], params["experts"]["qkv"]["b"][..., 16:24])
+    np.testing.assert_array_equal(per["routers"]["v"], params["routers"]["qkv"][..., 3:6])
+    jax.tree.map(np.testing.assert_array_equal, grouped(MC, cfg, per), params)
 
 
 def test_init_is_a_random_and_b_zero():
     cfg = AdapterConfig(method="layerwise", num_experts=3, rank=4, router={"init_std": 0.5})
     params = init_params(MC, cfg, jax.random.key(0))
-    a, b = np.asarray(params["experts"]["q"]["a"]), np.asarray(params["experts"]["q"]["b"])
+    a, b = np.asarray(params["experts"]["qkv"]["a"]), np.asarray(params["experts"]["qkv"]["b"])
     assert np.all(b == 0) and np.abs(a).max() <= 1 / np.sqrt(16) and a.std() > 0.05
-    assert abs(np.asarray(params["routers"]["q"]).std() - 0.5) < 0.1
+    assert abs(np.asarray(params["routers"]["qkv"]).std() - 0.5) < 0.1
     gauss = init_params(MC, cfg.replace(init="gaussian"), jax.random.key(0))
     assert abs(np.asarray(gauss["experts"]["down"]["a"]).std() - 1 / 4) < 0.05
 
@@ -100,6 +131,6 @@ def test_params_that_do_not_fit_the_config_are_refused():
         check_params(MC, cfg, {**params, "routers": {}})
     with pytest.raises(AdapterError, match="unexpected 'experts/k/a'"):
         check_params(MC, cfg, {**params, "experts": {**params["experts"], "k": {"a": 0, "b": 0}}})
-    bad = {**params, "experts": {**params["experts"], "v": {"a": np.zeros((2, 4, 16, 3)), "b": params["experts"]["v"]["b"]}}}
-    with pytest.raises(AdapterError, match=r"'experts/v/a' has shape \[2, 4, 16, 3\]; expected \[2, 4, 16, 2\]"):
+    bad = {**params, "experts": {"qkv": {"a": np.zeros((2, 4, 16, 3)), "b": params["experts"]["qkv"]["b"]}}}
+    with pytest.raises(AdapterError, match=r"'experts/qkv/a' has shape \[2, 4, 16, 3\]; expected \[2, 4, 16, 4\]"):
         check_params(MC, cfg, bad)

@@ -10,13 +10,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from tiny import make_hf_model
 
-from lsjax.adapters import (AdapterConfig, AdapterError, adapted_forward, export_merged_hf, export_peft,
-                            import_peft, init_params, load_adapter, load_adapter_arrays, merge_lora, save_adapter,
-                            save_adapter_arrays)
+from lsjax.adapters import (AdapterConfig, AdapterError, adapted_forward, export_merged_hf, export_peft, grouped,
+                            import_peft, init_params, load_adapter, load_adapter_arrays, merge_lora, per_projection,
+                            save_adapter, save_adapter_arrays)
 from lsjax.config import ModelConfig
 from lsjax.convert.assemble import assemble
 from lsjax.convert.hf import lazy_tensors, read_hf_config, safetensors_files
 from lsjax.errors import ConfigError
+from lsjax.model import from_projections
 
 IDS = np.array([[1, 17, 42, 99, 5, 63, 120, 8, 31]], np.int32)
 TOL = 1e-4
@@ -29,7 +30,7 @@ def hf(tmp_path_factory):
     make_hf_model(folder)
     config, _ = read_hf_config(folder)
     tensors = lazy_tensors(safetensors_files(folder))
-    return folder, config, assemble(config, tensors, np.float32, progress=False)
+    return folder, config, from_projections(config, assemble(config, tensors, np.float32, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +76,10 @@ def test_save_load_round_trip(hf, tmp_path, method):
     assert meta["format"] == "lsjax-adapter" and meta["adapter"]["method"] == method
     assert meta["base"]["hidden_size"] == 64 and meta["base"]["projection_shapes"]["k"] == [64, 32]
     stored = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    per = per_projection(config, cfg, params)  # the file holds one tensor per projection
     for p in cfg.targets:
-        np.testing.assert_array_equal(stored[f"layers.{p}.lora_A"], params["experts"][p]["a"])
-        np.testing.assert_array_equal(stored[f"layers.{p}.lora_B"], params["experts"][p]["b"])
+        np.testing.assert_array_equal(stored[f"layers.{p}.lora_A"], per["experts"][p]["a"])
+        np.testing.assert_array_equal(stored[f"layers.{p}.lora_B"], per["experts"][p]["b"])
     router_keys = {k for k in stored if "router" in k}
     assert router_keys == {"switch": {"router.weight"}, "lora": set(), "blockwise": {"layers.ffn.router.weight"},
                            "layerwise": {f"layers.{p}.router.weight" for p in cfg.targets}}[method]
@@ -222,7 +224,7 @@ def test_merged_export_loads_in_transformers_with_the_adapted_logits(hf, lora, r
     assert np.abs(got - np.asarray(want)).max() <= TOL
     # merging leaves the base params untouched
     again = assemble(config, lazy_tensors(safetensors_files(folder)), np.float32, progress=False)
-    jax.tree.map(np.testing.assert_array_equal, base, again)
+    jax.tree.map(np.testing.assert_array_equal, base, from_projections(config, again))
 
 
 def test_routed_adapters_neither_merge_nor_export_to_peft(hf, tmp_path):
@@ -239,8 +241,10 @@ def test_routed_adapters_neither_merge_nor_export_to_peft(hf, tmp_path):
 def peft_folder(hf, lora, tmp_path):
     _, config, _ = hf
     cfg, params = lora
-    return export_peft(tmp_path / "peft", config, cfg.replace(targets=("q", "down")),
-                       {"experts": {p: params["experts"][p] for p in ("q", "down")}, "routers": {}})
+    per = per_projection(config, cfg, params)
+    q_down = cfg.replace(targets=("q", "down"))
+    return export_peft(tmp_path / "peft", config, q_down,
+                       grouped(config, q_down, {"experts": {p: per["experts"][p] for p in ("q", "down")}, "routers": {}}))
 
 
 def edit_config(folder, **changes):
@@ -296,7 +300,7 @@ def test_peft_tensor_for_a_missing_layer_or_module(hf, peft_folder):
 ], ids=["llama3-rope", "mistral-tied-window"])
 def test_hf_export_writes_a_config_transformers_reads(tmp_path, kwargs):
     """Without the source's config.json, export_hf builds one from ModelConfig (RoPE, ties, window)."""
-    from lsjax.adapters import export_hf
+    from lsjax.convert import export_hf
     from lsjax.model import forward
 
     make_hf_model(tmp_path / "hf", **kwargs)
@@ -306,4 +310,4 @@ def test_hf_export_writes_a_config_transformers_reads(tmp_path, kwargs):
     assert read_hf_config(tmp_path / "out")[0] == config
     ids = np.arange(3, 30)[None]
     got = torch_logits(load_hf(tmp_path / "out"), ids)
-    assert np.abs(got - np.asarray(forward(config, params, ids))).max() <= TOL
+    assert np.abs(got - np.asarray(forward(config, from_projections(config, params), ids))).max() <= TOL

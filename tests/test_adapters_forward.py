@@ -1,8 +1,10 @@
 """Every adapter method against an explicit per-token merged-weight forward written in numpy.
 
-The reference runs the whole Llama in float64 numpy, one sequence at a time, and gives each token
-of each projection its own weight W_eff[t] = W + sum over its chosen experts g * (alpha/r) * A @ B.
-Routes are recomputed here (softmax -> top-k -> renormalise, stable ties), never taken from lsjax.
+The reference runs the whole Llama in float64 numpy, one sequence at a time, one projection at a
+time (no groups), and gives each token of each projection its own weight
+W_eff[t] = W + sum over its chosen experts g * (alpha/r) * A @ B. Routes are recomputed here
+(softmax -> top-k -> renormalise, stable ties), never taken from lsjax. Weights and experts are
+drawn per projection; lsjax gets them in its grouped layout.
 """
 
 import jax
@@ -13,11 +15,12 @@ import pytest
 from flax import nnx
 
 from lsjax.adapters import (TRAINABLE, Adapter, AdaptedLlama, AdapterConfig, AdapterError, AdapterParam,
-                            RouterParam, adapted_forward, adapted_forward_cached, init_params, project_hooks,
+                            RouterParam, adapted_forward, adapted_forward_cached, grouped, project_hooks,
                             router_stats, top_k_route)
+from lsjax.adapters.params import per_projection_shapes
 from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached, init_cache
-from lsjax.model import Llama, forward, model_from_params
+from lsjax.model import Llama, forward, from_projections, model_from_params
 
 MC = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=8, rms_norm_eps=1e-5)
@@ -29,6 +32,7 @@ FFN = ("gate", "up", "down")
 
 # -- fixtures -----------------------------------------------------------------------------------
 def random_base(config: ModelConfig, seed: int = 0) -> dict:
+    """One stacked array per projection (the reference's layout; `held` gives lsjax's)."""
     rng = np.random.default_rng(seed)
     L, d = config.num_layers, config.hidden_size
     layers = {p: rng.normal(0, 0.15, (L, *s)).astype(np.float32) for p, s in config.projection_shapes().items()}
@@ -41,13 +45,24 @@ def random_base(config: ModelConfig, seed: int = 0) -> dict:
     return params
 
 
-def random_adapter(config: AdapterConfig, seed: int = 1, b_std: float = 0.1, router_std: float = 1.0) -> dict:
-    """Adapter arrays with B nonzero and routers strong enough that routes are far from ties."""
-    params = init_params(MC, config, jax.random.key(seed))
+def held(base: dict, config: ModelConfig = MC) -> dict:
+    return from_projections(config, base)
+
+
+def random_experts(config: AdapterConfig, seed: int = 1, b_std: float = 0.1, router_std: float = 1.0,
+                   mc: ModelConfig = MC) -> dict:
+    """Per-projection adapter arrays (the reference's layout) with B nonzero and routers strong
+    enough that routes are far from ties."""
+    shapes = per_projection_shapes(mc, config)
     rng = np.random.default_rng(seed)
-    rand = lambda a, std: (rng.normal(0, std, a.shape).astype(np.float32) if std else np.zeros(a.shape, np.float32))
-    return {"experts": {p: {"a": rand(e["a"], 0.1), "b": rand(e["b"], b_std)} for p, e in params["experts"].items()},
-            "routers": {n: rand(r, router_std) for n, r in params["routers"].items()}}
+    rand = lambda shape, std: (rng.normal(0, std, shape).astype(np.float32) if std else np.zeros(shape, np.float32))
+    return {"experts": {p: {"a": rand(e["a"], 0.1), "b": rand(e["b"], b_std)} for p, e in shapes["experts"].items()},
+            "routers": {n: rand(r, router_std) for n, r in shapes["routers"].items()}}
+
+
+def random_adapter(config: AdapterConfig, seed: int = 1, b_std: float = 0.1, router_std: float = 1.0) -> dict:
+    """`random_experts` in lsjax's grouped layout."""
+    return grouped(MC, config, random_experts(config, seed, b_std, router_std))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +101,7 @@ def np_route(h, w, k, mixture):
 
 
 def np_forward(mc, base, cfg, adapter, ids, mask, mixture="topk"):
-    """Logits [B, S, V] (float64); padded positions are left at zero."""
+    """Logits [B, S, V] (float64); padded positions are left at zero. `adapter` per projection."""
     base = jax.tree.map(lambda a: np.asarray(a, np.float64), base)
     adapter = jax.tree.map(lambda a: np.asarray(a, np.float64), adapter)
     lay, s = base["layers"], cfg.alpha / cfg.rank
@@ -177,15 +192,16 @@ def case_config(case: str, **changes) -> AdapterConfig:
 def test_matches_per_token_merged_reference(base, run, case):
     case, _, dense = case.partition("/")
     cfg = case_config(case, computation=dense or "gathered")
-    adapter = random_adapter(cfg)
-    logits, _ = run(MC, base, cfg, adapter, IDS, MASK)
-    want = np_forward(MC, base, cfg, adapter, IDS, MASK)
+    experts = random_experts(cfg)
+    adapter = grouped(MC, cfg, experts)
+    logits, _ = run(MC, held(base), cfg, adapter, IDS, MASK)
+    want = np_forward(MC, base, cfg, experts, IDS, MASK)
     assert max_diff(logits, want) <= TOL, case
-    base_only = np_forward(MC, base, cfg, {**adapter, "experts": jax.tree.map(np.zeros_like, adapter["experts"])},
+    base_only = np_forward(MC, base, cfg, {**experts, "experts": jax.tree.map(np.zeros_like, experts["experts"])},
                            IDS, MASK)
     assert max_diff(logits, base_only) > 1e-2  # the adapter really changed the logits
     if dense:  # and the two computations agree with each other
-        gathered, _ = run(MC, base, cfg.replace(computation="gathered"), adapter, IDS, MASK)
+        gathered, _ = run(MC, held(base), cfg.replace(computation="gathered"), adapter, IDS, MASK)
         assert max_diff(logits, np.asarray(gathered)) <= TOL
 
 
@@ -194,28 +210,26 @@ def test_tied_embeddings_and_gqa_1(run):
                      head_dim=8, tie_word_embeddings=True)
     base = random_base(mc, seed=3)
     cfg = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=2, alpha=4.0)
-    adapter = init_params(mc, cfg, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    adapter = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), adapter)
-    logits, _ = run(mc, base, cfg, adapter, IDS, MASK)
-    assert max_diff(logits, np_forward(mc, base, cfg, adapter, IDS, MASK)) <= TOL
+    experts = random_experts(cfg, seed=0, router_std=0.1, mc=mc)
+    logits, _ = run(mc, held(base, mc), cfg, grouped(mc, cfg, experts), IDS, MASK)
+    assert max_diff(logits, np_forward(mc, base, cfg, experts, IDS, MASK)) <= TOL
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_b_reproduces_base_exactly(base, run, method):
     cfg = case_config(method)
     adapter = random_adapter(cfg, b_std=0.0)
-    logits, _ = run(MC, base, cfg, adapter, IDS, MASK)
-    want = jax.jit(forward, static_argnums=0)(MC, base, IDS, MASK)
+    logits, _ = run(MC, held(base), cfg, adapter, IDS, MASK)
+    want = jax.jit(forward, static_argnums=0)(MC, held(base), IDS, MASK)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(want))
 
 
 @pytest.mark.parametrize("method", ["switch", "layerwise", "blockwise"])
 def test_top_k_all_is_the_dense_softmax_mixture(base, run, method):
     cfg = AdapterConfig(method=method, num_experts=3, top_k=3, rank=4, computation="gathered")
-    adapter = random_adapter(cfg, seed=5, router_std=0.5)
-    logits, _ = run(MC, base, cfg, adapter, IDS, MASK)
-    assert max_diff(logits, np_forward(MC, base, cfg, adapter, IDS, MASK, mixture="softmax")) <= TOL
+    experts = random_experts(cfg, seed=5, router_std=0.5)
+    logits, _ = run(MC, held(base), cfg, grouped(MC, cfg, experts), IDS, MASK)
+    assert max_diff(logits, np_forward(MC, base, cfg, experts, IDS, MASK, mixture="softmax")) <= TOL
 
 
 # -- aux loss -----------------------------------------------------------------------------------
@@ -223,7 +237,7 @@ def test_switch_aux_matches_numpy_over_valid_tokens(base, run):
     cfg = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=4, targets=("q", "v"),
                         router={"aux_loss_coef": 0.5, "z_loss_coef": 0.25})
     adapter = random_adapter(cfg)
-    _, aux = run(MC, base, cfg, adapter, IDS, MASK)
+    _, aux = run(MC, held(base), cfg, adapter, IDS, MASK)
     w = adapter["routers"]["switch"].astype(np.float64)
     lay = base["layers"]
     probs, chosen, z = [], [], []
@@ -270,7 +284,7 @@ def test_load_balance_is_one_when_uniform_and_larger_when_skewed():
 @pytest.mark.parametrize("method", ["switch", "layerwise", "blockwise"])
 def test_zero_router_gives_uniform_probs_and_unit_aux(base, run, method):
     cfg = case_config(method)
-    _, aux = run(MC, base, cfg, random_adapter(cfg, router_std=0.0), IDS, MASK)
+    _, aux = run(MC, held(base), cfg, random_adapter(cfg, router_std=0.0), IDS, MASK)
     assert float(aux.load_balance) == pytest.approx(1.0, abs=1e-6)
     assert float(aux.entropy) == pytest.approx(np.log(4), abs=1e-5)
 
@@ -285,7 +299,7 @@ def test_routed_forward_compiles_once_per_shape(base):
 
     run = jax.jit(counted, static_argnums=(0, 2))
     cfg = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=4)
-    base, ids, mask = jax.tree.map(jnp.asarray, (base, IDS, MASK))
+    base, ids, mask = jax.tree.map(jnp.asarray, (held(base), IDS, MASK))
     routes = set()
     for seed in range(4):  # new experts, new router -> new routes and gates, same shapes
         adapter = jax.tree.map(jnp.asarray, random_adapter(cfg, seed=seed))
@@ -302,7 +316,7 @@ def test_routed_forward_compiles_once_per_shape(base):
 def test_gradients_reach_only_adapter_and_router_params(base, method):
     cfg = AdapterConfig(method=method, num_experts=4, top_k=2, rank=4, dropout=0.1,
                         router={"jitter": 0.01, "z_loss_coef": 1e-3})
-    model = AdaptedLlama(model_from_params(MC, jax.tree.map(jnp.asarray, base)), Adapter(MC, cfg, rngs=nnx.Rngs(0)))
+    model = AdaptedLlama(model_from_params(MC, jax.tree.map(jnp.asarray, held(base))), Adapter(MC, cfg, rngs=nnx.Rngs(0)))
     model.adapter.load_arrays(random_adapter(cfg))  # B != 0, or A's gradient would be zero
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
@@ -331,9 +345,9 @@ def test_train_mode_needs_rng_and_dropout_changes_output(base, run):
     cfg = AdapterConfig(method="lora", dropout=0.5)
     adapter = random_adapter(cfg)
     with pytest.raises(AdapterError, match="needs rng"):
-        adapted_forward(MC, base, cfg, adapter, IDS, MASK, train=True)
-    evaluated, _ = run(MC, base, cfg, adapter, IDS, MASK)
-    trained, _ = adapted_forward(MC, base, cfg, adapter, IDS, MASK, rng=jax.random.key(1), train=True)
+        adapted_forward(MC, held(base), cfg, adapter, IDS, MASK, train=True)
+    evaluated, _ = run(MC, held(base), cfg, adapter, IDS, MASK)
+    trained, _ = adapted_forward(MC, held(base), cfg, adapter, IDS, MASK, rng=jax.random.key(1), train=True)
     assert max_diff(trained, np.asarray(evaluated)) > 1e-3
 
 
@@ -343,7 +357,7 @@ def test_cached_prefill_and_decode_match_full_forward(base, run, method):
     cfg = AdapterConfig(method=method, num_experts=4, top_k=2, rank=4,
                         targets=FFN if method == "switch" else "all-linear")
     adapter = random_adapter(cfg)
-    full, _ = run(MC, base, cfg, adapter, IDS, MASK)
+    full, _ = run(MC, held(base), cfg, adapter, IDS, MASK)
     traces = []
 
     def counted(*args):
@@ -354,10 +368,10 @@ def test_cached_prefill_and_decode_match_full_forward(base, run, method):
     cache = init_cache(MC, 2, IDS.shape[1])
     prompt = 4
     pos = np.maximum(np.cumsum(MASK, 1) - 1, 0)
-    logits, cache, _ = step(MC, base, cfg, adapter, IDS[:, :prompt], MASK[:, :prompt], pos[:, :prompt], cache)
+    logits, cache, _ = step(MC, held(base), cfg, adapter, IDS[:, :prompt], MASK[:, :prompt], pos[:, :prompt], cache)
     got = [np.asarray(logits)]
     for t in range(prompt, IDS.shape[1]):
-        logits, cache, _ = step(MC, base, cfg, adapter, IDS[:, t:t + 1], MASK[:, t:t + 1], pos[:, t:t + 1], cache)
+        logits, cache, _ = step(MC, held(base), cfg, adapter, IDS[:, t:t + 1], MASK[:, t:t + 1], pos[:, t:t + 1], cache)
         got.append(np.asarray(logits))
     assert max_diff(np.concatenate(got, 1), np.asarray(full)) <= TOL
     assert len(traces) == 2  # one prefill shape, one decode-step shape
@@ -366,60 +380,33 @@ def test_cached_prefill_and_decode_match_full_forward(base, run, method):
 def test_hooks_run_through_model_forward_and_decode_forward_cached(base, run):
     cfg = AdapterConfig(method="layerwise", num_experts=4, top_k=2, rank=4)
     adapter = random_adapter(cfg)
-    want, _ = run(MC, base, cfg, adapter, IDS, MASK)
-    factory, extras = project_hooks(cfg, adapter)
-    got = forward(MC, base, IDS, MASK, project_factory=factory, layer_extras=extras)
+    want, _ = run(MC, held(base), cfg, adapter, IDS, MASK)
+    factory, extras = project_hooks(MC, cfg, adapter)
+    got = forward(MC, held(base), IDS, MASK, project_factory=factory, layer_extras=extras)
     assert max_diff(got, np.asarray(want)) <= TOL
     pos = np.maximum(np.cumsum(MASK, 1) - 1, 0)
-    cached, _ = forward_cached(MC, base, IDS, MASK, pos, init_cache(MC, 2, 8), factory, extras)
+    cached, _ = forward_cached(MC, held(base), IDS, MASK, pos, init_cache(MC, 2, 8), factory, extras)
     assert max_diff(cached, np.asarray(want)) <= TOL
 
     cfg = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=4, targets=FFN)
     adapter = random_adapter(cfg)
-    want, aux = run(MC, base, cfg, adapter, IDS, MASK)
-    factory, extras = project_hooks(cfg, adapter, route=aux.routing)  # decided once, reused
-    got = forward(MC, base, IDS, MASK, project_factory=factory, layer_extras=extras)
+    want, aux = run(MC, held(base), cfg, adapter, IDS, MASK)
+    factory, extras = project_hooks(MC, cfg, adapter, route=aux.routing)  # decided once, reused
+    got = forward(MC, held(base), IDS, MASK, project_factory=factory, layer_extras=extras)
     assert max_diff(got, np.asarray(want)) <= TOL
     with pytest.raises(AdapterError, match="needs route="):
-        project_hooks(cfg, adapter)
+        project_hooks(MC, cfg, adapter)
 
 
 def test_adapted_llama_module_matches_pure_function(base, run):
     cfg = AdapterConfig(method="blockwise", num_experts=4, top_k=2, rank=4)
-    llama = model_from_params(MC, jax.tree.map(jnp.asarray, base))
+    llama = model_from_params(MC, jax.tree.map(jnp.asarray, held(base)))
     model = AdaptedLlama.create(llama, cfg, rngs=nnx.Rngs(0))
     adapter = random_adapter(cfg)
     model.adapter.load_arrays(adapter)
     got, _ = model(IDS, MASK)
-    want, _ = run(MC, base, cfg, adapter, IDS, MASK)
+    want, _ = run(MC, held(base), cfg, adapter, IDS, MASK)
     assert max_diff(got, np.asarray(want)) <= TOL
     other = ModelConfig(**{**MC.to_dict(), "rope": MC.rope, "num_layers": 3})
     with pytest.raises(AdapterError, match="built for"):
         AdaptedLlama(Llama(other, rngs=nnx.Rngs(0)), model.adapter)
-
-
-@pytest.mark.parametrize("routed", [True, False])
-def test_fused_projection_forms_match_numpy(routed):
-    """The `fused` projection's Pallas form (as on a GPU; interpreted on CPU) and XLA form equal numpy,
-    each row with its own experts (route None: plain LoRA)."""
-    from lsjax.adapters.methods import fused_project
-    from lsjax.adapters.routing import Routing
-
-    rng = np.random.default_rng(7)
-    bsz, d_in, d_out, E, r, k, scale = 3, 40, 24, 4, 8, 2, 0.5
-    x = rng.normal(size=(bsz, 1, d_in)).astype(np.float32)
-    w = rng.normal(size=(d_in, d_out)).astype(np.float32)
-    a = rng.normal(size=(E, d_in, r)).astype(np.float32)
-    b = rng.normal(size=(E, r, d_out)).astype(np.float32)
-    ids = np.stack([rng.permutation(E)[:k] for _ in range(bsz)])[:, None]
-    gates = rng.dirichlet(np.ones(k), size=bsz)[:, None].astype(np.float32)
-    route = Routing(jnp.asarray(ids, jnp.int32), jnp.asarray(gates)) if routed else None
-    want = x.astype(np.float64) @ w
-    for t in range(bsz):
-        for ids_t, g_t in (zip(ids[t, 0], gates[t, 0]) if routed else [(0, 1.0)]):
-            want[t, 0] += scale * g_t * (x[t, 0].astype(np.float64) @ a[ids_t] @ b[ids_t])
-    for implementation in ("pallas", "xla"):
-        got = fused_project(jnp.asarray(x), jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), route, scale,
-                            implementation=implementation)
-        assert got.shape == (bsz, 1, d_out)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

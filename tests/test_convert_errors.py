@@ -76,6 +76,21 @@ def test_wrong_dtype(broken, tmp_path):
                          r"tensor 'model\.norm\.weight' has dtype I32; expected a floating dtype")
 
 
+@pytest.mark.parametrize("bad, where", [(np.nan, ""), (np.inf, ""), (1e6, " after the cast to float16")])
+def test_nonfinite_weights_are_refused_by_name_unless_allowed(broken, tmp_path, bad, where):
+    def edit(t):
+        t["model.layers.1.self_attn.v_proj.weight"][3, 5] = bad
+    rewrite_tensors(broken, edit)
+    dtype = "float16" if where else None
+    with pytest.raises(ConversionError, match=r"tensor 'model\.layers\.1\.self_attn\.v_proj\.weight' holds 1 NaN or "
+                                              rf"Inf value\(s\){where} \(the first at index \[3, 5\]\)"):
+        convert_hf(broken, tmp_path / "out", dtype=dtype, progress=False)
+    assert not (tmp_path / "out").exists()
+    convert_hf(broken, tmp_path / "out", dtype=dtype, progress=False, allow_nonfinite=True)
+    _, params = lsjax.checkpoint.load_params(tmp_path / "out")
+    assert not np.isfinite(np.asarray(params["layers"][1]["qkv"], np.float32)).all()  # converted as asked
+
+
 def test_unexpected_tensor(broken, tmp_path):
     def edit(t):
         t["model.layers.5.mlp.up_proj.weight"] = np.ones((96, 64), np.float32)

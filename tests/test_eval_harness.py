@@ -13,7 +13,7 @@ from lsjax.errors import CheckpointError, ConfigError
 from lsjax.eval import harness
 from lsjax.eval.harness import (add_eval_parser, bucket_length, evaluate, format_table, load_docs, model_logits_fn,
                                 parse_tasks, perplexity, score_docs)
-from lsjax.train.data import MCDoc
+from lsjax.data import MCDoc
 
 DOCS = [
     MCDoc("t", "plain", ("Question: what is 2+2?\nAnswer:",) * 3, (" 4", " five", " twenty-two"), 0),
@@ -190,7 +190,7 @@ def test_bad_input(tiny, tmp_path, monkeypatch):
     args = parse(["--ckpt", str(tmp_path / "missing"), "--tasks", "sciq"])
     with pytest.raises(CheckpointError, match=r"missing: checkpoint not found"):
         args.run(args)
-    monkeypatch.setattr("lsjax.train.data.load_task", lambda task, split: [])
+    monkeypatch.setattr("lsjax.eval.harness.load_task", lambda task, split: [])
     args = parse(["--ckpt", str(ckpt), "--tasks", "sciq"])
     with pytest.raises(ConfigError, match=r"task 'sciq' has an empty 'heldout' split"):
         args.run(args)

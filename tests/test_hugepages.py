@@ -1,4 +1,4 @@
-"""lsjax.hugepages: which regions it asks for, that the kernel really remaps them, that nothing changes."""
+"""lsjax.native.hugepages: which regions it asks for, that the kernel really remaps them, that nothing changes."""
 
 import re
 
@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsjax import hugepages
+from lsjax import native
+from lsjax.backends import native_backend
+from lsjax.native import hugepages
 
 MiB = 1 << 20
 
@@ -64,8 +66,9 @@ def test_collapse_does_nothing_where_thp_is_off(tmp_path, monkeypatch):
         hugepages.unavailable_reason.cache_clear()
 
 
-@pytest.mark.skipif(hugepages.unavailable_reason() is not None, reason=str(hugepages.unavailable_reason()))
-def test_generator_collapses_its_bundle_and_decodes_the_same_tokens():
+@pytest.mark.skipif(hugepages.unavailable_reason() is not None or not native.available(),
+                    reason=str(hugepages.unavailable_reason() or native.unavailable_reason()))
+def test_native_backend_collapses_the_decoded_arrays_and_decodes_the_same_tokens():
     from flax import nnx
 
     from lsjax.config import ModelConfig
@@ -76,31 +79,9 @@ def test_generator_collapses_its_bundle_and_decodes_the_same_tokens():
                                         num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=128))
     model = Llama(config, rngs=nnx.Rngs(0))  # 1 MiB MLP weights: worth collapsing
     prompts = [[5, 17, 300, 2], [9, 9]]
-    plain = Generator(model, None, huge_pages=False)
-    huge = Generator(model, None)
-    assert plain.huge_page_bytes == 0
-    assert huge.huge_page_bytes >= 4 * hugepages.REGION  # 2 layers x 3 MLP matrices of 1 MiB at least
+    plain = Generator(model, None, backend=native_backend(huge_pages=False))
     a = plain.generate(prompts, max_new_tokens=8, stop_token_ids=()).token_ids
+    huge = Generator(model, None, backend="native")
+    assert plain.prepared["huge_page_bytes"] == 0
+    assert huge.prepared["huge_page_bytes"] >= 4 * hugepages.REGION  # 2 layers x 2 MLP products of 2 MiB at least
     assert huge.generate(prompts, max_new_tokens=8, stop_token_ids=()).token_ids == a
-
-
-def test_hugepages_ab_reports_consistent_figures(tmp_path):
-    import json
-
-    import lsjax.eval.hugepages_ab as ab
-    from lsjax.convert import convert_hf
-    from tiny import make_hf_model
-
-    make_hf_model(tmp_path / "hf")
-    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
-    result = ab.main(["--ckpt", str(tmp_path / "ckpt"), "--rounds", "1", "--new-tokens", "3",
-                      "--json", str(tmp_path / "ab.json")])
-    saved = json.loads((tmp_path / "ab.json").read_text())
-    ms = saved["ms_per_token"]
-    assert set(ms) == {f"{m} huge_pages={h}" for m in ("base", "switch") for h in ("off", "on")}
-    assert all(v > 0 for v in ms.values())
-    for m in ("base", "switch"):
-        assert abs(saved["speedup"][m] - ms[f"{m} huge_pages=off"] / ms[f"{m} huge_pages=on"]) < 1e-12
-        assert saved["huge_page_mb"][f"{m} huge_pages=off"] == 0
-    assert abs(saved["switch_over_base"]["on"] - ms["switch huge_pages=on"] / ms["base huge_pages=on"]) < 1e-12
-    assert result["native"] == saved["native"]

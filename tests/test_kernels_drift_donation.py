@@ -10,6 +10,8 @@ from pallas_kernels.drift import drift_study
 
 IMPLS = [
     pytest.param(dict(implementation="pallas", interpret=True, block_in=32, block_out=32), id="pallas-interpret"),
+    pytest.param(dict(implementation="pallas", interpret=False, block_in=32, block_out=32), id="pallas-native",
+                 marks=pytest.mark.skipif(jax.default_backend() != "gpu", reason="native Pallas/Triton needs a GPU")),
     pytest.param(dict(implementation="xla"), id="xla"),
 ]
 

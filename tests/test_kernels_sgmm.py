@@ -1,21 +1,32 @@
-"""sgmm_merge / sgmm_switch: Pallas (interpret on CPU) and XLA against the jnp reference and a
-float64 numpy oracle, on fresh random inputs with shapes that are not powers of two."""
+"""sgmm_merge / sgmm_switch: Pallas (interpreted on CPU, native on a GPU) and XLA against the jnp
+reference and a float64 numpy oracle, on fresh random inputs with shapes that are not powers of
+two, for single projections and for group weights whose members place their own terms.
+
+Interpret mode fills fresh output buffers with NaN before the kernel runs, and unused experts
+are NaN here, so an unwritten tile or a read of an expert nobody picked shows as non-finite."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import sgmm_merge, sgmm_merge_reference, sgmm_switch, sgmm_switch_reference
+from pallas_kernels import (
+    sgmm_merge,
+    sgmm_merge_reference,
+    sgmm_switch,
+    sgmm_switch_reference,
+)
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 # Small tiles keep interpret-mode grids tiny and still leave ragged edges (96 = 3x32, 80 = 2.5x32).
 BLOCKS = dict(block_in=32, block_out=32)
-IMPLS = [
-    pytest.param(dict(implementation="pallas", interpret=True, **BLOCKS), id="pallas-interpret"),
-    pytest.param(dict(implementation="xla"), id="xla"),
-]
 on_gpu = jax.default_backend() == "gpu"
+PALLAS = [
+    pytest.param(dict(implementation="pallas", interpret=True, **BLOCKS), id="pallas-interpret"),
+    pytest.param(dict(implementation="pallas", interpret=False, **BLOCKS), id="pallas-native",
+                 marks=pytest.mark.skipif(not on_gpu, reason="native Pallas/Triton needs a GPU")),
+]
+IMPLS = PALLAS + [pytest.param(dict(implementation="xla"), id="xla")]
 
 
 def make(seed, M=2, E=4, d_in=96, d_out=80, r=8, dtype=jnp.float32):
@@ -134,6 +145,66 @@ def test_under_jit_with_traced_routes():
         assert rel_err(f(W, ids, g), want) <= 1e-5
 
 
+# name -> (members, N, Nb): q|k|v with GQA widths; q and v adapted with k (columns 64:96) not,
+# listed out of column order
+GROUPS = {
+    "qkv-gqa": (((0, 0, 64), (64, 64, 32), (96, 96, 32)), 128, 128),
+    "q_v-gap": (((96, 64, 32), (0, 0, 64)), 128, 96),
+}
+
+
+def make_group(seed, group, M=2, E=5, d_in=40, r=4, dtype=jnp.float32):
+    members, N, Nb = GROUPS[group]
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((M, d_in, N)) / np.sqrt(d_in)
+    A = rng.standard_normal((M, E, d_in, len(members) * r)) / np.sqrt(d_in)
+    B = rng.standard_normal((M, E, r, Nb)) / np.sqrt(r)
+    return (*(jnp.asarray(a, dtype) for a in (W, A, B)), members)
+
+
+def oracle_group_delta(A, B, ids, gates, members, N):
+    A64, B64 = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    r = A.shape[3] // len(members)
+    delta = np.zeros((A.shape[0], A.shape[2], N))
+    for s, (w_off, b_off, width) in enumerate(members):
+        for e, g in zip(np.asarray(ids), np.asarray(gates, np.float64)):
+            delta[..., w_off:w_off + width] += g * A64[:, e, :, s * r:(s + 1) * r] @ B64[:, e, :, b_off:b_off + width]
+    return delta
+
+
+@pytest.mark.parametrize("group, dtype", [("qkv-gqa", jnp.float32), ("q_v-gap", jnp.bfloat16)],
+                         ids=["qkv-gqa-float32", "q_v-gap-bfloat16"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_group_merge_and_switch(impl, group, dtype):
+    """Each member's term lands in its own columns, columns without a member are copied."""
+    W, A, B, members = make_group(10, group, dtype=dtype)
+    N = W.shape[2]
+    old, new = (jnp.array([4, 0], jnp.int32), jnp.array([0.8, 0.7])), (jnp.array([2], jnp.int32), jnp.array([1.5]))
+    A, B = poison_unused(A, B, [0, 2, 4])
+    merged = sgmm_merge(W, A, B, *old, members=members, **impl)
+    want = np.asarray(W, np.float64) + oracle_group_delta(A, B, *old, members, N)
+    assert merged.shape == W.shape and merged.dtype == W.dtype
+    assert rel_err(merged, want) <= TOL[dtype]
+    assert rel_err(merged, np.asarray(sgmm_merge_reference(W, A, B, *old, members), np.float64)) <= TOL[dtype]
+    out = sgmm_switch(merged, A, B, *old, *new, members=members, **impl)
+    want = np.asarray(W, np.float64) + oracle_group_delta(A, B, *new, members, N)
+    assert rel_err(out, want) <= 2 * TOL[dtype]
+    ref = sgmm_switch_reference(merged, A, B, *old, *new, members)
+    assert rel_err(out, np.asarray(ref, np.float64)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_pallas_tilings(impl):
+    """The default tiles (one program walks many row tiles) and the one-tile-per-program layout."""
+    W, A, B, members = make_group(11, "q_v-gap", d_in=150)
+    ids, gates = jnp.array([1, 3], jnp.int32), jnp.array([0.6, 0.4])
+    want = np.asarray(W, np.float64) + oracle_group_delta(A, B, ids, gates, members, W.shape[2])
+    native = dict(implementation="pallas", interpret=impl["interpret"])
+    for knobs in [dict(), dict(block_in=64, block_out=128, row_steps=1, num_warps=4, num_stages=2),
+                  dict(block_in=16, block_out=16, row_steps=3)]:
+        assert rel_err(sgmm_merge(W, A, B, ids, gates, members=members, **native, **knobs), want) <= 1e-5, knobs
+
+
 @pytest.mark.skipif(not on_gpu, reason="native Pallas/Triton needs a GPU")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
 def test_native_gpu_real_shape(dtype):
@@ -168,6 +239,11 @@ _ids, _g = jnp.array([0, 1], jnp.int32), jnp.array([0.5, 0.5])
         (dict(ids=jnp.array([0, 4], jnp.int32)), r"ids has values in \[0, 4\]; expected \[0, 4\)"),
         (dict(implementation="cuda"), r"implementation='cuda' is unknown"),
         (dict(implementation="pallas", block_in=48), r"block_in=48 must be a positive power of two"),
+        (dict(implementation="pallas", row_steps=0), r"row_steps=0 must be a positive integer"),
+        (dict(members=((0, 0, 40), (40, 40, 41))),
+         r"members\[1\]=.* ends at column 81; expected <= 80 \(the columns of W_base\)"),
+        (dict(members=((0, 0, 40), (40, 40, 40))),
+         r"B has shape \(2, 4, 8, 80\); expected dim 2 = 4 \(r = 8 rank columns of A / 2 members\)"),
     ],
 )
 def test_merge_bad_input(kwargs, match):

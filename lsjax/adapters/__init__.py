@@ -14,18 +14,35 @@ peft (PEFT import/export), merge (merged HF export).
 from lsjax.adapters.config import AdapterConfig, RouterConfig
 from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.files import load_adapter, load_adapter_arrays, open_adapter, save_adapter, save_adapter_arrays
-from lsjax.adapters.merge import export_hf, export_merged_hf, merge_lora
-from lsjax.adapters.methods import (AdaptedLlama, AdapterAux, LayerProject, adapted_forward, adapted_forward_cached,
-                                    project_hooks)
-from lsjax.adapters.params import TRAINABLE, Adapter, AdapterParam, RouterParam, check_params, init_params, param_shapes
+from lsjax.adapters.merge import export_merged_hf, merge_lora
+from lsjax.adapters.methods import (
+                                    AdaptedLlama,
+                                    AdapterAux,
+                                    LayerProject,
+                                    adapted_forward,
+                                    adapted_forward_cached,
+                                    project_hooks,
+)
+from lsjax.adapters.params import (
+                                    TRAINABLE,
+                                    Adapter,
+                                    AdapterParam,
+                                    RouterParam,
+                                    check_params,
+                                    grouped,
+                                    init_params,
+                                    param_shapes,
+                                    per_projection,
+)
 from lsjax.adapters.peft import export_peft, import_peft
-from lsjax.adapters.routing import Routing, RouterStats, lora_term, router_logits, router_stats, top_k_route
+from lsjax.adapters.routing import RouterStats, Routing, group_term, router_logits, router_stats, top_k_route
 
 __all__ = [
     "AdapterConfig", "RouterConfig", "AdapterError",
     "Adapter", "AdapterParam", "RouterParam", "TRAINABLE", "init_params", "param_shapes", "check_params",
+    "per_projection", "grouped",
     "AdaptedLlama", "AdapterAux", "LayerProject", "adapted_forward", "adapted_forward_cached", "project_hooks",
-    "Routing", "RouterStats", "router_logits", "top_k_route", "router_stats", "lora_term",
+    "Routing", "RouterStats", "router_logits", "top_k_route", "router_stats", "group_term",
     "save_adapter", "load_adapter", "open_adapter", "save_adapter_arrays", "load_adapter_arrays",
-    "export_peft", "import_peft", "merge_lora", "export_hf", "export_merged_hf",
+    "export_peft", "import_peft", "merge_lora", "export_merged_hf",
 ]

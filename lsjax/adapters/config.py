@@ -11,6 +11,7 @@ from typing import Any
 
 from lsjax.errors import ConfigError
 from lsjax.model import PROJECTIONS
+from lsjax.validate import check, from_fields, is_int, is_number
 
 METHODS = ("lora", "switch", "layerwise", "blockwise")
 COMPUTATIONS = ("gathered", "dense", "fused")
@@ -39,9 +40,9 @@ class RouterConfig:
     def __post_init__(self):
         for name in ("jitter", "z_loss_coef", "aux_loss_coef"):
             value = getattr(self, name)
-            _check(_is_number(value) and value >= 0, f"router.{name}", value, "a number >= 0")
-        _check(self.jitter < 1, "router.jitter", self.jitter, "a number in [0, 1)")
-        _check(_is_number(self.init_std) and self.init_std > 0, "router.init_std", self.init_std,
+            check(is_number(value) and value >= 0, f"router.{name}", value, "a number >= 0")
+        check(self.jitter < 1, "router.jitter", self.jitter, "a number in [0, 1)")
+        check(is_number(self.init_std) and self.init_std > 0, "router.init_std", self.init_std,
                "a positive number")
 
 
@@ -71,30 +72,30 @@ class AdapterConfig:
     computation: str = "gathered"
 
     def __post_init__(self):
-        _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         routed = self.method != "lora"
         if self.num_experts is None:
             object.__setattr__(self, "num_experts", DEFAULT_EXPERTS if routed else 1)
         if self.top_k is None:
             object.__setattr__(self, "top_k", min(DEFAULT_TOP_K, self.num_experts) if routed else 1)
-        _check(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", self.num_experts,
+        check(is_int(self.num_experts) and self.num_experts >= 1, "num_experts", self.num_experts,
                "a positive integer")
         if not routed:
-            _check(self.num_experts == 1, "num_experts", self.num_experts, "1 for method 'lora'")
-        _check(_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts, "top_k", self.top_k,
+            check(self.num_experts == 1, "num_experts", self.num_experts, "1 for method 'lora'")
+        check(is_int(self.top_k) and 1 <= self.top_k <= self.num_experts, "top_k", self.top_k,
                f"an integer in [1, num_experts={self.num_experts}]")
-        _check(_is_int(self.rank) and self.rank >= 1, "rank", self.rank, "a positive integer")
-        _check(_is_number(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
-        _check(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+        check(is_int(self.rank) and self.rank >= 1, "rank", self.rank, "a positive integer")
+        check(is_number(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
+        check(is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
         object.__setattr__(self, "targets", normalise_targets(self.targets))
         if self.method == "blockwise":
-            _check(any(t in FFN for t in self.targets), "targets", list(self.targets),
+            check(any(t in FFN for t in self.targets), "targets", list(self.targets),
                    f"at least one FFN projection {FFN} for method 'blockwise'")
         if isinstance(self.router, dict):
-            object.__setattr__(self, "router", _from_fields(RouterConfig, self.router, "router"))
-        _check(isinstance(self.router, RouterConfig), "router", self.router, "a RouterConfig")
-        _check(self.init in INITS, "init", self.init, f"one of {INITS}")
-        _check(self.computation in COMPUTATIONS, "computation", self.computation, f"one of {COMPUTATIONS}")
+            object.__setattr__(self, "router", from_fields(RouterConfig, self.router, "router"))
+        check(isinstance(self.router, RouterConfig), "router", self.router, "a RouterConfig")
+        check(self.init in INITS, "init", self.init, f"one of {INITS}")
+        check(self.computation in COMPUTATIONS, "computation", self.computation, f"one of {COMPUTATIONS}")
 
     @property
     def scale(self) -> float:
@@ -119,7 +120,7 @@ class AdapterConfig:
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"adapter config must be a JSON object; got {type(data).__name__}")
-        return _from_fields(cls, data, "adapter")
+        return from_fields(cls, data, "adapter")
 
 
 def normalise_targets(targets: Any) -> tuple[str, ...]:
@@ -128,29 +129,13 @@ def normalise_targets(targets: Any) -> tuple[str, ...]:
         return PROJECTIONS
     if isinstance(targets, str):
         targets = (targets,)
-    _check(isinstance(targets, (list, tuple)) and len(targets) > 0, "targets", targets,
+    check(isinstance(targets, (list, tuple)) and len(targets) > 0, "targets", targets,
            f"a non-empty list of {PROJECTIONS} or {ALL_LINEAR!r}")
     for t in targets:
-        _check(t in PROJECTIONS, "targets", t, f"one of {PROJECTIONS} or {ALL_LINEAR!r}")
+        check(t in PROJECTIONS, "targets", t, f"one of {PROJECTIONS} or {ALL_LINEAR!r}")
     return tuple(p for p in PROJECTIONS if p in targets)
 
 
-def _from_fields(cls, data: dict[str, Any], what: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown {what} config field(s) {unknown}; expected a subset of {sorted(known)}")
-    return cls(**data)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check(ok: bool, field: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}={value!r} is invalid; expected {expected}")

@@ -8,6 +8,9 @@ Key scheme of `adapter_model.safetensors` (stacked on the layer axis, y = x @ W 
     layers.ffn.router.weight      [L, hidden, E]      blockwise
 B is stored unscaled; the forward multiplies by alpha / rank.
 
+The file keeps one tensor per projection (`lsjax.adapters.params.per_projection`); loading groups
+them into the layout the forward computes with.
+
 `adapter_config.json`: {"format": "lsjax-adapter", "version": 1, "adapter": AdapterConfig,
 "base": fingerprint of the base model's shapes}. Loading refuses another base shape, another
 method (when one is expected), and any missing, extra or misshapen tensor, naming it.
@@ -25,7 +28,7 @@ from safetensors.numpy import save_file
 
 from lsjax.adapters.config import AdapterConfig
 from lsjax.adapters.errors import AdapterError
-from lsjax.adapters.params import Adapter, AdapterParams, check_params, param_shapes, router_names
+from lsjax.adapters.params import Adapter, AdapterParams, check_params, grouped, per_projection, per_projection_shapes
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
 from lsjax.jsonfile import read_json_object
@@ -43,13 +46,13 @@ def base_fingerprint(model_config: ModelConfig) -> dict[str, Any]:
             "projection_shapes": {p: list(s) for p, s in model_config.projection_shapes().items()}}
 
 
-def tensor_names(adapter_config: AdapterConfig) -> dict[str, tuple[str, ...]]:
-    """File key -> path in the pure pytree."""
+def tensor_names(model_config: ModelConfig, adapter_config: AdapterConfig) -> dict[str, tuple[str, ...]]:
+    """File key -> path in the per-projection pytree."""
     names = {}
     for p in adapter_config.targets:
         names[f"layers.{p}.lora_A"] = ("experts", p, "a")
         names[f"layers.{p}.lora_B"] = ("experts", p, "b")
-    for r in router_names(adapter_config):
+    for r in per_projection_shapes(model_config, adapter_config)["routers"]:
         key = "router.weight" if r == "switch" else f"layers.{r}.router.weight"
         names[key] = ("routers", r)
     return names
@@ -62,8 +65,9 @@ def save_adapter_arrays(folder: str | Path, model_config: ModelConfig, adapter_c
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for key, path in tensor_names(adapter_config).items():
-        tensors[key] = np.ascontiguousarray(np.asarray(_lookup(params, path)))
+    per = per_projection(model_config, adapter_config, params)
+    for key, path in tensor_names(model_config, adapter_config).items():
+        tensors[key] = np.ascontiguousarray(np.asarray(_lookup(per, path)))
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "version": VERSION, "adapter": adapter_config.to_dict(),
             "base": base_fingerprint(model_config)}
@@ -109,8 +113,8 @@ def load_adapter_arrays(folder: str | Path, model_config: ModelConfig,
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise AdapterError(f"{folder}: missing {WEIGHTS_FILE}")
-    names = tensor_names(config)
-    shapes = param_shapes(model_config, config)
+    names = tensor_names(model_config, config)
+    shapes = per_projection_shapes(model_config, config)
     params: dict[str, Any] = {"experts": {p: {} for p in config.targets}, "routers": {}}
     try:
         with safe_open(str(path), framework="numpy") as f:
@@ -132,7 +136,7 @@ def load_adapter_arrays(folder: str | Path, model_config: ModelConfig,
         raise
     except Exception as e:  # safetensors raises its own types for broken headers
         raise AdapterError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
-    return config, params
+    return config, grouped(model_config, config, params)
 
 
 def load_adapter(folder: str | Path, model_config: ModelConfig, expect: AdapterConfig | None = None) -> Adapter:

@@ -1,96 +1,50 @@
-"""Fold a plain LoRA into the base weights and export a Hugging Face folder transformers loads.
+"""Fold a plain LoRA into the base weights, for decoding (`merged`) and for export.
 
 Only `lora` merges statically: routed experts depend on each token, so their merge is a decode
-strategy (per-token switching), not an export. The HF export writes `config.json` (the source's
-own, when given, else one built from `ModelConfig`) and `model.safetensors` with HF names in torch's
-`[out, in]` layout.
+strategy (per-token switching), not an export.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import jax
-import numpy as np
-from safetensors.numpy import save_file
+import jax.numpy as jnp
 
 from lsjax.adapters.config import AdapterConfig
 from lsjax.adapters.errors import AdapterError
-from lsjax.adapters.params import AdapterParams, check_params
+from lsjax.adapters.params import AdapterParams, adapted_groups, check_params, member_layout
+from lsjax.adapters.routing import place
 from lsjax.config import ModelConfig
-from lsjax.convert.assemble import GLOBAL_NAMES, LAYER_NAMES
-from lsjax.model import Params
-
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+from lsjax.convert.export import export_hf
+from lsjax.model import Params, split_layers
 
 
 def merge_lora(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
                adapter_params: AdapterParams) -> Params:
-    """New params with W + (alpha / r) * A @ B in every target (computed in fp32, cast back)."""
+    """Held-layout params with W + (alpha / r) * A @ B in every adapted group (fp32, cast back);
+    every other array is the base's own (not copied)."""
     if adapter_config.method != "lora":
         raise AdapterError(f"only method 'lora' merges into fixed weights; method={adapter_config.method!r} "
                            f"routes each token to its own experts")
     check_params(model_config, adapter_config, adapter_params)
-    layers = dict(base_params["layers"])
-    for p in adapter_config.targets:
-        a = np.asarray(adapter_params["experts"][p]["a"], np.float32)[:, 0]
-        b = np.asarray(adapter_params["experts"][p]["b"], np.float32)[:, 0]
-        w = np.asarray(layers[p])
-        layers[p] = (w.astype(np.float32) + adapter_config.scale * (a @ b)).astype(w.dtype)
-    return {**base_params, "layers": layers}
-
-
-def hf_config_dict(model_config: ModelConfig, dtype: Any = np.float32) -> dict[str, Any]:
-    """A transformers `config.json` for `model_config` (when the source's own is not at hand)."""
-    c = model_config
-    rope: dict[str, Any] = {"rope_type": c.rope.type, "rope_theta": c.rope.theta}
-    if c.rope.type in ("linear", "llama3"):
-        rope["factor"] = c.rope.factor
-    if c.rope.type == "llama3":
-        rope.update(low_freq_factor=c.rope.low_freq_factor, high_freq_factor=c.rope.high_freq_factor,
-                    original_max_position_embeddings=c.rope.original_max_position_embeddings)
-    out = {"architectures": [ARCHITECTURES[c.model_type]], "model_type": c.model_type,
-           "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-           "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-           "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-           "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-           "tie_word_embeddings": c.tie_word_embeddings, "rope_theta": c.rope.theta,
-           "rope_scaling": None if c.rope.type == "default" else rope, "attention_bias": False, "mlp_bias": False,
-           "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple)
-           else c.eos_token_id, "pad_token_id": c.pad_token_id, "torch_dtype": np.dtype(dtype).name}
-    if c.model_type == "mistral":
-        out["sliding_window"] = c.sliding_window
-    return out
-
-
-def export_hf(folder: str | Path, model_config: ModelConfig, params: Params, hf_config: dict | None = None,
-              tokenizer_files: dict[str, bytes | str] | None = None) -> Path:
-    """Write `params` as an HF folder: config.json, model.safetensors (HF names, `[out, in]`), tokenizer."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(np.asarray, params)
-    tensors = {}
-    for suffix, (key, transpose) in LAYER_NAMES.items():
-        for i in range(model_config.num_layers):
-            value = params["layers"][key][i]
-            tensors[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(value.T if transpose else value)
-    for name, (key, transpose) in GLOBAL_NAMES.items():
-        if key in params:
-            value = params[key]
-            tensors[name] = np.ascontiguousarray(value.T if transpose else value)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    dtype = params["embed"].dtype
-    config = dict(hf_config) if hf_config else hf_config_dict(model_config, dtype)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    for name, data in (tokenizer_files or {}).items():
-        (folder / name).write_bytes(data.encode() if isinstance(data, str) else data)
-    return folder
+    r, hi = adapter_config.rank, jax.lax.Precision.HIGHEST
+    layers = [dict(layer) for layer in split_layers(base_params)["layers"]]
+    for group in adapted_groups(adapter_config):
+        members = member_layout(model_config, adapter_config, group)
+        a_all = jnp.asarray(adapter_params["experts"][group]["a"], jnp.float32)[:, 0]
+        b_all = jnp.asarray(adapter_params["experts"][group]["b"], jnp.float32)[:, 0]
+        for i, layer in enumerate(layers):
+            w = layer[group]
+            delta = jnp.concatenate([jnp.matmul(a_all[i, :, s * r:(s + 1) * r], b_all[i, :, b_off:b_off + width],
+                                                precision=hi) for s, (_, b_off, width) in enumerate(members)], axis=-1)
+            delta = place(delta, members, w.shape[-1])
+            layer[group] = (jnp.asarray(w, jnp.float32) + adapter_config.scale * delta).astype(w.dtype)
+    return {**base_params, "layers": tuple(layers)}
 
 
 def export_merged_hf(folder: str | Path, model_config: ModelConfig, base_params: Params,
                      adapter_config: AdapterConfig, adapter_params: AdapterParams, **kwargs) -> Path:
-    """The base with a plain LoRA merged in, as an HF folder (see `export_hf` for kwargs)."""
+    """The base with a plain LoRA merged in, as an HF folder (see `lsjax.convert.export.export_hf`)."""
     merged = merge_lora(model_config, base_params, adapter_config, adapter_params)
     return export_hf(folder, model_config, merged, **kwargs)

@@ -1,16 +1,19 @@
-"""The adapted forward: base weights untouched, every projection gets `x @ W + routed LoRA term`.
+"""The adapted forward: base weights untouched, every projection group gets `x @ W + routed LoRA term`.
 
-One `LayerProject` per layer is the `project(kind, x, w)` hook of `lsjax.model.decoder_layer`; it
-sees every projection call in execution order (q, k, v, o, gate, up, down), so it can put a
-router exactly at the input it belongs to:
-- `switch`: at the first adapted projection of layer 0 the router decides each token's experts
-  once; the route rides in the scan carry and every adapted projection of every layer reuses it
-  (a `lax.cond` on the layer index runs the router in layer 0 only, so the scan body is uniform:
-  no peeled layer, no sliced weight stacks, no concatenated KV cache).
-- `layerwise`: a router at the input of every adapted projection of every layer.
-- `blockwise`: a router on the mlp-normed input (the `gate` call) of every layer, shared by the
-  FFN targets; attention targets are plain LoRA.
+One `LayerProject` per layer is the `project(group, x, w)` hook of `lsjax.model.decoder_layer`; it
+sees every group call in execution order (qkv, o, gate_up, down), so it can put a router exactly
+at the input it belongs to:
+- `switch`: at the first adapted group of layer 0 the router decides each token's experts once;
+  the route rides in the carry and every adapted group of every layer reuses it (in a scan, a
+  `lax.cond` on the layer index runs the router in layer 0 only, so the body stays uniform).
+- `layerwise`: a router for every adapted projection (a group's side by side: one router product).
+- `blockwise`: a router on the mlp-normed input (the `gate_up` call) of every layer, shared by the
+  FFN groups; attention groups are plain LoRA.
 - `lora`: one adapter, no router.
+A group's routed term is one shrink and one expand (`lsjax.adapters.routing.group_term`), or with
+`computation="fused"` one call of the backend's fused kernel (`lsjax.backends`). Over split
+layers (decoding) the experts stay stacked and each layer reads its own by a static index; a
+switch route's chosen experts are gathered once per step for all layers (`ChosenExperts`).
 The same hook runs through `lsjax.model.forward` and `lsjax.decode.forward_cached`
 (`project_hooks`), and `adapted_forward_cached` runs every method over a KV cache.
 """
@@ -18,20 +21,44 @@ The same hook runs through `lsjax.model.forward` and `lsjax.decode.forward_cache
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsjax.adapters.config import FFN, AdapterConfig
+from lsjax.adapters.config import AdapterConfig
 from lsjax.adapters.errors import AdapterError
-from lsjax.adapters.params import Adapter, AdapterParams, check_params
-from lsjax.adapters.routing import RouterStats, Routing, lora_term, router_logits, router_stats, top_k_route
+from lsjax.adapters.params import Adapter, AdapterParams, adapted_groups, check_params, member_layout
+from lsjax.adapters.routing import (
+    RouterStats,
+    Routing,
+    chosen_experts,
+    group_term,
+    member_route,
+    place,
+    router_logits,
+    router_stats,
+    top_k_route,
+)
+from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.decode import KVCache, cached_inputs, grown_cache
-from lsjax.model import (PROJECTIONS, Llama, Params, decoder_layer, embed_tokens, lm_logits, run_layers,
-                         sequence_inputs, stacked)
+from lsjax.model import (
+    GROUPS,
+    Llama,
+    Params,
+    decoder_layer,
+    embed_tokens,
+    lm_logits,
+    run_layers,
+    sequence_inputs,
+    stack_layers,
+    stacked,
+)
+
+FFN_GROUPS = ("gate_up", "down")
 
 
 @jax.tree_util.register_dataclass
@@ -52,182 +79,175 @@ class AdapterAux:
     routing: Routing | None = None
 
 
-class LayerProject:
-    """`project(kind, x, w)` of one layer: base matmul plus the adapter term; records router stats.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static facts of an adapter on a base model: its adapted groups and their members' places."""
 
-    `experts` / `routers` are this layer's slices. For `switch`, `route` is the route carried from
-    earlier layers and `first` (a traced bool) says whether this layer decides it: a `lax.cond`
-    runs `switch_router` only in layer 0, so every layer has the same body and the scan stays the
-    base model's scan. Python state lives only for one trace of one layer body.
+    groups: tuple[str, ...]
+    members: dict[str, tuple[tuple[int, int, int], ...]]
+    widths: dict[str, int]
+
+    @classmethod
+    def of(cls, model_config: ModelConfig, config: AdapterConfig) -> "Layout":
+        groups = adapted_groups(config)
+        shapes = model_config.group_shapes()
+        return cls(groups, {g: member_layout(model_config, config, g) for g in groups},
+                   {g: shapes[g][1] for g in groups})
+
+
+class ChosenExperts:
+    """The experts a switch route picks, gathered once per step for every layer of every group.
+
+    Decoding over split layers keeps the experts stacked (`[L, E, ...]`); the first group that
+    asks (after layer 0 decided the route) gathers each group's chosen A and B for all layers in
+    one gather each, and every layer then reads its own slice of that small buffer."""
+
+    def __init__(self, experts: dict):
+        self.experts = experts
+        self.chosen: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+    def get(self, group: str, route: Routing, layer: int) -> tuple[jax.Array, jax.Array]:
+        if not self.chosen:
+            self.chosen = {g: chosen_experts(e["a"], e["b"], route.ids) for g, e in self.experts.items()}
+        a, b = self.chosen[group]
+        return a[layer], b[layer]
+
+
+class LayerProject:
+    """`project(group, x, w)` of one layer: the group's product plus its adapter term; records router stats.
+
+    `experts` / `routers` are this layer's slices (`layer` None, inside a scan) or stacked on the
+    layer axis with `layer` this layer's static index (a loop over split layers). For `switch`,
+    `route` is the route carried from earlier layers and `first` says whether this layer decides
+    it (a traced bool in a scan: `lax.cond`). Python state lives only for one trace of one layer.
     """
 
-    def __init__(self, config: AdapterConfig, experts: dict, routers: dict, *, route: Routing | None = None,
-                 first: jax.Array | None = None, switch_router: jax.Array | None = None,
-                 valid: jax.Array | None = None, key: jax.Array | None = None, train: bool = False,
-                 native: bool = False):
-        self.config, self.experts, self.routers = config, experts, routers
-        self.native = native
+    def __init__(self, config: AdapterConfig, layout: Layout, experts: dict, routers: dict, *,
+                 layer: int | None = None, route: Routing | None = None, first: Any = None,
+                 switch_router: jax.Array | None = None, valid: jax.Array | None = None,
+                 key: jax.Array | None = None, train: bool = False, backend: Any = XLA,
+                 chosen: ChosenExperts | None = None):
+        self.config, self.layout, self.experts, self.routers = config, layout, experts, routers
+        self.layer, self.backend, self.chosen = layer, backend, chosen
         self.route, self.first, self.switch_router = route, first, switch_router
         self.valid, self.key, self.train = valid, key, train
         self.switch_done = False
         self.block_route: Routing | None = None
         self.stats: list[RouterStats] = []
 
-    def __call__(self, kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        if self.config.method == "blockwise" and group == "gate_up":  # route the FFN block on its input
+            self.block_route = self._decide(x, self.routers["ffn"], group)
+        if group not in self.layout.groups:
+            return self.backend(group, x, w)
+        route = self._route_for(group, x)
+        if self.config.computation == "fused":  # one call: x @ W plus each row's own experts
+            return self._fused(group, x, w, route)
+        term = self._term(group, x, route)
+        return self.backend(group, x, w) + place(term, self.layout.members[group], self.layout.widths[group])
+
+    def _stacked(self, group: str) -> tuple[jax.Array, jax.Array, int]:
+        """The group's experts with a layer axis, and this layer's index into it."""
+        a, b = self.experts[group]["a"], self.experts[group]["b"]
+        if self.layer is None:
+            return a[None], b[None], 0
+        return a, b, self.layer
+
+    def _term(self, group: str, x: jax.Array, route: Routing | None) -> jax.Array:
         cfg = self.config
-        self._enter_block(kind, x)
-        if kind not in cfg.targets:
-            return self._matmul(x, w)
-        return self._adapted(kind, x, w, self._route_for(kind, x))
+        a, b = self.experts[group]["a"], self.experts[group]["b"]
+        chosen = None
+        if self.layer is not None:
+            if cfg.computation == "gathered" and self.chosen is not None:
+                chosen = self.chosen.get(group, self.route, self.layer)
+            a, b = a[self.layer], b[self.layer]
+        return group_term(self._dropout(group, x), a, b, route, cfg.scale, self.layout.members[group],
+                          cfg.computation, chosen)
 
-    def group(self, kinds: tuple[str, ...], x: jax.Array, ws: list[jax.Array]) -> list[jax.Array]:
-        """Several projections of one input (`lsjax.model.project_group`), the same values as one call
-        each. With native matvecs their base products run as one call, and under `fused` with one
-        route for all of them (switch, lora, blockwise's FFN) their routed terms too."""
-        cfg = self.config
-        if not self.native:
-            return [self(kind, x, w) for kind, w in zip(kinds, ws)]
-        from lsjax.native import matmul_group
+    def _fused(self, group: str, x: jax.Array, w: jax.Array, route: Routing | None) -> jax.Array:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
+        a, b, layer = self._stacked(group)
+        if route is None:  # plain LoRA: expert 0 with gate 1
+            ids = jnp.zeros((rows.shape[0], 1, 1), jnp.int32)
+            gates = jnp.full((rows.shape[0], 1, 1), self.config.scale, jnp.float32)
+        else:
+            ids = route.ids.reshape(rows.shape[0], *route.ids.shape[-2:])
+            gates = (self.config.scale * route.gates.reshape(ids.shape)).astype(jnp.float32)
+        y = self.backend.fused(rows, w, a, b, ids, gates, members=self.layout.members[group], layer=layer)
+        return y.reshape(*lead, w.shape[-1])
 
-        for kind in kinds:
-            self._enter_block(kind, x)
-        routes = {kind: self._route_for(kind, x) for kind in kinds if kind in cfg.targets}
-        if cfg.computation == "fused" and len(routes) == len(kinds) > 1 and \
-                all(r is routes[kinds[0]] for r in routes.values()):
-            return fused_project_group(x, ws, [self.experts[k]["a"] for k in kinds],
-                                       [self.experts[k]["b"] for k in kinds], routes[kinds[0]], cfg.scale)
-        if cfg.computation == "fused":
-            return [self._adapted(k, x, w, routes[k]) if k in routes else self._matmul(x, w) for k, w in zip(kinds, ws)]
-        bases = matmul_group(x, ws)
-        return [base + self._term(k, x, routes[k]) if k in routes else base for k, base in zip(kinds, bases)]
-
-    def _enter_block(self, kind: str, x: jax.Array) -> None:
-        """Blockwise routes once per FFN block, on the block's input (gate's), adapted or not."""
-        if self.config.method == "blockwise" and kind == "gate":
-            self.block_route = self._decide(x, self.routers["ffn"], kind)
-
-    def _adapted(self, kind: str, x: jax.Array, w: jax.Array, route: Routing | None) -> jax.Array:
-        a, b = self.experts[kind]["a"], self.experts[kind]["b"]
-        if self.config.computation == "fused":  # one kernel: x @ W plus each row's own experts
-            return fused_project(x, w, a, b, route, self.config.scale, self.native)
-        return self._matmul(x, w) + self._term(kind, x, route)
-
-    def _term(self, kind: str, x: jax.Array, route: Routing | None) -> jax.Array:
-        cfg = self.config
-        a, b = self.experts[kind]["a"], self.experts[kind]["b"]
-        return lora_term(self._dropout(kind, x), a, b, route, cfg.scale, cfg.computation).astype(x.dtype)
-
-    def _matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
-        if self.native:
-            from lsjax.native import matmul
-
-            return matmul(x, w)
-        return x @ w
-
-    def _route_for(self, kind: str, x: jax.Array) -> Routing | None:
+    def _route_for(self, group: str, x: jax.Array) -> Routing | None:
         method = self.config.method
         if method == "switch":
-            if not self.switch_done and self.first is not None:  # the first adapted projection
-                self._decide_switch(x, kind)
+            if not self.switch_done and self.first is not None:  # the first adapted group
+                self._decide_switch(x, group)
             self.switch_done = True
             if self.route is None:
                 raise AdapterError("method 'switch' needs a route decided in layer 0 or given (route=)")
-            return self.route
+            return member_route(self.route)
         if method == "layerwise":
-            return self._decide(x, self.routers[kind], kind)
-        if method == "blockwise" and kind in FFN:
-            return self.block_route
+            return self._decide(x, self.routers[group], group, members=len(self.layout.members[group]))
+        if method == "blockwise" and group in FFN_GROUPS:
+            return member_route(self.block_route)
         return None
 
-    def _decide_switch(self, x: jax.Array, kind: str) -> None:
+    def _decide_switch(self, x: jax.Array, group: str) -> None:
         """Layer 0 runs the router; later layers keep the carried route (zero stats, dropped later)."""
         carried = self.route
 
         def decide(x):
-            return self._route(x, self.switch_router, kind)
+            route, stats = self._route(x, self.switch_router, group)
+            return route, (stats[0] if stats else None)
 
         def keep(x):
+            if self.valid is None:
+                return carried, None
             zero = jnp.zeros((), jnp.float32)
             return carried, RouterStats(zero, zero, zero, jnp.zeros((self.config.num_experts,), jnp.float32))
 
-        if isinstance(self.first, (bool, np.bool_)):  # unrolled layers: the layer index is static, no cond
+        if isinstance(self.first, (bool, np.bool_)):  # a loop over layers: the layer index is static, no cond
             self.route, stats = decide(x) if self.first else keep(x)
         else:
             self.route, stats = jax.lax.cond(self.first, decide, keep, x)
-        self.stats.append(stats)
-
-    def _decide(self, x: jax.Array, weight: jax.Array, kind: str) -> Routing:
-        route, stats = self._route(x, weight, kind)
-        if stats is not None:
+        if self.valid is not None:
             self.stats.append(stats)
+
+    def _decide(self, x: jax.Array, weight: jax.Array, group: str, members: int = 1) -> Routing:
+        route, stats = self._route(x, weight, group, members)
+        self.stats.extend(stats)
         return route
 
-    def _route(self, x: jax.Array, weight: jax.Array, kind: str) -> tuple[Routing, RouterStats | None]:
-        """The route of one router, and its stats unless no `valid` mask was given (hooks)."""
+    def _route(self, x: jax.Array, weight: jax.Array, group: str, members: int = 1
+               ) -> tuple[Routing, list[RouterStats]]:
+        """The route of one router product (layerwise: `members` routers side by side, a
+        `[..., members, k]` route) and each router's stats (none without a `valid` mask: hooks)."""
         router = self.config.router
-        key = self._key(kind, 1) if router.jitter > 0 else None
+        key = self._key(group, 1) if router.jitter > 0 else None
         logits = router_logits(x, weight, router.jitter, key)
+        if self.config.method == "layerwise":
+            logits = logits.reshape(*logits.shape[:-1], members, -1)
         route, probs = top_k_route(logits, self.config.top_k)
-        stats = None if self.valid is None else router_stats(logits, probs, route.ids, self.valid)
-        return route, stats
+        if self.valid is None:
+            return route, []
+        if logits.ndim == 3:
+            return route, [router_stats(logits, probs, route.ids, self.valid)]
+        return route, [router_stats(logits[..., m, :], probs[..., m, :], route.ids[..., m, :], self.valid)
+                       for m in range(members)]
 
-    def _dropout(self, kind: str, x: jax.Array) -> jax.Array:
+    def _dropout(self, group: str, x: jax.Array) -> jax.Array:
         p = self.config.dropout
-        key = self._key(kind, 0) if p > 0 else None
+        key = self._key(group, 0) if p > 0 else None
         if key is None:
             return x
         keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
         return jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
 
-    def _key(self, kind: str, use: int) -> jax.Array | None:
+    def _key(self, group: str, use: int) -> jax.Array | None:
+        """One key per group input (dropout: one mask for the group's shared input) and use."""
         if not self.train or self.key is None:
             return None
-        return jax.random.fold_in(self.key, 2 * PROJECTIONS.index(kind) + use)
-
-
-def fused_project(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None,
-                  scale: float, native: bool = False, implementation: str | None = None) -> jax.Array:
-    """`x @ w + routed LoRA` in one kernel: `pallas_kernels.routed_lora_matmul` (`implementation`
-    None: Pallas on GPU, XLA elsewhere), or with `native` `lsjax.native.routed_matmul` where it
-    applies (decode on CPU).
-
-    On an H100 this Pallas form (7B decode: 8.2 ms/token) beat XLA's `x @ w` followed by
-    `routed_lora_add` (17.0 ms: each of its programs walks all of d_in, a latency-bound chain),
-    docs/perf.md.
-    """
-    from pallas_kernels import routed_lora_matmul
-
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])
-    ids, gates = _route_arrays(route, rows.shape[0], scale)
-    if native:
-        from lsjax.native import routed_matmul
-
-        y = routed_matmul(rows, w, a, b, ids, gates, otherwise=routed_lora_matmul)
-    else:
-        y = routed_lora_matmul(rows, w, a, b, ids, gates, implementation=implementation)
-    return y.reshape(*lead, w.shape[-1])
-
-
-def _route_arrays(route: Routing | None, rows: int, scale: float) -> tuple[jax.Array, jax.Array]:
-    """`ids`, `gates [rows, J]` of a route (None, plain LoRA: expert 0 with gate 1), scale folded in."""
-    if route is None:
-        return jnp.zeros((rows, 1), jnp.int32), jnp.full((rows, 1), scale, jnp.float32)
-    return route.ids.reshape(rows, -1), (scale * route.gates.reshape(rows, -1)).astype(jnp.float32)
-
-
-def fused_project_group(x: jax.Array, ws: list[jax.Array], as_: list[jax.Array], bs: list[jax.Array],
-                        route: Routing | None, scale: float) -> list[jax.Array]:
-    """`[fused_project(x, w, a, b, route, scale, native=True) ...]` over one input and one route, as
-    one `lsjax.native.routed_matmul_group` call where it applies."""
-    from lsjax.native import routed_matmul_group
-    from pallas_kernels import routed_lora_matmul
-
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])
-    ids, gates = _route_arrays(route, rows.shape[0], scale)
-    ys = routed_matmul_group(rows, ws, as_, bs, ids, gates, otherwise=routed_lora_matmul)
-    return [y.reshape(*lead, w.shape[-1]) for y, w in zip(ys, ws)]
+        return jax.random.fold_in(self.key, 2 * GROUPS.index(group) + use)
 
 
 def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:
@@ -236,22 +256,31 @@ def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:
 
 
 def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterConfig, params: AdapterParams,
-                x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array, *,
-                key: jax.Array | None, train: bool, cache: KVCache | None = None, native: bool = False):
-    """Run all decoder layers (scanned, or unrolled over split base layers); returns x, the routers' stats, the switch route and the new (k, v)."""
+                x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array | None, *,
+                key: jax.Array | None, train: bool, cache: KVCache | None = None, backend: Any = XLA):
+    """Run all decoder layers: scanned over stacked base layers, or a loop over split ones (then the
+    experts stay stacked and each layer indexes them statically). Returns x, the routers' stats,
+    the switch route and the new (k, v)."""
     L, switch = model_config.num_layers, config.method == "switch"
-    xs = {"experts": params["experts"], "routers": _layer_routers(config, params),
+    layout = Layout.of(model_config, config)
+    loop = not isinstance(base_params["layers"], dict)
+    xs = {"routers": _layer_routers(config, params),
           "key": None if key is None else jax.random.split(key, L),
           "kv": None if cache is None else (cache.k, cache.v),
-          "first": np.arange(L) == 0 if switch else None}  # numpy: static per layer when unrolled
+          "first": np.arange(L) == 0 if switch else None,  # numpy: static per layer in a loop
+          "layer": np.arange(L) if loop else None,
+          "experts": None if loop else params["experts"]}
+    chosen = ChosenExperts(params["experts"]) if loop and switch and config.computation == "gathered" else None
     b, s = x.shape[:2]
     no_route = Routing(jnp.zeros((b, s, config.top_k), jnp.int32), jnp.zeros((b, s, config.top_k), jnp.float32))
 
     def body(carry, layer):
         (x, route), (w, xs) = carry, layer
-        project = LayerProject(config, xs["experts"], xs["routers"], route=route, first=xs["first"],
+        experts = params["experts"] if loop else xs["experts"]
+        index = None if xs["layer"] is None else int(xs["layer"])
+        project = LayerProject(config, layout, experts, xs["routers"], layer=index, route=route, first=xs["first"],
                                switch_router=params["routers"].get("switch"), valid=valid, key=xs["key"],
-                               train=train, native=native)
+                               train=train, backend=backend, chosen=chosen)
         if cache is None:
             x, kv = decoder_layer(model_config, w, x, cos, sin, mask, project), None
         else:
@@ -297,6 +326,7 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
     if train and _needs_key(adapter_config) and rng is None:
         raise AdapterError("train=True with dropout or router jitter needs rng= (a jax PRNG key)")
     input_ids, attention_mask, cos, sin, mask = sequence_inputs(model_config, input_ids, attention_mask, positions)
+    base_params = stack_layers(base_params)  # a scan over the layers: compile time flat in depth
     x = embed_tokens(base_params, input_ids)
     x, stats, route, _ = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin, mask,
                                      attention_mask, key=rng if train else None, train=train)
@@ -305,26 +335,27 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
 
 def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
                            adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array,
-                           positions: jax.Array, cache: KVCache, native: bool = False
+                           positions: jax.Array, cache: KVCache, backend: Any = XLA
                            ) -> tuple[jax.Array, KVCache, AdapterAux]:
     """`lsjax.decode.forward_cached` with the adapter (inference: no dropout, no jitter).
 
     Every method, switch included: a decode step's route is decided from that token's own
-    layer-0 input, exactly as in the full forward. `native` (static): as in `forward_cached`; the
-    `fused` computation then runs `lsjax.native.routed_matmul`.
+    layer-0 input, exactly as in the full forward. `backend` (static, `lsjax.backends`) runs the
+    products, and with `computation="fused"` its fused kernel.
     """
     check_params(model_config, adapter_config, adapter_params)
     all_positions, all_valid, cos, sin, mask = cached_inputs(model_config, cache, attention_mask, positions)
     x = embed_tokens(base_params, input_ids)
     x, stats, route, (k, v) = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
                                           mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache,
-                                          native=native)
-    logits = lm_logits(model_config, base_params, x, native)
+                                          backend=backend)
+    logits = lm_logits(model_config, base_params, x, backend)
     new_cache = grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
     return logits, new_cache, _aux(adapter_config, stats, route)
 
 
-def project_hooks(adapter_config: AdapterConfig, adapter_params: AdapterParams, route: Routing | None = None):
+def project_hooks(model_config: ModelConfig, adapter_config: AdapterConfig, adapter_params: AdapterParams,
+                  route: Routing | None = None):
     """`(project_factory, layer_extras)` for `lsjax.model.forward` / `lsjax.decode.forward_cached`.
 
     Inference only (no stats, no dropout). `switch` needs the route decided beforehand (e.g.
@@ -335,8 +366,10 @@ def project_hooks(adapter_config: AdapterConfig, adapter_params: AdapterParams, 
                            "use adapted_forward / adapted_forward_cached to decide it)")
     extras = {"experts": adapter_params["experts"], "routers": _layer_routers(adapter_config, adapter_params)}
 
+    layout = Layout.of(model_config, adapter_config)
+
     def factory(layer_extras):
-        return LayerProject(adapter_config, layer_extras["experts"], layer_extras["routers"], route=route)
+        return LayerProject(adapter_config, layout, layer_extras["experts"], layer_extras["routers"], route=route)
     return factory, extras
 
 

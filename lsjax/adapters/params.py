@@ -4,15 +4,21 @@
 subclasses, so `nnx.Param` still means "base weights" and `TRAINABLE` selects exactly what an
 optimizer should train and what an adapter checkpoint holds.
 
-The pure pytree (what `adapted_forward` takes) is
-    {"experts": {proj: {"a": [L, E_p, d_in, r], "b": [L, E_p, r, d_out]}},
+Experts are held per projection group, as the base weights are (`lsjax.model.GROUPS`): the
+adapted members of a group share one shrink and one expand. The pure pytree (what
+`adapted_forward` takes) is
+    {"experts": {group: {"a": [L, E_g, d_in, S*r], "b": [L, E_g, r, Nb]}},
      "routers": {name: weight}}
-with E_p = 1 for plain LoRA (and blockwise attention targets), and routers
-    switch:    {"switch": [d_in, E]}    at the input of the first adapted projection of layer 0
-    layerwise: {proj: [L, d_in, E]}     one per adapted projection
-    blockwise: {"ffn": [L, hidden, E]}  one per FFN block, on the mlp-normed input
+where S is the group's adapted members (in group order), member s's A sits in rank columns
+[s*r, (s+1)*r) and its B in columns [b_off_s, b_off_s + width_s) of Nb (the adapted members'
+widths side by side); `member_layout` gives every member's (w_off, b_off, width). E_g = 1 for
+plain LoRA and blockwise attention groups. Routers:
+    switch:    {"switch": [d_in, E]}       at the input of the first adapted group of layer 0
+    layerwise: {group: [L, d_in, S*E]}     one router per adapted projection, a group's side by side
+    blockwise: {"ffn": [L, hidden, E]}     one per FFN block, on the mlp-normed input
     lora:      {}
-Shapes depend only on the configs, so new expert values, routes or loaded adapters never recompile.
+Files and PEFT keep one tensor per projection; `per_projection` / `grouped` convert. Shapes depend
+only on the configs, so new expert values, routes or loaded adapters never recompile.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from flax import nnx
 
 from lsjax.adapters.config import AdapterConfig
 from lsjax.adapters.errors import AdapterError
-from lsjax.config import ModelConfig
+from lsjax.config import PROJECTION_GROUPS, ModelConfig
 
 
 class AdapterParam(nnx.Variable):
@@ -48,34 +54,62 @@ def router_names(adapter_config: AdapterConfig) -> tuple[str, ...]:
     if method == "switch":
         return ("switch",)
     if method == "layerwise":
-        return adapter_config.targets
+        return adapted_groups(adapter_config)
     if method == "blockwise":
         return ("ffn",)
     return ()
 
 
+def adapted_members(adapter_config: AdapterConfig, group: str) -> tuple[str, ...]:
+    """The group's members that the adapter targets, in group order."""
+    return tuple(m for m in PROJECTION_GROUPS[group] if m in adapter_config.targets)
+
+
+def adapted_groups(adapter_config: AdapterConfig) -> tuple[str, ...]:
+    """Groups with at least one targeted member, in execution order."""
+    return tuple(g for g in PROJECTION_GROUPS if adapted_members(adapter_config, g))
+
+
+def member_layout(model_config: ModelConfig, adapter_config: AdapterConfig, group: str) -> tuple[tuple[int, int, int], ...]:
+    """(w_off, b_off, width) of each adapted member: where its term lands in the group's output,
+    and where its B sits in the group's B."""
+    columns = model_config.member_columns(group)
+    layout, b_off = [], 0
+    for member in adapted_members(adapter_config, group):
+        w_off, width = columns[member]
+        layout.append((w_off, b_off, width))
+        b_off += width
+    return tuple(layout)
+
+
+def group_experts(adapter_config: AdapterConfig, group: str) -> int:
+    """Experts stacked for one group: 1 for plain LoRA and blockwise attention groups."""
+    return adapter_config.experts_for(PROJECTION_GROUPS[group][0])
+
+
 def router_shapes(model_config: ModelConfig, adapter_config: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    proj = model_config.projection_shapes()
+    groups = model_config.group_shapes()
     L, E = model_config.num_layers, adapter_config.num_experts
     shapes = {}
     for name in router_names(adapter_config):
-        if name == "switch":  # at the input of the first adapted projection of layer 0
-            shapes[name] = (proj[adapter_config.targets[0]][0], E)
+        if name == "switch":  # at the input of the first adapted group of layer 0
+            shapes[name] = (groups[adapted_groups(adapter_config)[0]][0], E)
         elif name == "ffn":  # on the mlp-normed hidden state
             shapes[name] = (L, model_config.hidden_size, E)
         else:
-            shapes[name] = (L, proj[name][0], E)
+            shapes[name] = (L, groups[name][0], len(adapted_members(adapter_config, name)) * E)
     return shapes
 
 
 def param_shapes(model_config: ModelConfig, adapter_config: AdapterConfig) -> dict[str, Any]:
     """The shape of every adapter array, in the pure-pytree layout above."""
     L, r = model_config.num_layers, adapter_config.rank
+    groups = model_config.group_shapes()
     experts = {}
-    for p in adapter_config.targets:
-        d_in, d_out = model_config.projection_shapes()[p]
-        e = adapter_config.experts_for(p)
-        experts[p] = {"a": (L, e, d_in, r), "b": (L, e, r, d_out)}
+    for g in adapted_groups(adapter_config):
+        layout = member_layout(model_config, adapter_config, g)
+        e = group_experts(adapter_config, g)
+        experts[g] = {"a": (L, e, groups[g][0], len(layout) * r), "b": (L, e, r, sum(m[2] for m in layout))}
     return {"experts": experts, "routers": router_shapes(model_config, adapter_config)}
 
 
@@ -92,11 +126,41 @@ def init_params(model_config: ModelConfig, adapter_config: AdapterConfig, key: j
     """Fresh adapter arrays (A random, B zero, routers normal(init_std)) as a pure pytree."""
     shapes = param_shapes(model_config, adapter_config)
     keys = iter(jax.random.split(key, len(shapes["experts"]) + len(shapes["routers"])))
-    experts = {p: {"a": init_a(next(keys), s["a"], adapter_config, dtype), "b": jnp.zeros(s["b"], dtype)}
-               for p, s in shapes["experts"].items()}
+    experts = {g: {"a": init_a(next(keys), s["a"], adapter_config, dtype), "b": jnp.zeros(s["b"], dtype)}
+               for g, s in shapes["experts"].items()}
     std = adapter_config.router.init_std
     routers = {n: (std * jax.random.normal(next(keys), s, jnp.float32)).astype(dtype)
                for n, s in shapes["routers"].items()}
+    return {"experts": experts, "routers": routers}
+
+
+def per_projection(model_config: ModelConfig, adapter_config: AdapterConfig, params: AdapterParams) -> AdapterParams:
+    """The grouped pytree as one entry per projection (the file layout): experts
+    `{proj: {"a": [L, E_p, d_in, r], "b": [L, E_p, r, d_out]}}`, layerwise routers `{proj: [L, d_in, E]}`."""
+    r, E = adapter_config.rank, adapter_config.num_experts
+    layerwise = adapter_config.method == "layerwise"
+    experts, routers = {}, {} if layerwise else dict(params["routers"])
+    for g in adapted_groups(adapter_config):
+        a, b = params["experts"][g]["a"], params["experts"][g]["b"]
+        for s, (member, (_, b_off, width)) in enumerate(zip(adapted_members(adapter_config, g),
+                                                             member_layout(model_config, adapter_config, g))):
+            experts[member] = {"a": a[..., s * r:(s + 1) * r], "b": b[..., b_off:b_off + width]}
+            if layerwise:
+                routers[member] = params["routers"][g][..., s * E:(s + 1) * E]
+    return {"experts": experts, "routers": routers}
+
+
+def grouped(model_config: ModelConfig, adapter_config: AdapterConfig, params: AdapterParams) -> AdapterParams:
+    """The inverse of `per_projection` (numpy or jax arrays in, the same kind out)."""
+    cat = np.concatenate if isinstance(next(iter(jax.tree.leaves(params)), None), np.ndarray) else jnp.concatenate
+    layerwise = adapter_config.method == "layerwise"
+    experts, routers = {}, {} if layerwise else dict(params["routers"])
+    for g in adapted_groups(adapter_config):
+        members = adapted_members(adapter_config, g)
+        experts[g] = {"a": cat([params["experts"][m]["a"] for m in members], axis=-1),
+                      "b": cat([params["experts"][m]["b"] for m in members], axis=-1)}
+        if layerwise:
+            routers[g] = cat([params["routers"][m] for m in members], axis=-1)
     return {"experts": experts, "routers": routers}
 
 
@@ -119,6 +183,18 @@ def check_params(model_config: ModelConfig, adapter_config: AdapterConfig, param
         got_shape = tuple(getattr(got[name], "shape", None) or np.shape(got[name]))  # LayerTuple has .shape
         if got_shape != tuple(shape):
             raise AdapterError(f"{where}: {name!r} has shape {list(got_shape)}; expected {list(shape)}")
+
+
+def per_projection_shapes(model_config: ModelConfig, adapter_config: AdapterConfig) -> dict[str, Any]:
+    """Shapes of the per-projection (file) layout that `per_projection` gives."""
+    L, r, E = model_config.num_layers, adapter_config.rank, adapter_config.num_experts
+    proj = model_config.projection_shapes()
+    experts = {p: {"a": (L, adapter_config.experts_for(p), proj[p][0], r),
+                   "b": (L, adapter_config.experts_for(p), r, proj[p][1])} for p in adapter_config.targets}
+    routers = router_shapes(model_config, adapter_config)
+    if adapter_config.method == "layerwise":
+        routers = {p: (L, proj[p][0], E) for p in adapter_config.targets}
+    return {"experts": experts, "routers": routers}
 
 
 def flatten(tree: dict[str, Any], is_leaf=None, prefix: str = "") -> dict[str, Any]:

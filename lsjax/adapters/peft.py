@@ -2,7 +2,7 @@
 
 PEFT keys: `base_model.model.model.layers.{i}.{self_attn|mlp}.{q|k|v|o|gate|up|down}_proj.lora_{A|B}.weight`
 with lora_A `[r, d_in]` and lora_B `[d_out, r]` (torch's `[out, in]`); lsjax stacks the transposes
-into A `[L, 1, d_in, r]` and B `[L, 1, r, d_out]`. Scale: PEFT's alpha / r, or alpha / sqrt(r) with
+into A `[L, 1, d_in, r]` and B `[L, 1, r, d_out]` per projection (grouped on import). Scale: PEFT's alpha / r, or alpha / sqrt(r) with
 rsLoRA, which imports as alpha * sqrt(r) so that lsjax's alpha / r is the same number.
 PEFT features lsjax does not run (DoRA, biases, per-layer ranks, ...) are refused by field name.
 """
@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from lsjax.adapters.config import AdapterConfig
 from lsjax.adapters.errors import AdapterError
-from lsjax.adapters.params import AdapterParams, check_params
+from lsjax.adapters.params import AdapterParams, check_params, grouped, per_projection
 from lsjax.config import ModelConfig
 from lsjax.jsonfile import read_json_object
 from lsjax.model import PROJECTIONS
@@ -51,6 +51,7 @@ def export_peft(folder: str | Path, model_config: ModelConfig, adapter_config: A
         raise AdapterError(f"PEFT export holds plain LoRA only; method={adapter_config.method!r} has routed experts "
                            f"(save it with save_adapter)")
     check_params(model_config, adapter_config, params)
+    params = per_projection(model_config, adapter_config, params)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -111,7 +112,7 @@ def import_peft(folder: str | Path, model_config: ModelConfig) -> tuple[AdapterC
             a.append(_checked(path, peft_key(i, p, "A"), tensors, (rank, d_in)).T)
             b.append(_checked(path, peft_key(i, p, "B"), tensors, (d_out, rank)).T)
         experts[p] = {"a": np.stack(a)[:, None].astype(np.float32), "b": np.stack(b)[:, None].astype(np.float32)}
-    params = {"experts": experts, "routers": {}}
+    params = grouped(model_config, config, {"experts": experts, "routers": {}})
     check_params(model_config, config, params)
     return config, params
 

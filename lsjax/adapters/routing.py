@@ -2,7 +2,13 @@
 
 A route is per token: `ids [B, S, k]` (int32 expert indices) and `gates [B, S, k]` (fp32, softmax
 over all E experts in fp32, top-k, renormalised to sum to 1; alpha/r is NOT folded in, so the
-same route serves every projection whatever its scale).
+same route serves every projection whatever its scale). A projection group's route has a member
+axis, `[B, S, R, k]`: R = 1 when every member follows one route (switch, blockwise), R = the
+group's adapted members when each has its own router (layerwise).
+
+`group_term` is a group's routed LoRA term in XLA ops: one shrink (x against the members' A's,
+stacked along the rank) and one expand (against their B's, side by side) per group, where
+`lsjax.model`'s layers run one product per group.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -63,24 +70,96 @@ def router_stats(logits: jax.Array, probs: jax.Array, ids: jax.Array, valid: jax
 
 
 def dense_gates(route: Routing, num_experts: int) -> jax.Array:
-    """The route as `[B, S, E]` weights: the gate of each chosen expert, zero elsewhere."""
+    """The route as `[..., E]` weights: the gate of each chosen expert, zero elsewhere."""
     return jnp.sum(jax.nn.one_hot(route.ids, num_experts, dtype=route.gates.dtype) * route.gates[..., None], axis=-2)
 
 
-def lora_term(x: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None, scale: float,
-              computation: str = "gathered") -> jax.Array:
-    """scale * sum_k g_k (x @ A[id_k]) @ B[id_k] for `x [B, S, d_in]`, `a [E, d_in, r]`, `b [E, r, d_out]`.
+def member_route(route: Routing) -> Routing:
+    """A token route `[B, S, k]` as a group route `[B, S, 1, k]` (one route for every member)."""
+    return Routing(route.ids[..., None, :], route.gates[..., None, :])
 
-    route None: the single expert with gate 1 (plain LoRA). `gathered` reads only the k chosen
-    experts per token (decode); `dense` runs every expert and masks with the gates (prefill,
-    training: no `[B, S, k, d_in, r]` gather).
+
+def chosen_experts(a: jax.Array, b: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The experts a shared route picks, `a[..., ids, :, :]`: a `[..., E, d, R]` -> `[..., *ids.shape, d, R]`.
+
+    With stacked `a [L, E, ...]` this is one gather for every layer (the switch route is the same
+    in all of them); without the layer axis it is one layer's."""
+    lead = a.ndim - 3
+    take = lambda w: jnp.take(w, ids, axis=lead)  # noqa: E731
+    return take(a), take(b)
+
+
+EQUAL_WIDTH_ROWS = 16  # up to this many rows, unequal member widths expand in one product (decode)
+
+
+def group_term(x: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None, scale: float,
+               members: tuple[tuple[int, int, int], ...], computation: str = "gathered",
+               chosen: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """A group's routed LoRA term `[..., Nb]` (the adapted members side by side, `place` puts them).
+
+    x `[..., d_in]`; a `[E, d_in, S*r]`; b `[E, r, Nb]` (one layer, `lsjax.adapters.params`);
+    route `[..., R, k]` or None (plain LoRA: expert 0, gate 1). `gathered` reads only the chosen
+    experts (`chosen`: already gathered `(a[ids], b[ids])` for a shared route, e.g. once per step
+    for all layers); `dense` runs every expert and masks with the gates (no gather: prefill,
+    training, and decode from E / k rows on).
     """
+    S = len(members)
+    r = a.shape[-1] // S
     if route is None:
-        return scale * ((x @ a[0]) @ b[0])
+        xa = (x @ a[0]).reshape(*x.shape[:-1], 1, S, r) * scale
+        return _expand(xa, b[:1], members, per_row=False).astype(x.dtype)
     gates = (scale * route.gates).astype(x.dtype)
-    if computation == "gathered":
-        xa = jnp.einsum("bsd,bskdr->bskr", x, a[route.ids])
-        return jnp.einsum("bskr,bskro->bso", xa * gates[..., None], b[route.ids])
-    xa = jnp.einsum("bsd,edr->bser", x, a)
-    weights = dense_gates(Routing(route.ids, gates), a.shape[0])
-    return jnp.einsum("bser,ero->bso", xa * weights[..., None], b)
+    if computation == "dense":
+        xa = jnp.einsum("...d,edR->...eR", x, a).reshape(*x.shape[:-1], a.shape[0], S, r)
+        weights = jnp.swapaxes(dense_gates(Routing(route.ids, gates), a.shape[0]), -1, -2)  # [..., E, R]
+        return _expand(xa * weights[..., None], b, members, per_row=False).astype(x.dtype)
+    if route.ids.shape[-2] == 1:  # one route for every member: one shrink, one expand
+        a_sel, b_sel = chosen if chosen is not None else chosen_experts(a, b, route.ids[..., 0, :])
+        xa = jnp.einsum("...d,...kdR->...kR", x, a_sel).reshape(*x.shape[:-1], -1, S, r)
+        return _expand(xa * gates[..., 0, :, None, None], b_sel, members, per_row=True).astype(x.dtype)
+    terms = []  # a route per member (layerwise): each member reads its own chosen experts
+    for s, (_, b_off, width) in enumerate(members):
+        a_sel, b_sel = chosen_experts(a[..., s * r:(s + 1) * r], b[..., b_off:b_off + width], route.ids[..., s, :])
+        xa = jnp.einsum("...d,...kdr->...kr", x, a_sel) * gates[..., s, :, None]
+        terms.append(jnp.einsum("...kr,...krw->...w", xa, b_sel))
+    return jnp.concatenate(terms, axis=-1).astype(x.dtype)
+
+
+def _expand(xa: jax.Array, b: jax.Array, members, per_row: bool) -> jax.Array:
+    """sum_j xa[..., j, s, :] @ b[j, :, member s's columns], for every member s, as `[..., Nb]`.
+
+    xa `[..., J, S, r]` (gated); b `[..., J, r, Nb]` (per_row: each row its own experts) or
+    `[J, r, Nb]`. Equal widths side by side are one product batched over members; unequal ones
+    (q|k|v with grouped-query attention) are one product over every column masked to its member
+    for a few rows (decode: S times a tiny product beats S dependent ones), one product each for many.
+    """
+    S, widths = xa.shape[-2], [m[2] for m in members]
+    lead = "..." if per_row else ""
+    if len(set(widths)) == 1 and all(m[1] == s * widths[0] for s, m in enumerate(members)):
+        wide = b.reshape(*b.shape[:-1], S, widths[0])
+        out = jnp.einsum(f"...jsr,{lead}jrsw->...sw", xa, wide)
+        return out.reshape(*out.shape[:-2], S * widths[0])
+    rows = int(np.prod(xa.shape[:-3]))
+    if rows <= EQUAL_WIDTH_ROWS:
+        mask = np.zeros((S, b.shape[-1]), np.float32)
+        for s, (_, b_off, width) in enumerate(members):
+            mask[s, b_off:b_off + width] = 1
+        out = jnp.einsum(f"...jsr,{lead}jrn->...sn", xa, b)
+        return jnp.sum(out * mask.astype(out.dtype), axis=-2)
+    return jnp.concatenate([jnp.einsum(f"...jr,{lead}jrw->...w", xa[..., s, :], b[..., b_off:b_off + width])
+                            for s, (_, b_off, width) in enumerate(members)], axis=-1)
+
+
+def place(term: jax.Array, members, width: int) -> jax.Array:
+    """The members' terms `[..., Nb]` at their columns of the group's output `[..., width]` (zeros elsewhere)."""
+    if all(m[0] == m[1] for m in members) and term.shape[-1] == width:
+        return term
+    pieces, at = [], 0
+    for w_off, b_off, w in members:
+        if w_off > at:
+            pieces.append(jnp.zeros((*term.shape[:-1], w_off - at), term.dtype))
+        pieces.append(term[..., b_off:b_off + w])
+        at = w_off + w
+    if at < width:
+        pieces.append(jnp.zeros((*term.shape[:-1], width - at), term.dtype))
+    return jnp.concatenate(pieces, axis=-1)

@@ -1,4 +1,4 @@
-"""Hugging Face tensor names -> the stacked lsjax params: one name map plus per-tensor hooks.
+"""Hugging Face tensor names -> the stored lsjax params: one name map plus per-tensor hooks.
 
 Both importers (safetensors and GGUF) produce `LazyTensor`s under HF names; this module checks
 every tensor (known name, expected shape, floating dtype), applies its hook (transpose `[out, in]`
@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from lsjax.checkpoint import stored_shapes
 from lsjax.config import ModelConfig
 from lsjax.errors import ConversionError
-from lsjax.model import param_shapes
 
 # HF per-layer suffix -> (lsjax layer weight, transpose from HF's [out, in])
 LAYER_NAMES = {
@@ -75,11 +75,15 @@ def source_dtype(tensors: list[LazyTensor]) -> Any:
 
 
 def assemble(config: ModelConfig, tensors: Iterable[LazyTensor], dtype: Any,
-             progress: bool = True) -> dict[str, Any]:
-    """Check and stack source tensors into the nested lsjax params (numpy, `dtype`)."""
+             progress: bool = True, allow_nonfinite: bool = False) -> dict[str, Any]:
+    """Check and stack source tensors into the stored lsjax params (numpy, `dtype`).
+
+    A tensor holding NaN or Inf (in the source or after the cast to `dtype`) is refused by name:
+    such a checkpoint is broken, and it would only show later as NaN logits. `allow_nonfinite`
+    converts it anyway."""
     tensors = list(tensors)
     expected = hf_names(config)
-    shapes = param_shapes(config)
+    shapes = stored_shapes(config)
     params: dict[str, Any] = {"layers": {}}
     for key, shape in shapes.items():
         if key != "layers":
@@ -123,10 +127,26 @@ def assemble(config: ModelConfig, tensors: Iterable[LazyTensor], dtype: Any,
             raise ConversionError(f"{t.origin}: tensor {t.name!r} has dtype {t.dtype}; "
                                   f"expected a floating dtype (F32, F16 or BF16)")
         value = np.asarray(t.load())
+        if not allow_nonfinite:
+            check_finite(t, value, dtype)
         if transpose:
             value = value.T
-        if layer is None:
-            target[...] = value.astype(dtype)
-        else:
-            target[layer] = value.astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked above, or allowed
+            if layer is None:
+                target[...] = value.astype(dtype)
+            else:
+                target[layer] = value.astype(dtype)
     return params
+
+
+def check_finite(tensor: LazyTensor, value: np.ndarray, dtype: Any) -> None:
+    """Refuse a tensor with NaN or Inf, or one whose values overflow `dtype` (e.g. fp32 -> fp16)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = value.astype(dtype)
+    for data, where in ((value, ""), (cast, f" after the cast to {np.dtype(dtype).name}")):
+        bad = ~np.isfinite(data.astype(np.float32))
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ConversionError(f"{tensor.origin}: tensor {tensor.name!r} holds {int(bad.sum())} NaN or Inf "
+                                  f"value(s){where} (the first at index {list(first)}); expected finite weights "
+                                  f"(allow_nonfinite=True, or --allow-nonfinite, converts it anyway)")

@@ -39,7 +39,9 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any
 
+import gguf
 import numpy as np
+from gguf import GGUFValueType
 
 from lsjax.errors import ConversionError
 
@@ -205,7 +207,6 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
 
 
 def _open_reader(path: pathlib.Path) -> Any:
-    import gguf
 
     try:
         size = path.stat().st_size
@@ -238,7 +239,6 @@ def _open_reader(path: pathlib.Path) -> Any:
 
 def _scalar_metadata(reader: Any) -> dict[str, Any]:
     """Every metadata value except the big tokenizer arrays, as plain Python values."""
-    from gguf import GGUFValueType
 
     big = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
     out: dict[str, Any] = {}
@@ -537,7 +537,6 @@ _TYPE_SUPPORT: dict[int, bool] = {}
 
 def _type_supported(tensor_type: Any) -> bool:
     """Whether gguf.quants can dequantise this type (probed once on a zero block)."""
-    import gguf
 
     if tensor_type not in _TYPE_SUPPORT:
         if tensor_type == gguf.GGMLQuantizationType.F64:
@@ -561,7 +560,6 @@ def _check_supported_type(path: pathlib.Path, tensor: Any) -> None:
 
 
 def _dequantize(tensor: Any) -> np.ndarray:
-    import gguf
 
     if tensor.tensor_type == gguf.GGMLQuantizationType.F64:
         return np.asarray(tensor.data).view(np.float64).astype(np.float32)

@@ -4,18 +4,23 @@
 // each of them on one core at ~18 GB/s; two cores reading disjoint row blocks reach the machine's
 // read ceiling (~28 GB/s on the 2-core VM of docs/perf.md). The routed LoRA term is computed in the
 // same call, so the chosen experts' A and B cost their bytes and nothing else (one call per
-// projection instead of ~5 small XLA ops each paying its own start-up).
+// projection group instead of ~5 small XLA ops each paying its own start-up).
 //
 //   lsjax_matmul:        y[T, N] = x[T, K] @ W[K, N]
 //   lsjax_matmul_t:      y[T, N] = x[T, K] @ Wt[N, K]^T            (the tied vocabulary head)
-//   lsjax_routed_matmul: y[T, N] = x @ W + sum_j gates[t, j] * (x[t] @ A[ids[t, j]]) @ B[ids[t, j]]
-//   lsjax_matmul_group, lsjax_routed_matmul_group: up to four of those over the same x (and route), one call
+//   lsjax_routed_group:  y[T, N] = x @ W plus each row's routed LoRA experts for every member of a
+//                        projection group (q|k|v or gate|up side by side in W, or one projection):
+//       y[t, w_s : w_s + n_s] += sum_j g[t, r, j] * (x[t] @ A[l, e][:, s*R : (s+1)*R]) @ B[l, e][:, b_s : b_s + n_s]
+//       with e = ids[t, r, j], r = s (a route per member) or 0 (one route for every member), l = `layer`,
+//       (w_s, b_s, n_s) = member s of the `members` attribute.
 //
 // Work is split in two phases over a small pool of spinning threads: rows of W (K) split across
-// threads into partial sums, then columns (N) split to reduce the partials and add the B term.
-// Plain loops, written for the compiler's vectoriser (built with -O3 -march=native).
+// threads into partial sums, then columns (N) split to reduce the partials and add the B term. An
+// expert chosen by several rows is read once for all of them. Plain loops, written for the
+// compiler's vectoriser; the hot phases are compiled for several x86 levels and picked at load time.
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -23,78 +28,100 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+// The hot phases are built for AVX-512, AVX2 and baseline x86-64 and chosen at load time (an ifunc),
+// so one portable build runs at the speed of a -march=native one. LSJAX_SINGLE_TARGET (the build
+// with an explicit -march) compiles them once for that target.
+#if defined(__x86_64__) && defined(__linux__) && !defined(LSJAX_SINGLE_TARGET) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define LSJAX_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef LSJAX_HOT
+#define LSJAX_HOT
+#endif
+// Inlined into each clone of its caller, so it is compiled for that clone's target.
+#define LSJAX_INLINE __attribute__((always_inline)) inline
+
 namespace {
 
-// y[t, n0:n1] = sum_{k in [k0, k1)} x[t, k] * W[k, n0:n1] for t < T: row-major W with N columns,
-// x rows ldx apart, y rows ldy apart. W streams once, four rows at a time, however many tokens.
-void rows_axpy(const float* __restrict x, int64_t ldx, int64_t T, const float* __restrict W, int64_t N,
-               int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* __restrict y, int64_t ldy) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t n = n0; n < n1; ++n) y[t * ldy + n] = 0.f;
+// ys[t][0:n] += sum_{k in [k0, k1)} xs[t][k] * W[k, 0:n] for t < T (W's rows ldw apart, rows of
+// ys distinct). W streams once, four rows at a time, however many rows of x.
+LSJAX_INLINE void AddProducts(const float* const* xs, int64_t T, const float* __restrict W, int64_t ldw,
+                              int64_t k0, int64_t k1, int64_t n, float* const* ys) {
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {  // one load and store of y per four FMAs
-    const float* __restrict w0 = W + k * N;
-    const float* __restrict w1 = w0 + N;
-    const float* __restrict w2 = w1 + N;
-    const float* __restrict w3 = w2 + N;
+    const float* __restrict w0 = W + k * ldw;
+    const float* __restrict w1 = w0 + ldw;
+    const float* __restrict w2 = w1 + ldw;
+    const float* __restrict w3 = w2 + ldw;
     int64_t t = 0;
-    for (; t + 4 <= T; t += 4) {  // four tokens share each load of W (batch 8: 1-2% faster decode)
-      const float* x0 = x + t * ldx + k;
-      const float* x1 = x0 + ldx;
-      const float* x2 = x1 + ldx;
-      const float* x3 = x2 + ldx;
-      float* __restrict y0 = y + t * ldy;
-      float* __restrict y1 = y0 + ldy;
-      float* __restrict y2 = y1 + ldy;
-      float* __restrict y3 = y2 + ldy;
-      for (int64_t n = n0; n < n1; ++n) {
-        const float v0 = w0[n], v1 = w1[n], v2 = w2[n], v3 = w3[n];
-        y0[n] += x0[0] * v0 + x0[1] * v1 + x0[2] * v2 + x0[3] * v3;
-        y1[n] += x1[0] * v0 + x1[1] * v1 + x1[2] * v2 + x1[3] * v3;
-        y2[n] += x2[0] * v0 + x2[1] * v1 + x2[2] * v2 + x2[3] * v3;
-        y3[n] += x3[0] * v0 + x3[1] * v1 + x3[2] * v2 + x3[3] * v3;
+    for (; t + 4 <= T; t += 4) {  // four rows share each load of W
+      const float *x0 = xs[t] + k, *x1 = xs[t + 1] + k, *x2 = xs[t + 2] + k, *x3 = xs[t + 3] + k;
+      const float a00 = x0[0], a01 = x0[1], a02 = x0[2], a03 = x0[3];
+      const float a10 = x1[0], a11 = x1[1], a12 = x1[2], a13 = x1[3];
+      const float a20 = x2[0], a21 = x2[1], a22 = x2[2], a23 = x2[3];
+      const float a30 = x3[0], a31 = x3[1], a32 = x3[2], a33 = x3[3];
+      float* __restrict y0 = ys[t];
+      float* __restrict y1 = ys[t + 1];
+      float* __restrict y2 = ys[t + 2];
+      float* __restrict y3 = ys[t + 3];
+      for (int64_t i = 0; i < n; ++i) {
+        const float v0 = w0[i], v1 = w1[i], v2 = w2[i], v3 = w3[i];
+        y0[i] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3;
+        y1[i] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3;
+        y2[i] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3;
+        y3[i] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3;
       }
     }
     for (; t < T; ++t) {
-      const float* xt = x + t * ldx + k;
+      const float* xt = xs[t] + k;
       const float a0 = xt[0], a1 = xt[1], a2 = xt[2], a3 = xt[3];
-      float* __restrict yt = y + t * ldy;
-      for (int64_t n = n0; n < n1; ++n) yt[n] += a0 * w0[n] + a1 * w1[n] + a2 * w2[n] + a3 * w3[n];
+      float* __restrict yt = ys[t];
+      for (int64_t i = 0; i < n; ++i) yt[i] += a0 * w0[i] + a1 * w1[i] + a2 * w2[i] + a3 * w3[i];
     }
   }
   for (; k < k1; ++k) {
-    const float* __restrict w = W + k * N;
+    const float* __restrict w = W + k * ldw;
     for (int64_t t = 0; t < T; ++t) {
-      const float a = x[t * ldx + k];
-      float* __restrict yt = y + t * ldy;
-      for (int64_t n = n0; n < n1; ++n) yt[n] += a * w[n];
+      const float a = xs[t][k];
+      float* __restrict yt = ys[t];
+      for (int64_t i = 0; i < n; ++i) yt[i] += a * w[i];
     }
   }
 }
 
-// y[t, n] = dot(Wt[n, :], x[t, :]) for n in [n0, n1) and TB tokens: each row of Wt is read once for
+// y[t, n] = dot(Wt[n, :], x[t, :]) for n in [n0, n1) and TB rows: each row of Wt is read once for
 // all of them (the tied vocabulary head, whose [V, D] embedding XLA would transpose every step)
 template <int TB>
-void rows_dot(const float* __restrict x, int64_t ldx, const float* __restrict Wt, int64_t K, int64_t n0,
-              int64_t n1, float* __restrict y, int64_t ldy) {
+LSJAX_INLINE void RowsDot(const float* __restrict x, int64_t ldx, const float* __restrict Wt, int64_t K,
+                          int64_t n0, int64_t n1, float* __restrict y, int64_t ldy) {
   typedef float Lanes __attribute__((vector_size(64), aligned(4), may_alias));  // 16 floats, unaligned
+  typedef float Lanes8 __attribute__((vector_size(32)));
+  typedef float Lanes4 __attribute__((vector_size(16)));
   constexpr int kLanes = 16;
   for (int64_t n = n0; n < n1; ++n) {
     const float* __restrict w = Wt + n * K;
-    Lanes acc[TB] = {};
+    Lanes acc[TB];
+    for (int t = 0; t < TB; ++t) acc[t] = Lanes{};
     int64_t k = 0;
     for (; k + kLanes <= K; k += kLanes) {
       const Lanes wk = *reinterpret_cast<const Lanes*>(w + k);
       for (int t = 0; t < TB; ++t) acc[t] += wk * *reinterpret_cast<const Lanes*>(x + t * ldx + k);
     }
-    for (int t = 0; t < TB; ++t) {
-      float s = 0.f;
+    for (int t = 0; t < TB; ++t) {  // the lanes folded in halves, in registers
+      const Lanes8 h8 = __builtin_shufflevector(acc[t], acc[t], 0, 1, 2, 3, 4, 5, 6, 7) +
+                        __builtin_shufflevector(acc[t], acc[t], 8, 9, 10, 11, 12, 13, 14, 15);
+      const Lanes4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+      float s = (h4[0] + h4[2]) + (h4[1] + h4[3]);
       for (int64_t r = k; r < K; ++r) s += w[r] * x[t * ldx + r];
-      for (int j = 0; j < kLanes; ++j) s += acc[t][j];
       y[t * ldy + n] = s;
     }
   }
@@ -167,8 +194,25 @@ class Pool {
   std::atomic<int> pending_{0};
 };
 
+// The CPUs this process may run on (taskset, a container's cpuset), not all the machine's: more
+// spinning threads than CPUs would take turns on them. LSJAX_NATIVE_THREADS >= 1 overrides.
 int PoolThreads() {
-  if (const char* env = std::getenv("LSJAX_NATIVE_THREADS")) return std::max(1, std::atoi(env));
+  if (const char* env = std::getenv("LSJAX_NATIVE_THREADS")) {
+    const int n = std::atoi(env);
+    if (n >= 1) return n;
+  }
+#if defined(__linux__) && defined(CPU_ALLOC)
+  for (int cpus = 1024; cpus <= (1 << 16); cpus *= 2) {  // a larger mask when the kernel's is larger
+    cpu_set_t* set = CPU_ALLOC(cpus);
+    if (set == nullptr) break;
+    const size_t size = CPU_ALLOC_SIZE(cpus);
+    const bool ok = sched_getaffinity(0, size, set) == 0;
+    const int count = ok ? CPU_COUNT_S(size, set) : 0;
+    CPU_FREE(set);
+    if (ok) return std::max(1, count);
+    if (errno != EINVAL) break;
+  }
+#endif
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
@@ -184,263 +228,307 @@ void Piece(int64_t size, int part, int parts, int64_t align, int64_t* begin, int
   *end = edge(part + 1);
 }
 
-// One call: S products of the same rows x (q, k and v, or gate and up), each optionally with its own
-// routed LoRA term over the same chosen experts. Grouping them saves a pool round trip and an XLA
-// dispatch per extra product; each W (and A, B) is still read as its own contiguous stream.
-constexpr int kMaxSegments = 4;
-
-struct Product {
-  const float* x = nullptr;  // [T, K]
-  int S = 1;
-  const float* w[kMaxSegments] = {};  // [K, N_s] or, transposed (S = 1), [N, K]
-  const float* a[kMaxSegments] = {};  // [E, K, R] each, or all null (no routed term)
-  const float* b[kMaxSegments] = {};  // [E, R, N_s]
-  float* y[kMaxSegments] = {};        // [T, N_s]
-  int64_t n[kMaxSegments] = {};
-  int64_t offset[kMaxSegments] = {};  // segment s's columns in the partial sums
-  const int32_t* ids = nullptr;       // [T, J]
-  const float* gates = nullptr;       // [T, J]
-  int64_t T = 0, K = 0, total_n = 0, R = 0, J = 0;
-  int parts = 1;
-  float* partial_y = nullptr;   // [parts, T, total_n]
-  float* partial_xa = nullptr;  // [parts, S, T, J, R]
-
-  bool routed() const { return a[0] != nullptr; }
-  float* xa(int part, int s, int64_t t, int64_t j) const { return partial_xa + (((part * S + s) * T + t) * J + j) * R; }
+struct Member {
+  int64_t w_off, b_off, width;  // member s's routed term: B columns [b_off, b_off + width) -> y columns [w_off, ...)
 };
 
-void RowsPhase(void* ctx, int part) {  // each thread: its block of every W's rows (and of A's) for every token
-  auto& p = *static_cast<Product*>(ctx);
+// One (route, expert) pair of a call and the rows that chose it: uses[first, first + count).
+struct Group {
+  int64_t route, expert, first, count;
+};
+
+struct Use {
+  int64_t row;
+  float gate;  // summed over the row's picks of this expert on this route
+};
+
+// One call: y = x @ W, plus the routed term when `groups` is not empty. Pointer tables are built by
+// the calling thread so that the pool's workers only compute.
+struct Problem {
+  const float* x = nullptr;  // [T, K]
+  const float* w = nullptr;  // [K, N]
+  float* y = nullptr;        // [T, N]
+  int64_t T = 0, K = 0, N = 0;
+  int parts = 1;
+  std::vector<const float*> x_rows;  // [T]: x's rows
+  std::vector<float*> partial_rows;  // [parts, T]: each piece's partial sums of y
+
+  // the routed term
+  const float* a = nullptr;  // this layer's A [E, K, S*R]
+  const float* b = nullptr;  // this layer's B [E, R, Nb]
+  int64_t R = 0, SR = 0, Nb = 0, routes = 1;
+  int64_t xa_width = 0;  // columns of x @ A kept per use: S*R (one route: all members) or R (a route per member)
+  std::vector<Member> members;
+  std::vector<Group> groups;
+  std::vector<Use> uses;
+  std::vector<const float*> use_x;  // [uses]: x's row of each use
+  std::vector<float*> xa_rows;      // [parts, uses]: each piece's partial x @ A
+  std::vector<float*> coef_rows;    // [parts, uses]: gate * x @ A of one member, per column piece
+  std::vector<float*> out_rows;     // [parts, uses]: where each use's B term lands, per column piece
+  std::vector<float> partial_y, partial_xa, coef;
+  std::vector<std::pair<int64_t, int64_t>> picks;  // (expert, pick index) of one route, sorted
+};
+
+LSJAX_HOT void RowsPhase(void* ctx, int part) {  // each piece: its block of W's rows (and of A's) for every row
+  auto& p = *static_cast<Problem*>(ctx);
   int64_t k0, k1;
   Piece(p.K, part, p.parts, 4, &k0, &k1);
-  float* partial = p.partial_y + part * p.T * p.total_n;
-  for (int s = 0; s < p.S; ++s) rows_axpy(p.x, p.K, p.T, p.w[s], p.n[s], k0, k1, 0, p.n[s], partial + p.offset[s], p.total_n);
-  for (int s = 0; p.routed() && s < p.S; ++s)
-    for (int64_t t = 0; t < p.T; ++t)
-      for (int64_t j = 0; j < p.J; ++j) {
-        const float* a = p.a[s] + int64_t(p.ids[t * p.J + j]) * p.K * p.R;
-        rows_axpy(p.x + t * p.K, p.K, 1, a, p.R, k0, k1, 0, p.R, p.xa(part, s, t, j), p.R);
-      }
+  float* const* partial = p.partial_rows.data() + part * p.T;
+  for (int64_t t = 0; t < p.T; ++t) std::fill(partial[t], partial[t] + p.N, 0.f);
+  AddProducts(p.x_rows.data(), p.T, p.w, p.N, k0, k1, p.N, partial);
+  if (p.groups.empty()) return;
+  const int64_t uses = int64_t(p.uses.size());
+  float* const* xa = p.xa_rows.data() + part * uses;
+  for (int64_t u = 0; u < uses; ++u) std::fill(xa[u], xa[u] + p.xa_width, 0.f);
+  // one route for all members: the expert's [K, S*R] rows as one contiguous stream; a route per
+  // member: member s's R columns of them
+  for (const Group& g : p.groups) {
+    const float* a = p.a + g.expert * p.K * p.SR + (p.routes == 1 ? 0 : g.route * p.R);
+    AddProducts(p.use_x.data() + g.first, g.count, a, p.SR, k0, k1, p.xa_width, xa + g.first);
+  }
 }
 
-void ColumnsPhase(void* ctx, int part) {  // each thread: its columns of every product; sum the partials, add x A B
-  auto& p = *static_cast<Product*>(ctx);
-  thread_local std::vector<float> coef, term;
-  coef.resize(p.R);
-  for (int s = 0; s < p.S; ++s) {
-    int64_t n0, n1;
-    Piece(p.n[s], part, p.parts, 16, &n0, &n1);
-    term.resize(p.n[s]);
-    for (int64_t t = 0; t < p.T; ++t) {
-      float* y = p.y[s] + t * p.n[s];
-      for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
-      for (int q = 0; q < p.parts; ++q) {
-        const float* src = p.partial_y + (q * p.T + t) * p.total_n + p.offset[s];
-        for (int64_t n = n0; n < n1; ++n) y[n] += src[n];
-      }
-      for (int64_t j = 0; p.routed() && j < p.J; ++j) {
+LSJAX_HOT void ColumnsPhase(void* ctx, int part) {  // each piece: its columns; sum the partials, add x A B
+  auto& p = *static_cast<Problem*>(ctx);
+  int64_t n0, n1;
+  Piece(p.N, part, p.parts, 16, &n0, &n1);
+  for (int64_t t = 0; t < p.T; ++t) {
+    float* __restrict y = p.y + t * p.N;
+    const float* src = p.partial_rows[t];
+    for (int64_t n = n0; n < n1; ++n) y[n] = src[n];
+    for (int q = 1; q < p.parts; ++q) {
+      src = p.partial_rows[q * p.T + t];
+      for (int64_t n = n0; n < n1; ++n) y[n] += src[n];
+    }
+  }
+  if (p.groups.empty()) return;
+  const int64_t uses = int64_t(p.uses.size());
+  float* const* coef = p.coef_rows.data() + part * uses;
+  float** out = p.out_rows.data() + part * uses;
+  for (size_t s = 0; s < p.members.size(); ++s) {
+    const Member& m = p.members[s];
+    const int64_t lo = std::max(n0, m.w_off), hi = std::min(n1, m.w_off + m.width);
+    if (lo >= hi) continue;
+    const int64_t route = p.routes == 1 ? 0 : int64_t(s);
+    const int64_t column = p.routes == 1 ? int64_t(s) * p.R : 0;  // member s's rank block in x @ A
+    for (const Group& g : p.groups) {
+      if (g.route != route) continue;
+      for (int64_t u = g.first; u < g.first + g.count; ++u) {
         for (int64_t r = 0; r < p.R; ++r) {
           float sum = 0.f;
-          for (int q = 0; q < p.parts; ++q) sum += p.xa(q, s, t, j)[r];
-          coef[r] = p.gates[t * p.J + j] * sum;
+          for (int q = 0; q < p.parts; ++q) sum += p.xa_rows[q * uses + u][column + r];
+          coef[u][r] = p.uses[u].gate * sum;
         }
-        const float* b = p.b[s] + int64_t(p.ids[t * p.J + j]) * p.R * p.n[s];
-        rows_axpy(coef.data(), p.R, 1, b, p.n[s], 0, p.R, n0, n1, term.data(), p.n[s]);
-        for (int64_t n = n0; n < n1; ++n) y[n] += term[n];
+        out[u] = p.y + p.uses[u].row * p.N + lo;
       }
+      const float* b = p.b + g.expert * p.R * p.Nb + m.b_off + (lo - m.w_off);
+      AddProducts(coef + g.first, g.count, b, p.Nb, 0, p.R, hi - lo, out + g.first);
     }
   }
 }
 
-void TransposedPhase(void* ctx, int part) {  // each thread: its rows of Wt, i.e. its outputs
-  auto& p = *static_cast<Product*>(ctx);
+struct Transposed {
+  const float* x;   // [T, K]
+  const float* wt;  // [N, K]
+  float* y;         // [T, N]
+  int64_t T, K, N;
+  int parts;
+};
+
+LSJAX_HOT void TransposedPhase(void* ctx, int part) {  // each piece: its rows of Wt, i.e. its outputs
+  auto& p = *static_cast<Transposed*>(ctx);
   int64_t n0, n1;
-  Piece(p.n[0], part, p.parts, 1, &n0, &n1);
-  const int64_t K = p.K, N = p.n[0];
+  Piece(p.N, part, p.parts, 1, &n0, &n1);
+  const int64_t K = p.K, N = p.N;
   int64_t t = 0;
-  for (; t + 8 <= p.T; t += 8) rows_dot<8>(p.x + t * K, K, p.w[0], K, n0, n1, p.y[0] + t * N, N);
-  for (; t + 4 <= p.T; t += 4) rows_dot<4>(p.x + t * K, K, p.w[0], K, n0, n1, p.y[0] + t * N, N);
-  for (; t + 2 <= p.T; t += 2) rows_dot<2>(p.x + t * K, K, p.w[0], K, n0, n1, p.y[0] + t * N, N);
-  for (; t < p.T; ++t) rows_dot<1>(p.x + t * K, K, p.w[0], K, n0, n1, p.y[0] + t * N, N);
+  for (; t + 8 <= p.T; t += 8) RowsDot<8>(p.x + t * K, K, p.wt, K, n0, n1, p.y + t * N, N);
+  for (; t + 4 <= p.T; t += 4) RowsDot<4>(p.x + t * K, K, p.wt, K, n0, n1, p.y + t * N, N);
+  for (; t + 2 <= p.T; t += 2) RowsDot<2>(p.x + t * K, K, p.wt, K, n0, n1, p.y + t * N, N);
+  for (; t < p.T; ++t) RowsDot<1>(p.x + t * K, K, p.wt, K, n0, n1, p.y + t * N, N);
 }
 
-// Below this many weight bytes a product runs on the calling thread: waking another costs more.
+// Below this many bytes read a product runs on the calling thread: waking another costs more.
 constexpr int64_t kParallelBytes = 256 << 10;
 
-int Parts(const Product& p) {
-  return p.K * p.total_n * int64_t(sizeof(float)) < kParallelBytes ? 1 : SharedPool().threads();
+int Parts(int64_t bytes) { return bytes < kParallelBytes ? 1 : SharedPool().threads(); }
+
+// Groups the picks ids/gates [T, routes, J] by (route, expert), merging a row's repeated picks of
+// one expert (a group's output rows must be distinct: the kernels write them as restrict pointers).
+void Route(Problem& p, const int32_t* ids, const float* gates, int64_t J) {
+  p.groups.clear();
+  p.uses.clear();
+  for (int64_t route = 0; route < p.routes; ++route) {
+    p.picks.clear();
+    for (int64_t t = 0; t < p.T; ++t)
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t i = (t * p.routes + route) * J + j;
+        p.picks.emplace_back(ids[i], i);
+      }
+    std::sort(p.picks.begin(), p.picks.end());  // by expert, then row
+    for (const auto& [expert, i] : p.picks) {
+      const int64_t row = i / (p.routes * J);
+      if (p.groups.empty() || p.groups.back().route != route || p.groups.back().expert != expert)
+        p.groups.push_back({route, expert, int64_t(p.uses.size()), 0});
+      Group& g = p.groups.back();
+      if (g.count > 0 && p.uses.back().row == row) {
+        p.uses.back().gate += gates[i];
+        continue;
+      }
+      p.uses.push_back({row, gates[i]});
+      ++g.count;
+    }
+  }
 }
 
-void Multiply(Product& p) {
-  Pool& pool = SharedPool();
-  p.total_n = 0;
-  for (int s = 0; s < p.S; ++s) {
-    p.offset[s] = p.total_n;
-    p.total_n += p.n[s];
+// Fills the pointer tables and scratch of `p` (its shapes and route set) and runs both phases.
+void Multiply(Problem& p) {
+  int64_t bytes = p.K * p.N;
+  for (const Group& g : p.groups) bytes += p.K * p.xa_width + p.R * p.N;  // an upper bound of the B bytes
+  p.parts = Parts(bytes * int64_t(sizeof(float)));
+  const int64_t uses = int64_t(p.uses.size());
+  p.x_rows.resize(p.T);
+  for (int64_t t = 0; t < p.T; ++t) p.x_rows[t] = p.x + t * p.K;
+  p.partial_y.resize(size_t(p.parts * p.T * p.N));
+  p.partial_rows.resize(size_t(p.parts * p.T));
+  for (int64_t i = 0; i < p.parts * p.T; ++i) p.partial_rows[i] = p.partial_y.data() + i * p.N;
+  if (uses > 0) {
+    p.use_x.resize(uses);
+    for (int64_t u = 0; u < uses; ++u) p.use_x[u] = p.x + p.uses[u].row * p.K;
+    p.partial_xa.resize(size_t(p.parts * uses * p.xa_width));
+    p.coef.resize(size_t(p.parts * uses * p.R));
+    p.xa_rows.resize(size_t(p.parts * uses));
+    p.coef_rows.resize(size_t(p.parts * uses));
+    p.out_rows.resize(size_t(p.parts * uses));
+    for (int64_t i = 0; i < p.parts * uses; ++i) {
+      p.xa_rows[i] = p.partial_xa.data() + i * p.xa_width;
+      p.coef_rows[i] = p.coef.data() + i * p.R;
+    }
   }
-  p.parts = Parts(p);
-  thread_local std::vector<float> partial_y, partial_xa;
-  partial_y.resize(size_t(p.parts) * p.T * p.total_n);
-  partial_xa.resize(size_t(p.parts) * p.S * p.T * std::max<int64_t>(p.J, 1) * std::max<int64_t>(p.R, 1));
-  p.partial_y = partial_y.data();
-  p.partial_xa = partial_xa.data();
+  Pool& pool = SharedPool();
   pool.Run(RowsPhase, &p, p.parts);
   pool.Run(ColumnsPhase, &p, p.parts);
 }
 
+// A Problem per calling thread, kept so that its tables are not reallocated on every call.
+Problem& Scratch() {
+  thread_local Problem problem;
+  return problem;
+}
+
 ffi::Error Invalid(const std::string& message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
 
-// Checks W [K, N] (N > 0) against x and, when routed, A [E, K, R] and B [E, R, N]; fills segment s.
-ffi::Error AddSegment(Product& p, int s, ffi::AnyBuffer w, const ffi::AnyBuffer* a, const ffi::AnyBuffer* b,
-                      ffi::Result<ffi::AnyBuffer> y, const char* name) {
-  auto wd = w.dimensions();
-  if (w.element_type() != ffi::DataType::F32 || wd.size() != 2 || wd[0] != p.K)
-    return Invalid(std::string(name) + ": expected float32 W [K, N] with K = x's columns");
-  if (y->element_type() != ffi::DataType::F32 || y->dimensions().size() != 2 || y->dimensions()[0] != p.T ||
-      y->dimensions()[1] != wd[1])
-    return Invalid(std::string(name) + ": result shape does not match [T, N]");
-  p.w[s] = static_cast<const float*>(w.untyped_data());
-  p.n[s] = wd[1];
-  p.y[s] = static_cast<float*>(y->untyped_data());
-  if (a == nullptr) return ffi::Error::Success();
-  auto ad = a->dimensions(), bd = b->dimensions();
-  if (a->element_type() != ffi::DataType::F32 || b->element_type() != ffi::DataType::F32 || ad.size() != 3 ||
-      bd.size() != 3 || ad[1] != p.K || bd[0] != ad[0] || bd[1] != ad[2] || bd[2] != wd[1] || ad[2] != p.R)
-    return Invalid(std::string(name) + ": expected float32 A [E, K, R] and B [E, R, N] of one rank R");
-  for (int64_t i = 0; i < p.T * p.J; ++i)
-    if (p.ids[i] < 0 || p.ids[i] >= ad[0]) return Invalid(std::string(name) + ": expert id out of range");
-  p.a[s] = static_cast<const float*>(a->untyped_data());
-  p.b[s] = static_cast<const float*>(b->untyped_data());
-  return ffi::Error::Success();
+bool IsF32(const ffi::AnyBuffer& buffer, size_t rank) {
+  return buffer.element_type() == ffi::DataType::F32 && buffer.dimensions().size() == rank;
 }
 
-ffi::Error Rows(Product& p, ffi::Buffer<ffi::F32> x, const char* name) {
-  if (x.dimensions().size() != 2) return Invalid(std::string(name) + ": expected x [T, K]");
-  p.x = x.typed_data();
+// Checks x [T, K], W [K, N] and y [T, N]; sets them in `p`.
+ffi::Error Plain(Problem& p, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, const std::string& name) {
+  if (!IsF32(x, 2)) return Invalid(name + ": expected float32 x [T, K]");
+  if (!IsF32(w, 2) || w.dimensions()[0] != x.dimensions()[1])
+    return Invalid(name + ": expected float32 W [K, N] with K = x's columns");
   p.T = x.dimensions()[0];
   p.K = x.dimensions()[1];
+  p.N = w.dimensions()[1];
+  if (!IsF32(*y, 2) || y->dimensions()[0] != p.T || y->dimensions()[1] != p.N)
+    return Invalid(name + ": result is not float32 [T, N]");
+  p.x = static_cast<const float*>(x.untyped_data());
+  p.w = static_cast<const float*>(w.untyped_data());
+  p.y = static_cast<float*>(y->untyped_data());
+  p.groups.clear();
+  p.uses.clear();
   return ffi::Error::Success();
 }
 
-ffi::Error Route(Product& p, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates, int64_t rank, const char* name) {
-  auto id = ids.dimensions(), gd = gates.dimensions();
-  if (id.size() != 2 || id[0] != p.T || gd.size() != 2 || gd[0] != id[0] || gd[1] != id[1])
-    return Invalid(std::string(name) + ": expected ids and gates [T, J]");
-  p.ids = ids.typed_data();
-  p.gates = gates.typed_data();
-  p.J = id[1];
-  p.R = rank;
-  return ffi::Error::Success();
-}
-
-#define LSJAX_RETURN_IF_ERROR(expr)         \
-  do {                                      \
-    ffi::Error error = (expr);              \
-    if (error.failure()) return error;      \
-  } while (0)
-
-ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
-  Product p;
-  LSJAX_RETURN_IF_ERROR(Rows(p, x, "lsjax_matmul"));
-  LSJAX_RETURN_IF_ERROR(AddSegment(p, 0, w, nullptr, nullptr, y, "lsjax_matmul"));
+ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
+  Problem& p = Scratch();
+  ffi::Error error = Plain(p, x, w, y, "lsjax_matmul");
+  if (error.failure()) return error;
   Multiply(p);
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulTImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = wt.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) return Invalid("lsjax_matmul_t: expected x [T, K] and Wt [N, K]");
-  Product p;
-  p.x = x.typed_data();
-  p.w[0] = wt.typed_data();
-  p.y[0] = y->typed_data();
-  p.T = xd[0];
-  p.K = xd[1];
-  p.n[0] = p.total_n = wd[0];
-  p.parts = Parts(p);
+ffi::Error MatmulTImpl(ffi::AnyBuffer x, ffi::AnyBuffer wt, ffi::Result<ffi::AnyBuffer> y) {
+  if (!IsF32(x, 2) || !IsF32(wt, 2) || x.dimensions()[1] != wt.dimensions()[1])
+    return Invalid("lsjax_matmul_t: expected float32 x [T, K] and Wt [N, K]");
+  Transposed p{static_cast<const float*>(x.untyped_data()), static_cast<const float*>(wt.untyped_data()),
+               static_cast<float*>(y->untyped_data()), x.dimensions()[0], x.dimensions()[1], wt.dimensions()[0], 1};
+  if (!IsF32(*y, 2) || y->dimensions()[0] != p.T || y->dimensions()[1] != p.N)
+    return Invalid("lsjax_matmul_t: result is not float32 [T, N]");
+  p.parts = Parts(p.K * p.N * int64_t(sizeof(float)));
   SharedPool().Run(TransposedPhase, &p, p.parts);
   return ffi::Error::Success();
 }
 
-ffi::Error RoutedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                            ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates, ffi::Result<ffi::AnyBuffer> y) {
-  Product p;
-  LSJAX_RETURN_IF_ERROR(Rows(p, x, "lsjax_routed_matmul"));
-  LSJAX_RETURN_IF_ERROR(Route(p, ids, gates, a.dimensions().size() == 3 ? a.dimensions()[2] : -1, "lsjax_routed_matmul"));
-  LSJAX_RETURN_IF_ERROR(AddSegment(p, 0, w, &a, &b, y, "lsjax_routed_matmul"));
-  Multiply(p);
-  return ffi::Error::Success();
-}
+ffi::Error RoutedGroupImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer ids,
+                           ffi::AnyBuffer gates, ffi::Result<ffi::AnyBuffer> y, int64_t layer,
+                           ffi::Span<const int64_t> members) {
+  const std::string name = "lsjax_routed_group";
+  Problem& p = Scratch();
+  ffi::Error error = Plain(p, x, w, y, name);
+  if (error.failure()) return error;
 
-// x, then W_1..W_S -> y_1..y_S
-ffi::Error MatmulGroupImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys) {
-  const char* name = "lsjax_matmul_group";
-  Product p;
-  LSJAX_RETURN_IF_ERROR(Rows(p, x, name));
-  if (ws.size() < 1 || ws.size() > size_t(kMaxSegments) || ys.size() != ws.size())
-    return Invalid("lsjax_matmul_group: expected 1 to 4 weights and as many results");
-  p.S = int(ws.size());
-  for (int s = 0; s < p.S; ++s) {
-    auto w = ws.get<ffi::AnyBuffer>(s);
-    auto y = ys.get<ffi::AnyBuffer>(s);
-    if (!w.has_value() || !y.has_value()) return Invalid("lsjax_matmul_group: cannot read an operand");
-    LSJAX_RETURN_IF_ERROR(AddSegment(p, s, *w, nullptr, nullptr, *y, name));
+  const int64_t S = int64_t(members.size()) / 3;
+  if (members.size() == 0 || members.size() % 3 != 0)
+    return Invalid(name + ": members must be 1 or more (w_off, b_off, width) triples");
+  auto ad = a.dimensions(), bd = b.dimensions();
+  if (!IsF32(a, 4) || ad[2] != p.K || ad[3] % S != 0 || ad[3] == 0)
+    return Invalid(name + ": expected float32 A [L, E, K, S*R] with K = x's columns and S = " +
+                   std::to_string(S) + " members");
+  p.SR = ad[3];
+  p.R = p.SR / S;
+  if (!IsF32(b, 4) || bd[0] != ad[0] || bd[1] != ad[1] || bd[2] != p.R)
+    return Invalid(name + ": expected float32 B [L, E, R, Nb] with A's L, E and rank R");
+  p.Nb = bd[3];
+  const int64_t L = ad[0], E = ad[1];
+  if (layer < 0 || layer >= L)
+    return Invalid(name + ": layer " + std::to_string(layer) + " not in [0, " + std::to_string(L) + ")");
+  p.members.clear();
+  for (int64_t s = 0; s < S; ++s) {
+    const Member m{members[3 * s], members[3 * s + 1], members[3 * s + 2]};
+    if (m.w_off < 0 || m.b_off < 0 || m.width < 0 || m.w_off + m.width > p.N || m.b_off + m.width > p.Nb)
+      return Invalid(name + ": member " + std::to_string(s) + " (w_off, b_off, width) lies outside W's N or B's Nb");
+    p.members.push_back(m);
   }
-  Multiply(p);
-  return ffi::Error::Success();
-}
 
-// x, ids, gates, then W_1..W_S, A_1..A_S, B_1..B_S -> y_1..y_S (every product with the same chosen experts)
-ffi::Error RoutedGroupImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates,
-                           ffi::RemainingArgs rest, ffi::RemainingRets ys) {
-  const char* name = "lsjax_routed_matmul_group";
-  Product p;
-  LSJAX_RETURN_IF_ERROR(Rows(p, x, name));
-  const size_t S = ys.size();
-  if (S < 1 || S > size_t(kMaxSegments) || rest.size() != 3 * S)
-    return Invalid("lsjax_routed_matmul_group: expected 1 to 4 products: S weights, S A's, S B's and S results");
-  p.S = int(S);
-  auto a0 = rest.get<ffi::AnyBuffer>(S);
-  if (!a0.has_value() || a0->dimensions().size() != 3) return Invalid("lsjax_routed_matmul_group: expected A [E, K, R]");
-  LSJAX_RETURN_IF_ERROR(Route(p, ids, gates, a0->dimensions()[2], name));
-  for (size_t s = 0; s < S; ++s) {
-    auto w = rest.get<ffi::AnyBuffer>(s), a = rest.get<ffi::AnyBuffer>(S + s), b = rest.get<ffi::AnyBuffer>(2 * S + s);
-    auto y = ys.get<ffi::AnyBuffer>(s);
-    if (!w.has_value() || !a.has_value() || !b.has_value() || !y.has_value())
-      return Invalid("lsjax_routed_matmul_group: cannot read an operand");
-    LSJAX_RETURN_IF_ERROR(AddSegment(p, int(s), *w, &*a, &*b, *y, name));
-  }
+  auto id = ids.dimensions(), gd = gates.dimensions();
+  if (ids.element_type() != ffi::DataType::S32 || id.size() != 3 || id[0] != p.T || (id[1] != 1 && id[1] != S))
+    return Invalid(name + ": expected int32 ids [T, S_r, J] with S_r = 1 or the number of members");
+  if (!IsF32(gates, 3) || gd[0] != id[0] || gd[1] != id[1] || gd[2] != id[2])
+    return Invalid(name + ": expected float32 gates of ids' shape [T, S_r, J]");
+  const auto* chosen = static_cast<const int32_t*>(ids.untyped_data());
+  for (int64_t i = 0; i < id[0] * id[1] * id[2]; ++i)
+    if (chosen[i] < 0 || chosen[i] >= E)  // XLA's gather would clamp it; here it would read out of bounds
+      return Invalid(name + ": expert id out of range: " + std::to_string(chosen[i]) + " not in [0, " +
+                     std::to_string(E) + ")");
+
+  p.routes = id[1];
+  p.xa_width = p.routes == 1 ? p.SR : p.R;
+  p.a = static_cast<const float*>(a.untyped_data()) + layer * E * p.K * p.SR;
+  p.b = static_cast<const float*>(b.untyped_data()) + layer * E * p.R * p.Nb;
+  Route(p, chosen, static_cast<const float*>(gates.untyped_data()), id[2]);
   Multiply(p);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
+// The pool's thread count (lsjax.native.threads()).
+extern "C" __attribute__((visibility("default"))) int LsjaxNativeThreads() { return SharedPool().threads(); }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmul, MatmulImpl,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmulT, MatmulTImpl,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedMatmul, RoutedMatmulImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedGroup, RoutedGroupImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmulGroup, MatmulGroupImpl,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedMatmulGroup, RoutedGroupImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .RemainingArgs()
-                                  .RemainingRets());
+                                  .Arg<ffi::AnyBuffer>()  // x [T, K]
+                                  .Arg<ffi::AnyBuffer>()  // W [K, N]
+                                  .Arg<ffi::AnyBuffer>()  // A [L, E, K, S*R]
+                                  .Arg<ffi::AnyBuffer>()  // B [L, E, R, Nb]
+                                  .Arg<ffi::AnyBuffer>()  // ids [T, S_r, J] int32
+                                  .Arg<ffi::AnyBuffer>()  // gates [T, S_r, J]
+                                  .Ret<ffi::AnyBuffer>()  // y [T, N]
+                                  .Attr<int64_t>("layer")
+                                  .Attr<ffi::Span<const int64_t>>("members"));

@@ -1,6 +1,6 @@
 """`TrainConfig`: a typed, validated training run description, loaded from YAML with overrides.
 
-    config = load_config("train/configs/smollm2_switch.yaml", ["steps=20", "optim.lr=3e-4"])
+    config = load_config("lsjax/train/configs/smollm2_switch.yaml", ["steps=20", "optim.lr=3e-4"])
 
 Every field is checked in `__post_init__` (a bad value fails before anything is loaded, naming the
 field). Overrides are `key=value` with dotted keys for nested sections; values are parsed as YAML
@@ -20,7 +20,9 @@ from typing import Any
 import yaml
 
 from lsjax.adapters.config import AdapterConfig
+from lsjax.data import TASKS
 from lsjax.errors import ConfigError
+from lsjax.validate import check, from_fields, is_int, is_number
 
 DTYPES = ("float32", "bfloat16")
 
@@ -39,22 +41,15 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def _check(ok: bool, field: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}={value!r} is invalid; expected {expected}")
 
 
-def _int(value: Any, minimum: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Multiple-choice tasks (lsjax.train.data), their hash split, and the padded sequence length."""
+    """Multiple-choice tasks (lsjax.data), their hash split, and the padded sequence length."""
 
     tasks: tuple[str, ...] = ("arc_easy",)
     text_files: tuple[str, ...] = ()  # JSONL language-model data ({"text": ...} per line), loss on all tokens
@@ -64,21 +59,20 @@ class DataConfig:
     eval_accuracy_docs: int = 0  # held-out documents (per task) for accuracy via lsjax.eval.harness; 0 = off
 
     def __post_init__(self):
-        from lsjax.train.data import TASKS
 
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks or ())
         texts = (self.text_files,) if isinstance(self.text_files, str) else tuple(self.text_files or ())
         object.__setattr__(self, "tasks", tasks)
         object.__setattr__(self, "text_files", texts)
-        _check(len(tasks) + len(texts) > 0, "data.tasks", list(tasks),
+        check(len(tasks) + len(texts) > 0, "data.tasks", list(tasks),
                "a non-empty list of task names (or data.text_files)")
         for t in tasks:
-            _check(t in TASKS, "data.tasks", t, f"one of {sorted(TASKS)}")
-        _check(_num(self.heldout_fraction) and 0 < self.heldout_fraction < 1, "data.heldout_fraction",
+            check(t in TASKS, "data.tasks", t, f"one of {sorted(TASKS)}")
+        check(is_number(self.heldout_fraction) and 0 < self.heldout_fraction < 1, "data.heldout_fraction",
                self.heldout_fraction, "a number in (0, 1)")
-        _check(_int(self.max_length, 2), "data.max_length", self.max_length, "an integer >= 2")
-        _check(_int(self.eval_docs, 0), "data.eval_docs", self.eval_docs, "an integer >= 0")
-        _check(_int(self.eval_accuracy_docs, 0), "data.eval_accuracy_docs", self.eval_accuracy_docs,
+        check(is_int(self.max_length, 2), "data.max_length", self.max_length, "an integer >= 2")
+        check(is_int(self.eval_docs, 0), "data.eval_docs", self.eval_docs, "an integer >= 0")
+        check(is_int(self.eval_accuracy_docs, 0), "data.eval_accuracy_docs", self.eval_accuracy_docs,
                "an integer >= 0")
 
 
@@ -97,18 +91,18 @@ class OptimConfig:
     accumulation: int = 1  # microbatches per optimizer step (the batch is split, one update per step)
 
     def __post_init__(self):
-        _check(_num(self.lr) and self.lr > 0, "optim.lr", self.lr, "a positive number")
-        _check(_num(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
+        check(is_number(self.lr) and self.lr > 0, "optim.lr", self.lr, "a positive number")
+        check(is_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
                "a number >= 0")
         for name in ("b1", "b2"):
             v = getattr(self, name)
-            _check(_num(v) and 0 <= v < 1, f"optim.{name}", v, "a number in [0, 1)")
-        _check(_num(self.eps) and self.eps > 0, "optim.eps", self.eps, "a positive number")
-        _check(_num(self.clip_norm) and self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0")
-        _check(_int(self.warmup_steps, 0), "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(_num(self.end_lr_fraction) and 0 <= self.end_lr_fraction <= 1, "optim.end_lr_fraction",
+            check(is_number(v) and 0 <= v < 1, f"optim.{name}", v, "a number in [0, 1)")
+        check(is_number(self.eps) and self.eps > 0, "optim.eps", self.eps, "a positive number")
+        check(is_number(self.clip_norm) and self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0")
+        check(is_int(self.warmup_steps, 0), "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(is_number(self.end_lr_fraction) and 0 <= self.end_lr_fraction <= 1, "optim.end_lr_fraction",
                self.end_lr_fraction, "a number in [0, 1]")
-        _check(_int(self.accumulation, 1), "optim.accumulation", self.accumulation, "an integer >= 1")
+        check(is_int(self.accumulation, 1), "optim.accumulation", self.accumulation, "an integer >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +115,7 @@ class MeshConfig:
 
     def __post_init__(self):
         for name in ("data", "fsdp", "tensor"):
-            _check(_int(getattr(self, name), 1), f"mesh.{name}", getattr(self, name), "a positive integer")
+            check(is_int(getattr(self, name), 1), f"mesh.{name}", getattr(self, name), "a positive integer")
 
     @property
     def size(self) -> int:
@@ -159,24 +153,24 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.adapter, dict):
             object.__setattr__(self, "adapter", AdapterConfig.from_dict(self.adapter))
-        _check(isinstance(self.adapter, AdapterConfig), "adapter", self.adapter, "an AdapterConfig mapping")
+        check(isinstance(self.adapter, AdapterConfig), "adapter", self.adapter, "an AdapterConfig mapping")
         for name, cls in SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
-                object.__setattr__(self, name, _build(cls, value, name))
-            _check(isinstance(getattr(self, name), cls), name, value, f"a {name} mapping")
-        _check(isinstance(self.model, str) and self.model != "", "model", self.model,
+                object.__setattr__(self, name, from_fields(cls, value, name))
+            check(isinstance(getattr(self, name), cls), name, value, f"a {name} mapping")
+        check(isinstance(self.model, str) and self.model != "", "model", self.model,
                "the path of an lsjax checkpoint folder")
-        _check(_int(self.batch_size, 1), "batch_size", self.batch_size, "a positive integer")
-        _check(_int(self.steps, 1), "steps", self.steps, "a positive integer")
+        check(is_int(self.batch_size, 1), "batch_size", self.batch_size, "a positive integer")
+        check(is_int(self.steps, 1), "steps", self.steps, "a positive integer")
         for name in ("eval_every", "checkpoint_every", "seed"):
-            _check(_int(getattr(self, name), 0), name, getattr(self, name), "an integer >= 0")
+            check(is_int(getattr(self, name), 0), name, getattr(self, name), "an integer >= 0")
         for name in ("keep_checkpoints", "log_every"):
-            _check(_int(getattr(self, name), 1), name, getattr(self, name), "a positive integer")
+            check(is_int(getattr(self, name), 1), name, getattr(self, name), "a positive integer")
         for name in ("progress", "tensorboard"):
-            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
-        _check(isinstance(self.run_dir, str) and self.run_dir != "", "run_dir", self.run_dir, "a folder path")
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        check(isinstance(self.run_dir, str) and self.run_dir != "", "run_dir", self.run_dir, "a folder path")
         shards = self.mesh.batch_shards * self.optim.accumulation
         if self.batch_size % shards:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by mesh.data * mesh.fsdp * "
@@ -191,7 +185,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, data, "train")
+        return from_fields(cls, data, "train")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -208,17 +202,6 @@ class TrainConfig:
         return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
 
 
-def _build(cls, data: dict[str, Any], what: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} config must be a mapping; got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown {what} config field(s) {unknown}; expected a subset of {sorted(known)}")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise ConfigError(f"{what} config: {e}") from None
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,11 +7,13 @@ median over rounds, and every ratio compares figures of the same run. The memory
 weight bytes over a device copy's bandwidth measured in the same run (bytes read + written per
 second): a batch-1 decode step must read every weight once, so no step can beat it.
 
-Every configuration decodes with the same matvecs: `lsjax.native`'s multi-threaded CPU custom
-calls where they are built (`--native auto`, the Generator's default), XLA's otherwise. With the
-native ones on, the base is also timed on XLA's matvecs (`matvec` "xla"), and every ratio is to the
-fastest base of its batch. Every Generator backs its arrays with transparent huge pages where the
-OS allows (`lsjax.hugepages`; `--huge-pages off` to compare).
+Every configuration decodes on the same backend (`lsjax.backends`; `--backend auto` picks by
+platform, as a Generator does). When that is not XLA, the base is also timed on XLA (`backend`
+"xla"), and every ratio is to the fastest base of its batch. On the native CPU backend, the
+decoded arrays sit on transparent huge pages where the OS allows (`--huge-pages off` to compare).
+Every Generator decodes from the model's own arrays (one copy of the weights for all of them);
+the run reports the live device memory against weights + experts + KV cache, and the device's
+peak where it keeps one (GPUs).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import dataclasses
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,22 +33,17 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from lsjax.config import ModelConfig
+import lsjax
+from lsjax.adapters import Adapter, AdapterConfig
+from lsjax.backends import XLA, native_backend, resolve_backend
+from lsjax.config import SHAPES, ModelConfig, named_config
+from lsjax.convert import export_hf
 from lsjax.errors import ConfigError
+from lsjax.generate import CACHE_ROUND, Generator, round_up
 from lsjax.jsonfile import write_json
-from lsjax.strategies import resolve_native
-from pallas_kernels.timing import queued_seconds
+from lsjax.model import Llama
+from pallas_kernels.timing import bandwidth
 
-SHAPES = {  # random-weight shapes for timing (no checkpoint needed)
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                      num_kv_heads=32, head_dim=128, max_position_embeddings=4096),
-    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                       num_kv_heads=8, head_dim=128, max_position_embeddings=32768, model_type="mistral",
-                       sliding_window=4096),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                         num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
-                         rope={"theta": 100000.0}),
-}
 # (method, strategy) pairs timed by default; merged switch is batch-1 only
 CONFIGS = [("base", "-"), ("lora", "merged"), ("lora", "unmerged"), ("layerwise", "unmerged"),
            ("blockwise", "unmerged"), ("switch", "unmerged"), ("switch", "fused"), ("switch", "merged")]
@@ -62,29 +60,10 @@ class Record:
     ratio_to_base: float = float("nan")
     floor_ms: float | None = None
     rounds: int = 0
-    matvec: str = "xla"  # "native" (lsjax.native) or "xla"; "torch" for transformers' rows
-
-
-def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> float:
-    """GB/s (read + write) of an in-place device copy of a large buffer (`x + 1`, donated); 1 GiB
-    on a GPU, 256 MiB elsewhere."""
-    if nbytes is None:
-        nbytes = (1 << 30) if jax.default_backend() == "gpu" else 256 << 20
-    step = jax.jit(lambda x: x + 1, donate_argnums=0)
-    return 2 * nbytes / queued_seconds(step, jnp.zeros((nbytes // 4,), jnp.float32), repeats, 5, True) / 1e9
-
-
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """GB/s of a read-only pass (a jitted sum) over a buffer larger than the caches.
-
-    A batch-1 decode step only reads its weights; on the 2-core CPU VM reads alone stream at about
-    29 GB/s while a copy moves ~50 GB/s of reads + writes, so this is the tighter, honest floor.
-    """
-    return nbytes / queued_seconds(jax.jit(jnp.sum), jnp.ones((nbytes // 4,), jnp.float32), repeats, 3, False) / 1e9
+    backend: str = "xla"  # lsjax.backends name ("xla", "native", "pallas"); "torch" for transformers' rows
 
 
 def random_adapter(model_config: ModelConfig, method: str, args) -> Any:
-    from lsjax.adapters import Adapter, AdapterConfig
 
     routed = method != "lora"
     cfg = AdapterConfig(method=method, num_experts=args.experts if routed else 1, top_k=args.top_k if routed else 1,
@@ -98,48 +77,51 @@ def random_adapter(model_config: ModelConfig, method: str, args) -> Any:
 
 
 def load_model(args):
-    import lsjax
-    from lsjax.model import Llama
 
     if args.shape:
-        if args.shape not in SHAPES:
-            raise ConfigError(f"--shape {args.shape!r} is not known; expected one of {sorted(SHAPES)}")
-        config = ModelConfig.from_dict(SHAPES[args.shape])
+        config = named_config(args.shape)
         return Llama(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype)), None, f"random {args.shape}"
     ckpt = args.ckpt
     if ckpt is None:
-        from lsjax.demo import default_checkpoint
+        from lsjax.assets import default_checkpoint
         ckpt = default_checkpoint(Path(args.cache_dir))
     model, tokenizer = lsjax.load(ckpt, dtype=args.dtype)
     return model, tokenizer, str(ckpt)
 
 
-def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], native: bool) -> list[tuple]:
-    """`time_decode` entries: every `(method, strategy)` with its adapter and matvecs, plus, when
-    those are native, the base on XLA's matvecs for reference."""
-    entries = [(m, s, adapters.get(m), native) for m, s in configs]
-    if native and ("base", "-") in configs:
-        entries.insert(1, ("base", "-", None, False))
+def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], backend: Any) -> list[tuple]:
+    """`time_decode` entries: every `(method, strategy)` with its adapter and backend, plus, when
+    that is not XLA, the base on XLA for reference."""
+    entries = [(m, s, adapters.get(m), backend) for m, s in configs]
+    if backend.name != "xla" and ("base", "-") in configs:
+        entries.insert(1, ("base", "-", None, XLA))
     return entries
 
 
-def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], batches: list[int], *, prompt_len: int,
-                new_tokens: int, rounds: int, progress: bool = True,
-                huge_pages: bool = True) -> tuple[list[Record], dict[str, float]]:
-    """Decode ms/token and prefill ms of every `(method, strategy, adapter, native)` entry at every batch size.
+def device_memory() -> dict[str, int]:
+    """Live device bytes (every array jax holds) and, where the device keeps them, its in-use and peak bytes."""
+    out = {"live_bytes": sum(a.nbytes for a in jax.live_arrays())}
+    stats = jax.devices()[0].memory_stats() or {}
+    for key in ("bytes_in_use", "peak_bytes_in_use"):
+        if key in stats:
+            out[key] = int(stats[key])
+    return out
+
+
+def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, Any]], batches: list[int], *, prompt_len: int,
+                new_tokens: int, rounds: int, progress: bool = True) -> tuple[list[Record], dict[str, Any]]:
+    """Decode ms/token and prefill ms of every `(method, strategy, adapter, backend)` entry at every batch size.
 
     All entries are compiled first, then timed in `rounds` interleaved rounds (medians) per batch
-    size; every ratio compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes", "floor_ms",
-    "read_gb_s", "read_floor_ms", "failed"}` (floors: weight bytes over the copy / read bandwidth).
+    size; every ratio compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes",
+    "floor_ms", "read_gb_s", "read_floor_ms", "failed", "memory"}` (floors: weight bytes over the copy /
+    read bandwidth; memory: live and peak device bytes against weights + experts + the largest KV cache).
     A configuration that fails to build or compile is named under "failed" (and printed) and the
     others are still timed. `merged` switch is batch-1 only and is skipped at larger batches.
     """
-    from lsjax.generate import Generator
-    from lsjax.model import split_layers
 
     rng = np.random.default_rng(0)
     dtype = str(jnp.dtype(model.dtype))
-    shared = split_layers(model.params())  # one per-layer copy for every Generator, not one each
     generators, failures = {}, []
 
     def failed(what: str, error: Exception) -> None:
@@ -148,14 +130,14 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], bat
         failures.append(f"{what}: {type(error).__name__}: {str(error)[:300]}")
         print(f"FAILED {failures[-1]}", flush=True)
 
-    for method, strategy, adapter, native in tqdm(entries, desc="compiling", unit="config", disable=not progress):
+    for method, strategy, adapter, backend in tqdm(entries, desc="compiling", unit="config", disable=not progress):
         # one failing configuration must not cost the others' figures
-        matvec = "native" if native else "xla"
+        name = backend.name
         try:
             gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy,
-                            params=None if strategy == "merged" else shared, native=native, huge_pages=huge_pages)
+                            backend=backend)
         except Exception as e:  # noqa: BLE001
-            failed(f"{method}/{strategy} ({matvec})", e)
+            failed(f"{method}/{strategy} ({name})", e)
             continue
         for batch in batches:
             if strategy == "merged" and method == "switch" and batch > 1:
@@ -164,10 +146,11 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], bat
             try:
                 gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # compile + warm up
             except Exception as e:  # noqa: BLE001
-                failed(f"{method}/{strategy} ({matvec}) batch {batch}", e)
+                failed(f"{method}/{strategy} ({name}) batch {batch}", e)
                 continue
-            generators[(method, strategy, matvec, batch)] = (gen, prompts)
-    bandwidth, reads = copy_bandwidth(), read_bandwidth()
+            generators[(method, strategy, name, batch)] = (gen, prompts)
+    probe = bandwidth()
+    copy_gb_s, read_gb_s = probe["copy_gb_s"], probe["read_gb_s"]
     samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
     # Each batch size has its own interleaved rounds: a ratio compares configurations of one batch
     # size, and a batch-8 step leaves XLA's thread pool spinning on the second core for a while,
@@ -183,20 +166,34 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, bool]], bat
                     timings = gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=()).timings
                     samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"]))
                 bar.update()
+    memory = device_memory()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
-    floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    expert_bytes = sum(x.nbytes for a in {id(e[2]): e[2] for e in entries if e[2] is not None}.values()
+                       for x in jax.tree.leaves(a.arrays()))
+    cache_bytes = max((cache_nbytes(model.config, batch, prompt_len + new_tokens, model.dtype) for batch in batches),
+                      default=0)
+    memory.update(weight_bytes=weight_bytes, expert_bytes=expert_bytes, cache_bytes=cache_bytes,
+                  budget_bytes=weight_bytes + expert_bytes + cache_bytes)
+    floor_ms = weight_bytes / (copy_gb_s * 1e9) * 1e3
     records = []
-    for (method, strategy, matvec, batch), values in samples.items():
+    for (method, strategy, name, batch), values in samples.items():
         records.append(Record(method, strategy, batch, dtype,
                               statistics.median(v[0] for v in values), statistics.median(v[1] for v in values),
-                              rounds=len(values), floor_ms=floor_ms if method == "base" else None, matvec=matvec))
+                              rounds=len(values), floor_ms=floor_ms if method == "base" else None, backend=name))
     for r in records:
         base = fastest(records, "base", r.batch)
         if base is not None:
             r.ratio_to_base = r.ms_per_token / base.ms_per_token
-    return records, {"copy_gb_s": bandwidth, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
-                     "read_gb_s": reads, "read_floor_ms": weight_bytes / (reads * 1e9) * 1e3, "failed": failures,
-                     "huge_pages": huge_pages}
+    return records, {"copy_gb_s": copy_gb_s, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
+                     "read_gb_s": read_gb_s, "read_floor_ms": weight_bytes / (read_gb_s * 1e9) * 1e3, "failed": failures,
+                     "memory": memory}
+
+
+def cache_nbytes(config: ModelConfig, batch: int, tokens: int, dtype: Any) -> int:
+    """Bytes of the KV cache a Generator allocates for `tokens` (its capacity rounding included)."""
+
+    capacity = round_up(tokens, CACHE_ROUND)
+    return 2 * config.num_layers * batch * config.num_kv_heads * capacity * config.head_dim * jnp.dtype(dtype).itemsize
 
 
 def fastest(records: list[Record], method: str, batch: int) -> Record | None:
@@ -229,15 +226,17 @@ def run(args) -> list[Record]:
     model, tokenizer, source = load_model(args)
     batches = [int(b) for b in args.batch.split(",")]
     adapters = {m: random_adapter(model.config, m, args) for m in {m for m, _ in configs if m != "base"}}
-    native = resolve_native({"auto": None, "on": True, "off": False}[args.native], model.dtype)
-    entries = decode_entries(configs, adapters, native)
+    backend = resolve_backend(args.backend, model.dtype)
+    if backend.name == "native" and args.huge_pages == "off":
+        backend = native_backend(huge_pages=False)
+    entries = decode_entries(configs, adapters, backend)
     records, memory = time_decode(model, tokenizer, entries, batches, prompt_len=args.prompt_len,
-                                  new_tokens=args.new_tokens, rounds=args.rounds, huge_pages=args.huge_pages == "on")
+                                  new_tokens=args.new_tokens, rounds=args.rounds)
     del entries, adapters
     if args.with_transformers:
         records += transformers_records(model, args, batches, args.prompt_len)
     meta = {"source": source, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-            "jax": jax.__version__, **memory,
+            "jax": jax.__version__, "backend_name": backend.name, "huge_pages": args.huge_pages == "on", **memory,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "experts": args.experts, "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
@@ -248,13 +247,11 @@ def run(args) -> list[Record]:
 
 def transformers_records(model, args, batches, prompt_len) -> list[Record]:
     """transformers' own greedy `generate` on the same weights, with and without an unmerged PEFT LoRA."""
-    import tempfile
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lsjax.adapters import export_hf
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -280,7 +277,7 @@ def transformers_records(model, args, batches, prompt_len) -> list[Record]:
                     times.append(((tn - t1) / (args.new_tokens - 1), t1))
             out.append(Record(f"transformers-{label}", "torch", batch, "float32",
                               statistics.median(t[0] for t in times), statistics.median(t[1] for t in times),
-                              rounds=len(times), matvec="torch"))
+                              rounds=len(times), backend="torch"))
     return out
 
 
@@ -300,25 +297,25 @@ def latency_table(records: list[Record], meta: dict) -> str:
              f"memory floor {meta['floor_ms']:.1f} ms/token"
              + (f"; read-only bandwidth {meta['read_gb_s']:.1f} GB/s, read floor {meta['read_floor_ms']:.1f} ms/token"
                 if reads else ""), "",
-             "| method | strategy | matvec | batch | ms/token | x base | prefill ms |",
+             "| method | strategy | backend | batch | ms/token | x base | prefill ms |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in records:
         ratio = "" if np.isnan(r.ratio_to_base) else f"{r.ratio_to_base:.2f}"
-        lines.append(f"| {r.method} | {r.strategy} | {r.matvec} | {r.batch} | {r.ms_per_token:.1f} | {ratio} "
+        lines.append(f"| {r.method} | {r.strategy} | {r.backend} | {r.batch} | {r.ms_per_token:.1f} | {ratio} "
                      f"| {r.prefill_ms:.0f} |")
     for failure in meta.get("failed", ()):
         lines.append(f"| FAILED: {failure} | | | | | | |")
     base1, switch1 = fastest(records, "base", 1), fastest(records, "switch", 1)
     if base1:
-        lines.append(f"\nbase ({base1.matvec}) batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x"
+        lines.append(f"\nbase ({base1.backend}) batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x"
                      + (f" (/ read floor: {base1.ms_per_token / meta['read_floor_ms']:.2f}x)" if reads else ""))
     if base1 and switch1:
-        lines.append(f"switch, best strategy ({switch1.strategy}, {switch1.matvec}) / base, batch 1: "
+        lines.append(f"switch, best strategy ({switch1.strategy}, {switch1.backend}) / base, batch 1: "
                      f"{switch1.ms_per_token / base1.ms_per_token:.2f}x")
     for label, ours in (("base", base1), ("peft-lora", switch1)):
         hf = fastest(records, f"transformers-{label}", 1)
         if hf and ours:
-            lines.append(f"transformers {label} / lsjax {ours.method} ({ours.strategy}, {ours.matvec}), batch 1: "
+            lines.append(f"transformers {label} / lsjax {ours.method} ({ours.strategy}, {ours.backend}), batch 1: "
                          f"{hf.ms_per_token / ours.ms_per_token:.2f}x")
     return "\n".join(lines)
 
@@ -371,10 +368,11 @@ def add_bench_parser(subparsers) -> None:
     dec.add_argument("--prompt-len", type=int, default=32)
     dec.add_argument("--new-tokens", type=int, default=32)
     dec.add_argument("--rounds", type=int, default=5)
-    dec.add_argument("--native", choices=("auto", "on", "off"), default="auto",
-                     help="lsjax.native's CPU matvecs: auto = when built, on CPU, fp32 (default)")
+    dec.add_argument("--backend", choices=("auto", "xla", "native", "pallas"), default="auto",
+                     help="what runs the products (lsjax.backends): auto = the native CPU library on a CPU "
+                          "when built and fp32, else XLA")
     dec.add_argument("--huge-pages", choices=("on", "off"), default="on",
-                     help="back the decoded arrays with transparent huge pages where the OS allows (default on)")
+                     help="native backend: back the decoded arrays with transparent huge pages (default on)")
     dec.add_argument("--with-transformers", action="store_true", help="also time transformers (+ unmerged PEFT LoRA)")
     dec.add_argument("--json", help="write records here")
     dec.add_argument("--plot", help="write a PNG bar chart here")

@@ -1,6 +1,6 @@
 """`lsjax train --config FILE [--resume] [key=value ...]`: wired into `lsjax.cli` by `add_train_parser`.
 
-    lsjax train --config train/configs/smollm2_switch.yaml model=ckpt/smollm2 steps=200 optim.lr=3e-4
+    lsjax train --config lsjax/train/configs/smollm2_switch.yaml model=ckpt/smollm2 steps=200 optim.lr=3e-4
     lsjax train --config ... --resume                      # continue from the last complete checkpoint
     # multi-host: the same command on every process, plus
     lsjax train ... --coordinator host0:1234 --num-processes 2 --process-id 0
@@ -9,13 +9,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from typing import Any
+
+from lsjax.errors import exit_status
+from lsjax.train.config import load_config
+from lsjax.train.loop import init_distributed, train
 
 
 def add_train_parser(subparsers) -> Any:
     p = subparsers.add_parser("train", help="train a LoRA / routed-LoRA adapter (optax, sharded, resumable)")
-    p.add_argument("--config", metavar="YAML", help="training config (see train/configs/); defaults otherwise")
+    p.add_argument("--config", metavar="YAML", help="training config (see lsjax/train/configs/); defaults otherwise")
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port (or LSJAX_COORDINATOR)")
     p.add_argument("--num-processes", type=int, help="multi-host: process count (or LSJAX_NUM_PROCESSES)")
@@ -28,8 +34,6 @@ def add_train_parser(subparsers) -> Any:
 
 
 def run_train(args) -> dict[str, Any]:
-    from lsjax.train.config import load_config
-    from lsjax.train.loop import init_distributed, train
 
     config = load_config(args.config, args.overrides)  # validated before anything starts
     init_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -40,11 +44,10 @@ def run_train(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m lsjax.train.cli ...` (the same as `lsjax train ...`)."""
-    import sys
-
-    from lsjax.cli import main as lsjax_main
-
-    return lsjax_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="lsjax")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return exit_status("lsjax train", lambda: run_train(args))
 
 
 if __name__ == "__main__":

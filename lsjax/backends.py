@@ -1,0 +1,109 @@
+"""Backends: how the products of a decode step run. One object, handed to the pure functions.
+
+A backend is called like `project(group, x, w)` for a plain product, and offers
+    fused(x, w, a, b, ids, gates, *, members, layer)   x @ w plus each row's routed LoRA term, one call
+    logits(h, weight, transposed)                      the vocabulary head, fp32
+    prepare(arrays)                                    once per `Generator` (e.g. page placement)
+with the group's experts stacked on the layer axis (`a [L, E, d_in, S*r]`, `b [L, E, r, Nb]`) and
+`members` placing each adapted member's term (`pallas_kernels.routed_group_matmul_reference`).
+Backends are frozen dataclasses: hashable, so they are static arguments under jit.
+
+- `XlaBackend` ("xla"): XLA's own products everywhere; every platform.
+- `PallasBackend` ("pallas"): `fused` is `pallas_kernels.routed_group_matmul` (Triton on a GPU,
+  interpreted elsewhere); plain products stay on XLA.
+- "native": `lsjax.native`'s multi-threaded CPU custom calls (fp32, up to 16 rows), loaded only
+  when asked for or chosen by `auto`; every product falls back to XLA where it cannot run.
+
+`resolve_backend(None)` ("auto") picks by platform, from measurements (docs/perf.md): the native
+library on a CPU when it is built and the weights are fp32 (XLA:CPU runs a matvec on one core);
+XLA elsewhere, since on an H100 XLA's grouped products still beat the Pallas kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lsjax.errors import ConfigError
+from pallas_kernels import routed_group_matmul
+
+BACKENDS = ("auto", "xla", "native", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaBackend:
+    """XLA's products; `fused` is the routed term as one XLA expression after the product."""
+
+    name: str = "xla"
+    prefers_fused: bool = False  # `auto` strategy: the routed term as separate XLA ops (`unmerged`)
+
+    def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        del group
+        return x @ w
+
+    def fused(self, x, w, a, b, ids, gates, *, members, layer):
+
+        return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="xla")
+
+    def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
+        spec = "...d,vd->...v" if transposed else "...d,dv->...v"
+        return jnp.einsum(spec, h, weight, preferred_element_type=jnp.float32)
+
+    def prepare(self, arrays: Any) -> dict[str, Any]:
+        del arrays
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBackend(XlaBackend):
+    """XLA's products, and one Pallas kernel per group for the fused routed term."""
+
+    name: str = "pallas"
+    prefers_fused: bool = True
+    interpret: bool | None = None  # None: native on a GPU, interpreted elsewhere
+
+    def fused(self, x, w, a, b, ids, gates, *, members, layer):
+
+        return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="pallas",
+                                   interpret=self.interpret)
+
+
+XLA = XlaBackend()
+
+
+def native_backend(**options):
+    """The `lsjax.native` backend (imported only here, so nothing else depends on the library)."""
+    from lsjax.native.backend import NativeBackend
+
+    return NativeBackend(**options)
+
+
+def resolve_backend(backend: Any = None, dtype: Any = jnp.float32, sharded: bool = False) -> Any:
+    """A backend object from a name ("auto", "xla", "native", "pallas"), None ("auto") or an object.
+
+    "auto": the native CPU library on a CPU when it is built, `dtype` is float32 and the weights
+    sit on one device (its custom calls are single-device), else XLA. Naming "native" where it
+    cannot run is an error that says why.
+    """
+    if backend is not None and not isinstance(backend, str):
+        return backend
+    name = backend or "auto"
+    if name not in BACKENDS:
+        raise ConfigError(f"backend={name!r} is not supported; expected one of {BACKENDS} or a backend object")
+    if name == "xla":
+        return XLA
+    if name == "pallas":
+        return PallasBackend()
+    from lsjax.native import unavailable_reason
+
+    reason = unavailable_reason()
+    if name == "native":
+        if reason is not None:
+            raise ConfigError(f"backend='native' cannot run: {reason}")
+        return native_backend()
+    if reason is None and jnp.dtype(dtype) == jnp.float32 and not sharded:
+        return native_backend()
+    return XLA

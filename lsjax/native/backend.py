@@ -1,0 +1,53 @@
+"""The CPU native library as a `lsjax.backends` backend: its products, fused routed term and head.
+
+Every call runs the native code where it can (the library built, a CPU, fp32, at most
+`lsjax.native.MAX_ROWS` rows: decoding) and XLA's form otherwise, so a step over any input still
+runs. `prepare` asks the kernel to back the decoded arrays with huge pages (`hugepages`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lsjax import native
+from lsjax.native import hugepages
+from pallas_kernels import routed_group_matmul
+
+
+def _xla_fused(x, w, a, b, ids, gates, *, layer, members):
+    return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="xla")
+
+
+def _xla_logits(h, weight, transposed: bool):
+    spec = "...d,vd->...v" if transposed else "...d,dv->...v"
+    return jnp.einsum(spec, h, weight, preferred_element_type=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeBackend:
+    """`lsjax.native`'s multi-threaded CPU custom calls; `fused` is its routed kernel (the faster
+    form on a CPU, so `auto` decodes with it)."""
+
+    name: str = "native"
+    prefers_fused: bool = True
+    huge_pages: bool = True  # back the decoded arrays with transparent huge pages where the OS allows
+
+    def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        del group
+        return native.matmul(x, w)
+
+    def fused(self, x, w, a, b, ids, gates, *, members, layer):
+        return native.routed_group(x, w, a, b, ids, gates, layer=layer, members=members, otherwise=_xla_fused)
+
+    def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
+        if h.reshape(-1, h.shape[-1]).shape[0] > native.MAX_ROWS or h.dtype != jnp.float32:
+            return _xla_logits(h, weight, transposed)
+        product = native.matmul_t if transposed else native.matmul
+        return product(h, weight).astype(jnp.float32)
+
+    def prepare(self, arrays: Any) -> dict[str, Any]:
+        return {"huge_page_bytes": hugepages.collapse(arrays) if self.huge_pages else 0}

@@ -1,0 +1,102 @@
+"""The decode step's shape: products per group and layer counted in its jaxpr, and the device
+memory a Generator holds (the model's own weights and the adapter's, no second copy)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+from flax import nnx
+
+from lsjax import strategies
+from lsjax.adapters import Adapter, AdapterConfig
+from lsjax.backends import XLA
+from lsjax.config import ModelConfig
+from lsjax.decode import init_cache
+from lsjax.model import Llama
+
+CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
+                     head_dim=8)
+GROUPS = 4  # qkv, o, gate_up, down
+
+
+def primitives(fn, *args) -> Counter:
+    """How often each primitive appears in `fn`'s jaxpr, nested jaxprs included."""
+    counts = Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            counts[eqn.primitive.name] += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return counts
+
+
+def step_primitives(adapter_config, batch: int) -> Counter:
+    model = Llama(CONFIG, rngs=nnx.Rngs(0))
+    arrays = None if adapter_config is None else Adapter(CONFIG, adapter_config, rngs=nnx.Rngs(1)).arrays()
+    strategy = strategies.resolve_strategy("unmerged", adapter_config, XLA)
+    _, step = strategies.build(CONFIG, adapter_config, strategy, XLA)
+    bundle = strategies.prepare_bundle(CONFIG, model.params(), adapter_config, arrays, strategy)
+    return primitives(step, bundle, jnp.zeros((batch,), jnp.int32), init_cache(CONFIG, batch, 16))
+
+
+def test_a_base_step_runs_one_product_per_group_and_layer():
+    counts = step_primitives(None, 1)
+    attention = 2  # scores and values
+    assert counts["dot_general"] == CONFIG.num_layers * (GROUPS + attention) + 1  # + the vocabulary head
+    assert counts["gather"] == 1  # the embedding lookup
+
+
+def test_a_switch_step_routes_with_two_products_per_group_and_one_gather_per_group():
+    """Unmerged switch at batch 1: per group and layer one shrink and one expand on top of the base
+    product, the router once, and each group's chosen experts gathered once for all layers."""
+    base = step_primitives(None, 1)
+    switch = step_primitives(AdapterConfig(method="switch", num_experts=8, top_k=2, rank=4), 1)
+    routed = switch["dot_general"] - base["dot_general"] - 1  # minus the router
+    assert routed == 2 * GROUPS * CONFIG.num_layers
+    assert switch["gather"] - base["gather"] == 2 * GROUPS  # A and B of each group, once per step
+    # from E / k rows on every expert is read, masked by its gate: still two products, and no gather
+    dense = step_primitives(AdapterConfig(method="switch", num_experts=8, top_k=2, rank=4), 4)
+    assert dense["dot_general"] - step_primitives(None, 4)["dot_general"] - 1 == 2 * GROUPS * CONFIG.num_layers
+    assert dense["gather"] == base["gather"]
+
+
+MEMORY = textwrap.dedent("""
+    import json, sys
+    import jax
+    from flax import nnx
+    import lsjax
+    from lsjax.adapters import Adapter, AdapterConfig
+    from lsjax.generate import CACHE_ROUND, Generator, bucket, round_up
+    model, tokenizer = lsjax.load(sys.argv[1])
+    adapter = Adapter(model.config, AdapterConfig(method="switch", num_experts=8, top_k=2, rank=16), rngs=nnx.Rngs(0))
+    gen = Generator(model, tokenizer, adapter)
+    out = gen.generate(["Tell me about the sea."], max_new_tokens=8, stop_token_ids=())
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+    c = model.config
+    capacity = round_up(bucket(out.prompt_tokens[0]) + 8, CACHE_ROUND)  # the cache of that one row
+    print("RESULT" + json.dumps({
+        "live": sum({a.unsafe_buffer_pointer(): a.nbytes for a in jax.live_arrays()}.values()),  # each buffer once
+        "weights": nbytes(model.params()),
+        "experts": nbytes(adapter.arrays()), "backend": gen.backend.name, "strategy": gen.strategy,
+        "cache": 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * capacity}))
+""")
+
+
+def test_a_generator_holds_the_weights_once(smollm2_ckpt):
+    """SmolLM2 + an 8-expert switch adapter, after 8 generated tokens: every live device buffer
+    together is at most 1.05 x (weights + experts + one KV cache)."""
+    proc = subprocess.run([sys.executable, "-c", MEMORY, str(smollm2_ckpt)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT")[-1])
+    budget = out["weights"] + out["experts"] + out["cache"]
+    assert out["live"] <= 1.05 * budget, out
+    assert out["live"] >= out["weights"] + out["experts"], out  # the measure sees the arrays at all
