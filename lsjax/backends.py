@@ -35,10 +35,20 @@ BACKENDS = ("auto", "xla", "native", "pallas")
 
 @dataclasses.dataclass(frozen=True)
 class XlaBackend:
-    """XLA's products; `fused` is the routed term as one XLA expression after the product."""
+    """XLA's products; `fused` is the routed term as one XLA expression after the product.
+
+    How `unmerged` forms a group's routed term in XLA ops: `gather_once` gathers a switch route's
+    chosen experts once per step for every layer (each layer then reads its slice), else each layer
+    gathers its own; `one_expand` expands unequal members (q|k|v with grouped-query heads) in one
+    product over every column masked to its member, else one product per member. The defaults are
+    the fewest operations (what a GPU wants); on XLA:CPU, where a slice of a gathered buffer or a
+    masked product feeds the next product slowly, `resolve_backend` turns both off (docs/perf.md).
+    """
 
     name: str = "xla"
     prefers_fused: bool = False  # `auto` strategy: the routed term as separate XLA ops (`unmerged`)
+    gather_once: bool = True
+    one_expand: bool = True
 
     def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
         del group
@@ -72,6 +82,12 @@ class PallasBackend(XlaBackend):
 
 
 XLA = XlaBackend()
+XLA_CPU = XlaBackend(gather_once=False, one_expand=False)
+
+
+def xla_backend() -> XlaBackend:
+    """XLA with the routed-term forms measured fastest on this platform."""
+    return XLA_CPU if jax.default_backend() == "cpu" else XLA
 
 
 def native_backend(**options):
@@ -94,7 +110,7 @@ def resolve_backend(backend: Any = None, dtype: Any = jnp.float32, sharded: bool
     if name not in BACKENDS:
         raise ConfigError(f"backend={name!r} is not supported; expected one of {BACKENDS} or a backend object")
     if name == "xla":
-        return XLA
+        return xla_backend()
     if name == "pallas":
         return PallasBackend()
     from lsjax.native import unavailable_reason
@@ -106,4 +122,4 @@ def resolve_backend(backend: Any = None, dtype: Any = jnp.float32, sharded: bool
         return native_backend()
     if reason is None and jnp.dtype(dtype) == jnp.float32 and not sharded:
         return native_backend()
-    return XLA
+    return xla_backend()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,13 +21,26 @@ import tempfile
 from pathlib import Path
 
 
+def importable(tree: Path, tmp: Path) -> Path:
+    """A folder to put on PYTHONPATH for `tree`: the tree itself, or, for an older layout with
+    `train/` and `eval/` beside `lsjax/`, a copy of `lsjax/` with them linked in."""
+    if (tree / "lsjax" / "eval").is_dir():
+        return tree
+    site = tmp / "site"
+    shutil.copytree(tree / "lsjax", site / "lsjax")
+    for name in ("train", "eval"):
+        (site / "lsjax" / name).symlink_to(tree / name)
+    (site / "pallas_kernels").symlink_to(tree / "pallas_kernels")
+    return site
+
+
 def bench(tree: Path, args: list[str]) -> list[dict]:
     """One `lsjax bench decode` process importing `tree`; its records."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        env = {**os.environ, "PYTHONPATH": str(tree)}
+        env = {**os.environ, "PYTHONPATH": str(importable(tree, Path(tmp)))}
         subprocess.run([sys.executable, "-m", "lsjax.cli", "bench", "decode", *args, "--json", str(out)],
-                       env=env, cwd=tree, check=True, stdout=subprocess.DEVNULL)
+                       env=env, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())["records"]
 
 
@@ -36,9 +50,9 @@ def main(argv=None) -> dict:
     parser.add_argument("new", type=Path)
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--json")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: arguments for lsjax bench decode")
-    args = parser.parse_args(argv)
-    extra = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # after --: arguments for lsjax bench decode
+    args, extra = parser.parse_args(argv[:split]), argv[split + 1:]
     samples: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
     for pair in range(args.pairs):
         order = ("old", "new") if pair % 2 == 0 else ("new", "old")

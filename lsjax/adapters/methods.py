@@ -158,11 +158,11 @@ class LayerProject:
         a, b = self.experts[group]["a"], self.experts[group]["b"]
         chosen = None
         if self.layer is not None:
-            if cfg.computation == "gathered" and self.chosen is not None:
+            if cfg.computation == "gathered" and self.chosen is not None and self.backend.gather_once:
                 chosen = self.chosen.get(group, self.route, self.layer)
             a, b = a[self.layer], b[self.layer]
         return group_term(self._dropout(group, x), a, b, route, cfg.scale, self.layout.members[group],
-                          cfg.computation, chosen)
+                          cfg.computation, chosen, self.backend.one_expand)
 
     def _fused(self, group: str, x: jax.Array, w: jax.Array, route: Routing | None) -> jax.Array:
         lead = x.shape[:-1]

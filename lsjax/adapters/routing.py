@@ -94,29 +94,30 @@ EQUAL_WIDTH_ROWS = 16  # up to this many rows, unequal member widths expand in o
 
 def group_term(x: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None, scale: float,
                members: tuple[tuple[int, int, int], ...], computation: str = "gathered",
-               chosen: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+               chosen: tuple[jax.Array, jax.Array] | None = None, one_expand: bool = True) -> jax.Array:
     """A group's routed LoRA term `[..., Nb]` (the adapted members side by side, `place` puts them).
 
     x `[..., d_in]`; a `[E, d_in, S*r]`; b `[E, r, Nb]` (one layer, `lsjax.adapters.params`);
     route `[..., R, k]` or None (plain LoRA: expert 0, gate 1). `gathered` reads only the chosen
     experts (`chosen`: already gathered `(a[ids], b[ids])` for a shared route, e.g. once per step
     for all layers); `dense` runs every expert and masks with the gates (no gather: prefill,
-    training, and decode from E / k rows on).
+    training, and decode from E / k rows on). `one_expand`: unequal members in one masked product
+    for a few rows, else one product each (see `_expand`).
     """
     S = len(members)
     r = a.shape[-1] // S
     if route is None:
         xa = (x @ a[0]).reshape(*x.shape[:-1], 1, S, r) * scale
-        return _expand(xa, b[:1], members, per_row=False).astype(x.dtype)
+        return _expand(xa, b[:1], members, False, one_expand).astype(x.dtype)
     gates = (scale * route.gates).astype(x.dtype)
     if computation == "dense":
         xa = jnp.einsum("...d,edR->...eR", x, a).reshape(*x.shape[:-1], a.shape[0], S, r)
         weights = jnp.swapaxes(dense_gates(Routing(route.ids, gates), a.shape[0]), -1, -2)  # [..., E, R]
-        return _expand(xa * weights[..., None], b, members, per_row=False).astype(x.dtype)
+        return _expand(xa * weights[..., None], b, members, False, one_expand).astype(x.dtype)
     if route.ids.shape[-2] == 1:  # one route for every member: one shrink, one expand
         a_sel, b_sel = chosen if chosen is not None else chosen_experts(a, b, route.ids[..., 0, :])
         xa = jnp.einsum("...d,...kdR->...kR", x, a_sel).reshape(*x.shape[:-1], -1, S, r)
-        return _expand(xa * gates[..., 0, :, None, None], b_sel, members, per_row=True).astype(x.dtype)
+        return _expand(xa * gates[..., 0, :, None, None], b_sel, members, True, one_expand).astype(x.dtype)
     terms = []  # a route per member (layerwise): each member reads its own chosen experts
     for s, (_, b_off, width) in enumerate(members):
         a_sel, b_sel = chosen_experts(a[..., s * r:(s + 1) * r], b[..., b_off:b_off + width], route.ids[..., s, :])
@@ -125,7 +126,7 @@ def group_term(x: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None, 
     return jnp.concatenate(terms, axis=-1).astype(x.dtype)
 
 
-def _expand(xa: jax.Array, b: jax.Array, members, per_row: bool) -> jax.Array:
+def _expand(xa: jax.Array, b: jax.Array, members, per_row: bool, one_expand: bool = True) -> jax.Array:
     """sum_j xa[..., j, s, :] @ b[j, :, member s's columns], for every member s, as `[..., Nb]`.
 
     xa `[..., J, S, r]` (gated); b `[..., J, r, Nb]` (per_row: each row its own experts) or
@@ -140,7 +141,7 @@ def _expand(xa: jax.Array, b: jax.Array, members, per_row: bool) -> jax.Array:
         out = jnp.einsum(f"...jsr,{lead}jrsw->...sw", xa, wide)
         return out.reshape(*out.shape[:-2], S * widths[0])
     rows = int(np.prod(xa.shape[:-3]))
-    if rows <= EQUAL_WIDTH_ROWS:
+    if one_expand and rows <= EQUAL_WIDTH_ROWS:
         mask = np.zeros((S, b.shape[-1]), np.float32)
         for s, (_, b_off, width) in enumerate(members):
             mask[s, b_off:b_off + width] = 1

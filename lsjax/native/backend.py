@@ -35,6 +35,8 @@ class NativeBackend:
     name: str = "native"
     prefers_fused: bool = True
     huge_pages: bool = True  # back the decoded arrays with transparent huge pages where the OS allows
+    gather_once: bool = False  # `unmerged`'s routed term in XLA:CPU's faster forms (`XlaBackend`)
+    one_expand: bool = False
 
     def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
         del group
