@@ -130,18 +130,20 @@ def _expand(xa: jax.Array, b: jax.Array, members, per_row: bool, one_expand: boo
     """sum_j xa[..., j, s, :] @ b[j, :, member s's columns], for every member s, as `[..., Nb]`.
 
     xa `[..., J, S, r]` (gated); b `[..., J, r, Nb]` (per_row: each row its own experts) or
-    `[J, r, Nb]`. Equal widths side by side are one product batched over members; unequal ones
-    (q|k|v with grouped-query attention) are one product over every column masked to its member
-    for a few rows (decode: S times a tiny product beats S dependent ones), one product each for many.
+    `[J, r, Nb]`. For a few rows (decode) the members expand in one product: equal widths side by
+    side batched over members, unequal ones (q|k|v with grouped-query attention) over every column
+    masked to its member (S times a tiny product beats S dependent ones). For many rows (prefill,
+    training) one product each, whose outputs land side by side with no transposed copies.
     """
     S, widths = xa.shape[-2], [m[2] for m in members]
     lead = "..." if per_row else ""
-    if len(set(widths)) == 1 and all(m[1] == s * widths[0] for s, m in enumerate(members)):
+    rows = int(np.prod(xa.shape[:-3]))
+    few = rows <= EQUAL_WIDTH_ROWS
+    if few and len(set(widths)) == 1 and all(m[1] == s * widths[0] for s, m in enumerate(members)):
         wide = b.reshape(*b.shape[:-1], S, widths[0])
         out = jnp.einsum(f"...jsr,{lead}jrsw->...sw", xa, wide)
         return out.reshape(*out.shape[:-2], S * widths[0])
-    rows = int(np.prod(xa.shape[:-3]))
-    if one_expand and rows <= EQUAL_WIDTH_ROWS:
+    if one_expand and few:
         mask = np.zeros((S, b.shape[-1]), np.float32)
         for s, (_, b_off, width) in enumerate(members):
             mask[s, b_off:b_off + width] = 1
