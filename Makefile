@@ -29,7 +29,7 @@ reproduce: setup
 	$(BIN)/python -m lsjax.reproduce
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 tests
 
 clean:
 	rm -rf $(VENV) .cache runs $(NATIVE)

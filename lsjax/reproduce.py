@@ -87,6 +87,7 @@ class Plan:
                                                             # methods not trained get random adapters
     latency_batches: tuple[int, ...] = (1,)
     latency_rounds: int = 5
+    latency_reference: bool = True                # also the base on XLA when another backend decodes
     new_tokens: int = 32
     memory: bool = True
     sample_prompt: str | None = None
@@ -117,10 +118,9 @@ class Plan:
 PRESETS = {
     # ~1.5 h on a 2-core CPU: 4 x 150 steps of 8 x 64 tokens, 100 held-out documents per task
     "reproduce": dict(run_dir="runs/reproduce", results_md="docs/results.md"),
-    # a few minutes: one short switch run on the three shortest tasks
+    # a few minutes: one short switch run on the three shortest tasks, switch against the base
     "demo": dict(run_dir="runs/demo", methods=("switch",), tasks=("arc_easy", "openbookqa", "commonsense_qa"),
-                 steps=40, eval_limit=60, latency_methods=("base", "lora/merged", "layerwise", "blockwise",
-                                                           "switch/unmerged", "switch/fused"),
+                 steps=16, lr=1e-3, eval_limit=32, latency_methods=("base", "switch/fused"), latency_reference=False,
                  latency_rounds=3, new_tokens=16, memory=False, sample_prompt=SAMPLE_PROMPT),
 }
 
@@ -242,7 +242,7 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     for method in {m for m, _ in wanted if m != "base"}:
         loaded[method] = (open_adapter(adapters[method], model.config) if method in adapters
                           else random_adapter(model.config, method, random_args))
-    entries = decode_entries(wanted, loaded, resolve_backend(None, model.dtype))
+    entries = decode_entries(wanted, loaded, resolve_backend(None, model.dtype), plan.latency_reference)
     start = time.perf_counter()
     records, memory = time_decode(model, tokenizer, entries, list(plan.latency_batches), prompt_len=32,
                                   new_tokens=plan.new_tokens, rounds=plan.latency_rounds)
@@ -566,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure_memory:
         print(json.dumps(measure_memory(args.measure_memory, args.adapter, args.strategy, args.new_tokens)))
         return 0
+    # compiled programs are kept between runs (a second demo compiles nothing it compiled before)
+    jax.config.update("jax_compilation_cache_dir", str(args.cache_dir.absolute() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     fields = dict(PRESETS[args.preset])
     if args.run_dir:
         fields["run_dir"] = args.run_dir

@@ -89,11 +89,12 @@ def load_model(args):
     return model, tokenizer, str(ckpt)
 
 
-def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], backend: Any) -> list[tuple]:
+def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], backend: Any,
+                   reference: bool = True) -> list[tuple]:
     """`time_decode` entries: every `(method, strategy)` with its adapter and backend, plus, when
-    that is not XLA, the base on XLA for reference."""
+    that is not XLA and `reference`, the base on XLA for reference."""
     entries = [(m, s, adapters.get(m), backend) for m, s in configs]
-    if backend.name != "xla" and ("base", "-") in configs:
+    if reference and backend.name != "xla" and ("base", "-") in configs:
         entries.insert(1, ("base", "-", None, XLA))
     return entries
 
@@ -350,7 +351,8 @@ def plot(records: list[Record], meta: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def add_bench_parser(subparsers) -> None:
+def add_bench_parser(subparsers):
+    """The `bench` command and `bench decode`; returns the subparsers other benchmarks join."""
     bench = subparsers.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench", required=True)
     dec = kinds.add_parser("decode", help="decode latency of base, lora and routed methods")
@@ -377,6 +379,7 @@ def add_bench_parser(subparsers) -> None:
     dec.add_argument("--json", help="write records here")
     dec.add_argument("--plot", help="write a PNG bar chart here")
     dec.set_defaults(run=run)
+    return kinds
 
 
 def main(argv=None) -> None:
