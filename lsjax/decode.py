@@ -110,15 +110,22 @@ def grown_cache(cache: KVCache, k: Any, v: Any, positions: jax.Array, valid: jax
 
 def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
             cache: KVCache, backend: Any = XLA) -> tuple[jax.Array, KVCache]:
-    """Left-padded prompts `[B, S]` into an empty cache; logits of each prompt's last token `[B, V]`."""
-    logits, cache = forward_cached(config, params, input_ids, attention_mask, default_positions(attention_mask), cache,
-                                   backend=backend)
+    """Left-padded prompts `[B, S]` into the cache; logits of each prompt's last token `[B, V]`.
+
+    The cache may already hold the start of the prompts (a long prompt prefilled in chunks)."""
+    logits, cache = forward_cached(config, params, input_ids, attention_mask, prompt_positions(attention_mask, cache),
+                                   cache, backend=backend)
     return logits[:, -1], cache
 
 
 def next_positions(cache: KVCache) -> jax.Array:
     """`[B, 1]` position of each row's next token: its count of real tokens so far."""
     return jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+
+
+def prompt_positions(attention_mask: jax.Array, cache: KVCache) -> jax.Array:
+    """`[B, S]` positions of prompt tokens written after the real tokens the cache already holds."""
+    return next_positions(cache) + default_positions(attention_mask)
 
 
 def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache,

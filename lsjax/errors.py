@@ -6,7 +6,11 @@ class LsjaxError(Exception):
 
 
 class ConfigError(LsjaxError, ValueError):
-    """A config field is missing, unsupported or out of range."""
+    """A config field is missing, unsupported or out of range; `field` names it where one is to blame."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ConversionError(LsjaxError, ValueError):

@@ -25,6 +25,7 @@ from lsjax.backends import resolve_backend
 from lsjax.decode import init_cache, left_pad
 from lsjax.errors import ConfigError
 from lsjax.sampling import SamplingConfig, sample
+from lsjax.textstream import TextStream, first_stop_string, ids_covering
 
 MIN_BUCKET = 16
 CACHE_ROUND = 64
@@ -242,10 +243,10 @@ class Generator:
             if stop_at is not None:
                 row_ids, reason = row_ids[: stop_at + 1], "stop"
             text = self.tokenizer.decode(row_ids, skip_special_tokens=True) if self.tokenizer else ""
-            cut = _first_stop_string(text, stop_strings)
+            cut = first_stop_string(text, stop_strings)
             if cut is not None:
                 text, reason = text[:cut], "stop_string"
-                row_ids = _ids_covering(self.tokenizer, row_ids, text)
+                row_ids = ids_covering(self.tokenizer, row_ids, text)
             result.texts.append(text)
             result.token_ids.append(row_ids)
             result.finish_reasons.append(reason)
@@ -270,22 +271,13 @@ class Generator:
         # committed to the device, as the step's own outputs are: otherwise the second step call sees
         # another input placement and compiles the step again
         key = jax.device_put(key, next(iter(logits.devices())))
-        generated: list[int] = []
-        shown = ""
+        text = TextStream(self.tokenizer, stop_strings)
         arrays = sampling.arrays()
         for i in range(max_new_tokens):
             tid = int(token[0])
-            generated.append(tid)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True) if self.tokenizer else ""
             reason = "stop" if tid in stops else ("length" if i == max_new_tokens - 1 else None)
-            cut = _first_stop_string(text, stop_strings)
-            if cut is not None:
-                text, reason = text[:cut], "stop_string"
-            if not reason:  # hold back what may still change: a stop string's start, a partial character
-                text = text[:len(text) - _stop_string_start(text, stop_strings)]
-                text = text.rstrip("\ufffd")
-            new = text[len(shown):] if text.startswith(shown) else ""
-            shown += new
+            new, stopped = text.push(tid, last=reason is not None)
+            reason = "stop_string" if stopped else reason
             yield StreamEvent(tid, new, reason, None if score is None else float(score[0]))
             if reason:
                 return
@@ -295,25 +287,6 @@ class Generator:
     def compile_count(self) -> int:
         """Compiled executables behind this generator (for checking that calls do not recompile)."""
         return sum(f._cache_size() for f in (self._prefill, self._step, self._loop, self._sample_step))
-
-
-def _first_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop_strings if s and s in text]
-    return min(hits) if hits else None
-
-
-def _stop_string_start(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string (and so may become one)."""
-    return max((n for s in stop_strings for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])),
-               default=0)
-
-
-def _ids_covering(tokenizer, ids: list[int], text: str) -> list[int]:
-    """The shortest prefix of `ids` whose decoded text reaches `text` (the part before a stop string)."""
-    for n in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:n], skip_special_tokens=True)) >= len(text):
-            return ids[:n]
-    return ids
 
 
 def _shape_summary(config) -> str:

@@ -38,7 +38,7 @@ from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
-from lsjax.model import default_positions, embed_tokens, rms_norm, stack_layers
+from lsjax.model import embed_tokens, rms_norm, stack_layers
 from pallas_kernels import sgmm_merge
 
 STRATEGIES = ("unmerged", "merged", "fused", "auto")
@@ -109,7 +109,7 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Any
 
     def prefill(bundle, ids, mask, cache):
         logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], prefill_config, bundle["adapter"],
-                                                  ids, mask, default_positions(mask), cache, backend)
+                                                  ids, mask, decode.prompt_positions(mask, cache), cache, backend)
         return logits[:, -1], cache
 
     def adapted_step(bundle, tokens, cache):

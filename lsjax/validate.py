@@ -11,7 +11,7 @@ from lsjax.errors import ConfigError
 
 def check(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"{field}={value!r} is invalid; expected {expected}")
+        raise ConfigError(f"{field}={value!r} is invalid; expected {expected}", field)
 
 
 def is_int(value: Any, minimum: int | None = None) -> bool:
