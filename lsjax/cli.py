@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import lsjax
 from lsjax.convert import convert_gguf, convert_hf
 from lsjax.errors import exit_status
 from lsjax.eval.harness import add_eval_parser
 from lsjax.eval.latency import add_bench_parser
+from lsjax.eval.serving import add_serve_bench_parser
 from lsjax.generate import Generator
 from lsjax.sampling import SamplingConfig
 from lsjax.train.cli import add_train_parser
@@ -54,6 +56,27 @@ def _generate(args) -> None:
           f"backend {generator.backend.name}{placed}]", file=sys.stderr)
 
 
+def _serve(args) -> None:
+    from lsjax.serve import Engine, EngineConfig
+    from lsjax.serve.server import server
+
+    model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
+    adapter = None
+    if args.adapter:
+        from lsjax.adapters import open_adapter
+        adapter = open_adapter(args.adapter, model.config)
+    generator = Generator(model, tokenizer, adapter, strategy=args.strategy, backend=args.backend)
+    engine = Engine(generator, EngineConfig(slots=args.slots, max_len=args.max_len)).start()
+    start = time.perf_counter()
+    engine.warmup()
+    name = args.model_name or Path(args.ckpt).absolute().name
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {args.max_len} tokens, "
+          f"strategy {generator.strategy}, backend {generator.backend.name}; compiled in "
+          f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    server(engine, name, args.host, args.port).run()
+    engine.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lsjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,9 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32")
     gen.set_defaults(run=_generate)
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching over decode slots)")
+    serve.add_argument("--ckpt", required=True, help="lsjax checkpoint folder (from `lsjax convert`)")
+    serve.add_argument("--adapter", help="adapter folder: lsjax format or a PEFT LoRA")
+    serve.add_argument("--slots", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--max-len", type=int, default=512, help="cache columns per slot (prompt + output)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (localhost by default)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-name", help="the model name clients send (default: the checkpoint folder's name)")
+    serve.add_argument("--strategy", default="auto", help="unmerged, fused or auto")
+    serve.add_argument("--backend", default="auto", help="what runs the products: auto, xla, native or pallas")
+    serve.add_argument("--dtype", default="float32")
+    serve.set_defaults(run=_serve)
+
     add_train_parser(sub)
     add_eval_parser(sub)
-    add_bench_parser(sub)
+    add_serve_bench_parser(add_bench_parser(sub))
     return parser
 
 

@@ -1,0 +1,503 @@
+"""Continuous batching over decode slots: requests join and leave a running batch token by token.
+
+    engine = Engine(Generator(model, tokenizer, adapter), EngineConfig(slots=8))
+    engine.start()
+    handle = engine.submit(Request(prompt=ids, max_tokens=32))
+    for event in handle: print(event.text, end="")
+
+A fixed number of slots share one KV cache `[slots, ..., max_len]` and one write column (the
+cache's `length`, the same for every row, as in `lsjax.decode`). Each loop of the engine's thread
+prefills waiting requests in fixed-size chunks into a one-row cache of the same capacity (so one
+compiled prefill serves every prompt length), inserts a finished prefill into a free slot so that
+its prompt ends at the write column (its row's earlier columns are simply not valid), and decodes
+one token for every slot. A row's positions count only its own valid columns, so a request decodes
+exactly as it would alone. When a new request does not fit before the end of the cache, every row
+shifts left by the oldest active request's start (`compact`). Each request brings its own sampling
+(temperature, top-k, top-p, seed), stops, length and logprobs as per-row arrays, so after
+`warmup()` no mix of requests compiles anything again. Every token of every row is routed on its
+own (switch): rows never constrain each other's experts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax import strategies
+from lsjax.decode import KVCache, init_cache, left_pad
+from lsjax.errors import ConfigError
+from lsjax.model import LayerTuple
+from lsjax.sampling import SamplingConfig, sample
+from lsjax.textstream import TextStream
+from lsjax.validate import check, is_int
+
+TOP_LOGPROBS = 5  # the most alternatives a request may ask for (computed for every row each step)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """`slots`: rows decoded together; `max_len`: cache columns per row (a request's prompt plus its
+    tokens must fit); `prefill_chunk`: prompt tokens per prefill call (prompts are padded to a
+    multiple); `prefill_chunks_per_step`: prefill calls between two decode steps (bounds the
+    pause a long prompt puts on the running rows)."""
+
+    slots: int = 8
+    max_len: int = 512
+    prefill_chunk: int = 64
+    prefill_chunks_per_step: int = 2
+
+    def __post_init__(self):
+        check(is_int(self.slots, 1), "slots", self.slots, "an integer >= 1")
+        check(is_int(self.prefill_chunk, 1), "prefill_chunk", self.prefill_chunk, "an integer >= 1")
+        check(is_int(self.max_len, 2) and self.max_len % self.prefill_chunk == 0, "max_len", self.max_len,
+              f"an integer >= 2 and a multiple of prefill_chunk ({self.prefill_chunk})")
+        check(is_int(self.prefill_chunks_per_step, 1), "prefill_chunks_per_step", self.prefill_chunks_per_step,
+              "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation. `stop_ids` None: the model's end-of-sequence ids. `logprobs` None: none;
+    n: each token's log-probability and its n likeliest alternatives (n <= TOP_LOGPROBS)."""
+
+    prompt: tuple[int, ...]
+    max_tokens: int = 16
+    sampling: SamplingConfig = SamplingConfig()
+    stop_ids: tuple[int, ...] | None = None
+    stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        check(len(self.prompt) > 0 and all(is_int(t, 0) for t in self.prompt), "prompt", self.prompt,
+              "a non-empty list of token ids")
+        check(is_int(self.max_tokens, 1), "max_tokens", self.max_tokens, "an integer >= 1")
+        check(isinstance(self.sampling, SamplingConfig), "sampling", self.sampling, "a SamplingConfig")
+        check(self.stop_ids is None or all(is_int(t, 0) for t in self.stop_ids), "stop", self.stop_ids,
+              "token ids (integers >= 0)")
+        check(all(isinstance(s, str) for s in self.stop_strings), "stop", self.stop_strings, "strings")
+        check(self.logprobs is None or (is_int(self.logprobs, 0) and self.logprobs <= TOP_LOGPROBS),
+              "logprobs", self.logprobs, f"an integer in [0, {TOP_LOGPROBS}]")
+
+
+@dataclasses.dataclass
+class Event:
+    """One token of a request, and the text it makes visible. The last event has a `finish_reason`:
+    "stop" (a stop id or string), "length" (max_tokens), or "cancelled"."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None
+    prompt_tokens: int
+
+
+class Handle:
+    """A submitted request: iterate it for its events (blocking), `cancel()` it, or wait for `result()`.
+    With a `listener`, the engine's thread calls it with each event instead (e.g. to hand the
+    events to an event loop); `times` holds when each token arrived (`time.perf_counter`)."""
+
+    def __init__(self, request: Request, listener: Callable[[Event], None] | None):
+        self.request = request
+        self.submitted = time.perf_counter()
+        self.times: list[float] = []
+        self.events: list[Event] = []
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self._queue: queue.Queue = queue.Queue()
+        self._listener = listener or self._queue.put
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed before the next decode step."""
+        self.cancelled.set()
+
+    def deliver(self, event: Event) -> None:
+        self.times.append(time.perf_counter())
+        self.events.append(event)
+        if event.finish_reason:
+            self.done.set()
+        self._listener(event)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._queue.get()
+            yield event
+            if event.finish_reason:
+                return
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self.done.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        tokens = [e for e in self.events if e.token_id is not None]
+        return Completion("".join(e.text for e in self.events), [e.token_id for e in tokens],
+                          self.events[-1].finish_reason,
+                          None if self.request.logprobs is None else [e.logprob for e in tokens],
+                          len(self.request.prompt))
+
+
+@dataclasses.dataclass
+class _Row:
+    """A slot's request: its first cache column, tokens left, and its text so far."""
+
+    handle: Handle
+    start: int
+    left: int
+    text: TextStream
+    stops: frozenset[int]
+    count: int = 0
+
+
+# -- pure device functions ---------------------------------------------------------------------------------
+
+def sample_rows(logits, seeds, counters, temperature, top_k, top_p):
+    """Each row's next token with its own settings; its key depends only on its seed and token index,
+    so a request samples the same tokens whatever else shares the batch."""
+    def one(logits, seed, counter, temperature, top_k, top_p):
+        key = jax.random.fold_in(jax.random.key(seed), counter)
+        return sample(logits[None], key, temperature, top_k, top_p)[0]
+
+    def greedy(logits, *_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    logits = logits.astype(jnp.float32)
+    return jax.lax.cond(jnp.any(temperature > 0), jax.vmap(one), greedy,
+                        logits, seeds, counters, temperature, top_k, top_p)
+
+
+def scored(logits, tokens):
+    """Each row's token log-probability and its TOP_LOGPROBS likeliest alternatives."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_logp
+
+
+def decode_rows(step, bundle, tokens, cache, seeds, counters, temperature, top_k, top_p):
+    """One decode step for every slot: next tokens, their logprobs and alternatives, the cache."""
+    logits, cache = step(bundle, tokens, cache)
+    nxt = sample_rows(logits, seeds, counters, temperature, top_k, top_p)
+    return (nxt, *scored(logits, nxt)), cache
+
+
+def prefill_chunk(prefill, bundle, ids, mask, cache, seed, temperature, top_k, top_p):
+    """One chunk of a prompt into its one-row cache; the token sampled from the chunk's last logits
+    (used after the last chunk: a request's first token)."""
+    logits, cache = prefill(bundle, ids, mask, cache)
+    first = sample_rows(logits, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
+    return (first, *scored(logits, first)), cache
+
+
+def _map_kv(fn, cache: KVCache, *others: KVCache):
+    """`fn` over each layer's k and v buffers (per-layer or stacked caches)."""
+    def each(name):
+        mine, theirs = getattr(cache, name), [getattr(o, name) for o in others]
+        if isinstance(mine, LayerTuple):
+            return LayerTuple(fn(x, *(t[i] for t in theirs)) for i, x in enumerate(mine))
+        return fn(mine, *theirs)
+    return each("k"), each("v")
+
+
+def insert_row(cache: KVCache, row: KVCache, slot, end) -> KVCache:
+    """Place a prefilled one-row cache (prompt in columns [0, n)) into `slot`, its prompt ending at
+    column `end`; the write column becomes `end` (at least the old one, chosen by the caller)."""
+    shift = end - row.length
+
+    def place(buf, row_buf):
+        axis = buf.ndim - 2  # the column axis of [B, KV, T, D] or [L, B, KV, T, D]
+        rolled = jnp.roll(row_buf, shift, axis=axis)
+        return jax.lax.dynamic_update_index_in_dim(buf, jnp.take(rolled, 0, axis=axis - 2), slot, axis - 2)
+
+    k, v = _map_kv(place, cache, row)
+    positions = cache.positions.at[slot].set(jnp.roll(row.positions[0], shift))
+    valid = cache.valid.at[slot].set(jnp.roll(row.valid[0], shift))
+    return KVCache(k, v, positions, valid, jnp.asarray(end, jnp.int32))
+
+
+def compact(cache: KVCache, shift) -> KVCache:
+    """Every row moved `shift` columns left (the columns before the oldest active request are
+    free); the columns that wrap round become invalid."""
+    def move(buf):
+        return jnp.roll(buf, -shift, axis=buf.ndim - 2)
+
+    k, v = _map_kv(move, cache)
+    columns = jnp.arange(cache.valid.shape[1])
+    valid = jnp.roll(cache.valid, -shift, axis=1) & (columns < cache.valid.shape[1] - shift)[None]
+    return KVCache(k, v, jnp.roll(cache.positions, -shift, axis=1), valid, cache.length - shift)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(prefill, step):
+    """Jitted engine functions around a strategy's (cached) prefill and step: engines for the same
+    model, adapter config and strategy share their compilations."""
+    return {"decode": jax.jit(functools.partial(decode_rows, step), donate_argnums=(2,)),
+            "prefill": jax.jit(functools.partial(prefill_chunk, prefill), donate_argnums=(3,)),
+            "insert": jax.jit(insert_row, donate_argnums=(0,)),
+            "compact": jax.jit(compact, donate_argnums=(0,))}
+
+
+# -- the engine --------------------------------------------------------------------------------------------
+
+class Engine:
+    """Serves requests from a `Generator`'s model, adapter, strategy and backend (see module doc)."""
+
+    def __init__(self, generator, config: EngineConfig = EngineConfig()):
+        self.generator, self.config = generator, config
+        self.tokenizer = generator.tokenizer
+        if generator.strategy == "merged" and generator.adapter_config.method == "switch" and config.slots > 1:
+            raise ConfigError("strategy 'merged' with a switch adapter decodes one sequence at a time; serve it "
+                              "with strategy 'fused' or 'unmerged', or slots=1", "slots")
+        prefill, step = strategies.compiled(generator.config, generator.adapter_config, generator.strategy,
+                                            generator.backend)
+        self.fns = compiled(prefill, step)
+        model_config = generator.config
+        self.default_stops = tuple(model_config.eos_token_ids)
+        self.pad = model_config.pad_token_id if model_config.pad_token_id is not None else 0
+        per_layer = not isinstance(generator.bundle["base"]["layers"], dict)
+        self._empty = functools.partial(init_cache, model_config, capacity=config.max_len,
+                                        dtype=generator.model.dtype, per_layer=per_layer)
+        self.device = jax.tree.leaves(generator.bundle)[0].devices().pop()
+        self.cache = jax.device_put(self._empty(config.slots), self.device)
+        self.rows: list[_Row | None] = [None] * config.slots
+        self.tokens = np.zeros(config.slots, np.int32)
+        self.waiting: collections.deque[Handle] = collections.deque()
+        self.prefilling: tuple | None = None  # (handle, ids, mask, row cache, next chunk, last outputs)
+        self.head = 0  # mirrors cache.length
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.failure: BaseException | None = None
+        self.stats = collections.Counter()
+        self.step_seconds = collections.deque(maxlen=1000)
+        self.ids = itertools.count()
+
+    # -- API -------------------------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """Refuse what can never run here (before it is queued)."""
+        padded = -(-len(request.prompt) // self.config.prefill_chunk) * self.config.prefill_chunk
+        if padded + request.max_tokens - 1 > self.config.max_len:
+            field = "prompt" if padded >= self.config.max_len else "max_tokens"
+            raise ConfigError(f"prompt of {len(request.prompt)} tokens (padded to {padded}) + max_tokens="
+                              f"{request.max_tokens} is past the context of {self.config.max_len} tokens; shorten the "
+                              "prompt or lower max_tokens", field)
+        vocab = self.generator.config.vocab_size
+        if max(request.prompt) >= vocab:
+            raise ConfigError(f"prompt holds token id {max(request.prompt)}; the vocabulary has {vocab}", "prompt")
+
+    def submit(self, request: Request, listener: Callable[[Event], None] | None = None) -> Handle:
+        if self.failure is not None:
+            raise RuntimeError("the engine stopped after an internal error") from self.failure
+        self.check(request)
+        handle = Handle(request, listener)
+        with self.wake:
+            self.waiting.append(handle)
+            self.stats["requests"] += 1
+            self.wake.notify()
+        return handle
+
+    def generate(self, request: Request) -> Completion:
+        """Submit and wait (the engine must be running)."""
+        return self.submit(request).result()
+
+    def start(self) -> "Engine":
+        if self.thread is None:
+            self.stopping = False
+            self.thread = threading.Thread(target=self._run, name="lsjax-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish every request (queued or running) as cancelled and end the thread."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def warmup(self) -> None:
+        """Compile everything a mix of requests needs (prefill chunks, insertion, the step, sampled and
+        greedy, compaction) by serving two small requests, then reset."""
+        sampled = SamplingConfig(temperature=1.0, top_k=5, top_p=0.9)
+        for sampling in (SamplingConfig(), sampled):
+            self.submit(Request((self.pad,), max_tokens=3, sampling=sampling, stop_ids=())).result()
+        self.cache = self.fns["compact"](self.cache, jnp.int32(self.head))
+        self.head = 0
+
+    def compile_count(self) -> int:
+        return sum(f._cache_size() for f in self.fns.values())
+
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def metrics(self) -> dict[str, float]:
+        steps = list(self.step_seconds)
+        return {"requests_total": self.stats["requests"], "tokens_total": self.stats["tokens"],
+                "steps_total": self.stats["steps"], "active_slots": self.active(), "slots": self.config.slots,
+                "queue_depth": len(self.waiting) + (self.prefilling is not None),
+                "step_seconds_mean": float(np.mean(steps)) if steps else 0.0,
+                "step_seconds_p99": float(np.percentile(steps, 99)) if steps else 0.0}
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.wake:
+                    while not self.stopping and not self.waiting and self.prefilling is None and not self.active():
+                        self.wake.wait()
+                    if self.stopping:
+                        break
+                self._drop_cancelled()
+                self._admit()
+                if self.active():
+                    self._decode()
+        except BaseException as e:  # an internal error: every request ends, submit refuses from now on
+            self.failure = e
+            raise
+        finally:
+            self._finish_all()
+
+    def _finish_all(self) -> None:
+        with self.wake:
+            pending = [r.handle for r in self.rows if r is not None] + list(self.waiting)
+            if self.prefilling is not None:
+                pending.append(self.prefilling[0])
+            self.rows = [None] * self.config.slots
+            self.waiting.clear()
+            self.prefilling = None
+        for handle in pending:
+            handle.deliver(Event(None, "", finish_reason="cancelled"))
+
+    def _drop_cancelled(self) -> None:
+        for slot, row in enumerate(self.rows):
+            if row is not None and row.handle.cancelled.is_set():
+                self._free(slot, Event(None, "", finish_reason="cancelled"))
+        with self.wake:
+            cancelled = [h for h in self.waiting if h.cancelled.is_set()]
+            for h in cancelled:
+                self.waiting.remove(h)
+        for h in cancelled:
+            h.deliver(Event(None, "", finish_reason="cancelled"))
+        if self.prefilling is not None and self.prefilling[0].cancelled.is_set():
+            self.prefilling[0].deliver(Event(None, "", finish_reason="cancelled"))
+            self.prefilling = None
+
+    def _free(self, slot: int, event: Event) -> None:
+        handle = self.rows[slot].handle
+        self.rows[slot] = None
+        handle.deliver(event)
+
+    def _admit(self) -> None:
+        chunk = self.config.prefill_chunk
+        for _ in range(self.config.prefill_chunks_per_step):
+            if self.prefilling is None:
+                if None not in self.rows:
+                    return
+                with self.wake:
+                    if not self.waiting:
+                        return
+                    handle = self.waiting.popleft()
+                request = handle.request
+                width = -(-len(request.prompt) // chunk) * chunk
+                ids, mask = left_pad([request.prompt], self.pad, width)
+                self.prefilling = [handle, ids, mask, jax.device_put(self._empty(1), self.device), 0, None]
+            handle, ids, mask, row, done, _ = self.prefilling
+            if done < ids.shape[1]:
+                s = handle.request.sampling
+                outputs, row = self.fns["prefill"](
+                    self.generator.bundle, ids[:, done:done + chunk], mask[:, done:done + chunk], row,
+                    np.int32(s.seed), np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
+                self.prefilling = [handle, ids, mask, row, done + chunk, outputs]
+            if self.prefilling[4] >= ids.shape[1] and not self._insert():
+                return  # no room before the end of the cache yet: wait for running requests to finish
+
+    def _insert(self) -> bool:
+        handle, ids, _, row, _, outputs = self.prefilling
+        request, width = handle.request, ids.shape[1]
+        left = [r.left for r in self.rows if r is not None]
+        need = max(left + [request.max_tokens - 1])
+        if max(self.head, width) + need > self.config.max_len:
+            starts = [r.start for r in self.rows if r is not None]
+            shift = min(starts) if starts else self.head
+            if shift > 0:
+                self.cache = self.fns["compact"](self.cache, jnp.int32(shift))
+                self.stats["compactions"] += 1
+                self.head -= shift
+                for r in self.rows:
+                    if r is not None:
+                        r.start -= shift
+            if max(self.head, width) + need > self.config.max_len:
+                return False
+        slot = self.rows.index(None)
+        end = max(self.head, width)
+        self.cache = self.fns["insert"](self.cache, row, jnp.int32(slot), jnp.int32(end))
+        self.head = end
+        self.prefilling = None
+        stops = frozenset(self.default_stops if request.stop_ids is None else request.stop_ids)
+        self.rows[slot] = _Row(handle, end - width, request.max_tokens, TextStream(self.tokenizer, request.stop_strings),
+                               stops)
+        token, logprob, top_ids, top_logp = (np.asarray(x)[0] for x in outputs)
+        self._emit(slot, token, logprob, top_ids, top_logp)
+        return True
+
+    def _decode(self) -> None:
+        sampling = [r.handle.request.sampling if r is not None else SamplingConfig() for r in self.rows]
+        start = time.perf_counter()
+        outputs, self.cache = self.fns["decode"](
+            self.generator.bundle, self.tokens, self.cache,
+            np.array([s.seed for s in sampling], np.int32),
+            np.array([r.count if r is not None else 0 for r in self.rows], np.int32),
+            np.array([s.temperature for s in sampling], np.float32),
+            np.array([s.top_k for s in sampling], np.int32),
+            np.array([s.top_p for s in sampling], np.float32))
+        tokens, logprobs, top_ids, top_logp = jax.device_get(outputs)
+        self.head += 1
+        self.step_seconds.append(time.perf_counter() - start)
+        self.stats["steps"] += 1
+        for slot, row in enumerate(self.rows):
+            if row is not None:
+                self._emit(slot, tokens[slot], logprobs[slot], top_ids[slot], top_logp[slot])
+
+    def _emit(self, slot: int, token, logprob, top_ids, top_logp) -> None:
+        """Hand a slot's new token to its request; free the slot when the request is done."""
+        row = self.rows[slot]
+        token = int(token)
+        row.count += 1
+        row.left -= 1
+        self.tokens[slot] = token
+        self.stats["tokens"] += 1
+        reason = "stop" if token in row.stops else ("length" if row.left == 0 else None)
+        text, stopped = row.text.push(token, last=reason is not None)
+        reason = "stop" if stopped else reason
+        n = row.handle.request.logprobs
+        event = Event(token, text, None if n is None else float(logprob),
+                      None if not n else [(int(i), float(p)) for i, p in zip(top_ids[:n], top_logp[:n])], reason)
+        if reason or row.handle.cancelled.is_set():
+            self.rows[slot] = None
+            if not reason:
+                event.finish_reason = "cancelled"
+            row.handle.deliver(event)
+        else:
+            row.handle.deliver(event)
+
+
+def requests_from_prompts(generator, prompts: Sequence[str | Sequence[int]], chat: bool = False,
+                          **fields: Any) -> list[Request]:
+    """`Request`s for prompts (text through the generator's tokenizer, optionally its chat template)."""
+    return [Request(tuple(ids), **fields) for ids in generator.encode(list(prompts), chat)]

@@ -1,0 +1,243 @@
+"""The OpenAI-compatible HTTP server over an `Engine` (FastAPI on uvicorn).
+
+    lsjax serve --ckpt CKPT [--adapter DIR] [--slots 16] [--host 127.0.0.1] [--port 8000]
+
+Routes: `/v1/completions` and `/v1/chat/completions` (server-sent events with `stream: true`),
+`/v1/models`, `/health`, `/metrics` (Prometheus text). Every bad request is a 400 with an
+OpenAI-style error body whose `param` names the field; a client that goes away frees its slot;
+stopping the server ends the requests in flight as `cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lsjax.errors import ConfigError
+from lsjax.serve.engine import Engine, Event
+from lsjax.serve.protocol import ChatBody, CompletionBody
+
+POLL_SECONDS = 0.25  # how often a waiting non-streamed request checks that its client is still there
+
+
+def error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+def _param(location: tuple) -> str | None:
+    """The request field a validation error is about (`messages.0.role` style), without the body prefix."""
+    parts = [str(p) for p in location if p != "body" and not str(p).startswith(("function-", "json-or"))]
+    # a union's failure names each member type tried (`str`, `list[int]`): they are not fields
+    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool", "dict")]
+    return ".".join(parts) or None
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    app = FastAPI(title="lsjax", docs_url=None, redoc_url=None)
+    tokenizer = engine.tokenizer
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error(400, f"the body is not valid JSON: {first.get('msg')}", None)
+        param = _param(tuple(first.get("loc", ())))
+        if first.get("type") == "model_attributes_type":
+            return error(400, "the body must be a JSON object", None)
+        what = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
+        return error(400, f"{param}: {what}", param)
+
+    @app.exception_handler(ConfigError)
+    async def _refused(_, exc: ConfigError):
+        return error(400, str(exc), exc.field)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, exc: HTTPException):
+        kind = {404: "not_found", 503: "server_error"}.get(exc.status_code, "invalid_request_error")
+        return error(exc.status_code, str(exc.detail), None, kind)
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ConfigError(f"model {name!r} is not served here; this server serves {model_name!r}", "model")
+
+    def encode_prompt(prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ConfigError("a list of several prompts is not supported; send one request per prompt", "prompt")
+            prompt = prompt[0]
+        ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ConfigError("prompt is empty; expected text or at least one token id", "prompt")
+        if min(ids) < 0:
+            raise ConfigError(f"prompt holds token id {min(ids)}; expected ids >= 0", "prompt")
+        return ids
+
+    def submit(body, prompt: list[int], logprobs: int | None, listener):
+        request = body.request(prompt, logprobs, engine.config.max_len, engine.config.prefill_chunk)
+        if engine.failure is not None or engine.thread is None:
+            raise HTTPException(503, "the engine is not running")
+        return engine.submit(request, listener)
+
+    @app.get("/health")
+    async def health():
+        if engine.failure is not None or engine.thread is None:
+            return error(503, "the engine is not running", None, "server_error")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "lsjax"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        m = engine.metrics()
+        lines = []
+        for name, kind, doc, value in (
+                ("lsjax_requests_total", "counter", "Requests accepted.", m["requests_total"]),
+                ("lsjax_generated_tokens_total", "counter", "Tokens generated.", m["tokens_total"]),
+                ("lsjax_decode_steps_total", "counter", "Decode steps run.", m["steps_total"]),
+                ("lsjax_active_slots", "gauge", "Slots decoding a request.", m["active_slots"]),
+                ("lsjax_slots", "gauge", "Decode slots.", m["slots"]),
+                ("lsjax_queue_depth", "gauge", "Requests waiting for a slot.", m["queue_depth"]),
+                ("lsjax_step_seconds_mean", "gauge", "Mean decode step time (recent steps).", m["step_seconds_mean"]),
+                ("lsjax_step_seconds_p99", "gauge", "99th percentile decode step time (recent steps).",
+                 m["step_seconds_p99"])):
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HttpRequest):
+        check_model(body.model)
+        prompt = encode_prompt(body.prompt)
+        return await respond(http, body, prompt, body.logprobs, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, http: HttpRequest):
+        check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(getattr(ids, "input_ids", ids))
+        return await respond(http, body, prompt, body.logprobs_count(), chat=True)
+
+    async def respond(http: HttpRequest, body, prompt: list[int], logprobs: int | None, chat: bool):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        handle = submit(body, prompt, logprobs, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        made = Made(model_name, chat, len(prompt), tokenizer)
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream(handle, events, made, usage), media_type="text/event-stream")
+        collected = []
+        try:
+            while not collected or not collected[-1].finish_reason:
+                try:
+                    collected.append(await asyncio.wait_for(events.get(), POLL_SECONDS))
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return None
+        finally:
+            handle.cancel()  # frees the slot if the client went away (no-op once finished)
+        return made.whole(collected)
+
+    async def stream(handle, events: asyncio.Queue, made: "Made", usage: bool) -> AsyncIterator[str]:
+        try:
+            first = True
+            while True:
+                event = await events.get()
+                yield "data: " + json.dumps(made.chunk(event, first)) + "\n\n"
+                first = False
+                if event.finish_reason:
+                    break
+            if usage:
+                yield "data: " + json.dumps(made.usage_chunk()) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            handle.cancel()  # the client disconnected mid-stream: free the slot at once
+
+    return app
+
+
+class Made:
+    """The response objects of one request, whole or as stream chunks, in OpenAI's shapes."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, tokenizer):
+        self.model, self.chat, self.prompt_tokens, self.tokenizer = model, chat, prompt_tokens, tokenizer
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.tokens = 0
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
+                "total_tokens": self.prompt_tokens + self.tokens}
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _logprobs(self, events: list[Event]) -> dict | None:
+        scored = [e for e in events if e.token_id is not None and e.logprob is not None]
+        if not scored:
+            return None
+        if self.chat:
+            def entry(token_id, logprob):
+                piece = self._piece(token_id)
+                return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+            return {"content": [{**entry(e.token_id, e.logprob),
+                                 "top_logprobs": [entry(i, p) for i, p in (e.top_logprobs or [])]} for e in scored]}
+        return {"tokens": [self._piece(e.token_id) for e in scored], "token_logprobs": [e.logprob for e in scored],
+                "top_logprobs": [{self._piece(i): p for i, p in (e.top_logprobs or [])} for e in scored]}
+
+    def whole(self, events: list[Event]) -> dict:
+        self.tokens = sum(e.token_id is not None for e in events)
+        text = "".join(e.text for e in events)
+        choice = {"index": 0, "finish_reason": events[-1].finish_reason, "logprobs": self._logprobs(events)}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
+        choice["text"] = text
+        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage()}
+
+    def chunk(self, event: Event, first: bool) -> dict:
+        self.tokens += event.token_id is not None
+        choice = {"index": 0, "finish_reason": event.finish_reason, "logprobs": self._logprobs([event])}
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice["text"] = event.text
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self) -> dict:
+        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+                "usage": self.usage()}
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server that, when told to stop, first ends the engine's requests (as `cancelled`),
+    so open streams close cleanly instead of holding the shutdown."""
+
+    def __init__(self, engine: Engine, config: uvicorn.Config):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame):
+        threading.Thread(target=self.engine.stop, daemon=True).start()
+        super().handle_exit(sig, frame)
+
+
+def server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> Server:
+    """A uvicorn server for the engine (started: `engine.start()`); `.run()` blocks, or drive it from a thread."""
+    config = uvicorn.Config(create_app(engine, model_name), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    return Server(engine, config)

@@ -1,0 +1,185 @@
+"""The continuous-batching engine against `Generator` on each request alone (the reference)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lsjax.errors import ConfigError
+from lsjax.generate import Generator
+from lsjax.sampling import SamplingConfig
+from lsjax.serve import Engine, EngineConfig, Request
+from test_generate import random_adapter
+
+# a cache of 64 columns filled in 16-token chunks: requests must wait, slots are reused and rows
+# are shifted left (compaction) many times over
+SMALL = EngineConfig(slots=4, max_len=64, prefill_chunk=16)
+
+
+def workload(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [Request(tuple(int(t) for t in rng.integers(3, 120, size=int(rng.integers(1, 30)))),
+                    max_tokens=int(rng.integers(1, 20)), stop_ids=()) for _ in range(n)]
+
+
+def alone(generator, request: Request, **kwargs):
+    return generator.generate([list(request.prompt)], max_new_tokens=request.max_tokens,
+                              stop_token_ids=request.stop_ids, **kwargs)
+
+
+def submit_staggered(engine, requests, gap: float = 0.01):
+    handles = []
+    for request in requests:
+        handles.append(engine.submit(request))
+        time.sleep(gap)
+    return [h.result(timeout=300) for h in handles]
+
+
+@pytest.fixture(scope="module", params=["base", "switch", "lora", "layerwise", "blockwise"])
+def engine(request, tiny_llama):
+    _, model, tok = tiny_llama
+    adapter = None if request.param == "base" else random_adapter(model, request.param)
+    generator = Generator(model, tok, adapter, strategy="unmerged" if request.param != "lora" else "auto")
+    engine = Engine(generator, SMALL).start()
+    engine.warmup()
+    yield engine
+    engine.stop()
+
+
+def test_each_request_decodes_as_it_would_alone(engine):
+    """16 requests of different lengths arriving at different times, 4 slots: every greedy output
+    equals `Generator.generate` on that request alone, and nothing compiles after the warm-up."""
+    compiled = engine.compile_count()
+    requests = workload(16)
+    got = submit_staggered(engine, requests)
+    for request, completion in zip(requests, got):
+        want = alone(engine.generator, request)
+        assert completion.token_ids == want.token_ids[0], request
+        assert completion.finish_reason == "length"
+    assert engine.compile_count() == compiled
+    assert engine.stats["compactions"] > 0 and engine.active() == 0
+
+
+def test_sampling_depends_only_on_the_request(engine):
+    """A sampled request gives the same tokens alone and in a crowd (its seed and index make its key);
+    top_k=1 sampling is greedy decoding."""
+    sampled = Request((5, 6, 7, 8), max_tokens=12, stop_ids=(),
+                      sampling=SamplingConfig(temperature=1.0, top_p=0.9, seed=3))
+    solo = engine.generate(sampled).token_ids
+    crowd = submit_staggered(engine, workload(6, seed=1)[:3] + [sampled] + workload(6, seed=2)[:3], gap=0)
+    assert crowd[3].token_ids == solo
+    other_seed = Request(sampled.prompt, max_tokens=12, stop_ids=(),
+                         sampling=SamplingConfig(temperature=1.0, top_p=0.9, seed=4))
+    assert engine.generate(other_seed).token_ids != solo
+    top1 = Request(sampled.prompt, max_tokens=12, stop_ids=(), sampling=SamplingConfig(temperature=1.0, top_k=1))
+    assert engine.generate(top1).token_ids == alone(engine.generator, top1).token_ids[0]
+
+
+def test_logprobs_stops_and_text(engine):
+    """Logprobs, stop ids and stop strings as `Generator` gives them; alternatives are the likeliest tokens."""
+    request = Request((9, 10, 11), max_tokens=10, stop_ids=(), logprobs=3)
+    got = engine.submit(request)
+    events = list(got)
+    want = alone(engine.generator, request, logprobs=True)
+    np.testing.assert_allclose([e.logprob for e in events], want.logprobs[0], atol=1e-4)
+    for e in events:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0][1] >= e.logprob - 1e-5
+        assert [p for _, p in e.top_logprobs] == sorted((p for _, p in e.top_logprobs), reverse=True)
+
+    plain = engine.generate(Request((9, 10, 11), max_tokens=10, stop_ids=()))
+    stop_id = plain.token_ids[3]
+    stopped = engine.generate(Request((9, 10, 11), max_tokens=10, stop_ids=(stop_id,)))
+    assert stopped.token_ids == plain.token_ids[:plain.token_ids.index(stop_id) + 1]
+    assert stopped.finish_reason == "stop"
+
+    # a stop string: a character first seen after the start of some prompt's greedy text
+    for prompt in [(9, 10, 11), (20, 21, 22), (40, 41, 42, 43), (5, 6, 7), (60, 61)]:
+        text = engine.generate(Request(prompt, max_tokens=16, stop_ids=())).text
+        needle = next((c for i, c in enumerate(text) if c.isascii() and c.isprintable() and text.find(c) == i > 0), None)
+        if needle:
+            break
+    assert needle, "no prompt gave text to cut"
+    cut = engine.generate(Request(prompt, max_tokens=16, stop_ids=(), stop_strings=(needle,)))
+    reference = alone(engine.generator, Request(prompt, max_tokens=16, stop_ids=()), stop_strings=[needle])
+    assert cut.text == reference.texts[0] == text[:text.find(needle)]
+    assert cut.finish_reason == "stop"
+
+
+def test_cancel_frees_the_slot(engine):
+    """A cancelled request ends at once as `cancelled`; its slot serves the next request correctly."""
+    long = Request((3, 4, 5), max_tokens=40, stop_ids=())
+    handles = [engine.submit(long) for _ in range(SMALL.slots)]
+    seen = threading.Event()
+    waiting = engine.submit(Request((7, 8), max_tokens=5, stop_ids=()))
+    for h in handles:
+        for event in h:
+            seen.set()
+            break
+        h.cancel()
+    results = [h.result(timeout=60) for h in handles]
+    assert seen.is_set() and all(r.finish_reason == "cancelled" and len(r.token_ids) < 40 for r in results)
+    assert waiting.result(timeout=60).token_ids == alone(engine.generator, waiting.request).token_ids[0]
+    deadline = time.time() + 10
+    while engine.active() and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.active() == 0
+
+
+def test_bad_requests_name_the_field(tiny_llama):
+    _, model, tok = tiny_llama
+    cases = [(dict(prompt=()), "prompt"), (dict(prompt=(1,), max_tokens=0), "max_tokens"),
+             (dict(prompt=(1,), logprobs=9), "logprobs"), (dict(prompt=(1, -2)), "prompt"),
+             (dict(prompt=(1,), stop_strings=(3,)), "stop")]
+    for fields, field in cases:
+        with pytest.raises(ConfigError) as e:
+            Request(**fields)
+        assert e.value.field == field and field in str(e.value)
+    engine = Engine(Generator(model, tok), SMALL)
+    with pytest.raises(ConfigError, match="past the context of 64") as e:
+        engine.check(Request(tuple(range(3, 40)), max_tokens=40))
+    assert e.value.field == "max_tokens"
+    with pytest.raises(ConfigError, match="vocabulary") as e:
+        engine.check(Request((1, 500)))
+    with pytest.raises(ConfigError, match="slots") as e:
+        EngineConfig(slots=0)
+    with pytest.raises(ConfigError, match="max_len"):
+        EngineConfig(max_len=100, prefill_chunk=64)
+
+
+def test_stop_ends_everything_in_flight(tiny_llama):
+    _, model, tok = tiny_llama
+    engine = Engine(Generator(model, tok), SMALL).start()
+    handles = [engine.submit(Request((3, 4, 5), max_tokens=40, stop_ids=())) for _ in range(6)]
+    next(iter(handles[0]))
+    engine.stop()
+    assert all(h.result(timeout=10).finish_reason in ("cancelled", "length") for h in handles)
+    assert any(h.result().finish_reason == "cancelled" for h in handles)
+
+
+def test_bench_serve_counts_every_requested_token(tmp_path):
+    """`lsjax bench serve` end to end on a tiny model: each level serves every request of the
+    workload to its full length, and the ratios come from the same run's figures."""
+    import json
+
+    from lsjax.cli import main
+    from lsjax.convert import convert_hf
+    from lsjax.eval.serving import workload
+    from tiny import make_hf_model
+
+    make_hf_model(tmp_path / "hf", vocab_size=256)
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--ckpt", str(tmp_path / "ckpt"), "--clients", "1,3", "--per-client", "2",
+                 "--max-prompt", "20", "--max-output", "12", "--max-len", "64", "--prefill-chunk", "16",
+                 "--stagger-ms", "5", "--experts", "4", "--rank", "4", "--json", str(out),
+                 "--plot", str(tmp_path / "serve.png")]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert sorted((r["method"], r["clients"]) for r in records) == [("base", 1), ("base", 3), ("switch", 1), ("switch", 3)]
+    for r in records:
+        requests = [q for c in workload(r["clients"], 2, 256, 20, 12, seed=r["clients"]) for q in c]
+        assert r["requests"] == len(requests) and r["tokens"] == sum(q.max_tokens for q in requests)
+        base = next(b for b in records if b["method"] == "base" and b["clients"] == r["clients"])
+        assert abs(r["ratio_to_base"] - r["tokens_per_s"] / base["tokens_per_s"]) < 1e-9
+        assert r["itl_p99_ms"] >= r["itl_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0
+    assert (tmp_path / "serve.png").stat().st_size > 0

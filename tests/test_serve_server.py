@@ -1,0 +1,208 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, called with the official `openai` client and httpx."""
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from lsjax.generate import Generator
+from lsjax.serve import Engine, EngineConfig
+from lsjax.serve.server import server
+from test_generate import random_adapter
+
+NAME = "tiny-switch"
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama):
+    """A running server over a switch adapter (8 slots), its engine, and the base URL."""
+    _, model, tok = tiny_llama
+    generator = Generator(model, tok, random_adapter(model, "switch"), strategy="unmerged")
+    engine = Engine(generator, EngineConfig(slots=8, max_len=128, prefill_chunk=16)).start()
+    engine.warmup()
+    srv = server(engine, NAME, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield engine, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=live[1] + "/v1", api_key="unused", max_retries=0)
+
+
+def greedy(engine, prompt, max_tokens, chat=False):
+    """`Generator.generate` on this request alone: the reference text."""
+    return engine.generator.generate([prompt], max_new_tokens=max_tokens, chat=chat)
+
+
+def test_completions_whole_and_streamed(live, client):
+    engine, _ = live
+    want = greedy(engine, "abc def", 12)
+    got = client.completions.create(model=NAME, prompt="abc def", max_tokens=12, temperature=0)
+    assert got.choices[0].text == want.texts[0]
+    assert got.choices[0].finish_reason == ("stop" if want.finish_reasons[0] == "stop" else "length")
+    assert got.usage.prompt_tokens == want.prompt_tokens[0] and got.usage.completion_tokens == len(want.token_ids[0])
+    chunks = list(client.completions.create(model=NAME, prompt="abc def", max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want.texts[0]
+    assert chunks[-1].choices[0].finish_reason is not None
+
+
+def test_chat_whole_and_streamed_with_logprobs(live, client):
+    engine, _ = live
+    want = engine.generator.generate(["Hi there"], max_new_tokens=10, chat=True, logprobs=True)
+    messages = [{"role": "user", "content": "Hi there"}]
+    got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    assert got.choices[0].message.content == want.texts[0] and got.choices[0].message.role == "assistant"
+    scores = [e.logprob for e in got.choices[0].logprobs.content]
+    np.testing.assert_allclose(scores, want.logprobs[0], atol=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in got.choices[0].logprobs.content)
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.texts[0]
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids[0])
+
+
+def test_models_health_metrics(live, client):
+    engine, url = live
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    before = engine.stats["tokens"]
+    client.completions.create(model=NAME, prompt="xyz", max_tokens=5, temperature=0, stop=None)
+    text = httpx.get(url + "/metrics").text
+    values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert int(values["lsjax_generated_tokens_total"]) >= before + 1
+    assert values["lsjax_active_slots"] == "0" and values["lsjax_slots"] == "8"
+    assert float(values["lsjax_step_seconds_mean"]) > 0
+
+
+BAD = [  # (body, the field the error must name); every one a 400
+    ({"model": "other", "prompt": "a"}, "model"),
+    ({"model": NAME}, "prompt"),
+    ({"model": NAME, "prompt": ""}, "prompt"),
+    ({"model": NAME, "prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"model": NAME, "prompt": "a", "max_tokens": 500}, "max_tokens"),
+    ({"model": NAME, "prompt": "a" * 200, "max_tokens": 4}, "prompt"),
+    ({"model": NAME, "prompt": "a", "temperature": -1}, "temperature"),
+    ({"model": NAME, "prompt": "a", "top_p": 0}, "top_p"),
+    ({"model": NAME, "prompt": "a", "top_p": 1.5}, "top_p"),
+    ({"model": NAME, "prompt": "a", "top_k": -1}, "top_k"),
+    ({"model": NAME, "prompt": "a", "n": 2}, "n"),
+    ({"model": NAME, "prompt": "a", "best_of": 3}, "best_of"),
+    ({"model": NAME, "prompt": "a", "max_tokens": "7"}, "max_tokens"),
+    ({"model": NAME, "prompt": "a", "temperature": "hot"}, "temperature"),
+    ({"model": NAME, "prompt": "a", "frobnicate": 1}, "frobnicate"),
+    ({"model": NAME, "prompt": "a", "logprobs": 9}, "logprobs"),
+    ({"model": NAME, "prompt": [1, 9999]}, "prompt"),
+    ({"model": NAME, "prompt": ["a", "b"]}, "prompt"),
+    ({"model": NAME, "prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+]
+BAD_CHAT = [
+    ({"model": NAME, "messages": []}, "messages"),
+    ({"model": NAME}, "messages"),
+    ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": NAME, "messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+]
+
+
+def test_bad_requests_are_400s_naming_the_field(live):
+    engine, url = live
+    cases = [("/v1/completions", b, f) for b, f in BAD] + [("/v1/chat/completions", b, f) for b, f in BAD_CHAT]
+    with httpx.Client(base_url=url) as http:
+        for path, body, field in cases:
+            r = http.post(path, json=body)
+            assert r.status_code == 400, (body, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["param"] == field and error["type"] == "invalid_request_error", (body, error)
+            assert error["message"]
+        for raw in (b"{not json", b"[1, 2]", b""):
+            r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["message"], raw
+        assert http.get("/v1/nothing").status_code == 404
+        ok = http.post("/v1/completions", json={"model": NAME, "prompt": "abc def", "max_tokens": 12, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == greedy(engine, "abc def", 12).texts[0]
+
+
+def test_load_with_disconnects(live):
+    """64 requests through 8 slots, random arrivals, every fourth client leaving mid-stream: all the
+    others get their own greedy tokens, the slots all come back, the server stays up."""
+    engine, url = live
+    rng = np.random.default_rng(0)
+    prompts = ["".join(chr(c) for c in rng.integers(97, 123, size=int(rng.integers(1, 40)))) for _ in range(64)]
+    lengths = [int(rng.integers(4, 24)) for _ in range(64)]
+    for i in range(3, 64, 4):  # the leavers ask for long outputs: unless their slots are freed, they run on
+        prompts[i], lengths[i] = prompts[i][:8], 100
+    before = engine.stats["tokens"]
+    results: dict[int, str] = {}
+    left = []
+
+    def client(i):
+        time.sleep(float(rng.uniform(0, 2)) if i else 0)
+        body = {"model": NAME, "prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "stream": True,
+                "stop_token_ids": []}
+        with httpx.Client(base_url=url, timeout=120) as http, http.stream("POST", "/v1/completions", json=body) as r:
+            text, chunks = "", 0
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                text += json.loads(line[6:])["choices"][0]["text"]
+                chunks += 1
+                if i % 4 == 3 and chunks == 2:
+                    left.append(i)
+                    return  # leaves mid-stream: closing the connection must free the slot
+            results[i] = text
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(left) == 16 and len(results) == 48
+    for i, text in results.items():
+        want = engine.generator.generate([prompts[i]], max_new_tokens=lengths[i], stop_token_ids=[])
+        assert text == want.texts[0], i
+    # each leaver's request ended within a few steps of its client going
+    assert engine.stats["tokens"] - before < sum(lengths[i] for i in results) + 16 * 20
+    deadline = time.time() + 10
+    while engine.active() and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.active() == 0 and not engine.waiting
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_shutdown_ends_streams_cleanly(tiny_llama):
+    _, model, tok = tiny_llama
+    engine = Engine(Generator(model, tok), EngineConfig(slots=2, max_len=128, prefill_chunk=16)).start()
+    srv = server(engine, NAME, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    lines = []
+    body = {"model": NAME, "prompt": "a", "max_tokens": 100, "temperature": 0, "stream": True,
+            "stop_token_ids": []}
+    with httpx.Client(base_url=url, timeout=30) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 2:
+                srv.handle_exit(None, None)
+    thread.join(timeout=15)
+    assert not thread.is_alive() and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
