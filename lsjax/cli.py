@@ -73,7 +73,10 @@ def _serve(args) -> None:
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {args.max_len} tokens, "
           f"strategy {generator.strategy}, backend {generator.backend.name}; compiled in "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
-    server(engine, name, args.host, args.port).run()
+    try:
+        server(engine, name, args.host, args.port).run()
+    except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
+        pass
     engine.stop()
 
 

@@ -31,13 +31,15 @@ from lsjax.model import (
     run_layers,
     stacked,
     visibility_mask,
+    write_columns,
 )
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys/values, each slot's position and validity `[B, T]`, slots used.
+    """Keys/values, each slot's position and validity `[B, T]`, slots used (one count for every
+    row, or one per row `[B]`: a serving engine's rows each have their own).
 
     k / v are a `LayerTuple` of L `[B, KV, T, D]` arrays (head-major: attention reads them without
     a transpose), the layout that goes with split params: a step updates each layer's buffer in
@@ -73,8 +75,8 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.
 def cached_inputs(config: ModelConfig, cache: KVCache, attention_mask: jax.Array, positions: jax.Array):
     """`(all_positions, all_valid, cos, sin, visibility [B, S, T])` of new tokens written at `cache.length`."""
     index = cache.length
-    all_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
-    all_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_), index, axis=1)
+    all_positions = write_columns(cache.positions, positions.astype(jnp.int32), index, axis=1)
+    all_valid = write_columns(cache.valid, attention_mask.astype(jnp.bool_), index, axis=1)
     cos, sin = rope_tables(config, positions)
     return all_positions, all_valid, cos, sin, visibility_mask(config, positions, all_positions, all_valid)
 

@@ -80,17 +80,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     with no visible key (padding) gets zeros, not NaN.
     """
     b, s, h, d = q.shape
-    kv = k.shape[1]
-    # queries head-major too: the scores then come out [.., s, t] with keys minor, the layout the
-    # mask and softmax read (otherwise XLA:CPU produced them key-major; prefill attention 1.4x slower)
-    q = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    kv, t = k.shape[1], k.shape[2]
+    g = h // kv
+    # each (batch, kv head) is one plain product of its g * s query rows with the keys, whose
+    # output [b, kv, g*s, t] is already the layout the mask and softmax read: no transposed copy of
+    # the scores (an einsum over separate g and s axes made XLA:CPU copy them; docs/perf.md)
+    q = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
+    batch = ((0, 1), (0, 1))
+    scores = jax.lax.dot_general(q, k, (((3,), (3,)), batch), preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = scores.reshape(b, kv, g, s, t)
     mask = mask[:, None, None, :, :]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
-    return out.reshape(b, s, h, d)
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype).reshape(b, kv, g * s, t)
+    out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))
+    return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+
+
+def write_columns(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """`new` written into `buffer` from column `index` along `axis`: one index for every row, or one
+    per row (`[B]`, rows on axis 0: each row of a serving engine's cache has its own length)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, index, axis=axis)
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=axis - 1))(buffer, new, index)
 
 
 def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -100,7 +111,7 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
 
     Four products: `qkv`, `o`, `gate_up`, `down`. Without `kv`, attends over the block's own tokens
     and returns the new x. With `kv = (k_cache [B,KV,T,D], v_cache, write_index)`, writes this
-    block's keys/values into the cache at `write_index`, attends over the whole cache (mask
+    block's keys/values into the cache at `write_index` (one, or one per row), attends over the whole cache (mask
     `[B,S,T]`), and returns `(x, (k_cache, v_cache))`.
     """
     b, s, _ = x.shape
@@ -113,8 +124,8 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     if kv is not None:
         k_cache, v_cache, index = kv
-        k = k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=2)
-        v = v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=2)
+        k = k_cache = write_columns(k_cache, k.astype(k_cache.dtype), index, axis=2)
+        v = v_cache = write_columns(v_cache, v.astype(v_cache.dtype), index, axis=2)
     attn = attention(q, k, v, mask).reshape(b, s, config.q_size)
     x = x + project("o", attn, w["o"])
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)

@@ -12,6 +12,8 @@
 #   kernels   optional: the kernel benchmark, the routed group kernel against XLA per group and SGMM
 #             against a device copy (STEPS="kernels", ~90 s)
 #   tune      optional: a sweep of the routed group kernel's knobs (STEPS="tune", ~2 minutes)
+#   serve     optional: `lsjax bench serve` at llama2-7b shape, bf16, 8 and 32 clients: the engine
+#             against static batches, switch against the base (STEPS="serve", ~2 minutes)
 # Runs from the repo root without installing (the GPU image has jax, flax, optax, orbax, transformers).
 # Logs and JSON go to $OUT (default runs/gpu); STEPS picks steps, e.g. STEPS="env decode".
 #
@@ -60,6 +62,8 @@ for s in $STEPS; do
     merged) DECODE_LIMIT=70 decode merged 1 "base,lora/merged,switch/merged" ;;
     kernels) TAIL=40 step kernels "${KERNELS_LIMIT:-90}" $PY -m pallas_kernels.bench --shapes llama2-7b --dtype bfloat16 \
                ${KERNELS_ARGS:-} --json "$OUT/kernels.json" ;;
+    serve) TAIL=12 step serve "${SERVE_LIMIT:-150}" $PY -m lsjax.cli bench serve --shape "${SHAPE:-llama2-7b}" \
+             --dtype bfloat16 --clients 8,32 --max-len 512 --prefill-chunk 64 --json "$OUT/serve.json" ;;
     tune) TAIL=30 step tune "${TUNE_LIMIT:-150}" $PY -m pallas_kernels.tune --budget 120 --json "$OUT/tune.json" ;;
     *) echo "unknown step $s" ;;
   esac

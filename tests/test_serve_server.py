@@ -9,6 +9,7 @@ import numpy as np
 import openai
 import pytest
 
+import lsjax
 from lsjax.generate import Generator
 from lsjax.serve import Engine, EngineConfig
 from lsjax.serve.server import server
@@ -206,3 +207,42 @@ def test_shutdown_ends_streams_cleanly(tiny_llama):
     thread.join(timeout=15)
     assert not thread.is_alive() and lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
+
+
+def test_lsjax_serve_command(tmp_path):
+    """`lsjax serve` as a user starts it: it comes up on the port asked for, answers the openai
+    client with the model's own greedy text, and exits cleanly on Ctrl-C (SIGINT)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from lsjax.convert import convert_hf
+    from tiny import make_hf_model
+
+    make_hf_model(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lsjax.cli", "serve", "--ckpt", str(tmp_path / "ckpt"),
+                             "--slots", "2", "--max-len", "128", "--port", str(port), "--model-name", "tiny"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=0)
+        want = Generator(*lsjax.load(tmp_path / "ckpt")).generate(["abc"], max_new_tokens=6)
+        assert got.choices[0].text == want.texts[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert f"serving 'tiny' on http://127.0.0.1:{port}/v1" in err

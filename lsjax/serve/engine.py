@@ -5,17 +5,15 @@
     handle = engine.submit(Request(prompt=ids, max_tokens=32))
     for event in handle: print(event.text, end="")
 
-A fixed number of slots share one KV cache `[slots, ..., max_len]` and one write column (the
-cache's `length`, the same for every row, as in `lsjax.decode`). Each loop of the engine's thread
-prefills waiting requests in fixed-size chunks into a one-row cache of the same capacity (so one
-compiled prefill serves every prompt length), inserts a finished prefill into a free slot so that
-its prompt ends at the write column (its row's earlier columns are simply not valid), and decodes
-one token for every slot. A row's positions count only its own valid columns, so a request decodes
-exactly as it would alone. When a new request does not fit before the end of the cache, every row
-shifts left by the oldest active request's start (`compact`). Each request brings its own sampling
-(temperature, top-k, top-p, seed), stops, length and logprobs as per-row arrays, so after
-`warmup()` no mix of requests compiles anything again. Every token of every row is routed on its
-own (switch): rows never constrain each other's experts.
+A fixed number of slots share one KV cache `[slots, ..., max_len]` in which every row has its own
+length (where its next token is written). Each loop of the engine's thread prefills waiting
+requests in fixed-size chunks into a one-row cache of the same capacity (so one compiled prefill
+serves every prompt length), copies a finished prefill into a free slot, and decodes one token for
+every slot with the strategy's own step (the one `Generator` runs). A finished or cancelled request
+frees its slot before the next step. Each request brings its own sampling (temperature, top-k,
+top-p, seed), stops, length and logprobs as per-row arrays, so after `warmup()` no mix of requests
+compiles anything again. Every token of every row is routed on its own (switch): rows never
+constrain each other's experts.
 """
 
 from __future__ import annotations
@@ -155,10 +153,9 @@ class Handle:
 
 @dataclasses.dataclass
 class _Row:
-    """A slot's request: its first cache column, tokens left, and its text so far."""
+    """A slot's request: tokens left, its text so far, its stop ids."""
 
     handle: Handle
-    start: int
     left: int
     text: TextStream
     stops: frozenset[int]
@@ -204,42 +201,19 @@ def prefill_chunk(prefill, bundle, ids, mask, cache, seed, temperature, top_k, t
     return (first, *scored(logits, first)), cache
 
 
-def _map_kv(fn, cache: KVCache, *others: KVCache):
-    """`fn` over each layer's k and v buffers (per-layer or stacked caches)."""
-    def each(name):
-        mine, theirs = getattr(cache, name), [getattr(o, name) for o in others]
-        if isinstance(mine, LayerTuple):
-            return LayerTuple(fn(x, *(t[i] for t in theirs)) for i, x in enumerate(mine))
-        return fn(mine, *theirs)
-    return each("k"), each("v")
-
-
-def insert_row(cache: KVCache, row: KVCache, slot, end) -> KVCache:
-    """Place a prefilled one-row cache (prompt in columns [0, n)) into `slot`, its prompt ending at
-    column `end`; the write column becomes `end` (at least the old one, chosen by the caller)."""
-    shift = end - row.length
-
+def insert_row(cache: KVCache, row: KVCache, slot) -> KVCache:
+    """A prefilled one-row cache copied into `slot` (its columns, positions, validity and length)."""
     def place(buf, row_buf):
-        axis = buf.ndim - 2  # the column axis of [B, KV, T, D] or [L, B, KV, T, D]
-        rolled = jnp.roll(row_buf, shift, axis=axis)
-        return jax.lax.dynamic_update_index_in_dim(buf, jnp.take(rolled, 0, axis=axis - 2), slot, axis - 2)
+        axis = buf.ndim - 4  # the row axis of [B, KV, T, D], or of [L, B, KV, T, D] (stacked)
+        return jax.lax.dynamic_update_index_in_dim(buf, jnp.take(row_buf, 0, axis=axis), slot, axis)
 
-    k, v = _map_kv(place, cache, row)
-    positions = cache.positions.at[slot].set(jnp.roll(row.positions[0], shift))
-    valid = cache.valid.at[slot].set(jnp.roll(row.valid[0], shift))
-    return KVCache(k, v, positions, valid, jnp.asarray(end, jnp.int32))
+    def each(mine, theirs):
+        if isinstance(mine, LayerTuple):
+            return LayerTuple(place(x, y) for x, y in zip(mine, theirs))
+        return place(mine, theirs)
 
-
-def compact(cache: KVCache, shift) -> KVCache:
-    """Every row moved `shift` columns left (the columns before the oldest active request are
-    free); the columns that wrap round become invalid."""
-    def move(buf):
-        return jnp.roll(buf, -shift, axis=buf.ndim - 2)
-
-    k, v = _map_kv(move, cache)
-    columns = jnp.arange(cache.valid.shape[1])
-    valid = jnp.roll(cache.valid, -shift, axis=1) & (columns < cache.valid.shape[1] - shift)[None]
-    return KVCache(k, v, jnp.roll(cache.positions, -shift, axis=1), valid, cache.length - shift)
+    return KVCache(each(cache.k, row.k), each(cache.v, row.v), cache.positions.at[slot].set(row.positions[0]),
+                   cache.valid.at[slot].set(row.valid[0]), cache.length.at[slot].set(row.length))
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,8 +222,7 @@ def compiled(prefill, step):
     model, adapter config and strategy share their compilations."""
     return {"decode": jax.jit(functools.partial(decode_rows, step), donate_argnums=(2,)),
             "prefill": jax.jit(functools.partial(prefill_chunk, prefill), donate_argnums=(3,)),
-            "insert": jax.jit(insert_row, donate_argnums=(0,)),
-            "compact": jax.jit(compact, donate_argnums=(0,))}
+            "insert": jax.jit(insert_row, donate_argnums=(0,))}
 
 
 # -- the engine --------------------------------------------------------------------------------------------
@@ -273,12 +246,13 @@ class Engine:
         self._empty = functools.partial(init_cache, model_config, capacity=config.max_len,
                                         dtype=generator.model.dtype, per_layer=per_layer)
         self.device = jax.tree.leaves(generator.bundle)[0].devices().pop()
-        self.cache = jax.device_put(self._empty(config.slots), self.device)
+        cache = self._empty(config.slots)
+        cache = dataclasses.replace(cache, length=jnp.zeros((config.slots,), jnp.int32))  # one per row
+        self.cache = jax.device_put(cache, self.device)
         self.rows: list[_Row | None] = [None] * config.slots
         self.tokens = np.zeros(config.slots, np.int32)
         self.waiting: collections.deque[Handle] = collections.deque()
-        self.prefilling: tuple | None = None  # (handle, ids, mask, row cache, next chunk, last outputs)
-        self.head = 0  # mirrors cache.length
+        self.prefilling: list | None = None  # [handle, ids, mask, row cache, next chunk, last outputs]
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -333,12 +307,10 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile everything a mix of requests needs (prefill chunks, insertion, the step, sampled and
-        greedy, compaction) by serving two small requests, then reset."""
+        greedy) by serving two small requests."""
         sampled = SamplingConfig(temperature=1.0, top_k=5, top_p=0.9)
         for sampling in (SamplingConfig(), sampled):
             self.submit(Request((self.pad,), max_tokens=3, sampling=sampling, stop_ids=())).result()
-        self.cache = self.fns["compact"](self.cache, jnp.int32(self.head))
-        self.head = 0
 
     def compile_count(self) -> int:
         return sum(f._cache_size() for f in self.fns.values())
@@ -424,37 +396,20 @@ class Engine:
                     self.generator.bundle, ids[:, done:done + chunk], mask[:, done:done + chunk], row,
                     np.int32(s.seed), np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
                 self.prefilling = [handle, ids, mask, row, done + chunk, outputs]
-            if self.prefilling[4] >= ids.shape[1] and not self._insert():
-                return  # no room before the end of the cache yet: wait for running requests to finish
+            if self.prefilling[4] >= ids.shape[1]:
+                self._insert()
 
-    def _insert(self) -> bool:
-        handle, ids, _, row, _, outputs = self.prefilling
-        request, width = handle.request, ids.shape[1]
-        left = [r.left for r in self.rows if r is not None]
-        need = max(left + [request.max_tokens - 1])
-        if max(self.head, width) + need > self.config.max_len:
-            starts = [r.start for r in self.rows if r is not None]
-            shift = min(starts) if starts else self.head
-            if shift > 0:
-                self.cache = self.fns["compact"](self.cache, jnp.int32(shift))
-                self.stats["compactions"] += 1
-                self.head -= shift
-                for r in self.rows:
-                    if r is not None:
-                        r.start -= shift
-            if max(self.head, width) + need > self.config.max_len:
-                return False
+    def _insert(self) -> None:
+        handle, _, _, row, _, outputs = self.prefilling
+        request = handle.request
         slot = self.rows.index(None)
-        end = max(self.head, width)
-        self.cache = self.fns["insert"](self.cache, row, jnp.int32(slot), jnp.int32(end))
-        self.head = end
+        self.cache = self.fns["insert"](self.cache, row, jnp.int32(slot))
         self.prefilling = None
+        self.stats["inserted"] += 1
         stops = frozenset(self.default_stops if request.stop_ids is None else request.stop_ids)
-        self.rows[slot] = _Row(handle, end - width, request.max_tokens, TextStream(self.tokenizer, request.stop_strings),
-                               stops)
+        self.rows[slot] = _Row(handle, request.max_tokens, TextStream(self.tokenizer, request.stop_strings), stops)
         token, logprob, top_ids, top_logp = (np.asarray(x)[0] for x in outputs)
         self._emit(slot, token, logprob, top_ids, top_logp)
-        return True
 
     def _decode(self) -> None:
         sampling = [r.handle.request.sampling if r is not None else SamplingConfig() for r in self.rows]
@@ -467,7 +422,6 @@ class Engine:
             np.array([s.top_k for s in sampling], np.int32),
             np.array([s.top_p for s in sampling], np.float32))
         tokens, logprobs, top_ids, top_logp = jax.device_get(outputs)
-        self.head += 1
         self.step_seconds.append(time.perf_counter() - start)
         self.stats["steps"] += 1
         for slot, row in enumerate(self.rows):
