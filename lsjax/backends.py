@@ -47,6 +47,7 @@ class XlaBackend:
 
     name: str = "xla"
     prefers_fused: bool = False  # `auto` strategy: the routed term as separate XLA ops (`unmerged`)
+    fused_rows: int = 0  # `fused` prefills of at most this many tokens run `fused` too (else dense)
     gather_once: bool = True
     one_expand: bool = True
 

@@ -16,7 +16,8 @@ and runs its products on a backend (`lsjax.backends`: XLA, the CPU native librar
   backbone runs. One route per step, so batch 1 only.
 - `auto`: `lora` -> merged (free after the one-time merge); otherwise `fused` where the backend's
   fused kernel is the faster form (the CPU native library), else `unmerged` (XLA; docs/perf.md).
-Prefill always runs the training form (dense routed term), as in the paper.
+Prefill runs the training form (dense routed term), as in the paper, except that `fused` prefills
+a chunk of at most `backend.fused_rows` tokens with the fused kernel (the CPU native library's).
 
 Memory: `unmerged` and `fused` decode from the model's and adapter's own arrays (no copy);
 `lora` merged holds a merged copy of its adapted groups; `switch` merged a stacked copy of the base.
@@ -105,9 +106,11 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Any
         return prefill, step
 
 
-    prefill_config = adapter_config.replace(computation="dense")
-
     def prefill(bundle, ids, mask, cache):
+        # the training form (every expert, masked), except a chunk short enough for the backend's
+        # fused kernel (a serving engine's prefill chunks on the CPU native library)
+        short = strategy == "fused" and ids.size <= backend.fused_rows
+        prefill_config = adapter_config.replace(computation="fused" if short else "dense")
         logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], prefill_config, bundle["adapter"],
                                                   ids, mask, decode.prompt_positions(mask, cache), cache, backend)
         return logits[:, -1], cache

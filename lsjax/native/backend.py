@@ -34,6 +34,7 @@ class NativeBackend:
 
     name: str = "native"
     prefers_fused: bool = True
+    fused_rows: int = native.MAX_ROWS  # a short prefill chunk runs the fused kernel too (`lsjax.strategies`)
     huge_pages: bool = True  # back the decoded arrays with transparent huge pages where the OS allows
     gather_once: bool = False  # `unmerged`'s routed term in XLA:CPU's faster forms (`XlaBackend`)
     one_expand: bool = False
