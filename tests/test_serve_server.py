@@ -246,3 +246,15 @@ def test_lsjax_serve_command(tmp_path):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert f"serving 'tiny' on http://127.0.0.1:{port}/v1" in err
+
+
+def test_chat_without_a_chat_template_is_a_400(live):
+    engine, url = live
+    template, engine.tokenizer.chat_template = engine.tokenizer.chat_template, None
+    try:
+        r = httpx.post(url + "/v1/chat/completions",
+                       json={"model": NAME, "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        engine.tokenizer.chat_template = template
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "no chat template" in r.json()["error"]["message"]

@@ -125,6 +125,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def chat(body: ChatBody, http: HttpRequest):
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("this model's tokenizer has no chat template; use /v1/completions", "messages")
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         prompt = list(getattr(ids, "input_ids", ids))
         return await respond(http, body, prompt, body.logprobs_count(), chat=True)
