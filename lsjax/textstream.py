@@ -34,12 +34,6 @@ class TextStream:
         self.shown += new
         return new, cut is not None
 
-    def kept_ids(self) -> list[int]:
-        """The ids behind the shown text: all of them, or after a stop string the shortest prefix reaching it."""
-        if self.tokenizer is None or not self.stop_strings:
-            return list(self.ids)
-        return ids_covering(self.tokenizer, self.ids, self.shown)
-
 
 def first_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stop_strings if s and s in text]

@@ -21,11 +21,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -259,13 +258,20 @@ class Engine:
         self.failure: BaseException | None = None
         self.stats = collections.Counter()
         self.step_seconds = collections.deque(maxlen=1000)
-        self.ids = itertools.count()
 
     # -- API -------------------------------------------------------------------------------------------
+    def padded(self, prompt_tokens: int) -> int:
+        """Cache columns a prompt takes: whole prefill chunks."""
+        return -(-prompt_tokens // self.config.prefill_chunk) * self.config.prefill_chunk
+
+    def room(self, prompt_tokens: int) -> int:
+        """The most tokens a request with this prompt may generate (its first comes from the prefill)."""
+        return self.config.max_len - self.padded(prompt_tokens) + 1
+
     def check(self, request: Request) -> None:
         """Refuse what can never run here (before it is queued)."""
-        padded = -(-len(request.prompt) // self.config.prefill_chunk) * self.config.prefill_chunk
-        if padded + request.max_tokens - 1 > self.config.max_len:
+        padded = self.padded(len(request.prompt))
+        if request.max_tokens > self.room(len(request.prompt)):
             field = "prompt" if padded >= self.config.max_len else "max_tokens"
             raise ConfigError(f"prompt of {len(request.prompt)} tokens (padded to {padded}) + max_tokens="
                               f"{request.max_tokens} is past the context of {self.config.max_len} tokens; shorten the "
@@ -386,8 +392,7 @@ class Engine:
                         return
                     handle = self.waiting.popleft()
                 request = handle.request
-                width = -(-len(request.prompt) // chunk) * chunk
-                ids, mask = left_pad([request.prompt], self.pad, width)
+                ids, mask = left_pad([request.prompt], self.pad, self.padded(len(request.prompt)))
                 self.prefilling = [handle, ids, mask, jax.device_put(self._empty(1), self.device), 0, None]
             handle, ids, mask, row, done, _ = self.prefilling
             if done < ids.shape[1]:
@@ -438,20 +443,14 @@ class Engine:
         self.stats["tokens"] += 1
         reason = "stop" if token in row.stops else ("length" if row.left == 0 else None)
         text, stopped = row.text.push(token, last=reason is not None)
-        reason = "stop" if stopped else reason
-        n = row.handle.request.logprobs
-        event = Event(token, text, None if n is None else float(logprob),
-                      None if not n else [(int(i), float(p)) for i, p in zip(top_ids[:n], top_logp[:n])], reason)
-        if reason or row.handle.cancelled.is_set():
+        if stopped:
+            reason = "stop"
+        elif reason is None and row.handle.cancelled.is_set():
+            reason = "cancelled"
+        if reason:
             self.rows[slot] = None
-            if not reason:
-                event.finish_reason = "cancelled"
-            row.handle.deliver(event)
-        else:
-            row.handle.deliver(event)
+        n = row.handle.request.logprobs
+        row.handle.deliver(Event(token, text, None if n is None else float(logprob),
+                                 None if not n else [(int(i), float(p)) for i, p in zip(top_ids[:n], top_logp[:n])],
+                                 reason))
 
-
-def requests_from_prompts(generator, prompts: Sequence[str | Sequence[int]], chat: bool = False,
-                          **fields: Any) -> list[Request]:
-    """`Request`s for prompts (text through the generator's tokenizer, optionally its chat template)."""
-    return [Request(tuple(ids), **fields) for ids in generator.encode(list(prompts), chat)]

@@ -57,17 +57,20 @@ class _Body(BaseModel):
             out.append(("stream_options", "only include_usage is supported"))
         return out
 
-    def request(self, prompt: list[int], logprobs: int | None, max_len: int, chunk: int) -> Request:
+    def request(self, prompt: list[int], logprobs: int | None, room: int) -> Request:
+        """The engine request; `room`: the most tokens this prompt leaves (the default's bound)."""
         for field, why in self.unsupported():
             raise ConfigError(why, field)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        padded = -(-len(prompt) // chunk) * chunk
-        max_tokens = self.max_tokens or self.default_max_tokens(max_len - padded + 1)
+        max_tokens = self.wanted_tokens() or self.default_max_tokens(room)
         seed = self.seed if self.seed is not None else secrets.randbelow(2**31)
         sampling = SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed % 2**31)
         stop_ids = None if self.stop_token_ids is None else tuple(self.stop_token_ids)
         return Request(tuple(prompt), max_tokens=max_tokens, sampling=sampling, stop_ids=stop_ids,
                        stop_strings=tuple(stops), logprobs=logprobs)
+
+    def wanted_tokens(self) -> int | None:
+        return self.max_tokens
 
     def default_max_tokens(self, room: int) -> int:
         return max(1, room)
@@ -131,10 +134,8 @@ class ChatBody(_Body):
             out.append(("top_logprobs", "top_logprobs needs logprobs=true"))
         return out
 
-    def request(self, prompt, logprobs, max_len, chunk):
-        if self.max_completion_tokens is not None and self.max_tokens is None:
-            self.max_tokens = self.max_completion_tokens
-        return super().request(prompt, logprobs, max_len, chunk)
+    def wanted_tokens(self) -> int | None:
+        return self.max_tokens or self.max_completion_tokens
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -75,15 +75,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             if len(prompt) != 1:
                 raise ConfigError("a list of several prompts is not supported; send one request per prompt", "prompt")
             prompt = prompt[0]
-        ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ConfigError("prompt is empty; expected text or at least one token id", "prompt")
-        if min(ids) < 0:
-            raise ConfigError(f"prompt holds token id {min(ids)}; expected ids >= 0", "prompt")
-        return ids
+        # an empty prompt or negative ids are refused by `Request`, naming the prompt
+        return tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
 
     def submit(body, prompt: list[int], logprobs: int | None, listener):
-        request = body.request(prompt, logprobs, engine.config.max_len, engine.config.prefill_chunk)
+        request = body.request(prompt, logprobs, engine.room(len(prompt)))
         if engine.failure is not None or engine.thread is None:
             raise HTTPException(503, "the engine is not running")
         return engine.submit(request, listener)
