@@ -70,9 +70,9 @@ def assert_close(got, want):
 def test_routed_group_matches_the_reference(group, per_member, chosen):
     k, n, members = GROUPS[group]
     fn = jax.jit(routed, static_argnames=("layer", "members"))
-    x, w, a, b, ids, gates = routed_inputs(native.MAX_ROWS, k, n, members, chosen, per_member)
+    x, w, a, b, ids, gates = routed_inputs(native.MAX_ROUTED_ROWS, k, n, members, chosen, per_member)
     want = reference(x, w, a, b, ids, gates, layer=1, members=members)  # row by row: its first rows serve all
-    for rows in (1, 3, 6, 8, native.MAX_ROWS):  # 3: rows one by one; 8: in fours; 6: both
+    for rows in (1, 3, 6, 8, native.MAX_ROWS, native.MAX_ROUTED_ROWS):  # 3: rows one by one; 8: in fours; 6: both
         args = x[:rows], w, a, b, ids[:rows], gates[:rows]
         call = fn.lower(*args, layer=1, members=members)
         assert "lsjax_routed_group" in call.as_text()
@@ -113,7 +113,7 @@ def test_prefill_sized_bf16_and_traced_layer_calls_take_the_fallback():
         calls.append((layer, members))
         return routed_group_matmul_reference(*args, members, layer=layer)
 
-    big = routed_inputs(native.MAX_ROWS + 1, k, n, members, 2, False)
+    big = routed_inputs(native.MAX_ROUTED_ROWS + 1, k, n, members, 2, False)
     text = lowered(lambda *args: routed(*args, layer=1, members=members, otherwise=otherwise), *big)
     assert "lsjax_" not in text and calls == [(1, members)]
     assert_close(routed(*big, layer=1, members=members), reference(*big, layer=1, members=members))
@@ -126,7 +126,7 @@ def test_prefill_sized_bf16_and_traced_layer_calls_take_the_fallback():
     by_layer = jax.jit(lambda layer, *args: routed(*args, layer=layer, members=members, otherwise=otherwise))
     assert "lsjax_" not in by_layer.lower(1, *small).as_text()  # a traced layer cannot be an attribute
 
-    x, w = big[:2]
+    x, w = big[0][:native.MAX_ROWS + 1], big[1]
     assert "lsjax_" not in lowered(native.matmul, x, w) + lowered(native.matmul_t, x, w.T)
     assert_close(native.matmul(x, w), x @ w)
     assert native.matmul(x[:1].astype(jnp.bfloat16), w.astype(jnp.bfloat16)).dtype == jnp.bfloat16

@@ -28,10 +28,13 @@ def alone(generator, request: Request, **kwargs):
                               stop_token_ids=request.stop_ids, **kwargs)
 
 
-def submit_staggered(engine, requests, gap: float = 0.01):
+def submit_staggered(engine, requests, gap: float = 0.01, burst: int = 1):
+    """Submit `burst` requests at once (queued together: prefilled together where their padded
+    lengths match), then wait `gap`."""
     handles = []
-    for request in requests:
-        handles.append(engine.submit(request))
+    for i in range(0, len(requests), burst):
+        with engine.wake:
+            handles += [engine.submit(r) for r in requests[i:i + burst]]
         time.sleep(gap)
     return [h.result(timeout=300) for h in handles]
 
@@ -47,12 +50,16 @@ def engine(request, tiny_llama):
     engine.stop()
 
 
-def test_each_request_decodes_as_it_would_alone(engine):
-    """16 requests of different lengths arriving at different times, 4 slots: every greedy output
-    equals `Generator.generate` on that request alone, and nothing compiles after the warm-up."""
+@pytest.mark.parametrize("burst", [1, 4])
+def test_each_request_decodes_as_it_would_alone(engine, burst):
+    """16 requests of different lengths arriving at different times (one by one, or four at a time:
+    prefilled together), 4 slots: every greedy output equals `Generator.generate` on that request
+    alone, and nothing compiles after the warm-up."""
     compiled = engine.compile_count()
     requests = workload(16)
-    got = submit_staggered(engine, requests)
+    grouped = engine.stats["grouped"]
+    got = submit_staggered(engine, requests, burst=burst)
+    assert burst == 1 or engine.stats["grouped"] > grouped  # some prompts shared a prefill call
     for request, completion in zip(requests, got):
         want = alone(engine.generator, request)
         assert completion.token_ids == want.token_ids[0], request
@@ -145,6 +152,26 @@ def test_bad_requests_name_the_field(tiny_llama):
         EngineConfig(slots=0)
     with pytest.raises(ConfigError, match="max_len"):
         EngineConfig(max_len=100, prefill_chunk=64)
+    with pytest.raises(ConfigError, match="prefill_rows=3 is invalid; expected a power of two"):
+        EngineConfig(prefill_rows=3)
+    assert EngineConfig(slots=3, prefill_rows=8).group_sizes() == (1, 2)  # no group larger than the slots
+
+
+def test_cancel_while_prefilled_with_another(tiny_llama):
+    """Two prompts prefilled together, one cancelled between its chunks: it ends as cancelled, the
+    other decodes as it would alone. (The loop is stepped by hand to cancel mid-prefill.)"""
+    _, model, tok = tiny_llama
+    generator = Generator(model, tok)
+    engine = Engine(generator, EngineConfig(slots=4, max_len=64, prefill_chunk=16, prefill_chunks_per_step=1))
+    first, second = (engine.submit(Request(tuple(range(s, s + 40)), max_tokens=6, stop_ids=())) for s in (3, 50))
+    engine._admit()  # the first of three chunks of both prompts
+    assert engine.prefilling.handles == [first, second] and not engine.waiting
+    first.cancel()
+    engine.start()
+    assert first.result(timeout=60).finish_reason == "cancelled" and first.result().token_ids == []
+    assert second.result(timeout=60).token_ids == alone(generator, second.request).token_ids[0]
+    engine.stop()
+    assert engine.stats["inserted"] == 1
 
 
 def test_stop_ends_everything_in_flight(tiny_llama):

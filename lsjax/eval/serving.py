@@ -115,7 +115,8 @@ def tokens_between(handles, start: float, end: float) -> int:
 
 def measure(method: str, generator: Generator, clients: int, args, vocab: int) -> ServeRecord:
     requests = workload(clients * args.per_client, vocab, args.max_prompt, args.max_output, seed=clients)
-    engine = Engine(generator, EngineConfig(slots=clients, max_len=args.max_len, prefill_chunk=args.prefill_chunk))
+    engine = Engine(generator, EngineConfig(slots=clients, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+                                            prefill_rows=args.prefill_rows))
     engine.start()
     engine.warmup()
     begin = time.perf_counter()
@@ -221,6 +222,7 @@ def add_serve_bench_parser(kinds) -> None:
     serve.add_argument("--max-output", type=int, default=200)
     serve.add_argument("--max-len", type=int, default=256)
     serve.add_argument("--prefill-chunk", type=int, default=16)
+    serve.add_argument("--prefill-rows", type=int, default=4, help="the most prompts prefilled in one call")
     serve.add_argument("--stagger-ms", type=float, default=50.0, help="delay between two clients' first requests")
     serve.add_argument("--experts", type=int, default=8)
     serve.add_argument("--top-k", type=int, default=2)

@@ -1,8 +1,8 @@
 """The CPU native library as a `lsjax.backends` backend: its products, fused routed term and head.
 
 Every call runs the native code where it can (the library built, a CPU, fp32, at most
-`lsjax.native.MAX_ROWS` rows: decoding) and XLA's form otherwise, so a step over any input still
-runs. `prepare` asks the kernel to back the decoded arrays with huge pages (`hugepages`).
+`lsjax.native.MAX_ROWS` rows, or `MAX_ROUTED_ROWS` for the routed group: decoding and short prefill
+chunks) and XLA's form otherwise, so a step over any input still runs. `prepare` asks the kernel to back the decoded arrays with huge pages (`hugepages`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class NativeBackend:
 
     name: str = "native"
     prefers_fused: bool = True
-    fused_rows: int = native.MAX_ROWS  # a short prefill chunk runs the fused kernel too (`lsjax.strategies`)
+    fused_rows: int = native.MAX_ROUTED_ROWS  # a short prefill chunk runs the fused kernel too (`lsjax.strategies`)
     huge_pages: bool = True  # back the decoded arrays with transparent huge pages where the OS allows
     gather_once: bool = False  # `unmerged`'s routed term in XLA:CPU's faster forms (`XlaBackend`)
     one_expand: bool = False

@@ -7,13 +7,14 @@
 
 A fixed number of slots share one KV cache `[slots, ..., max_len]` in which every row has its own
 length (where its next token is written). Each loop of the engine's thread prefills waiting
-requests in fixed-size chunks into a one-row cache of the same capacity (so one compiled prefill
-serves every prompt length), copies a finished prefill into a free slot, and decodes one token for
-every slot with the strategy's own step (the one `Generator` runs). A finished or cancelled request
-frees its slot before the next step. Each request brings its own sampling (temperature, top-k,
-top-p, seed), stops, length and logprobs as per-row arrays, so after `warmup()` no mix of requests
-compiles anything again. Every token of every row is routed on its own (switch): rows never
-constrain each other's experts.
+requests in fixed-size chunks into a small cache of the same capacity (so one compiled prefill
+serves every prompt length; prompts of the same padded length waiting together share the call, 1,
+2, 4... rows, since a longer product costs less per token), copies each finished row into a free
+slot, and decodes one token for every slot with the strategy's own step (the one `Generator`
+runs). A finished or cancelled request frees its slot before the next step. Each request brings
+its own sampling (temperature, top-k, top-p, seed), stops, length and logprobs as per-row arrays,
+so after `warmup()` no mix of requests compiles anything again. Every token of every row is
+routed on its own (switch): rows never constrain each other's experts.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ class EngineConfig:
     """`slots`: rows decoded together; `max_len`: cache columns per row (a request's prompt plus its
     tokens must fit); `prefill_chunk`: prompt tokens per prefill call (prompts are padded to a
     multiple); `prefill_chunks_per_step`: prefill calls between two decode steps (bounds the
-    pause a long prompt puts on the running rows)."""
+    pause a long prompt puts on the running rows); `prefill_rows`: the most prompts one prefill
+    call takes (a power of two; calls are compiled for 1, 2, 4... rows up to it)."""
 
     slots: int = 8
     max_len: int = 512
     prefill_chunk: int = 64
     prefill_chunks_per_step: int = 2
+    prefill_rows: int = 4
 
     def __post_init__(self):
         check(is_int(self.slots, 1), "slots", self.slots, "an integer >= 1")
@@ -60,6 +63,14 @@ class EngineConfig:
               f"an integer >= 2 and a multiple of prefill_chunk ({self.prefill_chunk})")
         check(is_int(self.prefill_chunks_per_step, 1), "prefill_chunks_per_step", self.prefill_chunks_per_step,
               "an integer >= 1")
+        check(is_int(self.prefill_rows, 1) and self.prefill_rows & (self.prefill_rows - 1) == 0, "prefill_rows",
+              self.prefill_rows, "a power of two >= 1")
+
+    def group_sizes(self) -> tuple[int, ...]:
+        """The prefill call sizes (rows) this configuration compiles: powers of two up to
+        `prefill_rows` and `slots`."""
+        limit = min(self.prefill_rows, self.slots)
+        return tuple(1 << i for i in range(limit.bit_length()) if 1 << i <= limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +162,19 @@ class Handle:
 
 
 @dataclasses.dataclass
+class _Prefill:
+    """Prompts being prefilled together: their handles (None once cancelled), left-padded ids and
+    mask [rows, width], their cache, the columns done, and the last chunk's outputs."""
+
+    handles: list[Handle | None]
+    ids: np.ndarray
+    mask: np.ndarray
+    cache: KVCache
+    done: int = 0
+    outputs: tuple | None = None
+
+
+@dataclasses.dataclass
 class _Row:
     """A slot's request: tokens left, its text so far, its stop ids."""
 
@@ -159,6 +183,13 @@ class _Row:
     text: TextStream
     stops: frozenset[int]
     count: int = 0
+
+
+def _sampling_arrays(handles: list[Handle | None]) -> tuple[np.ndarray, ...]:
+    """Each row's seed, temperature, top-k and top-p (an empty row: greedy)."""
+    sampling = [h.request.sampling if h is not None else SamplingConfig() for h in handles]
+    return (np.array([s.seed for s in sampling], np.int32), np.array([s.temperature for s in sampling], np.float32),
+            np.array([s.top_k for s in sampling], np.int32), np.array([s.top_p for s in sampling], np.float32))
 
 
 # -- pure device functions ---------------------------------------------------------------------------------
@@ -192,27 +223,29 @@ def decode_rows(step, bundle, tokens, cache, seeds, counters, temperature, top_k
     return (nxt, *scored(logits, nxt)), cache
 
 
-def prefill_chunk(prefill, bundle, ids, mask, cache, seed, temperature, top_k, top_p):
-    """One chunk of a prompt into its one-row cache; the token sampled from the chunk's last logits
-    (used after the last chunk: a request's first token)."""
+def prefill_chunk(prefill, bundle, ids, mask, cache, seeds, temperature, top_k, top_p):
+    """One chunk of each prompt of a group into its cache; each row's token sampled from the chunk's
+    last logits (used after the last chunk: a request's first token)."""
     logits, cache = prefill(bundle, ids, mask, cache)
-    first = sample_rows(logits, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
+    first = sample_rows(logits, seeds, jnp.zeros_like(seeds), temperature, top_k, top_p)
     return (first, *scored(logits, first)), cache
 
 
-def insert_row(cache: KVCache, row: KVCache, slot) -> KVCache:
-    """A prefilled one-row cache copied into `slot` (its columns, positions, validity and length)."""
+def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
+    """Row `index` of a prefilled group's cache copied into `slot` (its columns, positions, validity
+    and length)."""
     def place(buf, row_buf):
         axis = buf.ndim - 4  # the row axis of [B, KV, T, D], or of [L, B, KV, T, D] (stacked)
-        return jax.lax.dynamic_update_index_in_dim(buf, jnp.take(row_buf, 0, axis=axis), slot, axis)
+        row = jax.lax.dynamic_index_in_dim(row_buf, index, axis, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(buf, row, slot, axis)
 
     def each(mine, theirs):
         if isinstance(mine, LayerTuple):
             return LayerTuple(place(x, y) for x, y in zip(mine, theirs))
         return place(mine, theirs)
 
-    return KVCache(each(cache.k, row.k), each(cache.v, row.v), cache.positions.at[slot].set(row.positions[0]),
-                   cache.valid.at[slot].set(row.valid[0]), cache.length.at[slot].set(row.length))
+    return KVCache(each(cache.k, rows.k), each(cache.v, rows.v), cache.positions.at[slot].set(rows.positions[index]),
+                   cache.valid.at[slot].set(rows.valid[index]), cache.length.at[slot].set(rows.length))
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,7 +284,7 @@ class Engine:
         self.rows: list[_Row | None] = [None] * config.slots
         self.tokens = np.zeros(config.slots, np.int32)
         self.waiting: collections.deque[Handle] = collections.deque()
-        self.prefilling: list | None = None  # [handle, ids, mask, row cache, next chunk, last outputs]
+        self.prefilling: _Prefill | None = None
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -312,11 +345,17 @@ class Engine:
             self.thread = None
 
     def warmup(self) -> None:
-        """Compile everything a mix of requests needs (prefill chunks, insertion, the step, sampled and
-        greedy) by serving two small requests."""
+        """Compile everything a mix of requests needs (prefill chunks of every group size, insertion,
+        the step, sampled and greedy) by serving small requests: for each group size, that many at
+        once."""
         sampled = SamplingConfig(temperature=1.0, top_k=5, top_p=0.9)
-        for sampling in (SamplingConfig(), sampled):
-            self.submit(Request((self.pad,), max_tokens=3, sampling=sampling, stop_ids=())).result()
+        for size in self.config.group_sizes():
+            with self.wake:  # queued together, so they are prefilled together
+                handles = [self.submit(Request((self.pad,), max_tokens=3, stop_ids=(),
+                                               sampling=sampled if i % 2 else SamplingConfig()))
+                           for i in range(size)]
+            for handle in handles:
+                handle.result()
 
     def compile_count(self) -> int:
         return sum(f._cache_size() for f in self.fns.values())
@@ -328,7 +367,8 @@ class Engine:
         steps = list(self.step_seconds)
         return {"requests_total": self.stats["requests"], "tokens_total": self.stats["tokens"],
                 "steps_total": self.stats["steps"], "active_slots": self.active(), "slots": self.config.slots,
-                "queue_depth": len(self.waiting) + (self.prefilling is not None),
+                "queue_depth": len(self.waiting) + (0 if self.prefilling is None else
+                                                    sum(h is not None for h in self.prefilling.handles)),
                 "step_seconds_mean": float(np.mean(steps)) if steps else 0.0,
                 "step_seconds_p99": float(np.percentile(steps, 99)) if steps else 0.0}
 
@@ -355,7 +395,7 @@ class Engine:
         with self.wake:
             pending = [r.handle for r in self.rows if r is not None] + list(self.waiting)
             if self.prefilling is not None:
-                pending.append(self.prefilling[0])
+                pending += [h for h in self.prefilling.handles if h is not None]
             self.rows = [None] * self.config.slots
             self.waiting.clear()
             self.prefilling = None
@@ -372,9 +412,14 @@ class Engine:
                 self.waiting.remove(h)
         for h in cancelled:
             h.deliver(Event(None, "", finish_reason="cancelled"))
-        if self.prefilling is not None and self.prefilling[0].cancelled.is_set():
-            self.prefilling[0].deliver(Event(None, "", finish_reason="cancelled"))
-            self.prefilling = None
+        if self.prefilling is not None:
+            handles = self.prefilling.handles
+            for i, h in enumerate(handles):
+                if h is not None and h.cancelled.is_set():
+                    handles[i] = None
+                    h.deliver(Event(None, "", finish_reason="cancelled"))
+            if all(h is None for h in handles):
+                self.prefilling = None
 
     def _free(self, slot: int, event: Event) -> None:
         handle = self.rows[slot].handle
@@ -384,48 +429,57 @@ class Engine:
     def _admit(self) -> None:
         chunk = self.config.prefill_chunk
         for _ in range(self.config.prefill_chunks_per_step):
-            if self.prefilling is None:
-                if None not in self.rows:
-                    return
-                with self.wake:
-                    if not self.waiting:
-                        return
-                    handle = self.waiting.popleft()
-                request = handle.request
-                ids, mask = left_pad([request.prompt], self.pad, self.padded(len(request.prompt)))
-                self.prefilling = [handle, ids, mask, jax.device_put(self._empty(1), self.device), 0, None]
-            handle, ids, mask, row, done, _ = self.prefilling
-            if done < ids.shape[1]:
-                s = handle.request.sampling
-                outputs, row = self.fns["prefill"](
-                    self.generator.bundle, ids[:, done:done + chunk], mask[:, done:done + chunk], row,
-                    np.int32(s.seed), np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
-                self.prefilling = [handle, ids, mask, row, done + chunk, outputs]
-            if self.prefilling[4] >= ids.shape[1]:
+            if self.prefilling is None and not self._start_group():
+                return
+            group = self.prefilling
+            if group.done < group.ids.shape[1]:
+                at = slice(group.done, group.done + chunk)
+                seeds, temperature, top_k, top_p = _sampling_arrays(group.handles)
+                group.outputs, group.cache = self.fns["prefill"](
+                    self.generator.bundle, group.ids[:, at], group.mask[:, at], group.cache, seeds, temperature, top_k,
+                    top_p)
+                group.done += chunk
+            if group.done >= group.ids.shape[1]:
                 self._insert()
 
+    def _start_group(self) -> bool:
+        """Take the first waiting request and those behind it with the same padded prompt length, as
+        many as a compiled group size, free slots and `prefill_rows` allow."""
+        free = self.rows.count(None)
+        with self.wake:
+            if not free or not self.waiting:
+                return False
+            width = self.padded(len(self.waiting[0].request.prompt))
+            fits = [h for h in self.waiting if self.padded(len(h.request.prompt)) == width]
+            size = max(s for s in self.config.group_sizes() if s <= min(free, len(fits)))
+            handles = fits[:size]
+            for h in handles:
+                self.waiting.remove(h)
+        ids, mask = left_pad([h.request.prompt for h in handles], self.pad, width)
+        self.stats["grouped"] += size > 1
+        self.prefilling = _Prefill(handles, ids, mask, jax.device_put(self._empty(size), self.device))
+        return True
+
     def _insert(self) -> None:
-        handle, _, _, row, _, outputs = self.prefilling
-        request = handle.request
-        slot = self.rows.index(None)
-        self.cache = self.fns["insert"](self.cache, row, jnp.int32(slot))
-        self.prefilling = None
-        self.stats["inserted"] += 1
-        stops = frozenset(self.default_stops if request.stop_ids is None else request.stop_ids)
-        self.rows[slot] = _Row(handle, request.max_tokens, TextStream(self.tokenizer, request.stop_strings), stops)
-        token, logprob, top_ids, top_logp = (np.asarray(x)[0] for x in outputs)
-        self._emit(slot, token, logprob, top_ids, top_logp)
+        group, self.prefilling = self.prefilling, None
+        outputs = [np.asarray(x) for x in group.outputs]
+        for index, handle in enumerate(group.handles):
+            if handle is None:  # cancelled while prefilling
+                continue
+            request = handle.request
+            slot = self.rows.index(None)
+            self.cache = self.fns["insert"](self.cache, group.cache, jnp.int32(slot), jnp.int32(index))
+            self.stats["inserted"] += 1
+            stops = frozenset(self.default_stops if request.stop_ids is None else request.stop_ids)
+            self.rows[slot] = _Row(handle, request.max_tokens, TextStream(self.tokenizer, request.stop_strings), stops)
+            self._emit(slot, *(x[index] for x in outputs))
 
     def _decode(self) -> None:
-        sampling = [r.handle.request.sampling if r is not None else SamplingConfig() for r in self.rows]
+        seeds, temperature, top_k, top_p = _sampling_arrays([r.handle if r is not None else None for r in self.rows])
+        counters = np.array([r.count if r is not None else 0 for r in self.rows], np.int32)
         start = time.perf_counter()
-        outputs, self.cache = self.fns["decode"](
-            self.generator.bundle, self.tokens, self.cache,
-            np.array([s.seed for s in sampling], np.int32),
-            np.array([r.count if r is not None else 0 for r in self.rows], np.int32),
-            np.array([s.temperature for s in sampling], np.float32),
-            np.array([s.top_k for s in sampling], np.int32),
-            np.array([s.top_p for s in sampling], np.float32))
+        outputs, self.cache = self.fns["decode"](self.generator.bundle, self.tokens, self.cache, seeds, counters,
+                                                 temperature, top_k, top_p)
         tokens, logprobs, top_ids, top_logp = jax.device_get(outputs)
         self.step_seconds.append(time.perf_counter() - start)
         self.stats["steps"] += 1
