@@ -9,9 +9,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # run): many tests compile the same small models' steps.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Tests run small models whose time goes to compiling, not running: XLA's backend compiles without
+# LLVM's optimisations (about half the compile time; the same arithmetic). Subprocesses inherit it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+
+def shared_folder(tmp_path_factory, name: str, build) -> tuple[Path, object]:
+    """A folder `build(folder)` fills once per test run, shared by every pytest-xdist worker (their
+    temporary folders have one parent): `(folder, what build returned, or None in the workers that
+    found it built)`."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if (folder / ".built").exists():
+            return folder, None
+        built = build(folder)
+        (folder / ".built").touch()
+        return folder, built
 
 
 @pytest.fixture(scope="session")
@@ -23,21 +45,39 @@ def gguf_path():
 
 
 @pytest.fixture(scope="session")
-def reference_model(gguf_path):
-    """transformers' own GGUF loading of the same file: the independent fp32 reference."""
+def reference_model(gguf_path, tmp_path_factory):
+    """transformers' own GGUF loading of the same file: the independent fp32 reference (loaded from
+    the GGUF once per run; the other workers read the model it made, saved as safetensors)."""
     import torch
     import transformers
+    from safetensors.torch import load_model, save_model
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+    def build(folder):  # (a GGUF-loaded model refuses save_pretrained: its tensors are saved as they are)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                                dtype=torch.float32)
+        folder.mkdir(parents=True, exist_ok=True)
+        ref.config.to_json_file(folder / "config.json")
+        ref.generation_config.save_pretrained(folder)
+        save_model(ref, str(folder / "model.safetensors"))
+        return ref
+
+    folder, ref = shared_folder(tmp_path_factory, "smollm2-transformers", build)
+    if ref is None:
+        ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(folder)),
                                                             dtype=torch.float32)
+        load_model(ref, str(folder / "model.safetensors"))
+        ref.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
     return ref.eval()
 
 
 @pytest.fixture(scope="session")
 def smollm2_ckpt(gguf_path, tmp_path_factory):
+    """The embedded GGUF converted by `lsjax.convert` (once per run, shared by the workers)."""
     from lsjax.convert import convert_gguf
 
-    return convert_gguf(gguf_path, tmp_path_factory.mktemp("smollm2") / "ckpt", progress=False)
+    folder, _ = shared_folder(tmp_path_factory, "smollm2",
+                              lambda folder: convert_gguf(gguf_path, folder / "ckpt", progress=False))
+    return folder / "ckpt"
 
 
 @pytest.fixture(scope="session")

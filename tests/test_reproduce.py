@@ -51,13 +51,17 @@ def _direct_accuracy(ckpt: Path, adapter_dir: Path, task: str, limit: int) -> fl
     model, tok = lsjax.load(ckpt, dtype="float32")
     adapter = open_adapter(adapter_dir, model.config)
     encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # a few compiled forwards: each choice right-padded to a multiple of 64 tokens, which leaves a
+    # causal model's logits at the real positions as they are
+    forward = jax.jit(lambda ids: adapted_forward(model.config, model.params(), adapter.config, adapter.arrays(),
+                                                  ids)[0])
     correct = []
     for doc in load_docs([task], "heldout", limit)[task]:
         scores = []
         for i in range(doc.num_choices):
             ctx, cont = encode_pair(encode, *doc.choice(i), prefix_token_id(tok))
-            ids = jnp.asarray([list(ctx) + list(cont)[:-1]], jnp.int32)
-            logits, _ = adapted_forward(model.config, model.params(), adapter.config, adapter.arrays(), ids)
+            ids = list(ctx) + list(cont)[:-1]
+            logits = forward(jnp.asarray([ids + [0] * (-len(ids) % 64)], jnp.int32))
             logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
             scores.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
         correct.append(int(np.argmax(scores)) == doc.gold)
