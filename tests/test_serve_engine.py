@@ -84,10 +84,14 @@ def test_sampling_depends_only_on_the_request(engine):
 
 
 def test_logprobs_stops_and_text(engine):
-    """Logprobs, stop ids and stop strings as `Generator` gives them; alternatives are the likeliest tokens."""
+    """Logprobs (asked by one row of a crowd), stop ids and stop strings as `Generator` gives them;
+    alternatives are the likeliest tokens."""
     request = Request((9, 10, 11), max_tokens=10, stop_ids=(), logprobs=3)
-    got = engine.submit(request)
+    with engine.wake:  # queued with two requests that want no logprobs
+        got = engine.submit(request)
+        others = [engine.submit(Request((12, 13, 14), max_tokens=10, stop_ids=())) for _ in range(2)]
     events = list(got)
+    assert all(o.result(timeout=60).logprobs is None for o in others)
     want = alone(engine.generator, request, logprobs=True)
     np.testing.assert_allclose([e.logprob for e in events], want.logprobs[0], atol=1e-4)
     for e in events:

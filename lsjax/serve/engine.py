@@ -39,7 +39,7 @@ from lsjax.sampling import SamplingConfig, sample
 from lsjax.textstream import TextStream
 from lsjax.validate import check, is_int
 
-TOP_LOGPROBS = 5  # the most alternatives a request may ask for (computed for every row each step)
+TOP_LOGPROBS = 5  # the most alternatives a request may ask for (computed for every row of a step that any wants)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,11 +185,13 @@ class _Row:
     count: int = 0
 
 
-def _sampling_arrays(handles: list[Handle | None]) -> tuple[np.ndarray, ...]:
-    """Each row's seed, temperature, top-k and top-p (an empty row: greedy)."""
+def _row_settings(handles: list[Handle | None]) -> tuple[np.ndarray, ...]:
+    """Each row's seed, temperature, top-k, top-p and whether it wants logprobs (an empty row: greedy,
+    none)."""
     sampling = [h.request.sampling if h is not None else SamplingConfig() for h in handles]
     return (np.array([s.seed for s in sampling], np.int32), np.array([s.temperature for s in sampling], np.float32),
-            np.array([s.top_k for s in sampling], np.int32), np.array([s.top_p for s in sampling], np.float32))
+            np.array([s.top_k for s in sampling], np.int32), np.array([s.top_p for s in sampling], np.float32),
+            np.array([h is not None and h.request.logprobs is not None for h in handles]))
 
 
 # -- pure device functions ---------------------------------------------------------------------------------
@@ -209,26 +211,35 @@ def sample_rows(logits, seeds, counters, temperature, top_k, top_p):
                         logits, seeds, counters, temperature, top_k, top_p)
 
 
-def scored(logits, tokens):
-    """Each row's token log-probability and its TOP_LOGPROBS likeliest alternatives."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_logp
+def scored(logits, tokens, wanted):
+    """Each row's token log-probability and its TOP_LOGPROBS likeliest alternatives; zeros when no
+    row is `wanted` (a log-softmax and top-k over the vocabulary skipped)."""
+    def score(logits, tokens):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+        return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_logp
+
+    def skip(logits, tokens):
+        rows = tokens.shape[0]
+        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, TOP_LOGPROBS), jnp.int32),
+                jnp.zeros((rows, TOP_LOGPROBS), jnp.float32))
+
+    return jax.lax.cond(jnp.any(wanted), score, skip, logits, tokens)
 
 
-def decode_rows(step, bundle, tokens, cache, seeds, counters, temperature, top_k, top_p):
+def decode_rows(step, bundle, tokens, cache, seeds, counters, temperature, top_k, top_p, wanted):
     """One decode step for every slot: next tokens, their logprobs and alternatives, the cache."""
     logits, cache = step(bundle, tokens, cache)
     nxt = sample_rows(logits, seeds, counters, temperature, top_k, top_p)
-    return (nxt, *scored(logits, nxt)), cache
+    return (nxt, *scored(logits, nxt, wanted)), cache
 
 
-def prefill_chunk(prefill, bundle, ids, mask, cache, seeds, temperature, top_k, top_p):
+def prefill_chunk(prefill, bundle, ids, mask, cache, seeds, temperature, top_k, top_p, wanted):
     """One chunk of each prompt of a group into its cache; each row's token sampled from the chunk's
     last logits (used after the last chunk: a request's first token)."""
     logits, cache = prefill(bundle, ids, mask, cache)
     first = sample_rows(logits, seeds, jnp.zeros_like(seeds), temperature, top_k, top_p)
-    return (first, *scored(logits, first)), cache
+    return (first, *scored(logits, first, wanted)), cache
 
 
 def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
@@ -434,10 +445,9 @@ class Engine:
             group = self.prefilling
             if group.done < group.ids.shape[1]:
                 at = slice(group.done, group.done + chunk)
-                seeds, temperature, top_k, top_p = _sampling_arrays(group.handles)
                 group.outputs, group.cache = self.fns["prefill"](
-                    self.generator.bundle, group.ids[:, at], group.mask[:, at], group.cache, seeds, temperature, top_k,
-                    top_p)
+                    self.generator.bundle, group.ids[:, at], group.mask[:, at], group.cache,
+                    *_row_settings(group.handles))
                 group.done += chunk
             if group.done >= group.ids.shape[1]:
                 self._insert()
@@ -475,11 +485,11 @@ class Engine:
             self._emit(slot, *(x[index] for x in outputs))
 
     def _decode(self) -> None:
-        seeds, temperature, top_k, top_p = _sampling_arrays([r.handle if r is not None else None for r in self.rows])
+        seeds, temperature, top_k, top_p, wanted = _row_settings([r and r.handle for r in self.rows])
         counters = np.array([r.count if r is not None else 0 for r in self.rows], np.int32)
         start = time.perf_counter()
         outputs, self.cache = self.fns["decode"](self.generator.bundle, self.tokens, self.cache, seeds, counters,
-                                                 temperature, top_k, top_p)
+                                                 temperature, top_k, top_p, wanted)
         tokens, logprobs, top_ids, top_logp = jax.device_get(outputs)
         self.step_seconds.append(time.perf_counter() - start)
         self.stats["steps"] += 1
