@@ -6,14 +6,16 @@
                         x [T, K] @ w [K, N] (a projection group's weights side by side: q|k|v,
                         gate|up, or one projection) plus each row's routed LoRA experts for every
                         member of the group; the meaning of
-                        `pallas_kernels.reference.routed_group_matmul_reference`
+                        `pallas_kernels.reference.routed_group_matmul_reference` (one native
+                        call up to `MAX_ROWS` rows; past it XLA's GEMM makes x @ w and a native
+                        call adds the routed term)
 
 Each equals its jnp expression up to float summation order. Under jit each runs the native code
 when it can (library built, a CPU backend, float32 everywhere, at most `MAX_ROWS` rows for the plain
 products, `MAX_ROUTED_ROWS` for the routed group) and the jnp expression (or `otherwise`) when it
-cannot, so callers never branch; on a
-multi-platform lowering `lax.platform_dependent` keeps the jnp route for GPUs. The custom calls
-have no derivative: they are for decoding, and the training forward never uses them.
+cannot, so callers never branch; on a multi-platform lowering `lax.platform_dependent` keeps the
+jnp route for GPUs. The custom calls have no derivative: they are for decoding, and the training
+forward never uses them.
 
 Build the library with `python -m lsjax.native.build` (`make setup` does); `unavailable_reason()`
 says why it is not in use. Products split over the CPUs this process may use (its affinity mask),
@@ -35,10 +37,12 @@ import numpy as np
 SOURCE = Path(__file__).with_name("matvec.cc")
 LIBRARY = Path(__file__).with_name("_matvec.so")
 MAX_ROWS = 16  # more rows than this (prefill) are matrix products: XLA's GEMM wins there
-# The routed group stays native longer: it reads each chosen expert once for all its rows, where
-# XLA's form for many rows is a dense pass over every expert (~1.3x the native call at 32 rows; even at 64).
-MAX_ROUTED_ROWS = 32
-TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT", "lsjax_routed_group": "LsjaxRoutedGroup"}
+# The routed term stays native longer (past MAX_ROWS beside XLA's GEMM for x @ W): it reads each
+# chosen expert once for all the rows that chose it, where XLA's form for many rows is a dense pass
+# over every expert (a 64-token switch prefill of SmolLM2: 138 vs 176 ms).
+MAX_ROUTED_ROWS = 64
+TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT", "lsjax_routed_group": "LsjaxRoutedGroup",
+           "lsjax_routed_add": "LsjaxRoutedAdd"}
 THREADS_SYMBOL = "LsjaxNativeThreads"
 
 
@@ -142,11 +146,14 @@ def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: ja
         return fallback(x, w, a, b, ids, gates)
 
     flat = np.asarray(members, np.int64).reshape(-1)
-    native = jax.ffi.ffi_call("lsjax_routed_group", jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))
+    shape = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    fused = x.shape[0] <= MAX_ROWS  # past it XLA's GEMM makes x @ W and the call adds the routed term
+    native = jax.ffi.ffi_call("lsjax_routed_group" if fused else "lsjax_routed_add", shape)
 
     def cpu(x, w, a, b, ids, gates):
         if a.ndim == 3:  # no layer axis: a free one
             a, b = a[None], b[None]
-        return native(x, w, a, b, ids.astype(jnp.int32), gates, layer=np.int64(index), members=flat)
+        base = w if fused else jnp.matmul(x, w, preferred_element_type=jnp.float32)
+        return native(x, base, a, b, ids.astype(jnp.int32), gates, layer=np.int64(index), members=flat)
 
     return jax.lax.platform_dependent(x, w, a, b, ids, gates, cpu=cpu, default=fallback)

@@ -2,7 +2,8 @@
 
 Every call runs the native code where it can (the library built, a CPU, fp32, at most
 `lsjax.native.MAX_ROWS` rows, or `MAX_ROUTED_ROWS` for the routed group: decoding and short prefill
-chunks) and XLA's form otherwise, so a step over any input still runs. `prepare` asks the kernel to back the decoded arrays with huge pages (`hugepages`).
+chunks) and XLA's form otherwise, so a step over any input still runs. `prepare` asks the kernel
+to back the decoded arrays with huge pages (`hugepages`).
 """
 
 from __future__ import annotations

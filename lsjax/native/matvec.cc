@@ -13,6 +13,7 @@
 //       y[t, w_s : w_s + n_s] += sum_j g[t, r, j] * (x[t] @ A[l, e][:, s*R : (s+1)*R]) @ B[l, e][:, b_s : b_s + n_s]
 //       with e = ids[t, r, j], r = s (a route per member) or 0 (one route for every member), l = `layer`,
 //       (w_s, b_s, n_s) = member s of the `members` attribute.
+//   lsjax_routed_add:    the same with y0 = x @ W given (computed elsewhere: XLA's GEMM, for many rows)
 //
 // Work is split in two phases over a small pool of spinning threads: rows of W (K) split across
 // threads into partial sums, then columns (N) split to reduce the partials and add the B term. An
@@ -242,12 +243,13 @@ struct Use {
   float gate;  // summed over the row's picks of this expert on this route
 };
 
-// One call: y = x @ W, plus the routed term when `groups` is not empty. Pointer tables are built by
-// the calling thread so that the pool's workers only compute.
+// One call: y = x @ W (or y = y0, x @ W given), plus the routed term when `groups` is not empty.
+// Pointer tables are built by the calling thread so that the pool's workers only compute.
 struct Problem {
-  const float* x = nullptr;  // [T, K]
-  const float* w = nullptr;  // [K, N]
-  float* y = nullptr;        // [T, N]
+  const float* x = nullptr;   // [T, K]
+  const float* w = nullptr;   // [K, N], or null with y0
+  const float* y0 = nullptr;  // [T, N]: x @ W computed elsewhere (lsjax_routed_add), or null
+  float* y = nullptr;         // [T, N]
   int64_t T = 0, K = 0, N = 0;
   int parts = 1;
   std::vector<const float*> x_rows;  // [T]: x's rows
@@ -273,9 +275,11 @@ LSJAX_HOT void RowsPhase(void* ctx, int part) {  // each piece: its block of W's
   auto& p = *static_cast<Problem*>(ctx);
   int64_t k0, k1;
   Piece(p.K, part, p.parts, 4, &k0, &k1);
-  float* const* partial = p.partial_rows.data() + part * p.T;
-  for (int64_t t = 0; t < p.T; ++t) std::fill(partial[t], partial[t] + p.N, 0.f);
-  AddProducts(p.x_rows.data(), p.T, p.w, p.N, k0, k1, p.N, partial);
+  if (p.w != nullptr) {
+    float* const* partial = p.partial_rows.data() + part * p.T;
+    for (int64_t t = 0; t < p.T; ++t) std::fill(partial[t], partial[t] + p.N, 0.f);
+    AddProducts(p.x_rows.data(), p.T, p.w, p.N, k0, k1, p.N, partial);
+  }
   if (p.groups.empty()) return;
   const int64_t uses = int64_t(p.uses.size());
   float* const* xa = p.xa_rows.data() + part * uses;
@@ -294,6 +298,11 @@ LSJAX_HOT void ColumnsPhase(void* ctx, int part) {  // each piece: its columns; 
   Piece(p.N, part, p.parts, 16, &n0, &n1);
   for (int64_t t = 0; t < p.T; ++t) {
     float* __restrict y = p.y + t * p.N;
+    if (p.w == nullptr) {
+      const float* given = p.y0 + t * p.N;
+      for (int64_t n = n0; n < n1; ++n) y[n] = given[n];
+      continue;
+    }
     const float* src = p.partial_rows[t];
     for (int64_t n = n0; n < n1; ++n) y[n] = src[n];
     for (int q = 1; q < p.parts; ++q) {
@@ -382,13 +391,13 @@ void Route(Problem& p, const int32_t* ids, const float* gates, int64_t J) {
 
 // Fills the pointer tables and scratch of `p` (its shapes and route set) and runs both phases.
 void Multiply(Problem& p) {
-  int64_t bytes = p.K * p.N;
+  int64_t bytes = p.w != nullptr ? p.K * p.N : p.T * p.N;
   for (const Group& g : p.groups) bytes += p.K * p.xa_width + p.R * p.N;  // an upper bound of the B bytes
   p.parts = Parts(bytes * int64_t(sizeof(float)));
   const int64_t uses = int64_t(p.uses.size());
   p.x_rows.resize(p.T);
   for (int64_t t = 0; t < p.T; ++t) p.x_rows[t] = p.x + t * p.K;
-  p.partial_y.resize(size_t(p.parts * p.T * p.N));
+  p.partial_y.resize(p.w != nullptr ? size_t(p.parts * p.T * p.N) : 0);
   p.partial_rows.resize(size_t(p.parts * p.T));
   for (int64_t i = 0; i < p.parts * p.T; ++i) p.partial_rows[i] = p.partial_y.data() + i * p.N;
   if (uses > 0) {
@@ -433,6 +442,7 @@ ffi::Error Plain(Problem& p, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi
     return Invalid(name + ": result is not float32 [T, N]");
   p.x = static_cast<const float*>(x.untyped_data());
   p.w = static_cast<const float*>(w.untyped_data());
+  p.y0 = nullptr;
   p.y = static_cast<float*>(y->untyped_data());
   p.groups.clear();
   p.uses.clear();
@@ -459,14 +469,9 @@ ffi::Error MatmulTImpl(ffi::AnyBuffer x, ffi::AnyBuffer wt, ffi::Result<ffi::Any
   return ffi::Error::Success();
 }
 
-ffi::Error RoutedGroupImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer ids,
-                           ffi::AnyBuffer gates, ffi::Result<ffi::AnyBuffer> y, int64_t layer,
-                           ffi::Span<const int64_t> members) {
-  const std::string name = "lsjax_routed_group";
-  Problem& p = Scratch();
-  ffi::Error error = Plain(p, x, w, y, name);
-  if (error.failure()) return error;
-
+// The routed term's inputs checked and set in `p` (x, W or y0 and y already set), then the call.
+ffi::Error Routed(Problem& p, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer ids, ffi::AnyBuffer gates,
+                  int64_t layer, ffi::Span<const int64_t> members, const std::string& name) {
   const int64_t S = int64_t(members.size()) / 3;
   if (members.size() == 0 || members.size() % 3 != 0)
     return Invalid(name + ": members must be 1 or more (w_off, b_off, width) triples");
@@ -510,6 +515,36 @@ ffi::Error RoutedGroupImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer a,
   return ffi::Error::Success();
 }
 
+ffi::Error RoutedGroupImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer ids,
+                           ffi::AnyBuffer gates, ffi::Result<ffi::AnyBuffer> y, int64_t layer,
+                           ffi::Span<const int64_t> members) {
+  Problem& p = Scratch();
+  ffi::Error error = Plain(p, x, w, y, "lsjax_routed_group");
+  if (error.failure()) return error;
+  return Routed(p, a, b, ids, gates, layer, members, "lsjax_routed_group");
+}
+
+// y = y0 + the routed term, y0 = x @ W computed elsewhere (XLA's GEMM wins the plain product for
+// many rows; this reads each chosen expert once for all the rows that chose it).
+ffi::Error RoutedAddImpl(ffi::AnyBuffer x, ffi::AnyBuffer y0, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer ids,
+                         ffi::AnyBuffer gates, ffi::Result<ffi::AnyBuffer> y, int64_t layer,
+                         ffi::Span<const int64_t> members) {
+  const std::string name = "lsjax_routed_add";
+  if (!IsF32(x, 2) || !IsF32(y0, 2) || y0.dimensions()[0] != x.dimensions()[0])
+    return Invalid(name + ": expected float32 x [T, K] and y0 [T, N]");
+  if (!IsF32(*y, 2) || y->dimensions()[0] != y0.dimensions()[0] || y->dimensions()[1] != y0.dimensions()[1])
+    return Invalid(name + ": result is not float32 [T, N]");
+  Problem& p = Scratch();
+  p.T = x.dimensions()[0];
+  p.K = x.dimensions()[1];
+  p.N = y0.dimensions()[1];
+  p.x = static_cast<const float*>(x.untyped_data());
+  p.w = nullptr;
+  p.y0 = static_cast<const float*>(y0.untyped_data());
+  p.y = static_cast<float*>(y->untyped_data());
+  return Routed(p, a, b, ids, gates, layer, members, name);
+}
+
 }  // namespace
 
 // The pool's thread count (lsjax.native.threads()).
@@ -525,6 +560,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedGroup, RoutedGroupImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()  // x [T, K]
                                   .Arg<ffi::AnyBuffer>()  // W [K, N]
+                                  .Arg<ffi::AnyBuffer>()  // A [L, E, K, S*R]
+                                  .Arg<ffi::AnyBuffer>()  // B [L, E, R, Nb]
+                                  .Arg<ffi::AnyBuffer>()  // ids [T, S_r, J] int32
+                                  .Arg<ffi::AnyBuffer>()  // gates [T, S_r, J]
+                                  .Ret<ffi::AnyBuffer>()  // y [T, N]
+                                  .Attr<int64_t>("layer")
+                                  .Attr<ffi::Span<const int64_t>>("members"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedAdd, RoutedAddImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x [T, K]
+                                  .Arg<ffi::AnyBuffer>()  // y0 [T, N] = x @ W
                                   .Arg<ffi::AnyBuffer>()  // A [L, E, K, S*R]
                                   .Arg<ffi::AnyBuffer>()  // B [L, E, R, Nb]
                                   .Arg<ffi::AnyBuffer>()  // ids [T, S_r, J] int32
