@@ -556,26 +556,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmul, MatmulImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmulT, MatmulTImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedGroup, RoutedGroupImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x [T, K]
-                                  .Arg<ffi::AnyBuffer>()  // W [K, N]
-                                  .Arg<ffi::AnyBuffer>()  // A [L, E, K, S*R]
-                                  .Arg<ffi::AnyBuffer>()  // B [L, E, R, Nb]
-                                  .Arg<ffi::AnyBuffer>()  // ids [T, S_r, J] int32
-                                  .Arg<ffi::AnyBuffer>()  // gates [T, S_r, J]
-                                  .Ret<ffi::AnyBuffer>()  // y [T, N]
-                                  .Attr<int64_t>("layer")
-                                  .Attr<ffi::Span<const int64_t>>("members"));
+// Both routed targets take the same arguments; lsjax_routed_add's second is y0 = x @ W [T, N].
+static auto RoutedBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()  // x [T, K]
+      .Arg<ffi::AnyBuffer>()  // W [K, N] (lsjax_routed_group) or y0 [T, N] (lsjax_routed_add)
+      .Arg<ffi::AnyBuffer>()  // A [L, E, K, S*R]
+      .Arg<ffi::AnyBuffer>()  // B [L, E, R, Nb]
+      .Arg<ffi::AnyBuffer>()  // ids [T, S_r, J] int32
+      .Arg<ffi::AnyBuffer>()  // gates [T, S_r, J]
+      .Ret<ffi::AnyBuffer>()  // y [T, N]
+      .Attr<int64_t>("layer")
+      .Attr<ffi::Span<const int64_t>>("members");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedAdd, RoutedAddImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x [T, K]
-                                  .Arg<ffi::AnyBuffer>()  // y0 [T, N] = x @ W
-                                  .Arg<ffi::AnyBuffer>()  // A [L, E, K, S*R]
-                                  .Arg<ffi::AnyBuffer>()  // B [L, E, R, Nb]
-                                  .Arg<ffi::AnyBuffer>()  // ids [T, S_r, J] int32
-                                  .Arg<ffi::AnyBuffer>()  // gates [T, S_r, J]
-                                  .Ret<ffi::AnyBuffer>()  // y [T, N]
-                                  .Attr<int64_t>("layer")
-                                  .Attr<ffi::Span<const int64_t>>("members"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedGroup, RoutedGroupImpl, RoutedBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedAdd, RoutedAddImpl, RoutedBinding());
