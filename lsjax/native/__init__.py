@@ -126,8 +126,9 @@ def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: ja
     columns [w_off, w_off + width). Returns y [T, N].
 
     Where the native call cannot run (no library, not a CPU, not all float32, more than
-    `MAX_ROUTED_ROWS` rows, a traced layer) this is `otherwise(x, w, a, b, ids, gates, layer=layer, members=members)`,
-    which is also the non-CPU branch of a multi-platform lowering. Expert ids outside [0, E) are an
+    `MAX_ROUTED_ROWS` rows, a traced layer) this is
+    `otherwise(x, w, a, b, ids, gates, layer=layer, members=members)`, which is also the non-CPU
+    branch of a multi-platform lowering. Expert ids outside [0, E) are an
     error on the native route (XLA's gather would clamp them).
     """
     members = tuple(tuple(int(v) for v in m) for m in members)

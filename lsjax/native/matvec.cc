@@ -397,9 +397,11 @@ void Multiply(Problem& p) {
   const int64_t uses = int64_t(p.uses.size());
   p.x_rows.resize(p.T);
   for (int64_t t = 0; t < p.T; ++t) p.x_rows[t] = p.x + t * p.K;
-  p.partial_y.resize(p.w != nullptr ? size_t(p.parts * p.T * p.N) : 0);
-  p.partial_rows.resize(size_t(p.parts * p.T));
-  for (int64_t i = 0; i < p.parts * p.T; ++i) p.partial_rows[i] = p.partial_y.data() + i * p.N;
+  if (p.w != nullptr) {  // (with y0 given there are no partial sums of x @ W)
+    p.partial_y.resize(size_t(p.parts * p.T * p.N));
+    p.partial_rows.resize(size_t(p.parts * p.T));
+    for (int64_t i = 0; i < p.parts * p.T; ++i) p.partial_rows[i] = p.partial_y.data() + i * p.N;
+  }
   if (uses > 0) {
     p.use_x.resize(uses);
     for (int64_t u = 0; u < uses; ++u) p.use_x[u] = p.x + p.uses[u].row * p.K;
