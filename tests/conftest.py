@@ -1,3 +1,5 @@
+import importlib.util
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -9,11 +11,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # run): many tests compile the same small models' steps.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-# Tests run small models whose time goes to compiling, not running: XLA's backend compiles without
-# LLVM's optimisations (about half the compile time; the same arithmetic). Subprocesses inherit it.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def _fast_compile_flags() -> list[str]:
+    """Tests run small models whose time goes to compiling, not running. XLA's backend compiles
+    without LLVM's optimisations (about half the compile time), and XLA:CPU's elemental emitters
+    compile in ~40% less time than its fusion emitters: the same operations either way. XLA aborts
+    on a flag it does not know, so the second is passed only where this jaxlib's library names it."""
+    flags = ["--xla_backend_optimization_level=0"]
+    spec = importlib.util.find_spec("jaxlib")
+    library = Path(spec.submodule_search_locations[0]) / "libjax_common.so" if spec else None
+    if library is not None and library.is_file():
+        with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
+            if text.find(b"xla_cpu_use_fusion_emitters") >= 0:
+                flags.append("--xla_cpu_use_fusion_emitters=false")
+    return flags
+
+
+# Subprocesses (and pytest-xdist's workers) inherit them.
+for _flag in _fast_compile_flags():
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
