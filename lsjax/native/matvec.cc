@@ -298,9 +298,10 @@ LSJAX_HOT void ColumnsPhase(void* ctx, int part) {  // each piece: its columns; 
   Piece(p.N, part, p.parts, 16, &n0, &n1);
   for (int64_t t = 0; t < p.T; ++t) {
     float* __restrict y = p.y + t * p.N;
-    if (p.w == nullptr) {
+    if (p.w == nullptr) {  // y0 given: y is y0's own buffer when the caller aliased them
       const float* given = p.y0 + t * p.N;
-      for (int64_t n = n0; n < n1; ++n) y[n] = given[n];
+      if (given != y)
+        for (int64_t n = n0; n < n1; ++n) y[n] = given[n];
       continue;
     }
     const float* src = p.partial_rows[t];
