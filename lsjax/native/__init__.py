@@ -41,7 +41,6 @@ MAX_ROWS = 16  # more rows than this (prefill) are matrix products: XLA's GEMM w
 # chosen expert once for all the rows that chose it, where XLA's form for many rows is a dense pass
 # over every expert (a 64-token switch prefill of SmolLM2: 138 vs 176 ms).
 MAX_ROUTED_ROWS = 64
-MAX_FUSED_ROWS = 16
 TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT", "lsjax_routed_group": "LsjaxRoutedGroup",
            "lsjax_routed_add": "LsjaxRoutedAdd"}
 THREADS_SYMBOL = "LsjaxNativeThreads"
@@ -149,7 +148,7 @@ def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: ja
 
     flat = np.asarray(members, np.int64).reshape(-1)
     shape = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    fused = x.shape[0] <= MAX_FUSED_ROWS  # past it XLA's GEMM makes x @ W and the call adds the routed term
+    fused = x.shape[0] <= MAX_ROWS  # past it XLA's GEMM makes x @ W and the call adds the routed term
     native = (jax.ffi.ffi_call("lsjax_routed_group", shape) if fused else
               jax.ffi.ffi_call("lsjax_routed_add", shape, input_output_aliases={1: 0}))  # y in y0's buffer
 
