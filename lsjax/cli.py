@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import lsjax
+from lsjax.adapters import open_adapter
+from lsjax.assets import default_gguf_path
 from lsjax.convert import convert_gguf, convert_hf
 from lsjax.errors import exit_status
 from lsjax.eval.harness import add_eval_parser
@@ -15,28 +17,26 @@ from lsjax.eval.latency import add_bench_parser
 from lsjax.eval.serving import add_serve_bench_parser
 from lsjax.generate import Generator
 from lsjax.sampling import SamplingConfig
+from lsjax.serve import Engine, EngineConfig
+from lsjax.serve.server import server
 from lsjax.train.cli import add_train_parser
 
 
 def _convert(args) -> None:
-
     if args.hf:
         out = convert_hf(args.hf, args.out, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)
     else:
         if args.gguf == "default":
-            from lsjax.assets import default_gguf_path
             args.gguf = default_gguf_path()
         out = convert_gguf(args.gguf, args.out, dtype=args.dtype or "float32", allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out}")
 
 
 def _generate(args) -> None:
-
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
     adapter = None
     if args.adapter:
-        from lsjax.adapters import open_adapter
         adapter = open_adapter(args.adapter, model.config)
     generator = Generator(model, tokenizer, adapter, strategy=args.strategy, backend=args.backend)
     reason, arrivals, start = None, [], time.perf_counter()
@@ -57,13 +57,9 @@ def _generate(args) -> None:
 
 
 def _serve(args) -> None:
-    from lsjax.serve import Engine, EngineConfig
-    from lsjax.serve.server import server
-
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
     adapter = None
     if args.adapter:
-        from lsjax.adapters import open_adapter
         adapter = open_adapter(args.adapter, model.config)
     generator = Generator(model, tokenizer, adapter, strategy=args.strategy, backend=args.backend)
     engine = Engine(generator, EngineConfig(slots=args.slots, max_len=args.max_len)).start()

@@ -1,5 +1,7 @@
 """Errors lsjax raises for bad input: each names the file, tensor or field and what was expected."""
 
+import sys
+
 
 class LsjaxError(Exception):
     """Base class: bad input a user can fix (never an internal bug)."""
@@ -24,8 +26,6 @@ class CheckpointError(LsjaxError, ValueError):
 def exit_status(command: str, run) -> int:
     """Run a command-line entry point's body: 0 when it returns, 2 with one line on stderr
     (`<command>: error: ...`) when it raises an `LsjaxError`, never a traceback for bad input."""
-    import sys
-
     try:
         run()
     except LsjaxError as e:

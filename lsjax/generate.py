@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsjax import strategies
+from lsjax.adapters import AdapterError
 from lsjax.backends import resolve_backend
 from lsjax.decode import init_cache, left_pad
 from lsjax.errors import ConfigError
@@ -132,8 +133,6 @@ class Generator:
         self.config = model.config
         adapter_config = None
         if adapter is not None:
-            from lsjax.adapters import AdapterError
-
             adapter_config = adapter.config
             if adapter.model_config != model.config:
                 raise AdapterError("adapter was made for another base model: "

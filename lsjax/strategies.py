@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import decode
+from lsjax.adapters.merge import merge_lora
 from lsjax.adapters.methods import adapted_forward_cached
 from lsjax.adapters.params import adapted_groups, member_layout
 from lsjax.adapters.routing import router_logits, top_k_route
@@ -154,8 +155,6 @@ def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapte
     where a strategy needs weights of its own (`lora` merged folds the adapter into a copy of
     its groups once; `switch` merged keeps a stacked base for its all-layers merge)."""
     if strategy == "merged" and adapter_config.method == "lora":
-        from lsjax.adapters.merge import merge_lora
-
         return {"base": merge_lora(model_config, base, adapter_config, adapter_params), "adapter": None}
     if strategy == "merged" and adapter_config.method == "switch":
         return {"base": stack_layers(base), "adapter": adapter_params}

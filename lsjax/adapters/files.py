@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 from lsjax.adapters.config import AdapterConfig
 from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.params import Adapter, AdapterParams, check_params, grouped, per_projection, per_projection_shapes
+from lsjax.adapters.peft import import_peft
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
 from lsjax.jsonfile import read_json_object
@@ -166,8 +167,6 @@ def open_adapter(folder: str | Path, model_config: ModelConfig) -> Adapter:
     """An adapter folder in either format: lsjax's own, or PEFT's (plain LoRA) by its `peft_type`."""
     path = Path(folder) / CONFIG_FILE
     if path.is_file() and "peft_type" in path.read_text():
-        from lsjax.adapters.peft import import_peft
-
         config, arrays = import_peft(folder, model_config)
         return Adapter.from_arrays(model_config, config, arrays)
     return load_adapter(folder, model_config)

@@ -42,6 +42,7 @@ from typing import Any
 import gguf
 import numpy as np
 from gguf import GGUFValueType
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lsjax.errors import ConversionError
 
@@ -590,8 +591,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _pre_tokenizer(path: pathlib.Path, pre: str) -> Any:
-    from tokenizers import Regex, pre_tokenizers
-
     if pre in _GPT2_PRE:
         return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre in _DIGITS_THEN_GPT2_PRE:
@@ -618,8 +617,6 @@ def _pre_tokenizer(path: pathlib.Path, pre: str) -> Any:
 def _tokenizer_files(
     path: pathlib.Path, reader: Any, metadata: dict[str, Any], config: dict[str, Any]
 ) -> dict[str, str]:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
     kind = metadata.get("tokenizer.ggml.model")
     if kind is None:
         raise ConversionError(f"{path}: metadata key 'tokenizer.ggml.model' is missing; expected 'gpt2'")

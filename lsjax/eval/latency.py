@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 import lsjax
 from lsjax.adapters import Adapter, AdapterConfig
+from lsjax.assets import default_checkpoint
 from lsjax.backends import XLA, native_backend, resolve_backend
 from lsjax.config import SHAPES, ModelConfig, named_config
 from lsjax.convert import export_hf
@@ -83,7 +84,6 @@ def load_model(args):
         return Llama(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype)), None, f"random {args.shape}"
     ckpt = args.ckpt
     if ckpt is None:
-        from lsjax.assets import default_checkpoint
         ckpt = default_checkpoint(Path(args.cache_dir))
     model, tokenizer = lsjax.load(ckpt, dtype=args.dtype)
     return model, tokenizer, str(ckpt)

@@ -24,6 +24,7 @@ from lsjax.adapters import AdapterConfig
 from lsjax.checkpoint import load_params
 from lsjax.config import named_config
 from lsjax.errors import ConfigError, LsjaxError
+from lsjax.jsonfile import write_json
 from lsjax.model import forward, is_shape, param_shapes, stack_layers
 from lsjax.sharding import param_shardings
 from lsjax.train.batches import make_batch
@@ -116,8 +117,6 @@ def run(args) -> list[dict]:
         print(f"| {method} | {t_step:.3f} | {tokens / t_step:.0f} | {fwd_time:.3f} | {t_step / fwd_time:.1f} |",
               flush=True)
     if args.json:
-        from lsjax.jsonfile import write_json
-
         write_json(args.json, {"records": records})
     return records
 
