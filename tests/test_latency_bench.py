@@ -14,7 +14,7 @@ from lsjax.eval.latency import Record, latency_table, random_adapter, time_decod
 
 
 def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
-    make_hf_model(tmp_path / "hf")
+    hf = make_hf_model(tmp_path / "hf")
     convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", "decode", "--ckpt", str(tmp_path / "ckpt"), "--methods", "base,lora,switch",
@@ -36,6 +36,7 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
     base1 = next(r for r in records if r["method"] == "base" and r["batch"] == 1)
     meta = data["meta"]
     assert base1["floor_ms"] > 0 and meta["copy_gb_s"] > 0 and meta["read_gb_s"] > 0
+    assert meta["weight_bytes"] == 4 * sum(p.numel() for p in hf.parameters())  # the floors' bytes: every fp32 weight
     assert abs(meta["floor_ms"] - meta["weight_bytes"] / meta["copy_gb_s"] / 1e6) < 1e-9
     assert abs(meta["read_floor_ms"] - meta["weight_bytes"] / meta["read_gb_s"] / 1e6) < 1e-9
     assert png.stat().st_size > 1000

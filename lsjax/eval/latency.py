@@ -248,11 +248,9 @@ def run(args) -> list[Record]:
 
 def transformers_records(model, args, batches, prompt_len) -> list[Record]:
     """transformers' own greedy `generate` on the same weights, with and without an unmerged PEFT LoRA."""
-
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
