@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf", metavar="DIR", help="folder with config.json, *.safetensors, tokenizer.json")
     source.add_argument("--gguf", metavar="FILE", help="GGUF file, or 'default' for the embedded SmolLM2-135M-Instruct")
     convert.add_argument("--out", required=True, metavar="CKPT", help="checkpoint folder to create (must not exist)")
-    convert.add_argument("--dtype", default=None, help="stored dtype: float32, bfloat16, float16 (default: the source's)")
+    convert.add_argument("--dtype", default=None,
+                         help="stored dtype: float32, bfloat16, float16 (default: the source's)")
     convert.add_argument("--allow-nonfinite", action="store_true",
                          help="convert weights holding NaN or Inf instead of refusing them")
     convert.set_defaults(run=_convert)

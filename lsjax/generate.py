@@ -136,7 +136,8 @@ class Generator:
             adapter_config = adapter.config
             if adapter.model_config != model.config:
                 raise AdapterError("adapter was made for another base model: "
-                                   f"{_shape_summary(adapter.model_config)} vs this model's {_shape_summary(model.config)}")
+                                   f"{_shape_summary(adapter.model_config)} "
+                                   f"vs this model's {_shape_summary(model.config)}")
         self.adapter_config = adapter_config
         params = model.params()
         sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(params))
@@ -153,7 +154,8 @@ class Generator:
     def encode(self, prompts: Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ConfigError("prompts must be a non-empty list of strings or token id lists (got an empty batch)"
-                              if not isinstance(prompts, (str, bytes)) else "prompts must be a list; wrap one prompt in [ ]")
+                              if not isinstance(prompts, (str, bytes))
+                              else "prompts must be a list; wrap one prompt in [ ]")
         if chat:
             self._need_tokenizer("chat=True (the tokenizer's chat template)")
         out = []
@@ -180,7 +182,8 @@ class Generator:
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
-            raise ConfigError(f"{what} needs a tokenizer, and this Generator has none; pass one, or prompts as token ids")
+            raise ConfigError(f"{what} needs a tokenizer, and this Generator has none; "
+                              "pass one, or prompts as token ids")
 
     def _setup(self, prompts, chat, max_new_tokens, sampling, stop_token_ids, stop_strings=()):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -175,7 +175,8 @@ def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path, train_docs:
     timed = steps_this_call(lines, config.steps, resume)
     first_eval = next((x["eval_loss"] for x in lines if x.get("step") == 0 and "eval_loss" in x), None)
     summary = {"method": method, "steps": config.steps, "batch_size": config.batch_size,
-               "max_length": config.data.max_length, "lr": config.optim.lr, "examples": config.steps * config.batch_size,
+               "max_length": config.data.max_length, "lr": config.optim.lr,
+               "examples": config.steps * config.batch_size,
                "train_docs": train_docs, "seconds": round(seconds, 3),
                "resumed": resume, "final_loss": last.get("loss"), "heldout_loss_start": first_eval,
                "heldout_loss_end": last.get("eval_loss"),

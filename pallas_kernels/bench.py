@@ -97,7 +97,7 @@ def rel_err(out, want):
 
 def per_layer(f):
     """jit of f(x, w, A, B, ids, gates, layer) over per-layer weights: one dispatch, L products."""
-    return jax.jit(lambda x, Ws, A, B, ids, gates: [f(x, w, A, B, ids, gates, l) for l, w in enumerate(Ws)])
+    return jax.jit(lambda x, Ws, A, B, ids, gates: [f(x, w, A, B, ids, gates, layer) for layer, w in enumerate(Ws)])
 
 
 def routed_fn(members, implementation, **knobs):

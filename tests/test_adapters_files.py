@@ -137,8 +137,10 @@ def test_missing_extra_and_misshapen_tensors_are_named(saved):
     with pytest.raises(AdapterError, match=r"unexpected tensor 'layers.q.lora_A' \(not used by method 'switch', "
                                            r"targets \['gate', 'up', 'down'\]\)"):
         load_adapter_arrays(folder, config)
-    rewrite(folder, lambda t: (t.pop("layers.q.lora_A"), t.update({"layers.up.lora_B": np.zeros((2, 4, 4, 95), np.float32)})))
-    with pytest.raises(AdapterError, match=r"tensor 'layers.up.lora_B' has shape \[2, 4, 4, 95\]; expected \[2, 4, 4, 96\]"):
+    rewrite(folder, lambda t: (t.pop("layers.q.lora_A"),
+                               t.update({"layers.up.lora_B": np.zeros((2, 4, 4, 95), np.float32)})))
+    with pytest.raises(AdapterError, match=r"tensor 'layers.up.lora_B' has shape \[2, 4, 4, 95\]; "
+                                           r"expected \[2, 4, 4, 96\]"):
         load_adapter_arrays(folder, config)
 
 
@@ -244,7 +246,8 @@ def peft_folder(hf, lora, tmp_path):
     per = per_projection(config, cfg, params)
     q_down = cfg.replace(targets=("q", "down"))
     return export_peft(tmp_path / "peft", config, q_down,
-                       grouped(config, q_down, {"experts": {p: per["experts"][p] for p in ("q", "down")}, "routers": {}}))
+                       grouped(config, q_down,
+                               {"experts": {p: per["experts"][p] for p in ("q", "down")}, "routers": {}}))
 
 
 def edit_config(folder, **changes):
@@ -261,7 +264,8 @@ def edit_config(folder, **changes):
     (dict(target_modules=["q_proj", "lm_head"]), "target_modules entry 'lm_head' is not supported"),
     (dict(target_modules=["q_proj", "down_proj", "k_proj"]),
      "missing tensor 'base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight'"),
-    (dict(target_modules=["down_proj"]), "unexpected tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"),
+    (dict(target_modules=["down_proj"]),
+     "unexpected tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"),
     (dict(r=8), "tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' has shape [4, 64]; "
                 "expected [8, 64]"),
 ])

@@ -55,7 +55,9 @@ def random_experts(config: AdapterConfig, seed: int = 1, b_std: float = 0.1, rou
     enough that routes are far from ties."""
     shapes = per_projection_shapes(mc, config)
     rng = np.random.default_rng(seed)
-    rand = lambda shape, std: (rng.normal(0, std, shape).astype(np.float32) if std else np.zeros(shape, np.float32))
+    def rand(shape, std):
+        return rng.normal(0, std, shape).astype(np.float32) if std else np.zeros(shape, np.float32)
+
     return {"experts": {p: {"a": rand(e["a"], 0.1), "b": rand(e["b"], b_std)} for p, e in shapes["experts"].items()},
             "routers": {n: rand(r, router_std) for n, r in shapes["routers"].items()}}
 
@@ -113,35 +115,35 @@ def np_forward(mc, base, cfg, adapter, ids, mask, mixture="topk"):
         pos = np.arange(n, dtype=np.float64)
         x = base["embed"][toks]
         switch_route = [None] * n
-        for l in range(mc.num_layers):
+        for layer in range(mc.num_layers):
             block_route = [None] * n
 
             def project(kind, h):
-                w = lay[kind][l]
+                w = lay[kind][layer]
                 if kind == "gate" and cfg.method == "blockwise":
                     for t in range(n):
-                        block_route[t] = np_route(h[t], adapter["routers"]["ffn"][l], cfg.top_k, mixture)
+                        block_route[t] = np_route(h[t], adapter["routers"]["ffn"][layer], cfg.top_k, mixture)
                 if kind not in cfg.targets:
                     return h @ w
                 ys = []
                 for t in range(n):
                     if cfg.method == "switch":
                         if switch_route[t] is None:  # the first adapted projection of layer 0
-                            assert l == 0
+                            assert layer == 0
                             switch_route[t] = np_route(h[t], adapter["routers"]["switch"], cfg.top_k, mixture)
                         experts, gates = switch_route[t]
                     elif cfg.method == "layerwise":
-                        experts, gates = np_route(h[t], adapter["routers"][kind][l], cfg.top_k, mixture)
+                        experts, gates = np_route(h[t], adapter["routers"][kind][layer], cfg.top_k, mixture)
                     elif cfg.method == "blockwise" and kind in FFN:
                         experts, gates = block_route[t]
                     else:
                         experts, gates = [0], [1.0]
-                    a, b = adapter["experts"][kind]["a"][l], adapter["experts"][kind]["b"][l]
+                    a, b = adapter["experts"][kind]["a"][layer], adapter["experts"][kind]["b"][layer]
                     w_eff = w + sum(g * s * a[e] @ b[e] for e, g in zip(experts, gates))
                     ys.append(h[t] @ w_eff)
                 return np.stack(ys)
 
-            h = np_rms(x, lay["attn_norm"][l], mc.rms_norm_eps)
+            h = np_rms(x, lay["attn_norm"][layer], mc.rms_norm_eps)
             q = project("q", h).reshape(n, mc.num_heads, mc.head_dim)
             k = project("k", h).reshape(n, mc.num_kv_heads, mc.head_dim)
             v = project("v", h).reshape(n, mc.num_kv_heads, mc.head_dim)
@@ -155,7 +157,7 @@ def np_forward(mc, base, cfg, adapter, ids, mask, mixture="topk"):
                 p = np.exp(scores - scores.max(-1, keepdims=True))
                 attn[:, hd] = (p / p.sum(-1, keepdims=True)) @ vh
             x = x + project("o", attn.reshape(n, -1))
-            h = np_rms(x, lay["mlp_norm"][l], mc.rms_norm_eps)
+            h = np_rms(x, lay["mlp_norm"][layer], mc.rms_norm_eps)
             g = project("gate", h)
             x = x + project("down", g / (1 + np.exp(-g)) * project("up", h))
         h = np_rms(x, base["norm"], mc.rms_norm_eps)
@@ -316,7 +318,8 @@ def test_routed_forward_compiles_once_per_shape(base):
 def test_gradients_reach_only_adapter_and_router_params(base, method):
     cfg = AdapterConfig(method=method, num_experts=4, top_k=2, rank=4, dropout=0.1,
                         router={"jitter": 0.01, "z_loss_coef": 1e-3})
-    model = AdaptedLlama(model_from_params(MC, jax.tree.map(jnp.asarray, held(base))), Adapter(MC, cfg, rngs=nnx.Rngs(0)))
+    model = AdaptedLlama(model_from_params(MC, jax.tree.map(jnp.asarray, held(base))),
+                         Adapter(MC, cfg, rngs=nnx.Rngs(0)))
     model.adapter.load_arrays(random_adapter(cfg))  # B != 0, or A's gradient would be zero
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 

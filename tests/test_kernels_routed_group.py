@@ -64,7 +64,9 @@ def make(group, T, k, S_r=1, E=5, K=40, r=4, L=None, dtype=jnp.float32, seed=0, 
     unused = np.setdiff1d(np.arange(E), ids)
     A[..., unused, :, :] = np.nan
     B[..., unused, :, :] = np.nan
-    cast = lambda a: jnp.asarray(a, dtype)
+    def cast(a):
+        return jnp.asarray(a, dtype)
+
     return (cast(x), cast(W), cast(A), cast(B), jnp.asarray(ids, jnp.int32), jnp.asarray(gates, jnp.float32),
             members)
 

@@ -34,7 +34,9 @@ def make(seed, M=2, E=4, d_in=96, d_out=80, r=8, dtype=jnp.float32):
     W = rng.standard_normal((M, d_in, d_out)) / np.sqrt(d_in)
     A = rng.standard_normal((M, E, d_in, r)) / np.sqrt(d_in)
     B = rng.standard_normal((M, E, r, d_out)) / np.sqrt(r)  # nonzero B: the delta is visible
-    cast = lambda a: jnp.asarray(a, dtype)
+    def cast(a):
+        return jnp.asarray(a, dtype)
+
     return cast(W), cast(A), cast(B)
 
 

@@ -75,7 +75,8 @@ def test_methods_select_strategies_and_refuse_unknown_entries():
 
     assert select_configs("switch/fused,base") == [("base", "-"), ("switch", "fused")]
     assert select_configs("lora") == [("lora", "merged"), ("lora", "unmerged")]
-    assert select_configs(["switch", "switch/merged"]) == [("switch", "unmerged"), ("switch", "fused"), ("switch", "merged")]
+    assert select_configs(["switch", "switch/merged"]) == [("switch", "unmerged"), ("switch", "fused"),
+                                                           ("switch", "merged")]
     for bad, named in [("switch/fast", "'switch/fast'"), ("moe", "'moe'"), ("layerwise/merged", "'layerwise/merged'")]:
         with pytest.raises(ConfigError, match=f"--methods entry {named} is unknown.*switch/fused"):
             select_configs(bad)

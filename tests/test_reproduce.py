@@ -84,7 +84,8 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     records = results["latency"]["records"]
     base = min(r["ms_per_token"] for r in records if r["method"] == "base")  # ratios are to the fastest base
     sw = next(r for r in records if r["method"] == "switch")
-    assert {(r["method"], r["strategy"]) for r in records} == {("base", "-"), ("lora", "merged"), ("switch", "unmerged")}
+    assert {(r["method"], r["strategy"]) for r in records} == {("base", "-"), ("lora", "merged"),
+                                                               ("switch", "unmerged")}
     ours = resolve_backend(None).name  # with another backend than XLA, the XLA base for reference
     assert {r["backend"] for r in records if r["method"] == "base"} == {ours, "xla"}
     assert m["switch"]["decode_ratio_to_base"] == pytest.approx(sw["ms_per_token"] / base)
@@ -121,7 +122,8 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     rp.reproduce(_plan(run_dir), tmp_path / "cache", "test command", ckpt=tiny_ckpt)
     resumed = json.loads((run_dir / "train" / "switch.json").read_text())
     assert resumed["resumed"] and resumed["steps"] == 2 and resumed["steps_timed"] == 1
-    assert resumed["tokens_per_s"] == pytest.approx(1 * 2 * 32 / resumed["seconds"], rel=1e-3, abs=0.01)  # stored rounded
+    assert resumed["tokens_per_s"] == pytest.approx(1 * 2 * 32 / resumed["seconds"], rel=1e-3,
+                                                    abs=0.01)  # stored rounded
     assert rp.train is original_train
 
     with pytest.raises(ConfigError, match=r"another plan.*steps"):
@@ -130,8 +132,10 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
 
 def test_plan_is_validated_eagerly(tmp_path):
     for changes, message in [({"methods": ("lora", "moe")}, "methods: unknown method 'moe'"),
-                             ({"latency_methods": ("base", "nope/merged")}, "latency_methods entry 'nope/merged' is unknown"),
-                             ({"latency_methods": ("base", "lora/fused")}, "latency_methods entry 'lora/fused' is unknown"),
+                             ({"latency_methods": ("base", "nope/merged")},
+                              "latency_methods entry 'nope/merged' is unknown"),
+                             ({"latency_methods": ("base", "lora/fused")},
+                              "latency_methods entry 'lora/fused' is unknown"),
                              ({"tasks": ("arc_easy", "mmlu_pro")}, "'mmlu_pro' is not a known task"),
                              ({"steps": 0}, "steps=0 is invalid"), ({"eval_limit": -1}, "eval_limit=-1"),
                              ({"lr": 0.0}, "lr=0.0 is invalid")]:

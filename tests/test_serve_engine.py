@@ -107,7 +107,8 @@ def test_logprobs_stops_and_text(engine):
     # a stop string: a character first seen after the start of some prompt's greedy text
     for prompt in [(9, 10, 11), (20, 21, 22), (40, 41, 42, 43), (5, 6, 7), (60, 61)]:
         text = engine.generate(Request(prompt, max_tokens=16, stop_ids=())).text
-        needle = next((c for i, c in enumerate(text) if c.isascii() and c.isprintable() and text.find(c) == i > 0), None)
+        needle = next((c for i, c in enumerate(text) if c.isascii() and c.isprintable() and text.find(c) == i > 0),
+                      None)
         if needle:
             break
     assert needle, "no prompt gave text to cut"

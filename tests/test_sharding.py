@@ -57,7 +57,8 @@ SHARDED = textwrap.dedent("""
 def test_load_and_decode_on_8_devices(tmp_path):
     make_hf_model(tmp_path / "hf")
     convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "ckpt")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

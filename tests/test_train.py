@@ -112,8 +112,8 @@ def test_distributed_flags_are_checked(monkeypatch):
 
 
 def test_mesh_and_empty_split_errors():
-    from lsjax.train.config import MeshConfig
     from lsjax.data import load_task
+    from lsjax.train.config import MeshConfig
     from lsjax.train.loop import make_mesh
 
     with pytest.raises(ConfigError, match="only 1 are available"):
@@ -124,9 +124,9 @@ def test_mesh_and_empty_split_errors():
 
 # -- 2. data -----------------------------------------------------------------------------------
 def test_examples_mask_answer_tokens_and_iterator_resumes(tiny_ckpt):
+    from lsjax.data import load_task
     from lsjax.tokenizer import load_tokenizer
     from lsjax.train.batches import BatchIterator, encode_docs, make_batch
-    from lsjax.data import load_task
 
     tok = load_tokenizer(Path(tiny_ckpt) / "tokenizer")
     docs = load_task("arc_easy", "train")[:16]
@@ -273,8 +273,8 @@ def test_resume_refuses_another_config_and_existing_run(tiny_ckpt, tmp_path):
     from lsjax.train.config import load_config
     from lsjax.train.loop import train
 
-    args = [f"model={tiny_ckpt}", *COMMON, "steps=2", f"run_dir={tmp_path}/r", "adapter.method=lora", "adapter.num_experts=1",
-            "eval_every=1", "dtype=bfloat16", "data.eval_accuracy_docs=2"]
+    args = [f"model={tiny_ckpt}", *COMMON, "steps=2", f"run_dir={tmp_path}/r", "adapter.method=lora",
+            "adapter.num_experts=1", "eval_every=1", "dtype=bfloat16", "data.eval_accuracy_docs=2"]
     last = train(load_config(None, args))
     assert last["step"] == 2 and np.isfinite(last["eval_loss"]) and np.isfinite(last["loss"])
     assert last["eval_n"] == 2 and 0 <= last["eval_acc"] <= 1  # held-out accuracy through lsjax.eval.harness
@@ -302,8 +302,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_ckpt, tmp_path, monk
 
     monkeypatch.setattr(loop.Run, "train_step", poisoned)
     config = load_config(None, [f"model={tiny_ckpt}", *COMMON, "steps=5", "checkpoint_every=2",
-                                f"run_dir={tmp_path}/r", "adapter.method=lora", "adapter.num_experts=1", "data.eval_docs=0",
-                                "tensorboard=true"])
+                                f"run_dir={tmp_path}/r", "adapter.method=lora", "adapter.num_experts=1",
+                                "data.eval_docs=0", "tensorboard=true"])
     with pytest.raises(loop.TrainingError, match="non-finite loss.*step 3.*Last good checkpoint: step 2"):
         loop.train(config)
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
@@ -338,7 +338,8 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, jax_cache):
     # the adapter folder the two processes wrote (gathered across them) holds the one-process result
     from safetensors.numpy import load_file
 
-    one_arrays, two_arrays = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "two"))
+    one_arrays, two_arrays = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors")
+                              for run in ("one", "two"))
     assert one_arrays.keys() == two_arrays.keys()
     for key in one_arrays:
         np.testing.assert_allclose(two_arrays[key], one_arrays[key], rtol=1e-4, atol=1e-6)
@@ -346,10 +347,10 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, jax_cache):
 
 def test_jsonl_text_data(tiny_ckpt, tmp_path):
     """Plain-text JSONL: loss on every token after a window's first, hash split, clear errors, trains."""
+    from lsjax.data import load_texts
     from lsjax.tokenizer import load_tokenizer
     from lsjax.train.batches import encode_texts, make_batch
     from lsjax.train.config import load_config
-    from lsjax.data import load_texts
     from lsjax.train.loop import train
 
     path = tmp_path / "lm.jsonl"
@@ -403,8 +404,8 @@ def test_train_bench_times_every_method_from_a_checkpoint_or_a_shape(tiny_ckpt, 
     from lsjax.config import ModelConfig
     from lsjax.eval import latency
     from lsjax.train.bench import main, random_base, random_batch
-    from lsjax.train.loop import make_mesh
     from lsjax.train.config import MeshConfig
+    from lsjax.train.loop import make_mesh
 
     out = tmp_path / "train_bench.json"
     assert main(["--model", str(tiny_ckpt), "--batch", "2", "--length", "8", "--steps", "1",

@@ -70,7 +70,8 @@ def adapted_groups(adapter_config: AdapterConfig) -> tuple[str, ...]:
     return tuple(g for g in PROJECTION_GROUPS if adapted_members(adapter_config, g))
 
 
-def member_layout(model_config: ModelConfig, adapter_config: AdapterConfig, group: str) -> tuple[tuple[int, int, int], ...]:
+def member_layout(model_config: ModelConfig, adapter_config: AdapterConfig,
+                  group: str) -> tuple[tuple[int, int, int], ...]:
     """(w_off, b_off, width) of each adapted member: where its term lands in the group's output,
     and where its B sits in the group's B."""
     columns = model_config.member_columns(group)

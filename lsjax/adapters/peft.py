@@ -2,8 +2,8 @@
 
 PEFT keys: `base_model.model.model.layers.{i}.{self_attn|mlp}.{q|k|v|o|gate|up|down}_proj.lora_{A|B}.weight`
 with lora_A `[r, d_in]` and lora_B `[d_out, r]` (torch's `[out, in]`); lsjax stacks the transposes
-into A `[L, 1, d_in, r]` and B `[L, 1, r, d_out]` per projection (grouped on import). Scale: PEFT's alpha / r, or alpha / sqrt(r) with
-rsLoRA, which imports as alpha * sqrt(r) so that lsjax's alpha / r is the same number.
+into A `[L, 1, d_in, r]` and B `[L, 1, r, d_out]` per projection (grouped on import). Scale: PEFT's alpha / r,
+or alpha / sqrt(r) with rsLoRA, which imports as alpha * sqrt(r) so that lsjax's alpha / r is the same number.
 PEFT features lsjax does not run (DoRA, biases, per-layer ranks, ...) are refused by field name.
 """
 

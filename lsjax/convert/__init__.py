@@ -18,7 +18,8 @@ __all__ = ["convert_hf", "convert_gguf", "export_hf", "hf_config_dict", "LazyTen
 
 def _refuse_existing(out: str | Path) -> None:
     if Path(out).exists():  # checked before any work, and again atomically at the end
-        raise CheckpointError(f"{Path(out).absolute()}: output path already exists; choose another path or remove it first")
+        raise CheckpointError(f"{Path(out).absolute()}: output path already exists; "
+                              "choose another path or remove it first")
 
 
 def convert_hf(folder: str | Path, out: str | Path, dtype: Any = None, progress: bool = True,
@@ -48,4 +49,5 @@ def convert_gguf(path: str | Path, out: str | Path, dtype: Any = "float32", prog
     tensors = [LazyTensor(name, shape, "float32", str(path), lambda name=name: gguf.tensor(name))
                for name, shape in gguf.tensor_shapes().items()]
     params = assemble(config, tensors, as_dtype(dtype), progress=progress, allow_nonfinite=allow_nonfinite)
-    return save_model(out, config, params, gguf.tokenizer_files(), gguf.config, {"kind": "gguf", "path": str(Path(path).absolute())})
+    return save_model(out, config, params, gguf.tokenizer_files(), gguf.config,
+                      {"kind": "gguf", "path": str(Path(path).absolute())})

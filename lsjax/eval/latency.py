@@ -1,9 +1,9 @@
 """`lsjax bench decode`: decode latency of the base model, plain LoRA and the routed methods.
 
 Every configuration is compiled first, then timed in interleaved rounds (base, lora, ..., base,
-lora, ...), one set of rounds per batch size, so machine noise hits all of them alike; each timed generation follows a short untimed one
-of the same configuration, so none pays for the state the previous one left. Each figure is a
-median over rounds, and every ratio compares figures of the same run. The memory floor is the
+lora, ...), one set of rounds per batch size, so machine noise hits all of them alike; each timed generation
+follows a short untimed one of the same configuration, so none pays for the state the previous one left. Each
+figure is a median over rounds, and every ratio compares figures of the same run. The memory floor is the
 weight bytes over a device copy's bandwidth measured in the same run (bytes read + written per
 second): a batch-1 decode step must read every weight once, so no step can beat it.
 
@@ -186,8 +186,8 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, Any]], batc
         if base is not None:
             r.ratio_to_base = r.ms_per_token / base.ms_per_token
     return records, {"copy_gb_s": copy_gb_s, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
-                     "read_gb_s": read_gb_s, "read_floor_ms": weight_bytes / (read_gb_s * 1e9) * 1e3, "failed": failures,
-                     "memory": memory}
+                     "read_gb_s": read_gb_s, "read_floor_ms": weight_bytes / (read_gb_s * 1e9) * 1e3,
+                     "failed": failures, "memory": memory}
 
 
 def cache_nbytes(config: ModelConfig, batch: int, tokens: int, dtype: Any) -> int:

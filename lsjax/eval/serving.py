@@ -173,7 +173,8 @@ def table(records: list[ServeRecord], meta: dict | None = None) -> str:
     for r in records:
         lines.append(f"| {r.method} | {r.clients} | {r.tokens_per_s:.1f} | {r.ratio_to_base:.2f} | "
                      f"{r.end_to_end_tokens_per_s:.1f} | "
-                     f"{r.static_tokens_per_s:.1f} | {r.ratio_to_static:.2f} | {r.ttft_p50_ms:.0f} / {r.ttft_p99_ms:.0f} | "
+                     f"{r.static_tokens_per_s:.1f} | {r.ratio_to_static:.2f} | "
+                     f"{r.ttft_p50_ms:.0f} / {r.ttft_p99_ms:.0f} | "
                      f"{r.itl_p50_ms:.0f} / {r.itl_p99_ms:.0f} |")
     return head + "\n".join(lines)
 
@@ -195,7 +196,8 @@ def plot(records: list[ServeRecord], path: str) -> None:
         left.bar(x + (2 * m + 1) * width, [rows[c].static_tokens_per_s for c in levels], width,
                  label=f"{method} static", alpha=0.5)
         right.plot(levels, [rows[c].itl_p50_ms for c in levels], marker="o", label=f"{method} ITL p50")
-        right.plot(levels, [rows[c].ttft_p50_ms for c in levels], marker="s", linestyle="--", label=f"{method} TTFT p50")
+        right.plot(levels, [rows[c].ttft_p50_ms for c in levels], marker="s", linestyle="--",
+                   label=f"{method} TTFT p50")
     left.set_xticks(np.arange(len(levels)) + 0.4 - width / 2, [str(c) for c in levels])
     left.set_xlabel("concurrent clients")
     left.set_ylabel("output tokens/s")

@@ -128,7 +128,8 @@ class MeshConfig:
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}
 # fields that may change between a run and its resume (they do not change the trained numbers)
-RESUMABLE = ("run_dir", "mesh", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "tensorboard")
+RESUMABLE = ("run_dir", "mesh", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
+             "tensorboard")
 
 
 @dataclasses.dataclass(frozen=True)

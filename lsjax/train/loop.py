@@ -143,8 +143,8 @@ class Run:
         if jax.process_count() > 1:
             raise ConfigError("data.eval_accuracy_docs needs a single process (use the held-out loss multi-host)")
         docs = load_docs(list(self.config.data.tasks), "heldout", self.config.data.eval_accuracy_docs)
-        return evaluate(lambda ids, mask, last: self._logits(params, base, ids, mask, last), self.tokenizer, docs, batch_size=8,
-                        max_length=self.config.data.max_length * 2, progress=False)["average"]
+        return evaluate(lambda ids, mask, last: self._logits(params, base, ids, mask, last), self.tokenizer, docs,
+                        batch_size=8, max_length=self.config.data.max_length * 2, progress=False)["average"]
 
 
 def _jsonable(metrics: dict) -> dict:
@@ -169,7 +169,8 @@ def save_final_adapter(run: Run, folder: Path) -> Path:
 
 
     params = run.state["params"]
-    params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
+    params = (multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1
+              else jax.device_get(params))
     if jax.process_index() != 0:
         return folder
     staging = folder.with_name(folder.name + ".partial")
