@@ -76,11 +76,13 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     m = results["methods"]
     assert set(m) == {"base", "lora", "switch"}
     for name, row in m.items():
-        assert row["average"] == pytest.approx(np.mean([row["tasks"][t]["acc"] for t in TASKS]))
         assert all(row["tasks"][t]["n"] == 3 for t in TASKS)
-        assert row["peak_memory_mib"] > row.get("adapter_mib", 0) > -1
-    assert m["switch"]["tasks"]["arc_easy"]["acc"] == pytest.approx(
-        _direct_accuracy(tiny_ckpt, run_dir / "train" / "switch" / "adapter", "arc_easy", 3))
+        # the timed process's adapter bytes: every trained fp32 parameter (none for the base)
+        assert row["peak_memory_mib"] > 0
+        assert row.get("adapter_mib", 0) == pytest.approx(4 * row.get("adapter_params", 0) / 2**20, abs=0.006), name
+    direct = {t: _direct_accuracy(tiny_ckpt, run_dir / "train" / "switch" / "adapter", t, 3) for t in TASKS}
+    assert {t: m["switch"]["tasks"][t]["acc"] for t in TASKS} == pytest.approx(direct)
+    assert m["switch"]["average"] == pytest.approx(np.mean(list(direct.values())))
     records = results["latency"]["records"]
     base = min(r["ms_per_token"] for r in records if r["method"] == "base")  # ratios are to the fastest base
     sw = next(r for r in records if r["method"] == "switch")
