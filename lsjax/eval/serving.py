@@ -136,6 +136,14 @@ def measure(method: str, generator: Generator, clients: int, args, vocab: int) -
                        ratio_to_static=steady / static)
 
 
+def set_ratios_to_base(records: list[ServeRecord]) -> None:
+    """Each record's steady throughput over the base's with as many clients (left nan without one)."""
+    for r in records:
+        base = next((b for b in records if b.method == "base" and b.clients == r.clients), None)
+        if base is not None:
+            r.ratio_to_base = r.tokens_per_s / base.tokens_per_s
+
+
 def run(args) -> list[ServeRecord]:
     model, tokenizer, source = load_model(args)
     backend = resolve_backend(args.backend, model.dtype)
@@ -146,10 +154,7 @@ def run(args) -> list[ServeRecord]:
         for clients in (int(c) for c in args.clients.split(",")):
             records.append(measure(method, generator, clients, args, model.config.vocab_size))
             print(table([records[-1]]).splitlines()[-1], flush=True)
-    for r in records:
-        base = next((b for b in records if b.method == "base" and b.clients == r.clients), None)
-        if base is not None:
-            r.ratio_to_base = r.tokens_per_s / base.tokens_per_s
+    set_ratios_to_base(records)
     meta = {"source": source, "platform": jax.default_backend(), "device": str(jax.devices()[0]),
             "backend": backend.name, "dtype": args.dtype, "jax": jax.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
