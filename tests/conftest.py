@@ -13,25 +13,25 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
-def _fast_compile_flags() -> list[str]:
-    """Tests run small models whose time goes to compiling, not running. XLA's backend compiles
-    without LLVM's optimisations (about half the compile time), and XLA:CPU's elemental emitters
-    compile in ~40% less time than its fusion emitters: the same operations either way. XLA aborts
-    on a flag it does not know, so the second is passed only where this jaxlib's library names it."""
-    flags = ["--xla_backend_optimization_level=0"]
+def _jaxlib_knows(flag: str) -> bool:
+    """Whether this jaxlib's library names an XLA flag (XLA aborts on a flag it does not know)."""
     spec = importlib.util.find_spec("jaxlib")
     library = Path(spec.submodule_search_locations[0]) / "libjax_common.so" if spec else None
-    if library is not None and library.is_file():
-        with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
-            if text.find(b"xla_cpu_use_fusion_emitters") >= 0:
-                flags.append("--xla_cpu_use_fusion_emitters=false")
-    return flags
+    if library is None or not library.is_file():
+        return False
+    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
+        return text.find(flag.encode()) >= 0
 
 
-# Subprocesses (and pytest-xdist's workers) inherit them.
-for _flag in _fast_compile_flags():
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
+# Tests run small models whose time goes to compiling, not running. XLA's backend compiles without
+# LLVM's optimisations (about half the compile time), and XLA:CPU's elemental emitters compile in
+# ~40% less time than its fusion emitters: the same operations either way. Subprocesses and
+# pytest-xdist's workers inherit the flags, so only the first process looks them up (every XLA
+# knows the first; the second is newer).
+for _name, _value in (("xla_backend_optimization_level", "0"), ("xla_cpu_use_fusion_emitters", "false")):
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if _name not in _flags and (_name == "xla_backend_optimization_level" or _jaxlib_knows(_name)):
+        os.environ["XLA_FLAGS"] = f"{_flags} --{_name}={_value}".strip()
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

@@ -117,16 +117,18 @@ def test_evaluate_metrics_and_table(tiny):
     results = evaluate(model_logits_fn(model), tokenizer, {"a": DOCS[:2], "b": DOCS[2:]}, batch_size=4,
                        progress=False)
 
-    def reference_acc(docs, norm: bool) -> float:
-        """The share of docs whose gold choice has the highest transformers log-likelihood (per character)."""
+    def reference_acc(docs) -> dict[str, float]:
+        """The share of docs whose gold choice has the highest transformers log-likelihood (acc_norm:
+        per character)."""
         right = []
         for doc in docs:
             ll = np.array([reference_loglik(torch_model, tokenizer, *doc.choice(i))[0] for i in range(doc.num_choices)])
-            right.append(np.argmax(ll / np.array([len(c) for c in doc.continuations]) if norm else ll) == doc.gold)
-        return float(np.mean(right))
+            per_char = ll / np.array([len(c) for c in doc.continuations])
+            right.append((np.argmax(ll) == doc.gold, np.argmax(per_char) == doc.gold))
+        acc, acc_norm = np.mean(right, axis=0)
+        return {"acc": float(acc), "acc_norm": float(acc_norm)}
 
-    want = {task: {"acc": reference_acc(docs, False), "acc_norm": reference_acc(docs, True)}
-            for task, docs in (("a", DOCS[:2]), ("b", DOCS[2:]))}
+    want = {"a": reference_acc(DOCS[:2]), "b": reference_acc(DOCS[2:])}
     assert results["tasks"]["a"]["n"] == 2 and results["tasks"]["b"]["n"] == 3
     for task in want:
         assert {k: results["tasks"][task][k] for k in ("acc", "acc_norm")} == pytest.approx(want[task]), task

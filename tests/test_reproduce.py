@@ -124,8 +124,8 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     rp.reproduce(_plan(run_dir), tmp_path / "cache", "test command", ckpt=tiny_ckpt)
     resumed = json.loads((run_dir / "train" / "switch.json").read_text())
     assert resumed["resumed"] and resumed["steps"] == 2 and resumed["steps_timed"] == 1
-    assert resumed["tokens_per_s"] == pytest.approx(1 * 2 * 32 / resumed["seconds"], rel=1e-3,
-                                                    abs=0.01)  # stored rounded
+    # (both stored rounded)
+    assert resumed["tokens_per_s"] == pytest.approx(1 * 2 * 32 / resumed["seconds"], rel=1e-3, abs=0.01)
     assert rp.train is original_train
 
     with pytest.raises(ConfigError, match=r"another plan.*steps"):
