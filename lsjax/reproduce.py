@@ -58,6 +58,7 @@ from lsjax.eval.harness import (
     model_logits_fn,
 )
 from lsjax.eval.latency import Record, decode_entries, latency_table, random_adapter, select_configs, time_decode
+from lsjax.extras import pyplot
 from lsjax.generate import Generator
 from lsjax.jsonfile import write_json
 from lsjax.train.config import load_config
@@ -436,8 +437,8 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
             "`lsjax.native` (CPU, fp32; the `backend` column) `fused` switch reads the chosen experts in the same "
             "two-thread pass as the base weights, so it costs about their bytes; the other methods' routed terms "
             "are XLA operations that each pay their own start-up. The paper's merged path (one fused merge of the "
-            "chosen experts into the weights per token) rewrites every adapted weight each token: 4.6-6.7x the "
-            "base on this CPU and 5.3x on an H100 at 7B shape (docs/perf.md), where unmerged `switch` is 1.27x.", ""]
+            "chosen experts into the weights per token) rewrites every adapted weight each token: its row above.",
+            ""]
     out += ["For scale, the paper (Llama2-7B, fp16 GPU, batch 1) reports decode time over the backbone of "
             "+954% for MoLA, +254% for PESC, +258% for MoRAL and +29% for LoRA-Switch, and held-out accuracy "
             "gains of 30-40 points over the base from 7B-scale training; this run is a 135M model "
@@ -448,10 +449,7 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
 
 
 def plot_results(results: dict[str, Any], folder: Path, prefix: str) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the results figures")
 
     folder.mkdir(parents=True, exist_ok=True)
     m, tasks = results["methods"], results["plan"]["tasks"]

@@ -39,7 +39,7 @@ from . import _common as C
 from .reference import routed_group_matmul_reference, sgmm_merge_reference, whole_output
 from .routed_group import routed_group_matmul
 from .sgmm import sgmm_merge
-from .timing import bandwidth, queued_seconds
+from .timing import bandwidth, queued_seconds, save_rows
 
 # Model shapes: layers, hidden, FFN, k/v width (n_kv_heads * head_dim).
 SHAPES = {
@@ -279,9 +279,7 @@ def main(argv=None):
             if "sgmm" in kernels:
                 rows += bench_sgmm(name, group, SHAPES[name], args, dtype, bw, check=gpu)
             if args.json:  # after every group, so a run cut short keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump(dict(env=env, copy_gbps=copy, ceiling_gbps=bw, interpret_checks=checks, rows=rows),
-                              f, indent=1)
+                save_rows(args.json, dict(env=env, copy_gbps=copy, ceiling_gbps=bw, interpret_checks=checks, rows=rows))
     return rows
 
 

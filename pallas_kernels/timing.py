@@ -7,6 +7,8 @@ memory-bound kernel is held to, in the same run as the kernel.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -52,3 +54,12 @@ def bandwidth(nbytes: int | None = None, repeats: int = 10, samples: int = 5) ->
     fresh = 2 * nbytes / queued_seconds(jax.jit(lambda x: x.copy()), (x,), repeats, samples) / 1e9
     read = nbytes / queued_seconds(jax.jit(jnp.sum), (x,), repeats, samples) / 1e9
     return {"copy_gb_s": copy, "fresh_gb_s": fresh, "read_gb_s": read, "bytes": nbytes}
+
+
+def save_rows(path: str, data: dict[str, Any]) -> None:
+    """A benchmark's results as JSON at `path`, atomically (a temporary file renamed into place): a
+    run killed while writing leaves the previous rows whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)

@@ -35,7 +35,7 @@ from .bench import (
 )
 from .reference import routed_group_matmul_reference
 from .routed_group import _configure
-from .timing import queued_seconds
+from .timing import queued_seconds, save_rows
 
 
 def variants(T, K, N, members, E, r, k, S_r):
@@ -121,9 +121,8 @@ def main(argv=None):
                 break
             rows += sweep(args.shape, group, T, args, jnp.dtype(args.dtype), deadline)
             if args.json:  # after every group, so a run cut short keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump(dict(jax=jax.__version__, device=str(jax.devices()[0]), args=vars(args), rows=rows),
-                              f, indent=1)
+                save_rows(args.json, dict(jax=jax.__version__, device=str(jax.devices()[0]), args=vars(args),
+                                          rows=rows))
     return rows
 
 

@@ -106,11 +106,54 @@ def test_each_batch_size_is_timed_in_its_own_rounds(tmp_path, monkeypatch):
     records, _ = time_decode(model, tok, entries, [1, 2], prompt_len=5, new_tokens=3, rounds=2, progress=False)
     assert sorted((r.method, r.batch, r.rounds) for r in records) == [("base", 1, 2), ("base", 2, 2),
                                                                        ("lora", 1, 2), ("lora", 2, 2)]
-    timing = [batch for _, batch in seen[4:]]  # after the four compile-and-warm-up calls
-    assert timing == [1] * 8 + [2] * 8  # per round and configuration: an untimed warm-up, then the timed one
-    first_round = [gen for gen, _ in seen[4:8]]  # configurations alternate within a batch size's rounds
-    assert first_round[0] == first_round[1] != first_round[2] == first_round[3]
+    # per batch size: each configuration compiled (one call), then per round and configuration an
+    # untimed warm-up and the timed call; the batch-8 compiles come after the batch-1 figures
+    assert [batch for _, batch in seen] == [1] * 10 + [2] * 10
+    for start in (0, 10):
+        assert seen[start][0] != seen[start + 1][0]  # both configurations compiled first
+        first_round = [gen for gen, _ in seen[start + 2:start + 6]]  # then they alternate
+        assert first_round[0] == first_round[1] != first_round[2] == first_round[3]
 
 
 class _Args:
     experts, top_k, rank, targets, dtype = 4, 2, 4, "all-linear", "float32"
+
+
+def test_a_benchmark_killed_mid_run_keeps_the_records_it_measured(tmp_path):
+    """`lsjax bench decode` writes its JSON after every compile and round: killed in the middle of
+    its rounds, the file parses and holds every configuration's figures so far, marked incomplete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "bench.json"
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "lsjax.cli", "bench", "decode", "--shape", "tiny", "--backend", "xla",
+               "--methods", "base,switch/fused", "--batch", "1", "--rounds", "1000", "--new-tokens", "4",
+               "--json", str(out)]
+    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+    deadline, data = time.monotonic() + 120, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists():
+                data = json.loads(out.read_text())
+                if all((r["rounds"] or 0) >= 2 for r in data["records"]) and len(data["records"]) == 2:
+                    break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # it was killed, not finished
+    data = json.loads(out.read_text())
+    assert data["meta"]["complete"] is False and data["meta"]["copy_gb_s"] > 0
+    records = {(r["method"], r["strategy"]): r for r in data["records"]}
+    assert set(records) == {("base", "-"), ("switch", "fused")}
+    for r in records.values():
+        assert r["rounds"] >= 2 and r["ms_per_token"] > 0 and r["compile_s"] > 0 and r["run_s"] > 0
+    assert records["base", "-"]["ratio_to_base"] == 1.0
+    switch = records["switch", "fused"]
+    assert switch["ratio_to_base"] == pytest.approx(switch["ms_per_token"] / records["base", "-"]["ms_per_token"])

@@ -10,7 +10,6 @@ from lsjax.config import ModelConfig
 from lsjax.convert import hf
 from lsjax.convert.assemble import LazyTensor, assemble, source_dtype
 from lsjax.convert.export import export_hf, hf_config_dict
-from lsjax.convert.gguf import read_gguf
 from lsjax.errors import CheckpointError
 
 __all__ = ["convert_hf", "convert_gguf", "export_hf", "hf_config_dict", "LazyTensor", "assemble", "source_dtype"]
@@ -41,7 +40,10 @@ def convert_hf(folder: str | Path, out: str | Path, dtype: Any = None, progress:
 
 def convert_gguf(path: str | Path, out: str | Path, dtype: Any = "float32", progress: bool = True,
                  allow_nonfinite: bool = False) -> Path:
-    """GGUF file (dequantised, q/k un-permuted, tokenizer from metadata) -> lsjax checkpoint."""
+    """GGUF file (dequantised, q/k un-permuted, tokenizer from metadata) -> lsjax checkpoint.
+
+    Needs the `gguf` extra; its reader is imported here so the rest of `lsjax.convert` runs without it."""
+    from lsjax.convert.gguf import read_gguf
 
     _refuse_existing(out)
     gguf = read_gguf(path)

@@ -39,12 +39,17 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any
 
-import gguf
 import numpy as np
-from gguf import GGUFValueType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lsjax.errors import ConversionError
+from lsjax.extras import Extra, missing_extra
+
+try:
+    import gguf
+    from gguf import GGUFValueType
+except ImportError as e:
+    raise missing_extra(e, Extra.GGUF, "reading GGUF files") from None
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")

@@ -1,11 +1,12 @@
 """`lsjax bench decode`: decode latency of the base model, plain LoRA and the routed methods.
 
-Every configuration is compiled first, then timed in interleaved rounds (base, lora, ..., base,
-lora, ...), one set of rounds per batch size, so machine noise hits all of them alike; each timed generation
-follows a short untimed one of the same configuration, so none pays for the state the previous one left. Each
-figure is a median over rounds, and every ratio compares figures of the same run. The memory floor is the
-weight bytes over a device copy's bandwidth measured in the same run (bytes read + written per
-second): a batch-1 decode step must read every weight once, so no step can beat it.
+Batch sizes are taken in turn: every configuration is compiled at that size, then timed in
+interleaved rounds (base, lora, ..., base, lora, ...), so machine noise hits all of them alike, and
+a run cut short (the JSON is written after every compile and round) keeps whole batch sizes. Each
+timed generation follows a short untimed one of the same configuration, so none pays for the state
+the previous one left. Each figure is a median over rounds, and every ratio compares figures of the
+same run. The memory floor is the weight bytes over a device copy's bandwidth measured in the same
+run (bytes read + written per second): a batch-1 decode step must read every weight once, so no step can beat it.
 
 Every configuration decodes on the same backend (`lsjax.backends`; `--backend auto` picks by
 platform, as a Generator does). When that is not XLA, the base is also timed on XLA (`backend`
@@ -25,7 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ from lsjax.backends import XLA, native_backend, resolve_backend
 from lsjax.config import SHAPES, ModelConfig, named_config
 from lsjax.convert import export_hf
 from lsjax.errors import ConfigError
+from lsjax.extras import Extra, missing_extra, pyplot
 from lsjax.generate import CACHE_ROUND, Generator, round_up
 from lsjax.jsonfile import write_json
 from lsjax.model import Llama
@@ -56,12 +58,14 @@ class Record:
     strategy: str
     batch: int
     dtype: str
-    ms_per_token: float
-    prefill_ms: float
-    ratio_to_base: float = float("nan")
+    ms_per_token: float | None  # None until the configuration's first timed round
+    prefill_ms: float | None
+    ratio_to_base: float | None = None  # to the fastest base of the batch
     floor_ms: float | None = None
     rounds: int = 0
     backend: str = "xla"  # lsjax.backends name ("xla", "native", "pallas"); "torch" for transformers' rows
+    compile_s: float | None = None  # the first generation's wall time: compiling and one untimed run
+    run_s: float = 0.0  # wall time of the timed generations
 
 
 def random_adapter(model_config: ModelConfig, method: str, args) -> Any:
@@ -110,20 +114,29 @@ def device_memory() -> dict[str, int]:
 
 
 def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, Any]], batches: list[int], *, prompt_len: int,
-                new_tokens: int, rounds: int, progress: bool = True) -> tuple[list[Record], dict[str, Any]]:
+                new_tokens: int, rounds: int, progress: bool = True,
+                on_update: Callable[[list[Record], dict[str, Any]], None] | None = None,
+                ) -> tuple[list[Record], dict[str, Any]]:
     """Decode ms/token and prefill ms of every `(method, strategy, adapter, backend)` entry at every batch size.
 
-    All entries are compiled first, then timed in `rounds` interleaved rounds (medians) per batch
-    size; every ratio compares figures of this run. Returns the records and `{"copy_gb_s", "weight_bytes",
-    "floor_ms", "read_gb_s", "read_floor_ms", "failed", "memory"}` (floors: weight bytes over the copy /
-    read bandwidth; memory: live and peak device bytes against weights + experts + the largest KV cache).
-    A configuration that fails to build or compile is named under "failed" (and printed) and the
-    others are still timed. `merged` switch is batch-1 only and is skipped at larger batches.
+    Batch sizes are taken in turn: all entries compiled at that size, then timed in `rounds`
+    interleaved rounds (medians); every ratio compares figures of this run. Returns the records and
+    `{"copy_gb_s", "weight_bytes", "floor_ms", "read_gb_s", "read_floor_ms", "failed", "memory"}`
+    (floors: weight bytes over the copy / read bandwidth; memory: live and peak device bytes against
+    weights + experts + the largest KV cache). A configuration that fails to build or compile is
+    named under "failed" (and printed) and the others are still timed. `merged` switch is batch-1
+    only and is skipped at larger batches.
+
+    `on_update(records, info)` is called after every configuration compiles and after every round,
+    with the records measured so far (`ms_per_token` None until a configuration's first round) and
+    what `info` holds by then: a caller that writes them each time keeps every figure of a run that
+    is cut short. Each configuration's compile and run seconds are printed as they are measured.
     """
 
     rng = np.random.default_rng(0)
     dtype = str(jnp.dtype(model.dtype))
-    generators, failures = {}, []
+    failures, compile_s = [], {}
+    info: dict[str, Any] = {"failed": failures}
 
     def failed(what: str, error: Exception) -> None:
         if what.startswith("base"):  # every ratio needs the base
@@ -131,63 +144,93 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, Any]], batc
         failures.append(f"{what}: {type(error).__name__}: {str(error)[:300]}")
         print(f"FAILED {failures[-1]}", flush=True)
 
-    for method, strategy, adapter, backend in tqdm(entries, desc="compiling", unit="config", disable=not progress):
-        # one failing configuration must not cost the others' figures
-        name = backend.name
-        try:
-            gen = Generator(model, tokenizer, adapter, strategy="auto" if adapter is None else strategy,
-                            backend=backend)
+    def publish() -> list[Record]:
+        records = summarize(samples, compile_s, dtype, info.get("floor_ms"))
+        if on_update is not None:
+            on_update(records, info)
+        return records
+
+    samples: dict[tuple, list[tuple[float, float, float]]] = {}
+    gens = []
+    for method, strategy, adapter, backend in entries:
+        try:  # one failing configuration must not cost the others' figures
+            gens.append((method, strategy, backend.name, Generator(
+                model, tokenizer, adapter, strategy="auto" if adapter is None else strategy, backend=backend)))
         except Exception as e:  # noqa: BLE001
-            failed(f"{method}/{strategy} ({name})", e)
-            continue
-        for batch in batches:
+            failed(f"{method}/{strategy} ({backend.name})", e)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
+    # Batch sizes one after another, each compiled and then timed in its own interleaved rounds: a run
+    # cut short keeps whole batch sizes, a ratio compares configurations of one batch size, and a
+    # batch-8 step leaves XLA's thread pool spinning on the second core for a while, which would
+    # land on whichever batch-1 configuration came next.
+    bar = tqdm(total=rounds * len(batches), desc="timing rounds", unit="round", disable=not progress)
+    for batch in batches:
+        prompts = [rng.integers(3, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
+        group = []
+        for method, strategy, name, gen in gens:
             if strategy == "merged" and method == "switch" and batch > 1:
                 continue
-            prompts = [rng.integers(3, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
+            start = time.perf_counter()
             try:
                 gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # compile + warm up
             except Exception as e:  # noqa: BLE001
                 failed(f"{method}/{strategy} ({name}) batch {batch}", e)
                 continue
-            generators[(method, strategy, name, batch)] = (gen, prompts)
-    probe = bandwidth()
-    copy_gb_s, read_gb_s = probe["copy_gb_s"], probe["read_gb_s"]
-    samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key in generators}
-    # Each batch size has its own interleaved rounds: a ratio compares configurations of one batch
-    # size, and a batch-8 step leaves XLA's thread pool spinning on the second core for a while,
-    # which would land on whichever batch-1 configuration came next.
-    with tqdm(total=rounds * len(batches), desc="timing rounds", unit="round", disable=not progress) as bar:
-        for batch in batches:
-            group = [(key, value) for key, value in generators.items() if key[3] == batch]
-            for _ in range(rounds):
-                for key, (gen, prompts) in group:
-                    # a few untimed tokens first: the previous configuration's state (threads, caches)
-                    # must not be charged to this one
-                    gen.generate(prompts, max_new_tokens=min(4, new_tokens), stop_token_ids=())
-                    timings = gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=()).timings
-                    samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"]))
-                bar.update()
+            key = (method, strategy, name, batch)
+            group.append((key, gen))
+            samples[key], compile_s[key] = [], time.perf_counter() - start
+            print(f"compiled {method}/{strategy} ({name}) batch {batch}: {compile_s[key]:.1f} s "
+                  "(compile and one generation)", flush=True)
+            publish()
+        if "copy_gb_s" not in info:  # the device's bandwidth, once, before the first timing
+            probe = bandwidth()
+            info.update(copy_gb_s=probe["copy_gb_s"], read_gb_s=probe["read_gb_s"], weight_bytes=weight_bytes,
+                        floor_ms=weight_bytes / (probe["copy_gb_s"] * 1e9) * 1e3,
+                        read_floor_ms=weight_bytes / (probe["read_gb_s"] * 1e9) * 1e3)
+        for round_ in range(rounds):
+            for key, gen in group:
+                # a few untimed tokens first: the previous configuration's state (threads, caches)
+                # must not be charged to this one
+                gen.generate(prompts, max_new_tokens=min(4, new_tokens), stop_token_ids=())
+                start = time.perf_counter()
+                timings = gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=()).timings
+                samples[key].append((timings["decode_ms_per_token"], timings["prefill_ms"],
+                                     time.perf_counter() - start))
+            records = publish()
+            print(f"batch {batch} round {round_ + 1}/{rounds}: " + ", ".join(
+                f"{r.method}/{r.strategy} ({r.backend}) {r.ms_per_token:.2f} ms/token, run {r.run_s:.1f} s"
+                for r in records if r.batch == batch and r.ms_per_token is not None), flush=True)
+            bar.update()
+    bar.close()
     memory = device_memory()
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
     expert_bytes = sum(x.nbytes for a in {id(e[2]): e[2] for e in entries if e[2] is not None}.values()
                        for x in jax.tree.leaves(a.arrays()))
     cache_bytes = max((cache_nbytes(model.config, batch, prompt_len + new_tokens, model.dtype) for batch in batches),
                       default=0)
     memory.update(weight_bytes=weight_bytes, expert_bytes=expert_bytes, cache_bytes=cache_bytes,
                   budget_bytes=weight_bytes + expert_bytes + cache_bytes)
-    floor_ms = weight_bytes / (copy_gb_s * 1e9) * 1e3
+    info["memory"] = memory
+    return publish(), info
+
+
+def summarize(samples: dict[tuple, list[tuple[float, float, float]]], compile_s: dict[tuple, float], dtype: str,
+              floor_ms: float | None) -> list[Record]:
+    """Records from each configuration's `(ms/token, prefill ms, run s)` samples (medians; the run
+    seconds summed), with every ratio to the fastest base of its batch."""
     records = []
     for (method, strategy, name, batch), values in samples.items():
+        measured = bool(values)
         records.append(Record(method, strategy, batch, dtype,
-                              statistics.median(v[0] for v in values), statistics.median(v[1] for v in values),
-                              rounds=len(values), floor_ms=floor_ms if method == "base" else None, backend=name))
+                              statistics.median(v[0] for v in values) if measured else None,
+                              statistics.median(v[1] for v in values) if measured else None,
+                              rounds=len(values), floor_ms=floor_ms if method == "base" else None, backend=name,
+                              compile_s=compile_s[(method, strategy, name, batch)],
+                              run_s=sum(v[2] for v in values)))
     for r in records:
         base = fastest(records, "base", r.batch)
-        if base is not None:
+        if base is not None and r.ms_per_token is not None:
             r.ratio_to_base = r.ms_per_token / base.ms_per_token
-    return records, {"copy_gb_s": copy_gb_s, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
-                     "read_gb_s": read_gb_s, "read_floor_ms": weight_bytes / (read_gb_s * 1e9) * 1e3,
-                     "failed": failures, "memory": memory}
+    return records
 
 
 def cache_nbytes(config: ModelConfig, batch: int, tokens: int, dtype: Any) -> int:
@@ -199,8 +242,8 @@ def cache_nbytes(config: ModelConfig, batch: int, tokens: int, dtype: Any) -> in
 
 def fastest(records: list[Record], method: str, batch: int) -> Record | None:
     """The quickest record of `method` at `batch` (the base every ratio is to; switch's best strategy)."""
-    return min((r for r in records if r.method == method and r.batch == batch), key=lambda r: r.ms_per_token,
-               default=None)
+    return min((r for r in records if r.method == method and r.batch == batch and r.ms_per_token is not None),
+               key=lambda r: r.ms_per_token, default=None)
 
 
 def select_configs(entries: str | tuple[str, ...] | list[str], what: str = "--methods") -> list[tuple[str, str]]:
@@ -231,26 +274,39 @@ def run(args) -> list[Record]:
     if backend.name == "native" and args.huge_pages == "off":
         backend = native_backend(huge_pages=False)
     entries = decode_entries(configs, adapters, backend)
-    records, memory = time_decode(model, tokenizer, entries, batches, prompt_len=args.prompt_len,
-                                  new_tokens=args.new_tokens, rounds=args.rounds)
-    del entries, adapters
-    if args.with_transformers:
-        records += transformers_records(model, args, batches, args.prompt_len)
     meta = {"source": source, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-            "jax": jax.__version__, "backend_name": backend.name, "huge_pages": args.huge_pages == "on", **memory,
+            "jax": jax.__version__, "backend_name": backend.name, "huge_pages": args.huge_pages == "on",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "experts": args.experts, "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d")}
-    report(records, meta, args)
+
+    def save(records: list[Record], info: dict[str, Any], complete: bool = False) -> None:
+        if args.json:  # every update: a run cut short keeps what it measured
+            write_json(args.json, {"meta": {**meta, **info, "complete": complete},
+                                   "records": [dataclasses.asdict(r) for r in records]})
+
+    records, info = time_decode(model, tokenizer, entries, batches, prompt_len=args.prompt_len,
+                                new_tokens=args.new_tokens, rounds=args.rounds, on_update=save)
+    del entries, adapters
+    if args.with_transformers:
+        records += transformers_records(model, args, batches, args.prompt_len)
+    meta.update(info, complete=True)
+    save(records, info, complete=True)
+    print(latency_table(records, meta))
+    if args.plot:
+        plot(records, meta, args.plot)
     return records
 
 
 def transformers_records(model, args, batches, prompt_len) -> list[Record]:
     """transformers' own greedy `generate` on the same weights, with and without an unmerged PEFT LoRA."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    try:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise missing_extra(e, Extra.PEFT, "--with-transformers") from None
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -286,6 +342,11 @@ def _timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _figure(value: float | None, digits: int) -> str:
+    """A table cell: blank where nothing was measured (None, or NaN in runs saved before None was used)."""
+    return "" if value is None or np.isnan(value) else f"{value:.{digits}f}"
+
+
 def latency_table(records: list[Record], meta: dict) -> str:
     """Markdown: the run's settings, one row per record, and the headline ratios."""
     reads = "read_floor_ms" in meta  # records saved before the read floor existed have none
@@ -296,14 +357,13 @@ def latency_table(records: list[Record], meta: dict) -> str:
              f"memory floor {meta['floor_ms']:.1f} ms/token"
              + (f"; read-only bandwidth {meta['read_gb_s']:.1f} GB/s, read floor {meta['read_floor_ms']:.1f} ms/token"
                 if reads else ""), "",
-             "| method | strategy | backend | batch | ms/token | x base | prefill ms |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| method | strategy | backend | batch | ms/token | x base | prefill ms | compile s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
-        ratio = "" if np.isnan(r.ratio_to_base) else f"{r.ratio_to_base:.2f}"
-        lines.append(f"| {r.method} | {r.strategy} | {r.backend} | {r.batch} | {r.ms_per_token:.1f} | {ratio} "
-                     f"| {r.prefill_ms:.0f} |")
+        lines.append(f"| {r.method} | {r.strategy} | {r.backend} | {r.batch} | {_figure(r.ms_per_token, 1)} "
+                     f"| {_figure(r.ratio_to_base, 2)} | {_figure(r.prefill_ms, 0)} | {_figure(r.compile_s, 1)} |")
     for failure in meta.get("failed", ()):
-        lines.append(f"| FAILED: {failure} | | | | | | |")
+        lines.append(f"| FAILED: {failure} | | | | | | | |")
     base1, switch1 = fastest(records, "base", 1), fastest(records, "switch", 1)
     if base1:
         lines.append(f"\nbase ({base1.backend}) batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x"
@@ -319,19 +379,8 @@ def latency_table(records: list[Record], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def report(records: list[Record], meta: dict, args) -> None:
-    print(latency_table(records, meta))
-    if args.json:
-        write_json(args.json, {"meta": meta, "records": [dataclasses.asdict(r) for r in records]})
-    if args.plot:
-        plot(records, meta, args.plot)
-
-
 def plot(records: list[Record], meta: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("a decode latency plot (--plot)")
 
     batches = sorted({r.batch for r in records})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)

@@ -24,6 +24,7 @@ import numpy as np
 
 from lsjax.backends import resolve_backend
 from lsjax.eval.latency import load_model, random_adapter
+from lsjax.extras import pyplot
 from lsjax.generate import Generator
 from lsjax.jsonfile import write_json
 from lsjax.serve import Engine, EngineConfig, Request
@@ -45,6 +46,8 @@ class ServeRecord:
     step_ms_mean: float
     ratio_to_static: float = float("nan")
     ratio_to_base: float = float("nan")
+    warmup_s: float = 0.0  # the engine's compile and warm-up before the clients start
+    run_s: float = 0.0  # the workload through the engine, then through static batches
 
 
 def workload(count: int, vocab: int, max_prompt: int, max_output: int, seed: int = 0) -> list[Request]:
@@ -118,7 +121,9 @@ def measure(method: str, generator: Generator, clients: int, args, vocab: int) -
     engine = Engine(generator, EngineConfig(slots=clients, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                                             prefill_rows=args.prefill_rows))
     engine.start()
+    begin = time.perf_counter()
     engine.warmup()
+    warmup_s = time.perf_counter() - begin
     begin = time.perf_counter()
     handles, (start, end) = run_engine(engine, requests, clients, args.stagger_ms / 1e3)
     seconds = time.perf_counter() - begin
@@ -133,7 +138,7 @@ def measure(method: str, generator: Generator, clients: int, args, vocab: int) -
     static = sum(r.max_tokens for r in requests) / run_static(generator, requests, clients)
     return ServeRecord(method, clients, len(handles), tokens, steady, tokens / seconds, static,
                        *np.percentile(ttft, [50, 99]).tolist(), *np.percentile(itl, [50, 99]).tolist(), steps * 1e3,
-                       ratio_to_static=steady / static)
+                       ratio_to_static=steady / static, warmup_s=warmup_s, run_s=time.perf_counter() - begin)
 
 
 def set_ratios_to_base(records: list[ServeRecord]) -> None:
@@ -147,22 +152,29 @@ def set_ratios_to_base(records: list[ServeRecord]) -> None:
 def run(args) -> list[ServeRecord]:
     model, tokenizer, source = load_model(args)
     backend = resolve_backend(args.backend, model.dtype)
-    records = []
-    for method in args.methods.split(","):
-        adapter = None if method == "base" else random_adapter(model.config, method, args)
-        generator = Generator(model, tokenizer, adapter, strategy="auto", backend=backend)
-        for clients in (int(c) for c in args.clients.split(",")):
-            records.append(measure(method, generator, clients, args, model.config.vocab_size))
-            print(table([records[-1]]).splitlines()[-1], flush=True)
-    set_ratios_to_base(records)
     meta = {"source": source, "platform": jax.default_backend(), "device": str(jax.devices()[0]),
             "backend": backend.name, "dtype": args.dtype, "jax": jax.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "per_client": args.per_client, "max_prompt": args.max_prompt, "max_output": args.max_output,
             "max_len": args.max_len, "stagger_ms": args.stagger_ms, "date": time.strftime("%Y-%m-%d")}
+    records: list[ServeRecord] = []
+
+    def save(complete: bool) -> None:
+        if args.json:  # after every record: a run cut short keeps what it measured
+            write_json(args.json, {"meta": {**meta, "complete": complete},
+                                   "records": [dataclasses.asdict(r) for r in records]})
+
+    for method in args.methods.split(","):
+        adapter = None if method == "base" else random_adapter(model.config, method, args)
+        generator = Generator(model, tokenizer, adapter, strategy="auto", backend=backend)
+        for clients in (int(c) for c in args.clients.split(",")):
+            records.append(measure(method, generator, clients, args, model.config.vocab_size))
+            set_ratios_to_base(records)
+            save(complete=False)
+            r = records[-1]
+            print(table([r]).splitlines()[-1] + f" (warm-up {r.warmup_s:.1f} s, run {r.run_s:.1f} s)", flush=True)
+    save(complete=True)
     print(table(records, meta))
-    if args.json:
-        write_json(args.json, {"meta": meta, "records": [dataclasses.asdict(r) for r in records]})
     if args.plot:
         plot(records, args.plot)
     return records
@@ -185,10 +197,7 @@ def table(records: list[ServeRecord], meta: dict | None = None) -> str:
 
 
 def plot(records: list[ServeRecord], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("a serving plot (--plot)")
 
     levels = sorted({r.clients for r in records})
     methods = list(dict.fromkeys(r.method for r in records))

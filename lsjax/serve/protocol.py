@@ -10,7 +10,12 @@ from __future__ import annotations
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from lsjax.extras import Extra, missing_extra
+
+try:
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
+except ImportError as e:
+    raise missing_extra(e, Extra.SERVE, "the HTTP server's request bodies") from None
 
 from lsjax.errors import ConfigError
 from lsjax.sampling import SamplingConfig

@@ -17,11 +17,16 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-import uvicorn
-from fastapi import FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException
+from lsjax.extras import Extra, missing_extra
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+except ImportError as e:
+    raise missing_extra(e, Extra.SERVE, "the HTTP server (lsjax serve)") from None
 
 from lsjax.errors import ConfigError
 from lsjax.serve.engine import Engine, Event

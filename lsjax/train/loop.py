@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 from tqdm.auto import tqdm
 
 from lsjax.adapters import adapted_forward
@@ -40,6 +40,7 @@ from lsjax.checkpoint import TOKENIZER_DIR, load_params
 from lsjax.data import load_task, load_texts
 from lsjax.errors import CheckpointError, ConfigError, LsjaxError
 from lsjax.eval.harness import evaluate, load_docs
+from lsjax.extras import Extra, missing_extra
 from lsjax.model import stack_layers
 from lsjax.tokenizer import load_tokenizer
 from lsjax.train.batches import BatchIterator, encode_docs, encode_texts, fixed_batches
@@ -76,12 +77,14 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
 
 
 def make_mesh(mesh: MeshConfig, devices: list | None = None) -> Mesh:
-    """A `Mesh` over the first data * fsdp * tensor devices (built directly: Auto axis types)."""
+    """A `Mesh` over the first data * fsdp * tensor devices, with Auto axis types named (the default
+    of `jax.make_mesh` is Explicit, and newer jax moves abstract meshes' default to it too)."""
     devices = jax.devices() if devices is None else devices
     if mesh.size > len(devices):
         raise ConfigError(f"mesh data x fsdp x tensor = {mesh.data} x {mesh.fsdp} x {mesh.tensor} = {mesh.size} "
                           f"devices, but only {len(devices)} are available")
-    return Mesh(np.array(devices[:mesh.size]).reshape(mesh.data, mesh.fsdp, mesh.tensor), AXES)
+    return Mesh(np.array(devices[:mesh.size]).reshape(mesh.data, mesh.fsdp, mesh.tensor), AXES,
+                (AxisType.Auto,) * len(AXES))
 
 
 def load_examples(tokenizer, config: TrainConfig, split: str, limit: int | None = None) -> np.ndarray:
@@ -158,8 +161,8 @@ def _jsonable(metrics: dict) -> dict:
 def _tensorboard(run_dir: Path):
     try:
         from tensorboardX import SummaryWriter
-    except ImportError:
-        raise ConfigError("tensorboard=true needs the tensorboardX package (pip install tensorboardX)") from None
+    except ImportError as e:
+        raise missing_extra(e, Extra.TENSORBOARD, "tensorboard=true") from None
     return SummaryWriter(str(run_dir / "tb"))
 
 
