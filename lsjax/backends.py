@@ -2,6 +2,8 @@
 
 A backend is called like `project(group, x, w)` for a plain product, and offers
     fused(x, w, a, b, ids, gates, *, members, layer)   x @ w plus each row's routed LoRA term, one call
+    merge(w, a, b, ids, gates, *, members)             w + sum_k g_k A_k @ B_k for every layer of a stacked
+                                                       group, one route (the `merged` switch step)
     logits(h, weight, transposed)                      the vocabulary head, fp32
     prepare(arrays)                                    once per `Generator` (e.g. page placement)
 with the group's experts stacked on the layer axis (`a [L, E, d_in, S*r]`, `b [L, E, r, Nb]`) and
@@ -9,14 +11,14 @@ with the group's experts stacked on the layer axis (`a [L, E, d_in, S*r]`, `b [L
 Backends are frozen dataclasses: hashable, so they are static arguments under jit.
 
 - `XlaBackend` ("xla"): XLA's own products everywhere; every platform.
-- `PallasBackend` ("pallas"): `fused` is `pallas_kernels.routed_group_matmul` (Triton on a GPU,
-  interpreted elsewhere); plain products stay on XLA.
+- `PallasBackend` ("pallas"): `fused` is `pallas_kernels.routed_group_matmul` and `merge` is
+  `pallas_kernels.sgmm_merge` (Triton on a GPU, interpreted elsewhere); plain products stay on XLA.
 - "native": `lsjax.native`'s multi-threaded CPU custom calls (fp32, up to 16 rows), loaded only
   when asked for or chosen by `auto`; every product falls back to XLA where it cannot run.
 
-`resolve_backend(None)` ("auto") picks by platform, from measurements (docs/perf.md): the native
-library on a CPU when it is built and the weights are fp32 (XLA:CPU runs a matvec on one core);
-XLA elsewhere, since on an H100 XLA's grouped products still beat the Pallas kernel.
+`resolve_backend(None)` ("auto") picks by platform: the native library on a CPU when it is built
+and the weights are fp32 (XLA:CPU runs a matvec on one core; docs/perf.md); XLA elsewhere, the one
+route every platform compiles, until a GPU measurement of the Pallas kernels says otherwise.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax.errors import ConfigError
-from pallas_kernels import routed_group_matmul
+from pallas_kernels import routed_group_matmul, sgmm_merge
 
 BACKENDS = ("auto", "xla", "native", "pallas")
 
@@ -59,6 +61,9 @@ class XlaBackend:
 
         return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="xla")
 
+    def merge(self, w, a, b, ids, gates, *, members):
+        return sgmm_merge(w, a, b, ids, gates, members=members, implementation="xla")
+
     def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
         spec = "...d,vd->...v" if transposed else "...d,dv->...v"
         return jnp.einsum(spec, h, weight, preferred_element_type=jnp.float32)
@@ -70,7 +75,8 @@ class XlaBackend:
 
 @dataclasses.dataclass(frozen=True)
 class PallasBackend(XlaBackend):
-    """XLA's products, and one Pallas kernel per group for the fused routed term."""
+    """XLA's products; one Pallas kernel per group for the fused routed term, and one per group for
+    the merged step's all-layer merge."""
 
     name: str = "pallas"
     prefers_fused: bool = True
@@ -80,6 +86,9 @@ class PallasBackend(XlaBackend):
 
         return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="pallas",
                                    interpret=self.interpret)
+
+    def merge(self, w, a, b, ids, gates, *, members):
+        return sgmm_merge(w, a, b, ids, gates, members=members, implementation="pallas", interpret=self.interpret)
 
 
 XLA = XlaBackend()

@@ -4,7 +4,7 @@ Weights are held the way a decode step reads them. Projections that share an inp
 product: `qkv [d, q + k + v]` (q, k and v side by side) and `gate_up [d, 2 f]`, with `o` and
 `down` alone (`PROJECTION_GROUPS`). Each layer's weights are their own arrays: `params["layers"]`
 is a tuple of per-layer dicts, so a decode step reads every weight in place; a stacked slice would
-be copied first (XLA:CPU and GPU both materialise a slice of a stacked weight before a product).
+be copied first (XLA:CPU materialises a slice of a stacked weight before a product; docs/perf.md).
 Full-sequence forwards (training, scoring) stack the layers inside the jitted call and scan them,
 which keeps compile time flat in depth; `stack_layers` / `split_layers` convert between the two.
 

@@ -11,11 +11,13 @@ and runs its products on a backend (`lsjax.backends`: XLA, the CPU native librar
 - `fused`: one backend call per group, `x @ W + sum_k g_k (x @ A_k) @ B_k`, any batch, each row
   its own experts, never writing weights (the native library's kernel on a CPU, Pallas on a GPU).
 - `merged`: the paper's way. `lora`: merged once, then the plain backbone. `switch`: per token,
-  the router runs on layer 0's input, `pallas_kernels.sgmm_merge` builds W_base + delta for all
-  layers of each group (from a pristine stacked copy of the base: no drift), then the plain
+  the router runs on layer 0's input, the backend's `merge` (XLA's form, or the Pallas SGMM
+  kernel) builds W_base + delta for all layers of each group (from a pristine stacked copy of the
+  base: no drift), then the plain
   backbone runs. One route per step, so batch 1 only.
 - `auto`: `lora` -> merged (free after the one-time merge); otherwise `fused` where the backend's
-  fused kernel is the faster form (the CPU native library), else `unmerged` (XLA; docs/perf.md).
+  fused kernel is declared the faster form (the CPU native library, measured in docs/perf.md; the
+  Pallas backend, which exists to run its kernel), else `unmerged` (XLA).
 Prefill runs the training form (dense routed term), as in the paper, except that `fused` prefills
 a chunk of at most `backend.fused_rows` tokens with the fused kernel (the CPU native library's).
 
@@ -41,7 +43,6 @@ from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
 from lsjax.model import embed_tokens, rms_norm, stack_layers
-from pallas_kernels import sgmm_merge
 
 STRATEGIES = ("unmerged", "merged", "fused", "auto")
 
@@ -83,15 +84,16 @@ def switch_route(model_config: ModelConfig, base: dict, adapter_config, adapter_
     return route
 
 
-def merged_switch_params(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict, route) -> dict:
-    """W_base + scale * sum_k g_k A_k B_k for all layers of each adapted group: one sgmm call per group."""
+def merged_switch_params(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict, route,
+                         backend: Any = XLA) -> dict:
+    """W_base + scale * sum_k g_k A_k B_k for all layers of each adapted group: one `backend.merge` per group."""
 
     ids, gates = route.ids[0, 0], (adapter_config.scale * route.gates[0, 0]).astype(jnp.float32)
     layers = dict(base["layers"])
     for group in adapted_groups(adapter_config):
         e = adapter_params["experts"][group]
-        layers[group] = sgmm_merge(layers[group], e["a"], e["b"], ids, gates,
-                                   members=member_layout(model_config, adapter_config, group))
+        layers[group] = backend.merge(layers[group], e["a"], e["b"], ids, gates,
+                                      members=member_layout(model_config, adapter_config, group))
     return {**base, "layers": layers}
 
 
@@ -130,7 +132,7 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Any
 
     def merged_step(bundle, tokens, cache):
         route = switch_route(model_config, bundle["base"], adapter_config, bundle["adapter"], tokens)
-        merged = merged_switch_params(model_config, bundle["base"], adapter_config, bundle["adapter"], route)
+        merged = merged_switch_params(model_config, bundle["base"], adapter_config, bundle["adapter"], route, backend)
         positions = decode.next_positions(cache)
         logits, cache = forward_cached(model_config, merged, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
                                        positions, cache, backend=backend)

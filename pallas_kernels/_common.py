@@ -16,10 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:  # the Triton-specific Pallas module (jax >= 0.4.36); older jax called it `gpu`
-    from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-    from jax.experimental.pallas import gpu as pltriton
+from jax.experimental.pallas import triton as pltriton
 
 IMPLEMENTATIONS = ("pallas", "xla")
 MIN_DOT_DIM = 16  # Triton's tl.dot needs M, N, K >= 16.

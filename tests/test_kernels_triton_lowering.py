@@ -9,7 +9,6 @@ Reading the kernel's Triton IR back uses Pallas' private IR context; if a jax up
 these tests fail and say what moved rather than passing without looking at the IR.
 """
 
-import contextlib
 import functools
 import re
 
@@ -17,19 +16,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from lowering import TRITON_TARGET, call_target, custom_calls, lower_for_gpu
+
 from pallas_kernels import routed_group_matmul, sgmm_merge, sgmm_switch
 
 S = jax.ShapeDtypeStruct
 PALLAS = dict(implementation="pallas", interpret=False)
-TRITON_TARGET = "__gpu$xla.gpu.triton"
-
-
-def gpu_target():
-    """Newer jax (0.11+) reads the target GPU from the abstract mesh when none is attached: name an H100."""
-    if not hasattr(jax.sharding, "AbstractDevice") or jax.default_backend() == "gpu":
-        return contextlib.nullcontext()
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100))
 
 
 def triton_ir(call) -> str:
@@ -52,20 +44,7 @@ def triton_ir(call) -> str:
 
 def triton_kernels(fn, *avals):
     """Lower for CUDA; return the Triton IR text of each Pallas kernel in the program."""
-    with gpu_target():
-        lowered = jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",))
-    calls = []
-
-    def walk(op):
-        if op.name == "stablehlo.custom_call" and TRITON_TARGET in str(op.attributes["call_target_name"]):
-            calls.append(op)
-        for region in op.regions:
-            for block in region:
-                for child in block:
-                    walk(child.operation)
-
-    walk(lowered.compiler_ir("stablehlo").operation)
-    return [triton_ir(call) for call in calls]
+    return [triton_ir(call) for call in custom_calls(lower_for_gpu(fn, *avals)) if call_target(call) == TRITON_TARGET]
 
 
 def check_ir(text, dots: bool):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from lsjax import native
 from lsjax.native import hugepages
-from pallas_kernels import routed_group_matmul
+from pallas_kernels import routed_group_matmul, sgmm_merge
 
 
 def _xla_fused(x, w, a, b, ids, gates, *, layer, members):
@@ -46,6 +46,9 @@ class NativeBackend:
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
         return native.routed_group(x, w, a, b, ids, gates, layer=layer, members=members, otherwise=_xla_fused)
+
+    def merge(self, w, a, b, ids, gates, *, members):
+        return sgmm_merge(w, a, b, ids, gates, members=members, implementation="xla")
 
     def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
         if h.reshape(-1, h.shape[-1]).shape[0] > native.MAX_ROWS or h.dtype != jnp.float32:

@@ -1,0 +1,73 @@
+"""The jitted decode step lowers for a GPU at llama2-7b shape, from abstract shapes (nothing is
+allocated): the base and switch `unmerged` on XLA, switch `fused` and `merged` on the Pallas backend.
+What each program holds is checked: one routed group kernel per layer and adapted group for `fused`,
+one SGMM merge per adapted group (all layers at once) for `merged`, no Pallas call on XLA, and no
+host callback anywhere (a decode step that calls back to Python stalls the GPU every token)."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from lowering import TRITON_TARGET, call_target, custom_calls, lower_for_gpu
+
+from lsjax import strategies
+from lsjax.adapters import Adapter, AdapterConfig
+from lsjax.adapters.params import adapted_groups
+from lsjax.backends import XLA, PallasBackend
+from lsjax.config import named_config
+from lsjax.decode import init_cache
+from lsjax.model import Llama
+
+CONFIG = named_config("llama2-7b")
+SWITCH = AdapterConfig(method="switch", num_experts=8, top_k=2, rank=16, targets="all-linear")
+PALLAS = PallasBackend(interpret=False)  # the GPU's kernels, whatever platform runs the test
+BF16 = jnp.bfloat16
+
+
+@pytest.fixture(scope="module")
+def abstract_arrays():
+    params = jax.eval_shape(lambda: Llama(CONFIG, rngs=nnx.Rngs(0), dtype=BF16).params())
+    adapter = jax.eval_shape(lambda: Adapter(CONFIG, SWITCH, rngs=nnx.Rngs(0), dtype=BF16).arrays())
+    return params, adapter
+
+
+def lowered_step(abstract_arrays, strategy: str, backend, batch: int = 1):
+    """The decode step of `strategy` on `backend`, lowered for CUDA; its custom calls' targets counted."""
+    params, adapter = abstract_arrays
+    adapter_config = None if strategy == "base" else SWITCH
+    bundle = jax.eval_shape(lambda p, a: strategies.prepare_bundle(CONFIG, p, adapter_config, a, strategy),
+                            params, adapter)
+    cache = jax.eval_shape(lambda: init_cache(CONFIG, batch, 128, BF16, per_layer=strategy != "merged"))
+    _, step = strategies.build(CONFIG, adapter_config, strategy, backend)
+    lowered = lower_for_gpu(step, bundle, jax.ShapeDtypeStruct((batch,), jnp.int32), cache, donate_argnums=(2,))
+    return lowered, collections.Counter(call_target(op) for op in custom_calls(lowered))
+
+
+def assert_no_host_callback(lowered, targets):
+    callbacks = [t for t in targets if "callback" in t.lower()]
+    assert not callbacks, f"host callbacks in the decode step: {callbacks}"
+    assert "callback" not in lowered.as_text().lower()
+
+
+@pytest.mark.parametrize("strategy, batch", [("base", 1), ("unmerged", 1), ("unmerged", 8)])
+def test_xla_decode_steps_lower_without_pallas_or_callbacks(abstract_arrays, strategy, batch):
+    lowered, targets = lowered_step(abstract_arrays, strategy, XLA, batch)
+    assert TRITON_TARGET not in targets, targets
+    assert_no_host_callback(lowered, targets)
+    assert "stablehlo.dot_general" in lowered.as_text()  # the products really are in the program
+
+
+def test_fused_step_on_pallas_is_one_triton_kernel_per_layer_and_group(abstract_arrays):
+    lowered, targets = lowered_step(abstract_arrays, "fused", PALLAS)
+    groups = adapted_groups(SWITCH)
+    assert len(groups) == 4  # q|k|v, o, gate|up, down
+    assert targets[TRITON_TARGET] == CONFIG.num_layers * len(groups)
+    assert_no_host_callback(lowered, targets)
+
+
+def test_merged_step_on_pallas_is_one_sgmm_kernel_per_group(abstract_arrays):
+    lowered, targets = lowered_step(abstract_arrays, "merged", PALLAS)
+    assert targets[TRITON_TARGET] == len(adapted_groups(SWITCH))  # every layer of a group merged in one call
+    assert_no_host_callback(lowered, targets)
