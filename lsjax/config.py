@@ -236,6 +236,9 @@ SHAPES: dict[str, dict[str, Any]] = {  # random-weight shapes for benchmarks (no
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                          num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
                          rope={"theta": 100000.0}),
+    # a few MB: rehearsing the GPU script on a CPU runs every step at this shape
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, max_position_embeddings=1024),
 }
 
 
