@@ -1,14 +1,11 @@
-"""Backends: how the products of a decode step run. One object, handed to the pure functions.
+"""Backends: how the products of a step run. One object, handed to the pure functions.
 
-A backend is called like `project(group, x, w)` for a plain product, and offers
-    fused(x, w, a, b, ids, gates, *, members, layer)   x @ w plus each row's routed LoRA term, one call
-    merge(w, a, b, ids, gates, *, members)             w + sum_k g_k A_k @ B_k for every layer of a stacked
-                                                       group, one route (the `merged` switch step)
-    logits(h, weight, transposed)                      the vocabulary head, fp32
-    prepare(arrays)                                    once per `Generator` (e.g. page placement)
-with the group's experts stacked on the layer axis (`a [L, E, d_in, S*r]`, `b [L, E, r, Nb]`) and
-`members` placing each adapted member's term (`pallas_kernels.routed_group_matmul_reference`).
-Backends are frozen dataclasses: hashable, so they are static arguments under jit.
+Every backend implements `lsjax.backend_interface.Backend`: the plain product of a projection group, the fused
+product with each row's routed LoRA term, the all-layer merge of the `merged` strategy, the
+vocabulary head and a one-time preparation of the arrays. It computes; it decides nothing about
+strategy. What the strategy needs to know to decide how routed terms are formed it reads from the
+backend's declared `Traits` (`lsjax.strategies.term_form`, their one reader). Backends are frozen
+dataclasses: hashable, so they are static arguments under jit.
 
 - `XlaBackend` ("xla"): XLA's own products everywhere; every platform.
 - `PallasBackend` ("pallas"): `fused` is `pallas_kernels.routed_group_matmul` and `merge` is
@@ -29,44 +26,36 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lsjax.backend_interface import Backend, Traits, xla_logits
 from lsjax.errors import ConfigError
 from pallas_kernels import routed_group_matmul, sgmm_merge
 
 BACKENDS = ("auto", "xla", "native", "pallas")
 
-
 @dataclasses.dataclass(frozen=True)
 class XlaBackend:
-    """XLA's products; `fused` is the routed term as one XLA expression after the product.
+    """XLA's products; `fused` and `merge` are XLA expressions (`pallas_kernels`' "xla" forms).
 
-    How `unmerged` forms a group's routed term in XLA ops: `gather_once` gathers a switch route's
-    chosen experts once per step for every layer (each layer then reads its slice), else each layer
-    gathers its own; `one_expand` expands unequal members (q|k|v with grouped-query heads) in one
-    product over every column masked to its member, else one product per member. The defaults are
-    the fewest operations (what a GPU wants); on XLA:CPU, where a slice of a gathered buffer or a
-    masked product feeds the next product slowly, `resolve_backend` turns both off (docs/perf.md).
+    Its default traits ask for the routed term's forms with the fewest operations (what a GPU
+    wants); on XLA:CPU, where a slice of a gathered buffer or a masked product feeds the next
+    product slowly, `resolve_backend` declares both off (docs/perf.md).
     """
 
     name: str = "xla"
-    prefers_fused: bool = False  # `auto` strategy: the routed term as separate XLA ops (`unmerged`)
-    fused_rows: int = 0  # `fused` prefills of at most this many tokens run `fused` too (else dense)
-    gather_once: bool = True
-    one_expand: bool = True
+    traits: Traits = Traits()
 
     def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
         del group
         return x @ w
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
-
         return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="xla")
 
     def merge(self, w, a, b, ids, gates, *, members):
         return sgmm_merge(w, a, b, ids, gates, members=members, implementation="xla")
 
     def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
-        spec = "...d,vd->...v" if transposed else "...d,dv->...v"
-        return jnp.einsum(spec, h, weight, preferred_element_type=jnp.float32)
+        return xla_logits(h, weight, transposed)
 
     def prepare(self, arrays: Any) -> dict[str, Any]:
         del arrays
@@ -76,14 +65,13 @@ class XlaBackend:
 @dataclasses.dataclass(frozen=True)
 class PallasBackend(XlaBackend):
     """XLA's products; one Pallas kernel per group for the fused routed term, and one per group for
-    the merged step's all-layer merge."""
+    the merged step's all-layer merge (the kernels this backend exists to run: `fused` is its form)."""
 
     name: str = "pallas"
-    prefers_fused: bool = True
+    traits: Traits = Traits(fused_is_faster=True)
     interpret: bool | None = None  # None: native on a GPU, interpreted elsewhere
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
-
         return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="pallas",
                                    interpret=self.interpret)
 
@@ -92,22 +80,23 @@ class PallasBackend(XlaBackend):
 
 
 XLA = XlaBackend()
-XLA_CPU = XlaBackend(gather_once=False, one_expand=False)
+XLA_CPU = XlaBackend(traits=Traits(gather_once=False, one_expand=False))
 
 
-def xla_backend() -> XlaBackend:
+def xla_backend() -> Backend:
     """XLA with the routed-term forms measured fastest on this platform."""
     return XLA_CPU if jax.default_backend() == "cpu" else XLA
 
 
-def native_backend(**options):
+def native_backend(**options) -> Backend:
     """The `lsjax.native` backend (imported only here, so nothing else depends on the library)."""
     from lsjax.native.backend import NativeBackend
 
     return NativeBackend(**options)
 
 
-def resolve_backend(backend: Any = None, dtype: Any = jnp.float32, sharded: bool = False) -> Any:
+def resolve_backend(backend: Backend | str | None = None, dtype: Any = jnp.float32,
+                    sharded: bool = False) -> Backend:
     """A backend object from a name ("auto", "xla", "native", "pallas"), None ("auto") or an object.
 
     "auto": the native CPU library on a CPU when it is built, `dtype` is float32 and the weights

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
@@ -83,7 +84,7 @@ def cached_inputs(config: ModelConfig, cache: KVCache, attention_mask: jax.Array
 
 def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
                    positions: jax.Array, cache: KVCache, project_factory: Callable[[Any], Project] | None = None,
-                   layer_extras: Any = None, backend: Any = XLA) -> tuple[jax.Array, KVCache]:
+                   layer_extras: Any = None, backend: Backend = XLA) -> tuple[jax.Array, KVCache]:
     """Run `[B, S]` new tokens against the cache; returns logits `[B, S, V]` and the grown cache.
 
     Adapters plug in as in `lsjax.model.forward`: `project_factory(layer_extras slice) -> project`.
@@ -111,7 +112,7 @@ def grown_cache(cache: KVCache, k: Any, v: Any, positions: jax.Array, valid: jax
 
 
 def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
-            cache: KVCache, backend: Any = XLA) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, backend: Backend = XLA) -> tuple[jax.Array, KVCache]:
     """Left-padded prompts `[B, S]` into the cache; logits of each prompt's last token `[B, V]`.
 
     The cache may already hold the start of the prompts (a long prompt prefilled in chunks)."""
@@ -131,7 +132,7 @@ def prompt_positions(attention_mask: jax.Array, cache: KVCache) -> jax.Array:
 
 
 def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache,
-                backend: Any = XLA) -> tuple[jax.Array, KVCache]:
+                backend: Backend = XLA) -> tuple[jax.Array, KVCache]:
     """One new token per row `[B]`; its position is the row's count of real tokens so far."""
     positions = next_positions(cache)
     logits, cache = forward_cached(config, params, tokens[:, None], jnp.ones_like(positions, jnp.bool_),

@@ -22,6 +22,7 @@ import numpy as np
 
 from lsjax import strategies
 from lsjax.adapters import AdapterError
+from lsjax.backend_interface import Backend
 from lsjax.backends import resolve_backend
 from lsjax.decode import init_cache, left_pad
 from lsjax.errors import ConfigError
@@ -127,7 +128,7 @@ class Generator:
     them (e.g. `{"huge_page_bytes": ...}` on the native CPU backend).
     """
 
-    def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", backend=None,
+    def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", backend: Backend | str | None = None,
                  max_cache_len: int | None = None):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.config = model.config

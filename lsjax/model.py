@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import PROJECTION_GROUPS, ModelConfig
 
@@ -199,7 +200,7 @@ def embed_tokens(params: Params, input_ids: jax.Array) -> jax.Array:
     return jnp.take(params["embed"], input_ids, axis=0)
 
 
-def lm_logits(config: ModelConfig, params: Params, h: jax.Array, backend: Any = None) -> jax.Array:
+def lm_logits(config: ModelConfig, params: Params, h: jax.Array, backend: Backend | None = None) -> jax.Array:
     """Final norm and vocabulary projection through `backend.logits` (XLA by default); fp32 `[B, S, V]`.
 
     A tied head reads `embed [V, D]` as it is: `h @ embed.T` made XLA copy the transposed embedding.

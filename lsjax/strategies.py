@@ -6,8 +6,8 @@ Each strategy yields two pure functions over a `bundle` of arrays (jit them, don
 and runs its products on a backend (`lsjax.backends`: XLA, the CPU native library, Pallas).
 
 - `unmerged`: each group's product on the backend, then its routed term as XLA ops: the chosen
-  experts gathered once per step (switch) for a few rows, every expert masked by its gates from
-  E / k rows on (`unmerged_computation`); one shrink and one expand per group.
+  experts gathered (once per step for all layers, switch) for a few rows, every expert masked by
+  its gates from E / k rows on; one shrink and one expand per group.
 - `fused`: one backend call per group, `x @ W + sum_k g_k (x @ A_k) @ B_k`, any batch, each row
   its own experts, never writing weights (the native library's kernel on a CPU, Pallas on a GPU).
 - `merged`: the paper's way. `lora`: merged once, then the plain backbone. `switch`: per token,
@@ -15,11 +15,13 @@ and runs its products on a backend (`lsjax.backends`: XLA, the CPU native librar
   kernel) builds W_base + delta for all layers of each group (from a pristine stacked copy of the
   base: no drift), then the plain
   backbone runs. One route per step, so batch 1 only.
-- `auto`: `lora` -> merged (free after the one-time merge); otherwise `fused` where the backend's
-  fused kernel is declared the faster form (the CPU native library, measured in docs/perf.md; the
-  Pallas backend, which exists to run its kernel), else `unmerged` (XLA).
+- `auto`: `lora` -> merged (free after the one-time merge); otherwise `fused` where the backend
+  declares its fused kernel the faster form (`Traits.fused_is_faster`: the CPU native library,
+  measured in docs/perf.md; the Pallas backend, which exists to run its kernel), else `unmerged`.
 Prefill runs the training form (dense routed term), as in the paper, except that `fused` prefills
-a chunk of at most `backend.fused_rows` tokens with the fused kernel (the CPU native library's).
+a chunk of at most `Traits.fused_prefill_rows` tokens with the fused kernel (the native library's).
+How each step forms its routed terms is decided in one place, `term_form`, from the strategy, the
+rows and the backend's declared traits; the adapter config never carries it.
 
 Memory: `unmerged` and `fused` decode from the model's and adapter's own arrays (no copy);
 `lora` merged holds a merged copy of its adapted groups; `switch` merged a stacked copy of the base.
@@ -37,7 +39,8 @@ from lsjax import decode
 from lsjax.adapters.merge import merge_lora
 from lsjax.adapters.methods import adapted_forward_cached
 from lsjax.adapters.params import adapted_groups, member_layout
-from lsjax.adapters.routing import router_logits, top_k_route
+from lsjax.adapters.routing import Computation, TermForm, router_logits, top_k_route
+from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached
@@ -47,7 +50,7 @@ from lsjax.model import embed_tokens, rms_norm, stack_layers
 STRATEGIES = ("unmerged", "merged", "fused", "auto")
 
 
-def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Any = XLA) -> str:
+def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Backend = XLA) -> str:
     """The concrete strategy for this adapter on this backend; refuses what cannot run."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy {strategy!r} is not supported; expected one of {STRATEGIES}")
@@ -57,7 +60,7 @@ def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Any = X
     if strategy == "auto":
         if method == "lora":
             return "merged"
-        return "fused" if backend.prefers_fused else "unmerged"
+        return "fused" if backend.traits.fused_is_faster else "unmerged"
     if strategy == "merged":
         if method not in ("lora", "switch"):
             raise ConfigError(f"strategy 'merged' is for methods 'lora' and 'switch', not {method!r} "
@@ -85,7 +88,7 @@ def switch_route(model_config: ModelConfig, base: dict, adapter_config, adapter_
 
 
 def merged_switch_params(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict, route,
-                         backend: Any = XLA) -> dict:
+                         backend: Backend = XLA) -> dict:
     """W_base + scale * sum_k g_k A_k B_k for all layers of each adapted group: one `backend.merge` per group."""
 
     ids, gates = route.ids[0, 0], (adapter_config.scale * route.gates[0, 0]).astype(jnp.float32)
@@ -97,7 +100,8 @@ def merged_switch_params(model_config: ModelConfig, base: dict, adapter_config, 
     return {**base, "layers": layers}
 
 
-def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Any = XLA) -> tuple[Callable, Callable]:
+def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Backend = XLA
+          ) -> tuple[Callable, Callable]:
     """(prefill, step) pure functions of `bundle = {"base": params, "adapter": arrays or None}`."""
     if strategy == "base" or (strategy == "merged" and adapter_config.method == "lora"):
         # lora merged: the bundle's base already holds W + scale * A @ B (see `prepare_bundle`)
@@ -110,21 +114,18 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Any
 
 
     def prefill(bundle, ids, mask, cache):
-        # the training form (every expert, masked), except a chunk short enough for the backend's
-        # fused kernel (a serving engine's prefill chunks on the CPU native library)
-        short = strategy == "fused" and ids.size <= backend.fused_rows
-        prefill_config = adapter_config.replace(computation="fused" if short else "dense")
-        logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], prefill_config, bundle["adapter"],
-                                                  ids, mask, decode.prompt_positions(mask, cache), cache, backend)
+        form = term_form(strategy, adapter_config, backend, ids.size, prefill=True)
+        logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], adapter_config, bundle["adapter"],
+                                                  ids, mask, decode.prompt_positions(mask, cache), cache, backend,
+                                                  form)
         return logits[:, -1], cache
 
     def adapted_step(bundle, tokens, cache):
-        computation = "fused" if strategy == "fused" else unmerged_computation(adapter_config, tokens.shape[0])
-        step_config = adapter_config.replace(computation=computation)
+        form = term_form(strategy, adapter_config, backend, tokens.shape[0], prefill=False)
         positions = decode.next_positions(cache)
-        logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], step_config, bundle["adapter"],
+        logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], adapter_config, bundle["adapter"],
                                                   tokens[:, None], jnp.ones_like(positions, jnp.bool_),
-                                                  positions, cache, backend)
+                                                  positions, cache, backend, form)
         return logits[:, 0], cache
 
     if strategy != "merged":
@@ -141,14 +142,24 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Any
     return prefill, merged_step
 
 
-def unmerged_computation(adapter_config, rows: int) -> str:
-    """How `unmerged` computes a step's routed term for `rows` tokens (static under jit).
+def term_form(strategy: str, adapter_config, backend: Backend, rows: int, prefill: bool) -> TermForm:
+    """How a `strategy` step over `rows` tokens forms its routed terms on `backend` (static under jit).
 
-    `gathered` copies each row's k chosen experts out and reads them; once rows * k reaches E that
-    is more bytes than all experts, and `dense` (every expert, masked by the gates: plain
-    products, no gather) is faster (docs/perf.md).
+    Prefill: the training form (dense), except a chunk short enough for the backend's fused kernel
+    (`Traits.fused_prefill_rows`: a serving engine's prefill chunks on the CPU native library).
+    Decode: `fused` runs the backend's fused kernel; `unmerged` gathers each row's k chosen experts,
+    until rows * k reaches E: then that is more bytes than all experts, and `dense` (every expert,
+    masked by the gates: plain products, no gather) is faster (docs/perf.md). The XLA forms of a
+    separate term are those the backend declares faster where it runs (`Traits`).
     """
-    return "dense" if rows * adapter_config.top_k >= adapter_config.num_experts else "gathered"
+    traits = backend.traits
+    if strategy == "fused" and (not prefill or rows <= traits.fused_prefill_rows):
+        computation = Computation.FUSED
+    elif prefill or rows * adapter_config.top_k >= adapter_config.num_experts:
+        computation = Computation.DENSE
+    else:
+        computation = Computation.GATHERED
+    return TermForm(computation, gather_once=traits.gather_once, one_expand=traits.one_expand)
 
 
 def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict | None,
@@ -164,7 +175,7 @@ def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapte
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(model_config: ModelConfig, adapter_config, strategy: str, backend: Any = XLA):
+def compiled(model_config: ModelConfig, adapter_config, strategy: str, backend: Backend = XLA):
     """Jitted (prefill, step) per (model, adapter config, strategy, backend), shared by every Generator."""
     prefill, step = build(model_config, adapter_config, strategy, backend)
     return jax.jit(prefill, donate_argnums=(3,)), jax.jit(step, donate_argnums=(2,))

@@ -28,7 +28,7 @@ def test_defaults_follow_the_method():
 def test_json_round_trip():
     cfg = AdapterConfig(method="blockwise", num_experts=6, top_k=3, rank=4, alpha=12.0, dropout=0.05,
                         targets=("q", "gate", "down"), router=RouterConfig(jitter=0.01, z_loss_coef=1e-3),
-                        init="gaussian", computation="dense")
+                        init="gaussian")
     back = AdapterConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg and hash(back) == hash(cfg)
 
@@ -50,7 +50,6 @@ BAD = [
     (dict(method="blockwise", targets=("q", "v")), "targets=['q', 'v'] is invalid; expected at least one FFN "
                                                    "projection ('gate', 'up', 'down') for method 'blockwise'"),
     (dict(init="xavier"), "init='xavier' is invalid; expected one of ('kaiming', 'gaussian')"),
-    (dict(computation="sparse"), "computation='sparse' is invalid; expected one of ('gathered', 'dense', 'fused')"),
     (dict(router={"jitter": -0.1}), "router.jitter=-0.1 is invalid; expected a number >= 0"),
     (dict(router={"init_std": 0}), "router.init_std=0 is invalid; expected a positive number"),
     (dict(router={"aux_coef": 1}), "unknown router config field(s) ['aux_coef']"),

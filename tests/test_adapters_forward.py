@@ -18,6 +18,7 @@ from lsjax.adapters import (TRAINABLE, Adapter, AdaptedLlama, AdapterConfig, Ada
                             RouterParam, adapted_forward, adapted_forward_cached, grouped, project_hooks,
                             router_stats, top_k_route)
 from lsjax.adapters.params import per_projection_shapes
+from lsjax.adapters.routing import Computation, TermForm
 from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached, init_cache
 from lsjax.model import Llama, forward, from_projections, model_from_params
@@ -75,7 +76,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def run():
-    return jax.jit(adapted_forward, static_argnums=(0, 2))
+    return jax.jit(adapted_forward, static_argnums=(0, 2), static_argnames=("form",))
 
 
 # -- the numpy reference ------------------------------------------------------------------------
@@ -184,6 +185,7 @@ CASES = {
     "blockwise": dict(method="blockwise", num_experts=4, top_k=2),
     "blockwise-q-down": dict(method="blockwise", num_experts=4, top_k=2, targets=("q", "down")),
 }
+GATHERED, DENSE = TermForm(Computation.GATHERED), TermForm(Computation.DENSE)
 METHODS = ("lora", "switch", "layerwise", "blockwise")  # the all-linear cases
 
 
@@ -194,17 +196,17 @@ def case_config(case: str, **changes) -> AdapterConfig:
 @pytest.mark.parametrize("case", list(CASES) + [f"{m}/dense" for m in METHODS])
 def test_matches_per_token_merged_reference(base, run, case):
     case, _, dense = case.partition("/")
-    cfg = case_config(case, computation=dense or "gathered")
+    cfg = case_config(case)
     experts = random_experts(cfg)
     adapter = grouped(MC, cfg, experts)
-    logits, _ = run(MC, held(base), cfg, adapter, IDS, MASK)
+    logits, _ = run(MC, held(base), cfg, adapter, IDS, MASK, form=DENSE if dense else GATHERED)
     want = np_forward(MC, base, cfg, experts, IDS, MASK)
     assert max_diff(logits, want) <= TOL, case
     base_only = np_forward(MC, base, cfg, {**experts, "experts": jax.tree.map(np.zeros_like, experts["experts"])},
                            IDS, MASK)
     assert max_diff(logits, base_only) > 1e-2  # the adapter really changed the logits
     if dense:  # and the two computations agree with each other
-        gathered, _ = run(MC, held(base), cfg.replace(computation="gathered"), adapter, IDS, MASK)
+        gathered, _ = run(MC, held(base), cfg, adapter, IDS, MASK, form=GATHERED)
         assert max_diff(logits, np.asarray(gathered)) <= TOL
 
 
@@ -229,9 +231,9 @@ def test_zero_b_reproduces_base_exactly(base, run, method):
 
 @pytest.mark.parametrize("method", ["switch", "layerwise", "blockwise"])
 def test_top_k_all_is_the_dense_softmax_mixture(base, run, method):
-    cfg = AdapterConfig(method=method, num_experts=3, top_k=3, rank=4, computation="gathered")
+    cfg = AdapterConfig(method=method, num_experts=3, top_k=3, rank=4)
     experts = random_experts(cfg, seed=5, router_std=0.5)
-    logits, _ = run(MC, held(base), cfg, grouped(MC, cfg, experts), IDS, MASK)
+    logits, _ = run(MC, held(base), cfg, grouped(MC, cfg, experts), IDS, MASK, form=GATHERED)
     assert max_diff(logits, np_forward(MC, base, cfg, experts, IDS, MASK, mixture="softmax")) <= TOL
 
 

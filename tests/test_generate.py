@@ -123,10 +123,12 @@ def test_strategies_agree(tiny_llama, method):
 @pytest.mark.parametrize("method", ["switch", "layerwise"])
 def test_unmerged_steps_match_the_full_adapted_forward(tiny_llama, method):
     """`unmerged` gathers the chosen experts for one row and masks all of them from E / k rows on
-    (`unmerged_computation`); either way each step's logits equal one full adapted forward over the
-    finished sequences, computed the other way."""
+    (`term_form`); either way each step's logits equal one full adapted forward over the finished
+    sequences, computed the other way."""
     from lsjax.adapters.methods import adapted_forward
-    from lsjax.strategies import build, prepare_bundle, unmerged_computation
+    from lsjax.adapters.routing import Computation, TermForm
+    from lsjax.backends import XLA
+    from lsjax.strategies import build, prepare_bundle, term_form
 
     _, model, _ = tiny_llama
     cfg, params = model.config, model.params()
@@ -135,13 +137,14 @@ def test_unmerged_steps_match_the_full_adapted_forward(tiny_llama, method):
     prefill_fn, step_fn = build(cfg, acfg, "unmerged")
     bundle = prepare_bundle(cfg, params, acfg, arrays, "unmerged")
     step = jax.jit(step_fn, donate_argnums=2)
-    for prompts, form in [(PROMPTS[:1], "gathered"), (PROMPTS, "dense")]:
-        assert unmerged_computation(acfg, len(prompts)) == form
+    for prompts, form in [(PROMPTS[:1], Computation.GATHERED), (PROMPTS, Computation.DENSE)]:
+        assert term_form("unmerged", acfg, XLA, len(prompts), prefill=False).computation == form
         ids, mask = left_pad(prompts)
         logits, cache = prefill_fn(bundle, ids, mask, init_cache(cfg, len(prompts), 32, per_layer=True))
         seen, generated, _ = greedy_steps(step, bundle, logits, cache, 6)
-        other = acfg.replace(computation="dense" if form == "gathered" else "gathered")
-        full = adapted_forward(cfg, params, other, arrays, *finished_batch(prompts, np.stack(generated, 1).tolist()))[0]
+        other = TermForm(Computation.DENSE if form == Computation.GATHERED else Computation.GATHERED)
+        full = adapted_forward(cfg, params, acfg, arrays, *finished_batch(prompts, np.stack(generated, 1).tolist()),
+                               form=other)[0]
         assert_steps_match(prompts, seen, np.asarray(full))
 
 

@@ -9,6 +9,7 @@ from test_generate import PROMPTS, random_adapter
 
 from lsjax import native
 from lsjax.adapters import AdapterConfig
+from lsjax.backend_interface import Traits
 from lsjax.backends import XLA, XlaBackend, resolve_backend
 from lsjax.decode import decode_step, init_cache, left_pad, prefill
 from lsjax.errors import ConfigError
@@ -66,7 +67,7 @@ def test_auto_picks_the_native_backend_on_a_cpu_for_fp32_and_says_why_not(monkey
     assert resolve_strategy("auto", switch, XLA) == "unmerged"
     assert resolve_strategy("auto", switch, resolve_backend("pallas")) == "fused"
     assert resolve_backend(None, jnp.bfloat16).name == "xla"  # the custom calls are fp32; bf16 stays on XLA
-    assert resolve_backend("xla") == XlaBackend(gather_once=False, one_expand=False)  # its CPU forms
+    assert resolve_backend("xla") == XlaBackend(traits=Traits(gather_once=False, one_expand=False))  # CPU forms
     if native.available():
         assert resolve_backend(None).name == "native"
         assert resolve_strategy("auto", switch, resolve_backend(None)) == "fused"

@@ -61,7 +61,7 @@ def test_config_yaml_overrides_and_validation(tmp_path):
 
     for name in ("lora", "switch", "layerwise", "blockwise"):
         c = load_config(ROOT / "lsjax" / "train" / "configs" / f"smollm2_{name}.yaml")
-        assert c.adapter.method == name and c.adapter.computation == "dense"
+        assert c.adapter.method == name
     c = load_config(ROOT / "lsjax/train/configs/smollm2_switch.yaml",
                     ["steps=7", "optim.lr=3e-4", "data.tasks=[arc_easy,piqa]", "adapter.router.jitter=0.01"])
     assert (c.steps, c.optim.lr, c.data.tasks, c.adapter.router.jitter) == (7, 3e-4, ("arc_easy", "piqa"), 0.01)

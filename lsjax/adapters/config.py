@@ -14,7 +14,6 @@ from lsjax.model import PROJECTIONS
 from lsjax.validate import check, from_fields, is_int, is_number
 
 METHODS = ("lora", "switch", "layerwise", "blockwise")
-COMPUTATIONS = ("gathered", "dense", "fused")
 INITS = ("kaiming", "gaussian")
 ATTENTION = ("q", "k", "v", "o")
 FFN = ("gate", "up", "down")
@@ -57,7 +56,7 @@ class AdapterConfig:
     num_experts / top_k: default 8 / 2 for routed methods and 1 / 1 for `lora`.
     targets: projection names from q, k, v, o, gate, up, down, or "all-linear".
     Expert update: delta = (alpha / rank) * A @ B, A initialised by `init`, B zero.
-    computation: `gathered` (only the k chosen experts) or `dense` (all experts, masked gates).
+    What the adapter is, never how a forward computes it (`lsjax.adapters.routing.TermForm`).
     """
 
     method: str = "switch"
@@ -69,7 +68,6 @@ class AdapterConfig:
     targets: tuple[str, ...] | str = ALL_LINEAR
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     init: str = "kaiming"
-    computation: str = "gathered"
 
     def __post_init__(self):
         check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
@@ -95,7 +93,6 @@ class AdapterConfig:
             object.__setattr__(self, "router", from_fields(RouterConfig, self.router, "router"))
         check(isinstance(self.router, RouterConfig), "router", self.router, "a RouterConfig")
         check(self.init in INITS, "init", self.init, f"one of {INITS}")
-        check(self.computation in COMPUTATIONS, "computation", self.computation, f"one of {COMPUTATIONS}")
 
     @property
     def scale(self) -> float:
@@ -120,7 +117,8 @@ class AdapterConfig:
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"adapter config must be a JSON object; got {type(data).__name__}")
-        return from_fields(cls, data, "adapter")
+        # "computation" (how a forward ran, which some adapter files record) is no part of the adapter
+        return from_fields(cls, {k: v for k, v in data.items() if k != "computation"}, "adapter")
 
 
 def normalise_targets(targets: Any) -> tuple[str, ...]:

@@ -11,7 +11,8 @@ at the input it belongs to:
   FFN groups; attention groups are plain LoRA.
 - `lora`: one adapter, no router.
 A group's routed term is one shrink and one expand (`lsjax.adapters.routing.group_term`), or with
-`computation="fused"` one call of the backend's fused kernel (`lsjax.backends`). Over split
+`Computation.FUSED` one call of the backend's fused kernel (`lsjax.backends`); the caller's
+`TermForm` says which (training and prefill: dense, the default; decode: the strategy's choice). Over split
 layers (decoding) the experts stay stacked and each layer reads its own by a static index; a
 switch route's chosen experts are gathered once per step for all layers (`ChosenExperts`).
 The same hook runs through `lsjax.model.forward` and `lsjax.decode.forward_cached`
@@ -32,6 +33,7 @@ from lsjax.adapters.config import AdapterConfig
 from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.params import Adapter, AdapterParams, adapted_groups, check_params, member_layout
 from lsjax.adapters.routing import (
+    Computation,
     RouterStats,
     Routing,
     chosen_experts,
@@ -40,8 +42,10 @@ from lsjax.adapters.routing import (
     place,
     router_logits,
     router_stats,
+    TermForm,
     top_k_route,
 )
+from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.decode import KVCache, cached_inputs, grown_cache
@@ -125,10 +129,10 @@ class LayerProject:
     def __init__(self, config: AdapterConfig, layout: Layout, experts: dict, routers: dict, *,
                  layer: int | None = None, route: Routing | None = None, first: Any = None,
                  switch_router: jax.Array | None = None, valid: jax.Array | None = None,
-                 key: jax.Array | None = None, train: bool = False, backend: Any = XLA,
-                 chosen: ChosenExperts | None = None):
+                 key: jax.Array | None = None, train: bool = False, backend: Backend = XLA,
+                 chosen: ChosenExperts | None = None, form: TermForm = TermForm()):
         self.config, self.layout, self.experts, self.routers = config, layout, experts, routers
-        self.layer, self.backend, self.chosen = layer, backend, chosen
+        self.layer, self.backend, self.chosen, self.form = layer, backend, chosen, form
         self.route, self.first, self.switch_router = route, first, switch_router
         self.valid, self.key, self.train = valid, key, train
         self.switch_done = False
@@ -141,7 +145,7 @@ class LayerProject:
         if group not in self.layout.groups:
             return self.backend(group, x, w)
         route = self._route_for(group, x)
-        if self.config.computation == "fused":  # one call: x @ W plus each row's own experts
+        if self.form.computation == Computation.FUSED:  # one call: x @ W plus each row's own experts
             return self._fused(group, x, w, route)
         term = self._term(group, x, route)
         return self.backend(group, x, w) + place(term, self.layout.members[group], self.layout.widths[group])
@@ -154,15 +158,14 @@ class LayerProject:
         return a, b, self.layer
 
     def _term(self, group: str, x: jax.Array, route: Routing | None) -> jax.Array:
-        cfg = self.config
         a, b = self.experts[group]["a"], self.experts[group]["b"]
         chosen = None
         if self.layer is not None:
-            if cfg.computation == "gathered" and self.chosen is not None and self.backend.gather_once:
+            if self.chosen is not None:  # gathered once per step for every layer (`ChosenExperts`)
                 chosen = self.chosen.get(group, self.route, self.layer)
             a, b = a[self.layer], b[self.layer]
-        return group_term(self._dropout(group, x), a, b, route, cfg.scale, self.layout.members[group],
-                          cfg.computation, chosen, self.backend.one_expand)
+        return group_term(self._dropout(group, x), a, b, route, self.config.scale, self.layout.members[group],
+                          self.form.computation, chosen, self.form.one_expand)
 
     def _fused(self, group: str, x: jax.Array, w: jax.Array, route: Routing | None) -> jax.Array:
         lead = x.shape[:-1]
@@ -257,7 +260,8 @@ def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:
 
 def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterConfig, params: AdapterParams,
                 x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array | None, *,
-                key: jax.Array | None, train: bool, cache: KVCache | None = None, backend: Any = XLA):
+                key: jax.Array | None, train: bool, cache: KVCache | None = None, backend: Backend = XLA,
+                form: TermForm = TermForm()):
     """Run all decoder layers: scanned over stacked base layers, or a loop over split ones (then the
     experts stay stacked and each layer indexes them statically). Returns x, the routers' stats,
     the switch route and the new (k, v)."""
@@ -270,7 +274,8 @@ def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterC
           "first": np.arange(L) == 0 if switch else None,  # numpy: static per layer in a loop
           "layer": np.arange(L) if loop else None,
           "experts": None if loop else params["experts"]}
-    chosen = ChosenExperts(params["experts"]) if loop and switch and config.computation == "gathered" else None
+    once = loop and switch and form.computation == Computation.GATHERED and form.gather_once
+    chosen = ChosenExperts(params["experts"]) if once else None
     b, s = x.shape[:2]
     no_route = Routing(jnp.zeros((b, s, config.top_k), jnp.int32), jnp.zeros((b, s, config.top_k), jnp.float32))
 
@@ -280,7 +285,7 @@ def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterC
         index = None if xs["layer"] is None else int(xs["layer"])
         project = LayerProject(config, layout, experts, xs["routers"], layer=index, route=route, first=xs["first"],
                                switch_router=params["routers"].get("switch"), valid=valid, key=xs["key"],
-                               train=train, backend=backend, chosen=chosen)
+                               train=train, backend=backend, chosen=chosen, form=form)
         if cache is None:
             x, kv = decoder_layer(model_config, w, x, cos, sin, mask, project), None
         else:
@@ -315,12 +320,13 @@ def _needs_key(config: AdapterConfig) -> bool:
 def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
                     adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                     *, positions: jax.Array | None = None, rng: jax.Array | None = None,
-                    train: bool = False, last: int | None = None) -> tuple[jax.Array, AdapterAux]:
+                    train: bool = False, last: int | None = None, form: TermForm = TermForm()
+                    ) -> tuple[jax.Array, AdapterAux]:
     """Logits `[B, S, V]` of the base model with the adapter attached, and the router aux.
 
     `train=True` turns on adapter dropout and router jitter (both need `rng`). `last` (static):
-    logits of the last `last` positions only, as in `lsjax.model.forward`. Pure and jit-able
-    with both configs static.
+    logits of the last `last` positions only, as in `lsjax.model.forward`. `form` (static): how
+    the routed terms are computed (dense by default). Pure and jit-able with both configs static.
     """
     check_params(model_config, adapter_config, adapter_params)
     if train and _needs_key(adapter_config) and rng is None:
@@ -329,33 +335,33 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
     base_params = stack_layers(base_params)  # a scan over the layers: compile time flat in depth
     x = embed_tokens(base_params, input_ids)
     x, stats, route, _ = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin, mask,
-                                     attention_mask, key=rng if train else None, train=train)
+                                     attention_mask, key=rng if train else None, train=train, form=form)
     return lm_logits(model_config, base_params, x if last is None else x[:, -last:]), _aux(adapter_config, stats, route)
 
 
 def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
                            adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array,
-                           positions: jax.Array, cache: KVCache, backend: Any = XLA
-                           ) -> tuple[jax.Array, KVCache, AdapterAux]:
+                           positions: jax.Array, cache: KVCache, backend: Backend = XLA,
+                           form: TermForm = TermForm()) -> tuple[jax.Array, KVCache, AdapterAux]:
     """`lsjax.decode.forward_cached` with the adapter (inference: no dropout, no jitter).
 
     Every method, switch included: a decode step's route is decided from that token's own
     layer-0 input, exactly as in the full forward. `backend` (static, `lsjax.backends`) runs the
-    products, and with `computation="fused"` its fused kernel.
+    products, and with `Computation.FUSED` in `form` (static) its fused kernel.
     """
     check_params(model_config, adapter_config, adapter_params)
     all_positions, all_valid, cos, sin, mask = cached_inputs(model_config, cache, attention_mask, positions)
     x = embed_tokens(base_params, input_ids)
     x, stats, route, (k, v) = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
                                           mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache,
-                                          backend=backend)
+                                          backend=backend, form=form)
     logits = lm_logits(model_config, base_params, x, backend)
     new_cache = grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
     return logits, new_cache, _aux(adapter_config, stats, route)
 
 
 def project_hooks(model_config: ModelConfig, adapter_config: AdapterConfig, adapter_params: AdapterParams,
-                  route: Routing | None = None):
+                  route: Routing | None = None, form: TermForm = TermForm()):
     """`(project_factory, layer_extras)` for `lsjax.model.forward` / `lsjax.decode.forward_cached`.
 
     Inference only (no stats, no dropout). `switch` needs the route decided beforehand (e.g.
@@ -369,7 +375,8 @@ def project_hooks(model_config: ModelConfig, adapter_config: AdapterConfig, adap
     layout = Layout.of(model_config, adapter_config)
 
     def factory(layer_extras):
-        return LayerProject(adapter_config, layout, layer_extras["experts"], layer_extras["routers"], route=route)
+        return LayerProject(adapter_config, layout, layer_extras["experts"], layer_extras["routers"], route=route,
+                            form=form)
     return factory, extras
 
 

@@ -8,16 +8,36 @@ group's adapted members when each has its own router (layerwise).
 
 `group_term` is a group's routed LoRA term in XLA ops: one shrink (x against the members' A's,
 stacked along the rank) and one expand (against their B's, side by side) per group, where
-`lsjax.model`'s layers run one product per group.
+`lsjax.model`'s layers run one product per group. How it is formed (`TermForm`) is the caller's
+decision: training and prefill take the default, a decode strategy decides per step
+(`lsjax.strategies.term_form`); an adapter never carries it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class Computation(str, enum.Enum):
+    """How a group's routed term is computed."""
+
+    GATHERED = "gathered"  # only each row's k chosen experts: a gather, then small products (few rows)
+    DENSE = "dense"  # every expert, masked by the gates: plain products, no gather (prefill, training, many rows)
+    FUSED = "fused"  # one backend call computes x @ W and the term together (`lsjax.backends`)
+
+
+@dataclasses.dataclass(frozen=True)
+class TermForm:
+    """How a forward forms every group's routed term (static under jit)."""
+
+    computation: Computation = Computation.DENSE
+    gather_once: bool = True  # gathered switch over split layers: chosen experts gathered once per step
+    one_expand: bool = True  # few rows: unequal members expanded in one masked product, not one each
 
 
 @jax.tree_util.register_dataclass
@@ -93,7 +113,7 @@ EQUAL_WIDTH_ROWS = 16  # up to this many rows, unequal member widths expand in o
 
 
 def group_term(x: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None, scale: float,
-               members: tuple[tuple[int, int, int], ...], computation: str = "gathered",
+               members: tuple[tuple[int, int, int], ...], computation: Computation = Computation.GATHERED,
                chosen: tuple[jax.Array, jax.Array] | None = None, one_expand: bool = True) -> jax.Array:
     """A group's routed LoRA term `[..., Nb]` (the adapted members side by side, `place` puts them).
 
@@ -110,7 +130,7 @@ def group_term(x: jax.Array, a: jax.Array, b: jax.Array, route: Routing | None, 
         xa = (x @ a[0]).reshape(*x.shape[:-1], 1, S, r) * scale
         return _expand(xa, b[:1], members, False, one_expand).astype(x.dtype)
     gates = (scale * route.gates).astype(x.dtype)
-    if computation == "dense":
+    if computation == Computation.DENSE:
         xa = jnp.einsum("...d,edR->...eR", x, a).reshape(*x.shape[:-1], a.shape[0], S, r)
         weights = jnp.swapaxes(dense_gates(Routing(route.ids, gates), a.shape[0]), -1, -2)  # [..., E, R]
         return _expand(xa * weights[..., None], b, members, False, one_expand).astype(x.dtype)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 import lsjax
 from lsjax.adapters import Adapter, AdapterConfig
 from lsjax.assets import default_checkpoint
+from lsjax.backend_interface import Backend
 from lsjax.backends import XLA, native_backend, resolve_backend
 from lsjax.config import SHAPES, ModelConfig, named_config
 from lsjax.convert import export_hf
@@ -93,7 +94,7 @@ def load_model(args):
     return model, tokenizer, str(ckpt)
 
 
-def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], backend: Any,
+def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], backend: Backend,
                    reference: bool = True) -> list[tuple]:
     """`time_decode` entries: every `(method, strategy)` with its adapter and backend, plus, when
     that is not XLA and `reference`, the base on XLA for reference."""

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import native
+from lsjax.backend_interface import Traits, xla_logits
 from lsjax.native import hugepages
 from pallas_kernels import routed_group_matmul, sgmm_merge
 
@@ -23,22 +24,16 @@ def _xla_fused(x, w, a, b, ids, gates, *, layer, members):
     return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="xla")
 
 
-def _xla_logits(h, weight, transposed: bool):
-    spec = "...d,vd->...v" if transposed else "...d,dv->...v"
-    return jnp.einsum(spec, h, weight, preferred_element_type=jnp.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class NativeBackend:
-    """`lsjax.native`'s multi-threaded CPU custom calls; `fused` is its routed kernel (the faster
-    form on a CPU, so `auto` decodes with it)."""
+    """`lsjax.native`'s multi-threaded CPU custom calls (`lsjax.backends.Backend`); `fused` is its
+    routed kernel, measured faster on a CPU than a separate routed term (docs/perf.md), and short
+    prefill chunks run it too; a separate routed term takes XLA:CPU's faster forms."""
 
     name: str = "native"
-    prefers_fused: bool = True
-    fused_rows: int = native.MAX_ROUTED_ROWS  # a short prefill chunk runs the fused kernel too (`lsjax.strategies`)
+    traits: Traits = Traits(fused_is_faster=True, fused_prefill_rows=native.MAX_ROUTED_ROWS, gather_once=False,
+                            one_expand=False)
     huge_pages: bool = True  # back the decoded arrays with transparent huge pages where the OS allows
-    gather_once: bool = False  # `unmerged`'s routed term in XLA:CPU's faster forms (`XlaBackend`)
-    one_expand: bool = False
 
     def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
         del group
@@ -52,7 +47,7 @@ class NativeBackend:
 
     def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
         if h.reshape(-1, h.shape[-1]).shape[0] > native.MAX_ROWS or h.dtype != jnp.float32:
-            return _xla_logits(h, weight, transposed)
+            return xla_logits(h, weight, transposed)
         product = native.matmul_t if transposed else native.matmul
         return product(h, weight).astype(jnp.float32)
 

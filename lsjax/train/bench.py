@@ -98,8 +98,7 @@ def run(args) -> list[dict]:
     records = []
     for method in methods:
         routed = method != "lora"
-        adapter = AdapterConfig(method=method, num_experts=8 if routed else 1, top_k=2 if routed else 1, rank=16,
-                                computation="dense")
+        adapter = AdapterConfig(method=method, num_experts=8 if routed else 1, top_k=2 if routed else 1, rank=16)
         tx, schedule = make_optimizer(OptimConfig(), 100)
         holder = {"state": init_state(model_config, adapter, tx, 0, mesh)}
         step = jit_train_step(make_train_step(model_config, adapter, tx, schedule, dtype=dtype), holder["state"],

@@ -135,7 +135,7 @@ RESUMABLE = ("run_dir", "mesh", "eval_every", "checkpoint_every", "keep_checkpoi
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: str = ""  # lsjax checkpoint folder (from `lsjax convert`)
-    adapter: AdapterConfig = dataclasses.field(default_factory=lambda: AdapterConfig(computation="dense"))
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -250,8 +250,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a training config must be a YAML mapping")
     data = apply_overrides(data, list(overrides))
-    if isinstance(data.get("adapter"), dict):
-        data["adapter"] = {"computation": "dense", **data["adapter"]}
     return TrainConfig.from_dict(data)
 
 
