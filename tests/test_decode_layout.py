@@ -10,6 +10,7 @@ from collections import Counter
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lsjax import strategies
@@ -100,3 +101,24 @@ def test_a_generator_holds_the_weights_once(smollm2_ckpt):
     budget = out["weights"] + out["experts"] + out["cache"]
     assert out["live"] <= 1.05 * budget, out
     assert out["live"] >= out["weights"] + out["experts"], out  # the measure sees the arrays at all
+
+
+def test_cache_positions_count_each_rows_real_tokens(tiny_llama):
+    """After a left-padded prefill and one decode step, each row's valid columns hold positions
+    0..n-1 in order (its real tokens counted from its first), and its padding columns are invalid.
+    RoPE sees only differences of positions, so logits alone would not catch a shift of them all."""
+    from lsjax.decode import decode_step, init_cache, left_pad, prefill
+
+    _, model, _ = tiny_llama
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    ids, mask = left_pad(prompts)
+    params = model.params()
+    logits, cache = prefill(model.config, params, ids, mask, init_cache(model.config, len(prompts), 16))
+    _, cache = decode_step(model.config, params, jnp.argmax(logits, -1).astype(jnp.int32), cache)
+    positions, valid = np.asarray(cache.positions), np.asarray(cache.valid)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt) + 1  # the prompt and one generated token
+        assert valid[row].sum() == n
+        assert positions[row][valid[row]].tolist() == list(range(n))
+        pad = ids.shape[1] - len(prompt)
+        assert not valid[row, :pad].any() and valid[row, pad:ids.shape[1] + 1].all()

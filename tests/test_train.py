@@ -462,3 +462,47 @@ def test_train_bench_refuses_bad_flags_before_any_work(args, message, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--json", str(out)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_the_router_aux_loss_reaches_the_training_gradient():
+    """A train step's gradient with aux_loss_coef c, less the same step's with 0, is c times the
+    gradient of the load-balance loss, taken here straight from the adapted forward (SGD with rate
+    1, so the update is the gradient)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from lsjax.adapters import AdapterConfig, RouterConfig, adapted_forward
+    from lsjax.config import ModelConfig
+    from lsjax.model import Llama
+    from lsjax.train.step import init_state, make_train_step
+
+    mc = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=8)
+    base = Llama(mc, rngs=nnx.Rngs(0)).params()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, (4, 12)).astype(np.int32)
+    batch = {"ids": ids, "mask": np.ones_like(ids, bool), "targets": np.roll(ids, -1, 1),
+             "weights": np.ones(ids.shape, np.float32)}
+    tx = optax.sgd(1.0)
+
+    def gradient(coef):
+        cfg = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=4,
+                            router=RouterConfig(aux_loss_coef=coef, z_loss_coef=0.0))
+        state = init_state(mc, cfg, tx, seed=0)
+        new, _ = jax.jit(make_train_step(mc, cfg, tx, lambda step: 1.0))(state, base, batch)
+        return cfg, state["params"], jax.tree.map(jnp.subtract, state["params"], new["params"])
+
+    cfg, params, with_aux = gradient(0.5)
+    _, _, without = gradient(0.0)
+
+    def load_balance(p):
+        return adapted_forward(mc, base, cfg, p, batch["ids"], batch["mask"])[1].load_balance
+
+    want = jax.grad(load_balance)(params)
+    got = jax.tree.map(lambda a, b: (a - b) / 0.5, with_aux, without)
+    router = np.asarray(want["routers"]["switch"])
+    assert np.abs(router).max() > 1e-4  # the load balance really depends on the router
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-6)
