@@ -1,0 +1,61 @@
+"""The research scripts in the top-level `train/` and `eval/` folders, each run at tiny size."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from tiny import make_hf_model
+
+    from lsjax.convert import convert_hf
+
+    folder = tmp_path_factory.mktemp("research")
+    make_hf_model(folder / "hf")
+    return convert_hf(folder / "hf", folder / "ckpt", progress=False)
+
+
+def script(path: str, *args) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, str(ROOT / path), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_train_then_evaluate_a_switch_adapter(tiny_ckpt, tmp_path):
+    from lsjax.adapters import load_adapter_arrays
+    from lsjax.checkpoint import read_config
+
+    config = yaml.safe_load((ROOT / "train/configs/switch.yaml").read_text())
+    config.update(tasks=["arc_easy"], max_length=48, batch_size=4, lr=1e-2, warmup=1, log_every=1)
+    config["adapter"].update(num_experts=4, rank=4)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    out = script("train/train_switch.py", "--ckpt", tiny_ckpt, "--config", tmp_path / "tiny.yaml",
+                 "--out", tmp_path / "adapter", "--steps", 12)
+    losses = [float(x) for x in re.findall(r"answer loss (\d+\.\d+)", out)]
+    assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4])  # it learns
+    adapter_config, arrays = load_adapter_arrays(tmp_path / "adapter", read_config(tiny_ckpt))
+    assert adapter_config.method == "switch" and adapter_config.num_experts == 4
+    assert np.abs(np.asarray(arrays["experts"]["qkv"]["b"])).max() > 0  # B starts at zero: it was trained
+
+    out = script("eval/accuracy.py", "--ckpt", tiny_ckpt, "--adapter", tmp_path / "adapter", "--tasks", "arc_easy",
+                 "--limit", 6, "--max-length", 128)
+    assert out.count("| arc_easy |") == 2 and "base:" in out and "adapter:" in out
+
+
+def test_latency_script_times_switch_against_the_base(tiny_ckpt):
+    out = script("eval/latency.py", "--ckpt", tiny_ckpt, "--tokens", 4, "--rounds", 1)
+    base, switch = (float(re.search(rf"^{n}: (\d+\.\d+) ms/token", out, re.M).group(1)) for n in ("base", "switch"))
+    ratio = float(re.search(r"switch / base, batch 1: (\d+\.\d+)x", out).group(1))
+    assert ratio == pytest.approx(switch / base, rel=0.05)  # the printed figures are rounded
+
