@@ -52,7 +52,7 @@ from lsjax.errors import ConfigError, exit_status
 from lsjax.eval.harness import (
     DEFAULT_MAX_LENGTH,
     SPLIT_NOTE,
-    default_load_adapter,
+    adapter_logits_fn,
     evaluate,
     load_docs,
     model_logits_fn,
@@ -207,7 +207,7 @@ def _split_sizes(tasks) -> dict[str, dict[str, int]]:
     return {t: {"train": len(load_task(t, "train")), "heldout": len(load_task(t, "heldout"))} for t in tasks}
 
 
-def run_eval(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | None, run_dir: Path) -> dict[str, Any]:
+def evaluate_stage(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | None, run_dir: Path) -> dict[str, Any]:
     """Held-out accuracy of `name` (base or a trained method), task by task, each saved when done."""
 
     results, logits_fn = {}, None
@@ -216,7 +216,7 @@ def run_eval(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | None, 
         saved = _read_json(path)
         if saved is None:
             if logits_fn is None:
-                logits_fn = model_logits_fn(model) if adapter_dir is None else default_load_adapter(adapter_dir, model)
+                logits_fn = model_logits_fn(model) if adapter_dir is None else adapter_logits_fn(adapter_dir, model)
             docs = load_docs([task], "heldout", plan.eval_limit)
             max_length = min(model.config.max_position_embeddings, DEFAULT_MAX_LENGTH)
             saved = evaluate(logits_fn, tokenizer, docs, max_length=max_length)["tasks"][task]
@@ -499,7 +499,7 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
     print("tasks (train / held-out docs): " + ", ".join(f"{t} {s['train']}/{s['heldout']}" for t, s in splits.items()))
 
     _stage(f"{next(step)}/{n_stages} held-out accuracy of the base model")
-    evals = {"base": run_eval(plan, "base", model, tokenizer, None, run_dir)}
+    evals = {"base": evaluate_stage(plan, "base", model, tokenizer, None, run_dir)}
 
     _stage(f"{next(step)}/{n_stages} train {', '.join(plan.methods)} ({plan.steps} steps x {plan.batch_size} each), "
            f"then held-out accuracy")
@@ -507,7 +507,7 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
     for method in plan.methods:
         trains[method] = run_training(plan, method, ckpt, run_dir, sum(s["train"] for s in splits.values()))
         adapters[method] = Path(trains[method]["adapter"])
-        evals[method] = run_eval(plan, method, model, tokenizer, adapters[method], run_dir)
+        evals[method] = evaluate_stage(plan, method, model, tokenizer, adapters[method], run_dir)
 
     _stage(f"{next(step)}/{n_stages} decode latency (batch {', '.join(map(str, plan.latency_batches))})")
     latency = run_latency(plan, model, tokenizer, adapters, run_dir, source=ckpt.name)

@@ -29,6 +29,7 @@ Memory: `unmerged` and `fused` decode from the model's and adapter's own arrays 
 
 from __future__ import annotations
 
+import enum
 import functools
 from typing import Any, Callable
 
@@ -47,20 +48,34 @@ from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
 from lsjax.model import embed_tokens, rms_norm, stack_layers
 
-STRATEGIES = ("unmerged", "merged", "fused", "auto")
+class Strategy(enum.StrEnum):
+    """How a decode computes an adapter's routed term (equal to their names as strings)."""
+
+    UNMERGED = "unmerged"  # the group's product, then the routed term as XLA ops
+    MERGED = "merged"  # the chosen experts merged into working weights (lora: once; switch: per token)
+    FUSED = "fused"  # one backend call per group computes both
+    AUTO = "auto"  # chosen per adapter and backend (`resolve_strategy`)
+    BASE = "base"  # no adapter: what every strategy resolves to without one
+
+    def __repr__(self) -> str:  # messages name the value, as a user writes it
+        return repr(self.value)
 
 
-def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Backend = XLA) -> str:
+STRATEGIES = ("unmerged", "merged", "fused", "auto")  # what a caller may ask for
+
+
+def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Backend = XLA) -> Strategy:
     """The concrete strategy for this adapter on this backend; refuses what cannot run."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy {strategy!r} is not supported; expected one of {STRATEGIES}")
+    strategy = Strategy(strategy)
     if adapter_config is None:
-        return "base"
+        return Strategy.BASE
     method = adapter_config.method
-    if strategy == "auto":
+    if strategy == Strategy.AUTO:
         if method == "lora":
-            return "merged"
-        return "fused" if backend.traits.fused_is_faster else "unmerged"
+            return Strategy.MERGED
+        return Strategy.FUSED if backend.traits.fused_is_faster else Strategy.UNMERGED
     if strategy == "merged":
         if method not in ("lora", "switch"):
             raise ConfigError(f"strategy 'merged' is for methods 'lora' and 'switch', not {method!r} "

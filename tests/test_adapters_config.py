@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from lsjax.adapters import (AdapterConfig, AdapterError, RouterConfig, check_params, grouped, init_params, param_shapes,
-                            per_projection)
+from lsjax.adapters import (AdapterConfig, AdapterError, RouterConfig, adapter_shapes, check_params, grouped,
+                            init_params, per_projection)
 from lsjax.adapters.params import member_layout
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError, LsjaxError
@@ -69,28 +69,28 @@ def test_from_dict_refuses_unknown_fields():
         AdapterConfig.from_dict({"method": "switch", "experts": 8})
 
 
-def test_param_shapes_per_method():
+def test_adapter_shapes_per_method():
     """Experts per projection group (q|k|v, o, gate|up, down): A's of the adapted members side by side
     along the rank, B's side by side along the output. MC: d 16, q 16, k = v 8, intermediate 24."""
-    shapes = param_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2, targets=("gate", "down")))
+    shapes = adapter_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2, targets=("gate", "down")))
     assert shapes == {"experts": {"gate_up": {"a": (2, 4, 16, 2), "b": (2, 4, 2, 24)},
                                   "down": {"a": (2, 4, 24, 2), "b": (2, 4, 2, 16)}},
                       "routers": {"switch": (16, 4)}}
-    shapes = param_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2))
+    shapes = adapter_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2))
     assert shapes["experts"] == {"qkv": {"a": (2, 4, 16, 6), "b": (2, 4, 2, 32)},
                                  "o": {"a": (2, 4, 16, 2), "b": (2, 4, 2, 16)},
                                  "gate_up": {"a": (2, 4, 16, 4), "b": (2, 4, 2, 48)},
                                  "down": {"a": (2, 4, 24, 2), "b": (2, 4, 2, 16)}}
-    shapes = param_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2, targets=("o",)))
+    shapes = adapter_shapes(MC, AdapterConfig(method="switch", num_experts=4, rank=2, targets=("o",)))
     assert shapes["routers"] == {"switch": (16, 4)}  # o's input is num_heads * head_dim = 16
-    shapes = param_shapes(MC, AdapterConfig(method="layerwise", num_experts=4, rank=2, targets=("k", "down")))
+    shapes = adapter_shapes(MC, AdapterConfig(method="layerwise", num_experts=4, rank=2, targets=("k", "down")))
     assert shapes["routers"] == {"qkv": (2, 16, 4), "down": (2, 24, 4)}
-    shapes = param_shapes(MC, AdapterConfig(method="layerwise", num_experts=4, rank=2, targets=("q", "v")))
+    shapes = adapter_shapes(MC, AdapterConfig(method="layerwise", num_experts=4, rank=2, targets=("q", "v")))
     assert shapes["routers"] == {"qkv": (2, 16, 8)}  # q's router and v's side by side
-    shapes = param_shapes(MC, AdapterConfig(method="blockwise", num_experts=4, rank=2, targets=("q", "up")))
+    shapes = adapter_shapes(MC, AdapterConfig(method="blockwise", num_experts=4, rank=2, targets=("q", "up")))
     assert shapes["experts"]["qkv"]["a"] == (2, 1, 16, 2) and shapes["experts"]["gate_up"]["a"] == (2, 4, 16, 2)
     assert shapes["routers"] == {"ffn": (2, 16, 4)}
-    assert param_shapes(MC, AdapterConfig(method="lora", rank=2, targets="v"))["routers"] == {}
+    assert adapter_shapes(MC, AdapterConfig(method="lora", rank=2, targets="v"))["routers"] == {}
 
 
 def test_member_layout_places_each_adapted_member():

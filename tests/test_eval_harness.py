@@ -216,13 +216,13 @@ def test_adapter_hook(tiny, tmp_path, monkeypatch, capsys):
     adapter_dir.mkdir()
     seen = []
 
-    def load_adapter_fn(path, base):
+    def adapter_logits(path, base):
         seen.append(path)
         return model_logits_fn(base)
 
     args = parse(["--ckpt", str(ckpt), "--adapter", str(adapter_dir), "--tasks", "arc_easy", "--limit", "2",
                   "--no-progress", "--json", str(tmp_path / "r.json")])
-    results = harness.run_eval(args, load_adapter_fn=load_adapter_fn)
+    results = harness.run_eval(args, adapter_logits=adapter_logits)
     assert seen == [str(adapter_dir)] and results["config"]["adapter"] == str(adapter_dir)
     assert results["tasks"]["arc_easy"]["n"] == 2
     assert "| arc_easy |" in capsys.readouterr().out
@@ -240,7 +240,7 @@ def test_default_adapter_loader(tiny, tmp_path):
     cfg = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=4, targets="all-linear")
     arrays = jax.tree.map(lambda x: x + 0.1, Adapter(model.config, cfg, rngs=nnx.Rngs(0)).arrays())
     save_adapter(tmp_path / "adapter", Adapter.from_arrays(model.config, cfg, arrays))
-    logits_fn = harness.default_load_adapter(tmp_path / "adapter", model)
+    logits_fn = harness.adapter_logits_fn(tmp_path / "adapter", model)
     ids = np.array([[5, 6, 7, 8], [0, 9, 10, 11]], np.int32)
     mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int32)
     want = np.asarray(adapted_forward(model.config, model.params(), cfg, arrays, ids, mask)[0])

@@ -31,7 +31,7 @@ from lsjax.adapters.params import (
                                     check_params,
                                     grouped,
                                     init_params,
-                                    param_shapes,
+                                    adapter_shapes,
                                     per_projection,
 )
 from lsjax.adapters.peft import export_peft, import_peft
@@ -39,7 +39,7 @@ from lsjax.adapters.routing import RouterStats, Routing, group_term, router_logi
 
 __all__ = [
     "AdapterConfig", "RouterConfig", "AdapterError",
-    "Adapter", "AdapterParam", "RouterParam", "TRAINABLE", "init_params", "param_shapes", "check_params",
+    "Adapter", "AdapterParam", "RouterParam", "TRAINABLE", "init_params", "adapter_shapes", "check_params",
     "per_projection", "grouped",
     "AdaptedLlama", "AdapterAux", "LayerProject", "adapted_forward", "adapted_forward_cached", "project_hooks",
     "Routing", "RouterStats", "router_logits", "top_k_route", "router_stats", "group_term",

@@ -7,13 +7,26 @@ the value and what was expected. Serialised as JSON through `to_dict` / `from_di
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 from lsjax.errors import ConfigError
 from lsjax.model import PROJECTIONS
 from lsjax.validate import check, from_fields, is_int, is_number
 
-METHODS = ("lora", "switch", "layerwise", "blockwise")
+class Method(enum.StrEnum):
+    """The adapter methods (equal to their names as strings)."""
+
+    LORA = "lora"  # one adapter, no router
+    SWITCH = "switch"  # LoRA-Switch: one router for the whole model, decided once per token
+    LAYERWISE = "layerwise"  # MoLA: a router in every adapted projection
+    BLOCKWISE = "blockwise"  # MoRAL / MixLoRA: a router per FFN block, plain LoRA on attention
+
+    def __repr__(self) -> str:  # messages name the value, as a user writes it
+        return repr(self.value)
+
+
+METHODS = tuple(m.value for m in Method)  # the names, for messages and CLI choices
 INITS = ("kaiming", "gaussian")
 ATTENTION = ("q", "k", "v", "o")
 FFN = ("gate", "up", "down")
@@ -59,7 +72,7 @@ class AdapterConfig:
     What the adapter is, never how a forward computes it (`lsjax.adapters.routing.TermForm`).
     """
 
-    method: str = "switch"
+    method: Method = Method.SWITCH
     num_experts: int | None = None
     top_k: int | None = None
     rank: int = 8
@@ -71,6 +84,7 @@ class AdapterConfig:
 
     def __post_init__(self):
         check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        object.__setattr__(self, "method", Method(self.method))
         routed = self.method != "lora"
         if self.num_experts is None:
             object.__setattr__(self, "num_experts", DEFAULT_EXPERTS if routed else 1)
@@ -110,7 +124,7 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["targets"] = list(self.targets)
+        out["method"], out["targets"] = self.method.value, list(self.targets)
         return out
 
     @classmethod

@@ -102,7 +102,7 @@ def router_shapes(model_config: ModelConfig, adapter_config: AdapterConfig) -> d
     return shapes
 
 
-def param_shapes(model_config: ModelConfig, adapter_config: AdapterConfig) -> dict[str, Any]:
+def adapter_shapes(model_config: ModelConfig, adapter_config: AdapterConfig) -> dict[str, Any]:
     """The shape of every adapter array, in the pure-pytree layout above."""
     L, r = model_config.num_layers, adapter_config.rank
     groups = model_config.group_shapes()
@@ -125,7 +125,7 @@ def init_a(key: jax.Array, shape: tuple[int, ...], adapter_config: AdapterConfig
 def init_params(model_config: ModelConfig, adapter_config: AdapterConfig, key: jax.Array,
                 dtype: Any = jnp.float32) -> AdapterParams:
     """Fresh adapter arrays (A random, B zero, routers normal(init_std)) as a pure pytree."""
-    shapes = param_shapes(model_config, adapter_config)
+    shapes = adapter_shapes(model_config, adapter_config)
     keys = iter(jax.random.split(key, len(shapes["experts"]) + len(shapes["routers"])))
     experts = {g: {"a": init_a(next(keys), s["a"], adapter_config, dtype), "b": jnp.zeros(s["b"], dtype)}
                for g, s in shapes["experts"].items()}
@@ -168,7 +168,7 @@ def grouped(model_config: ModelConfig, adapter_config: AdapterConfig, params: Ad
 def check_params(model_config: ModelConfig, adapter_config: AdapterConfig, params: AdapterParams,
                  where: str = "adapter params") -> None:
     """Refuse a pytree whose keys or shapes do not match the configs, naming the first culprit."""
-    want = flatten(param_shapes(model_config, adapter_config), is_leaf=lambda x: isinstance(x, tuple))
+    want = flatten(adapter_shapes(model_config, adapter_config), is_leaf=lambda x: isinstance(x, tuple))
     try:
         got = flatten(params)
     except (AttributeError, TypeError):

@@ -23,12 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class Computation(str, enum.Enum):
+class Computation(enum.StrEnum):
     """How a group's routed term is computed."""
 
     GATHERED = "gathered"  # only each row's k chosen experts: a gather, then small products (few rows)
     DENSE = "dense"  # every expert, masked by the gates: plain products, no gather (prefill, training, many rows)
     FUSED = "fused"  # one backend call computes x @ W and the term together (`lsjax.backends`)
+
+    def __repr__(self) -> str:  # messages name the value, as a user writes it
+        return repr(self.value)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,7 +74,7 @@ def model_logits_fn(model, params=None) -> LogitsFn:
     return lambda input_ids, attention_mask, last: _forward_jit(config, params, input_ids, attention_mask, last)
 
 
-def default_load_adapter(path: str | Path, model) -> LogitsFn:
+def adapter_logits_fn(path: str | Path, model) -> LogitsFn:
     """Hook behind `--adapter`: an lsjax or PEFT adapter folder for `model`, as a `logits_fn`."""
 
     adapter = open_adapter(path, model.config)
@@ -90,7 +90,7 @@ def default_load_adapter(path: str | Path, model) -> LogitsFn:
 
 # -- requests ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Request:
+class ScoreRequest:
     """One scored sequence: inputs `tokens[:-1]`, targets `tokens[1:]`; the last `n_score` targets count."""
 
     tokens: tuple[int, ...]
@@ -148,11 +148,11 @@ def encode_pair(encode: Callable[[str], Sequence[int]], context: str, continuati
     return ctx, cont
 
 
-def choice_request(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> Request:
+def choice_request(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> ScoreRequest:
     if not cont:
         raise LsjaxError("a choice has an empty continuation: nothing to score")
     tokens = (tuple(ctx) + tuple(cont))[-(max_length + 1):]
-    return Request(tokens, min(len(cont), len(tokens) - 1))
+    return ScoreRequest(tokens, min(len(cont), len(tokens) - 1))
 
 
 # -- batched scoring --------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def rows_for(length: int, batch_size: int, max_batch_tokens: int | None) -> int:
     return rows
 
 
-def plan_batches(requests: Sequence[Request], batch_size: int, max_length: int,
+def plan_batches(requests: Sequence[ScoreRequest], batch_size: int, max_length: int,
                  max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> list[tuple[list[int], int, int, int]]:
     """Longest first: a list of (request indices, rows, padded length, scored columns `last`)."""
     order = sorted(range(len(requests)), key=lambda i: (-requests[i].input_length, i))
@@ -205,7 +205,7 @@ def plan_batches(requests: Sequence[Request], batch_size: int, max_length: int,
     return batches
 
 
-def _pack(requests: Sequence[Request], rows: int, length: int):
+def _pack(requests: Sequence[ScoreRequest], rows: int, length: int):
     """Left-padded rows (each request flush right): ids, mask, targets, score mask, all `[rows, length]`."""
     ids = np.zeros((rows, length), np.int32)
     mask = np.zeros((rows, length), np.int32)
@@ -218,7 +218,7 @@ def _pack(requests: Sequence[Request], rows: int, length: int):
     return ids, mask, targets, score
 
 
-def score_requests(logits_fn: LogitsFn, requests: Sequence[Request], *, batch_size: int = DEFAULT_BATCH_SIZE,
+def score_requests(logits_fn: LogitsFn, requests: Sequence[ScoreRequest], *, batch_size: int = DEFAULT_BATCH_SIZE,
                    max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
                    progress: bool = True, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(loglik float64 `[N]`, greedy bool `[N]`) for every request, in input order."""
@@ -279,8 +279,8 @@ class DocScore:
         return float(self.pred_norm == self.gold)
 
 
-def doc_requests(tokenizer, docs: Sequence, max_length: int) -> list[Request]:
-    """One `Request` per (doc, choice), docs in order, choices in order."""
+def doc_requests(tokenizer, docs: Sequence, max_length: int) -> list[ScoreRequest]:
+    """One `ScoreRequest` per (doc, choice), docs in order, choices in order."""
     encode = _Encoder(tokenizer)
     pairs = [split_trailing_space(*doc.choice(i)) for doc in docs for i in range(doc.num_choices)]
     encode.add(s for ctx, cont in pairs for s in ((ctx, ctx + cont) if ctx else (cont,)))
@@ -396,7 +396,7 @@ def format_table(results: dict[str, Any], split: str | None = None) -> str:
 
 
 # -- perplexity -------------------------------------------------------------------------------
-def text_requests(tokenizer, texts: Sequence[str], max_length: int, add_prefix: bool = True) -> list[Request]:
+def text_requests(tokenizer, texts: Sequence[str], max_length: int, add_prefix: bool = True) -> list[ScoreRequest]:
     """Disjoint windows covering each text's tokens, every token scored once (lm-eval rolling windows).
 
     With `add_prefix`, the prefix token (BOS, else EOS) is put in front so the first token is scored
@@ -411,7 +411,7 @@ def text_requests(tokenizer, texts: Sequence[str], max_length: int, add_prefix: 
         tokens = prefix + encode(text)
         for start in range(0, len(tokens) - 1, max_length):
             window = tokens[start:start + max_length + 1]
-            requests.append(Request(window, len(window) - 1))
+            requests.append(ScoreRequest(window, len(window) - 1))
     return requests
 
 
@@ -457,7 +457,7 @@ def add_eval_parser(subparsers) -> Any:
     return p
 
 
-def run_eval(args, load_adapter_fn: Callable[[str, Any], LogitsFn] | None = None) -> dict[str, Any]:
+def run_eval(args, adapter_logits: Callable[[str, Any], LogitsFn] | None = None) -> dict[str, Any]:
     """Handler of `lsjax eval`: validate everything cheap first, then load, score, print, write JSON."""
 
     names = parse_tasks(args.tasks)
@@ -477,7 +477,7 @@ def run_eval(args, load_adapter_fn: Callable[[str, Any], LogitsFn] | None = None
 
     model, tokenizer = lsjax.load(ckpt, dtype=args.dtype)
     if args.adapter is not None:
-        logits_fn = (load_adapter_fn or default_load_adapter)(args.adapter, model)
+        logits_fn = (adapter_logits or adapter_logits_fn)(args.adapter, model)
     else:
         logits_fn = model_logits_fn(model)
     max_length = args.max_length or min(model.config.max_position_embeddings, DEFAULT_MAX_LENGTH)

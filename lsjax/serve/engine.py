@@ -260,7 +260,7 @@ def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(prefill, step):
+def engine_functions(prefill, step):
     """Jitted engine functions around a strategy's (cached) prefill and step: engines for the same
     model, adapter config and strategy share their compilations."""
     return {"decode": jax.jit(functools.partial(decode_rows, step), donate_argnums=(2,)),
@@ -281,7 +281,7 @@ class Engine:
                               "with strategy 'fused' or 'unmerged', or slots=1", "slots")
         prefill, step = strategies.compiled(generator.config, generator.adapter_config, generator.strategy,
                                             generator.backend)
-        self.fns = compiled(prefill, step)
+        self.fns = engine_functions(prefill, step)
         model_config = generator.config
         self.default_stops = tuple(model_config.eos_token_ids)
         self.pad = model_config.pad_token_id if model_config.pad_token_id is not None else 0

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsjax.adapters import AdapterConfig
+from lsjax.adapters.config import METHODS
 from lsjax.checkpoint import load_params
 from lsjax.config import named_config
 from lsjax.errors import ConfigError, LsjaxError
@@ -33,7 +34,6 @@ from lsjax.train.loop import make_mesh
 from lsjax.train.step import global_batch, init_state, jit_train_step, make_optimizer, make_train_step
 from pallas_kernels.timing import queued_seconds
 
-METHODS = ("lora", "switch", "layerwise", "blockwise")
 
 
 def random_base(config, dtype, mesh, seed: int = 0) -> dict:
