@@ -113,9 +113,19 @@ def grown_cache(cache: KVCache, k: Any, v: Any, positions: jax.Array, valid: jax
 
 def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
             cache: KVCache, backend: Backend = XLA) -> tuple[jax.Array, KVCache]:
-    """Left-padded prompts `[B, S]` into the cache; logits of each prompt's last token `[B, V]`.
+    """Left-padded prompts into the cache.
 
-    The cache may already hold the start of the prompts (a long prompt prefilled in chunks)."""
+    Args:
+        config, params: as `lsjax.model.forward` (params in the held, per-layer layout).
+        input_ids: `[B, S]` int, each prompt flush right (`left_pad`).
+        attention_mask: `[B, S]` bool, True at real tokens.
+        cache: a `KVCache` (`init_cache`) with room for S more columns; it may already hold the
+            start of the prompts (a long prompt prefilled in chunks). Donate it under jit.
+        backend: (static) what runs the products (`lsjax.backends`).
+
+    Returns:
+        `(logits [B, V] fp32 of each prompt's last token, the cache holding the prompts)`.
+    """
     logits, cache = forward_cached(config, params, input_ids, attention_mask, prompt_positions(attention_mask, cache),
                                    cache, backend=backend)
     return logits[:, -1], cache
@@ -133,7 +143,16 @@ def prompt_positions(attention_mask: jax.Array, cache: KVCache) -> jax.Array:
 
 def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache,
                 backend: Backend = XLA) -> tuple[jax.Array, KVCache]:
-    """One new token per row `[B]`; its position is the row's count of real tokens so far."""
+    """One new token per row.
+
+    Args:
+        config, params, backend: as `prefill`.
+        tokens: `[B]` int, each row's next token; its position is the row's count of real tokens so far.
+        cache: the `KVCache` of the previous step (donate it under jit).
+
+    Returns:
+        `(logits [B, V] fp32 for the token after it, the cache with it written)`.
+    """
     positions = next_positions(cache)
     logits, cache = forward_cached(config, params, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
                                    positions, cache, backend=backend)

@@ -233,13 +233,23 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
             project_factory: Callable[[Any], Project] | None = None, layer_extras: Any = None,
             last: int | None = None) -> jax.Array:
-    """Logits `[B, S, V]` for token ids `[B, S]`; `attention_mask` (1 = token, 0 = padding).
+    """The logits of a full sequence.
 
-    Scans the layers (split ones are stacked first, inside the caller's jit). Adapters plug in
-    through `layer_extras` (a pytree stacked on the layer axis, sliced per layer by the scan) and
-    `project_factory(extras_slice) -> project`. `last` (static): logits of the last `last`
-    positions only, `[B, last, V]`; scoring needs few, and the vocabulary projection of every
-    position is the largest tensor of a forward.
+    Args:
+        config: the model's `ModelConfig` (static under jit).
+        params: `model.params()`: `embed [V, D]`, `layers` (per layer `attn_norm [D]`, `qkv [D, q+k+v]`,
+            `o [q, D]`, `mlp_norm [D]`, `gate_up [D, 2F]`, `down [F, D]`), `norm [D]`, `lm_head [D, V]` if untied.
+        input_ids: `[B, S]` int token ids.
+        attention_mask: `[B, S]` (1 = token, 0 = padding); default all tokens.
+        positions: `[B, S]` int; default each row's count of real tokens before it (padding never shifts RoPE).
+        project_factory, layer_extras: the adapter hook: `layer_extras` a pytree stacked on the layer
+            axis, sliced per layer by the scan, and `project_factory(extras_slice) -> project`.
+        last: (static) the logits of the last `last` positions only (scoring needs few, and the
+            vocabulary projection of every position is the largest tensor of a forward).
+
+    Returns:
+        fp32 logits `[B, S, V]` (`[B, last, V]` with `last`). The layers are scanned (split ones are
+        stacked first, inside the caller's jit): compile time flat in depth.
     """
     input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions)
     params = stack_layers(params)

@@ -424,8 +424,7 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
            "| method | steps x batch | seconds | tokens/s | held-out loss (start -> end) |", "|---|---:|---:|---:|---|",
            *trains, "", f"Splits: {SPLIT_NOTE}.", "", *split_rows, ""]
     if results.get("latency"):
-        records = [Record(**{("backend" if k == "matvec" else k): v for k, v in r.items()})
-                   for r in results["latency"]["records"]]
+        records = [Record(**r) for r in results["latency"]["records"]]
         out += ["Decode latency, every strategy:", "", latency_table(records, results["latency"]["meta"]), ""]
         untrained = results["latency"]["meta"].get("random") or []
         if untrained:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -21,24 +20,11 @@ import tempfile
 from pathlib import Path
 
 
-def importable(tree: Path, tmp: Path) -> Path:
-    """A folder to put on PYTHONPATH for `tree`: the tree itself, or, for an older layout with
-    `train/` and `eval/` beside `lsjax/`, a copy of `lsjax/` with them linked in."""
-    if (tree / "lsjax" / "eval").is_dir():
-        return tree
-    site = tmp / "site"
-    shutil.copytree(tree / "lsjax", site / "lsjax")
-    for name in ("train", "eval"):
-        (site / "lsjax" / name).symlink_to(tree / name)
-    (site / "pallas_kernels").symlink_to(tree / "pallas_kernels")
-    return site
-
-
 def bench(tree: Path, args: list[str]) -> list[dict]:
     """One `lsjax bench decode` process importing `tree`; its records."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        env = {**os.environ, "PYTHONPATH": str(importable(tree, Path(tmp)))}
+        env = {**os.environ, "PYTHONPATH": str(tree)}
         subprocess.run([sys.executable, "-m", "lsjax.cli", "bench", "decode", *args, "--json", str(out)],
                        env=env, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())["records"]

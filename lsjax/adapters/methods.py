@@ -322,11 +322,21 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
                     *, positions: jax.Array | None = None, rng: jax.Array | None = None,
                     train: bool = False, last: int | None = None, form: TermForm = TermForm()
                     ) -> tuple[jax.Array, AdapterAux]:
-    """Logits `[B, S, V]` of the base model with the adapter attached, and the router aux.
+    """The base model's logits with the adapter attached, and the router aux. Pure; jit it with
+    both configs static.
 
-    `train=True` turns on adapter dropout and router jitter (both need `rng`). `last` (static):
-    logits of the last `last` positions only, as in `lsjax.model.forward`. `form` (static): how
-    the routed terms are computed (dense by default). Pure and jit-able with both configs static.
+    Args:
+        model_config, base_params, input_ids, attention_mask, positions, last: as
+            `lsjax.model.forward` (`input_ids [B, S]`, `attention_mask [B, S]`).
+        adapter_config: the adapter's `AdapterConfig` (static).
+        adapter_params: `adapter.arrays()`: `experts[group]` with `a [L, E, d_in, S*r]` and
+            `b [L, E, r, Nb]`, and `routers` (switch: `[D, E]`; layer-wise and block-wise: per layer).
+        rng, train: `train=True` turns on adapter dropout and router jitter (both need `rng`).
+        form: (static) how the routed terms are computed (`TermForm`; dense by default).
+
+    Returns:
+        `(logits [B, S, V] fp32 (or [B, last, V]), AdapterAux)`: the router losses to add to the
+        LM loss, the statistics and, for switch, the route `[B, S, k]`.
     """
     check_params(model_config, adapter_config, adapter_params)
     if train and _needs_key(adapter_config) and rng is None:

@@ -153,7 +153,7 @@ class GGUFModel:
             array = _dequantize(tensor)
         except ConversionError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
+        except Exception as exc:  # any failure here is a bad file
             raise ConversionError(
                 f"{self.path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) could not be "
                 f"dequantised: {exc}"
@@ -226,7 +226,7 @@ def _open_reader(path: pathlib.Path) -> Any:
         )
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/IndexError/... on bad headers
+    except Exception as exc:  # gguf raises ValueError/IndexError/... on bad headers
         raise ConversionError(
             f"{path}: GGUF header/metadata is unreadable, the file may be truncated or corrupt "
             f"({size} bytes): {exc}"

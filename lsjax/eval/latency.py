@@ -157,7 +157,7 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, Any]], batc
         try:  # one failing configuration must not cost the others' figures
             gens.append((method, strategy, backend.name, Generator(
                 model, tokenizer, adapter, strategy="auto" if adapter is None else strategy, backend=backend)))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             failed(f"{method}/{strategy} ({backend.name})", e)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params()))
     # Batch sizes one after another, each compiled and then timed in its own interleaved rounds: a run
@@ -174,7 +174,7 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, Any]], batc
             start = time.perf_counter()
             try:
                 gen.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # compile + warm up
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 failed(f"{method}/{strategy} ({name}) batch {batch}", e)
                 continue
             key = (method, strategy, name, batch)
@@ -344,20 +344,18 @@ def _timed(fn) -> float:
 
 
 def _figure(value: float | None, digits: int) -> str:
-    """A table cell: blank where nothing was measured (None, or NaN in runs saved before None was used)."""
-    return "" if value is None or np.isnan(value) else f"{value:.{digits}f}"
+    """A table cell: blank where nothing was measured."""
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def latency_table(records: list[Record], meta: dict) -> str:
     """Markdown: the run's settings, one row per record, and the headline ratios."""
-    reads = "read_floor_ms" in meta  # records saved before the read floor existed have none
     lines = [f"decode latency: {meta['source']} ({meta['backend']}, {records[0].dtype}, prompt {meta['prompt_len']}, "
              f"{meta['new_tokens']} new tokens, median of {meta['rounds']} interleaved rounds"
              + (f", huge pages {'on' if meta['huge_pages'] else 'off'})" if "huge_pages" in meta else ")"),
              f"copy bandwidth {meta['copy_gb_s']:.1f} GB/s; weights {meta['weight_bytes'] / 1e6:.0f} MB; "
-             f"memory floor {meta['floor_ms']:.1f} ms/token"
-             + (f"; read-only bandwidth {meta['read_gb_s']:.1f} GB/s, read floor {meta['read_floor_ms']:.1f} ms/token"
-                if reads else ""), "",
+             f"memory floor {meta['floor_ms']:.1f} ms/token; read-only bandwidth {meta['read_gb_s']:.1f} GB/s, "
+             f"read floor {meta['read_floor_ms']:.1f} ms/token", "",
              "| method | strategy | backend | batch | ms/token | x base | prefill ms | compile s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
@@ -368,7 +366,7 @@ def latency_table(records: list[Record], meta: dict) -> str:
     base1, switch1 = fastest(records, "base", 1), fastest(records, "switch", 1)
     if base1:
         lines.append(f"\nbase ({base1.backend}) batch 1 / memory floor: {base1.ms_per_token / meta['floor_ms']:.2f}x"
-                     + (f" (/ read floor: {base1.ms_per_token / meta['read_floor_ms']:.2f}x)" if reads else ""))
+                     f" (/ read floor: {base1.ms_per_token / meta['read_floor_ms']:.2f}x)")
     if base1 and switch1:
         lines.append(f"switch, best strategy ({switch1.strategy}, {switch1.backend}) / base, batch 1: "
                      f"{switch1.ms_per_token / base1.ms_per_token:.2f}x")
