@@ -11,9 +11,10 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from lsjax import strategies
+from lsjax import native, strategies
 from lsjax.adapters import Adapter, AdapterConfig
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
@@ -78,7 +79,7 @@ MEMORY = textwrap.dedent("""
     from lsjax.generate import CACHE_ROUND, Generator, bucket, round_up
     model, tokenizer = lsjax.load(sys.argv[1])
     adapter = Adapter(model.config, AdapterConfig(method="switch", num_experts=8, top_k=2, rank=16), rngs=nnx.Rngs(0))
-    gen = Generator(model, tokenizer, adapter)
+    gen = Generator(model, tokenizer, adapter, backend=sys.argv[2])
     out = gen.generate(["Tell me about the sea."], max_new_tokens=8, stop_token_ids=())
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
     c = model.config
@@ -91,16 +92,19 @@ MEMORY = textwrap.dedent("""
 """)
 
 
-def test_a_generator_holds_the_weights_once(smollm2_ckpt):
+@pytest.mark.parametrize("backend", ["xla"] + (["native"] if native.available() else []))
+def test_a_generator_holds_the_weights_once(smollm2_ckpt, backend):
     """SmolLM2 + an 8-expert switch adapter, after 8 generated tokens: every live device buffer
-    together is at most 1.05 x (weights + experts + one KV cache)."""
-    proc = subprocess.run([sys.executable, "-c", MEMORY, str(smollm2_ckpt)], capture_output=True, text=True,
+    together is at most 1.05 x (weights + experts + one KV cache), on each CPU backend (the Pallas
+    backend decodes from the same bundle as XLA)."""
+    proc = subprocess.run([sys.executable, "-c", MEMORY, str(smollm2_ckpt), backend], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT")[-1])
     budget = out["weights"] + out["experts"] + out["cache"]
     assert out["live"] <= 1.05 * budget, out
     assert out["live"] >= out["weights"] + out["experts"], out  # the measure sees the arrays at all
+    assert out["backend"] == backend
 
 
 def test_cache_positions_count_each_rows_real_tokens(tiny_llama):
