@@ -63,7 +63,7 @@ def _serve(args) -> None:
     if args.adapter:
         adapter = open_adapter(args.adapter, model.config)
     generator = Generator(model, tokenizer, adapter, strategy=args.strategy, backend=args.backend)
-    engine = Engine(generator, EngineConfig(slots=args.slots, max_len=args.max_len)).start()
+    engine = Engine(generator.decoder, tokenizer, EngineConfig(slots=args.slots, max_len=args.max_len)).start()
     start = time.perf_counter()
     engine.warmup()
     name = args.model_name or Path(args.ckpt).absolute().name

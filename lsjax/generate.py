@@ -20,11 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsjax import strategies
-from lsjax.adapters import AdapterError
 from lsjax.backend_interface import Backend
-from lsjax.backends import resolve_backend
-from lsjax.decode import init_cache, left_pad
+from lsjax.decode import left_pad
+from lsjax.decoder import Decoder
 from lsjax.errors import ConfigError
 from lsjax.sampling import SamplingConfig, sample
 from lsjax.textstream import TextStream, first_stop_string, ids_covering
@@ -118,7 +116,8 @@ def _compiled_loops(step):
 
 
 class Generator:
-    """Generation from a loaded model (+ optional adapter) with a chosen decode strategy.
+    """Generation from a loaded model (+ optional adapter) with a chosen decode strategy: a driver of
+    `lsjax.decoder.Decoder` (its `decoder`), with prompts, sampling, stops and streaming on top.
 
     `strategy`: unmerged | fused | merged | auto (`lsjax.strategies`). `backend`: what runs the
     products (`lsjax.backends`: "auto" picks by platform, or "xla", "native", "pallas", or a
@@ -130,25 +129,23 @@ class Generator:
 
     def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", backend: Backend | str | None = None,
                  max_cache_len: int | None = None):
-        self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
-        self.config = model.config
-        adapter_config = None
-        if adapter is not None:
-            adapter_config = adapter.config
-            if adapter.model_config != model.config:
-                raise AdapterError("adapter was made for another base model: "
-                                   f"{_shape_summary(adapter.model_config)} "
-                                   f"vs this model's {_shape_summary(model.config)}")
-        self.adapter_config = adapter_config
-        params = model.params()
-        sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(params))
-        self.backend = resolve_backend(backend, model.dtype, sharded)
-        self.strategy = strategies.resolve_strategy(strategy, adapter_config, self.backend)
+        self._attach(Decoder(model, adapter, strategy=strategy, backend=backend), tokenizer, max_cache_len)
+
+    @classmethod
+    def of(cls, decoder: Decoder, tokenizer, max_cache_len: int | None = None) -> "Generator":
+        """A Generator driving an existing `Decoder` (e.g. a serving engine's: the same arrays and
+        compilations)."""
+        generator = cls.__new__(cls)
+        generator._attach(decoder, tokenizer, max_cache_len)
+        return generator
+
+    def _attach(self, decoder: Decoder, tokenizer, max_cache_len: int | None) -> None:
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.config, self.adapter_config = decoder.config, decoder.adapter_config
+        self.backend, self.strategy = decoder.backend, decoder.strategy
+        self.bundle, self.prepared = decoder.bundle, decoder.prepared
         self.max_cache_len = max_cache_len or self.config.max_position_embeddings
-        adapter_params = None if adapter is None else adapter.arrays()
-        self.bundle = strategies.prepare_bundle(self.config, params, adapter_config, adapter_params, self.strategy)
-        self.prepared = self.backend.prepare(self.bundle)
-        self._prefill, self._step = strategies.compiled(self.config, adapter_config, self.strategy, self.backend)
+        self._prefill, self._step = decoder.prefill_fn, decoder.step_fn
         self._loop, self._sample_step = _compiled_loops(self._step)
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -196,9 +193,7 @@ class Generator:
         sampling = sampling or SamplingConfig()
         ids = self.encode(prompts, chat)
         batch = len(ids)
-        if self.strategy == "merged" and self.adapter_config.method == "switch" and batch > 1:
-            raise ConfigError(f"strategy 'merged' decodes one sequence at a time (one route per token), got a "
-                              f"batch of {batch}; use strategy 'fused' or 'unmerged' for batches")
+        self.decoder.check_rows(batch, "a batch")
         longest = max(map(len, ids))
         width = bucket(longest)
         capacity = round_up(width + max_new_tokens, CACHE_ROUND)
@@ -209,8 +204,7 @@ class Generator:
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         tokens, mask = left_pad(ids, pad, width)
         stops = tuple(self.config.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
-        cache = init_cache(self.config, batch, capacity, self.model.dtype,
-                           per_layer=not isinstance(self.bundle["base"]["layers"], dict))
+        cache = self.decoder.empty_cache(batch, capacity)
         return ids, tokens, mask, cache, sampling, stops, pad, capacity - width
 
     # -- generation ------------------------------------------------------------------------------
@@ -289,9 +283,5 @@ class Generator:
 
     def compile_count(self) -> int:
         """Compiled executables behind this generator (for checking that calls do not recompile)."""
-        return sum(f._cache_size() for f in (self._prefill, self._step, self._loop, self._sample_step))
+        return self.decoder.compile_count() + sum(f._cache_size() for f in (self._loop, self._sample_step))
 
-
-def _shape_summary(config) -> str:
-    return (f"hidden_size={config.hidden_size}, layers={config.num_layers}, heads={config.num_heads}/"
-            f"{config.num_kv_heads}, intermediate={config.intermediate_size}, vocab={config.vocab_size}")

@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
         order = ("old", "new") if pair % 2 == 0 else ("new", "old")
         for which in order:
             for r in bench(getattr(args, which).absolute(), extra):
-                key = f"{r['method']}/{r['strategy']} {r.get('backend', r.get('matvec'))} batch {r['batch']}"
+                key = f"{r['method']}/{r['strategy']} {r['backend']} batch {r['batch']}"
                 samples[which].setdefault(key, []).append(r["ms_per_token"])
         print(f"pair {pair + 1}/{args.pairs} done", flush=True)
     rows = {}

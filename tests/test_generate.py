@@ -336,7 +336,7 @@ def test_bad_input(tiny_llama):
     with pytest.raises(ConfigError, match=r"backend='cuda' is not supported; expected one of"):
         Generator(model, tok, backend="cuda")
     switch = random_adapter(model, "switch", num_experts=4, top_k=2)
-    with pytest.raises(ConfigError, match=r"strategy 'merged' decodes one sequence .* batch of 3"):
+    with pytest.raises(ConfigError, match=r"'merged' with a switch adapter decodes one sequence .* a batch of 3"):
         Generator(model, tok, switch, strategy="merged").generate(PROMPTS)
     with pytest.raises(ConfigError, match=r"strategy 'merged' is for methods 'lora' and 'switch', not 'layerwise'"):
         Generator(model, tok, random_adapter(model, "layerwise", num_experts=4, top_k=2), strategy="merged")

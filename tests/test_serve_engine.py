@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from lsjax.decoder import Decoder
 from lsjax.errors import ConfigError
 from lsjax.generate import Generator
 from lsjax.sampling import SamplingConfig
@@ -39,12 +40,17 @@ def submit_staggered(engine, requests, gap: float = 0.01, burst: int = 1):
     return [h.result(timeout=300) for h in handles]
 
 
+
+def reference(engine) -> Generator:
+    """A `Generator` over the engine's own decoder: each request decoded alone, the reference."""
+    return Generator.of(engine.decoder, engine.tokenizer)
+
 @pytest.fixture(scope="module", params=["base", "switch", "lora", "layerwise", "blockwise"])
 def engine(request, tiny_llama):
     _, model, tok = tiny_llama
     adapter = None if request.param == "base" else random_adapter(model, request.param)
     generator = Generator(model, tok, adapter, strategy="unmerged" if request.param != "lora" else "auto")
-    engine = Engine(generator, SMALL).start()
+    engine = Engine(generator.decoder, generator.tokenizer, SMALL).start()
     engine.warmup()
     yield engine
     engine.stop()
@@ -61,7 +67,7 @@ def test_each_request_decodes_as_it_would_alone(engine, burst):
     got = submit_staggered(engine, requests, burst=burst)
     assert burst == 1 or engine.stats["grouped"] > grouped  # some prompts shared a prefill call
     for request, completion in zip(requests, got):
-        want = alone(engine.generator, request)
+        want = alone(reference(engine), request)
         assert completion.token_ids == want.token_ids[0], request
         assert completion.finish_reason == "length"
     assert engine.compile_count() == compiled
@@ -80,7 +86,7 @@ def test_sampling_depends_only_on_the_request(engine):
                          sampling=SamplingConfig(temperature=1.0, top_p=0.9, seed=4))
     assert engine.generate(other_seed).token_ids != solo
     top1 = Request(sampled.prompt, max_tokens=12, stop_ids=(), sampling=SamplingConfig(temperature=1.0, top_k=1))
-    assert engine.generate(top1).token_ids == alone(engine.generator, top1).token_ids[0]
+    assert engine.generate(top1).token_ids == alone(reference(engine), top1).token_ids[0]
 
 
 def test_logprobs_stops_and_text(engine):
@@ -92,7 +98,7 @@ def test_logprobs_stops_and_text(engine):
         others = [engine.submit(Request((12, 13, 14), max_tokens=10, stop_ids=())) for _ in range(2)]
     events = list(got)
     assert all(o.result(timeout=60).logprobs is None for o in others)
-    want = alone(engine.generator, request, logprobs=True)
+    want = alone(reference(engine), request, logprobs=True)
     np.testing.assert_allclose([e.logprob for e in events], want.logprobs[0], atol=1e-4)
     for e in events:
         assert len(e.top_logprobs) == 3 and e.top_logprobs[0][1] >= e.logprob - 1e-5
@@ -113,8 +119,8 @@ def test_logprobs_stops_and_text(engine):
             break
     assert needle, "no prompt gave text to cut"
     cut = engine.generate(Request(prompt, max_tokens=16, stop_ids=(), stop_strings=(needle,)))
-    reference = alone(engine.generator, Request(prompt, max_tokens=16, stop_ids=()), stop_strings=[needle])
-    assert cut.text == reference.texts[0] == text[:text.find(needle)]
+    want = alone(reference(engine), Request(prompt, max_tokens=16, stop_ids=()), stop_strings=[needle])
+    assert cut.text == want.texts[0] == text[:text.find(needle)]
     assert cut.finish_reason == "stop"
 
 
@@ -131,7 +137,7 @@ def test_cancel_frees_the_slot(engine):
         h.cancel()
     results = [h.result(timeout=60) for h in handles]
     assert seen.is_set() and all(r.finish_reason == "cancelled" and len(r.token_ids) < 40 for r in results)
-    assert waiting.result(timeout=60).token_ids == alone(engine.generator, waiting.request).token_ids[0]
+    assert waiting.result(timeout=60).token_ids == alone(reference(engine), waiting.request).token_ids[0]
     deadline = time.time() + 10
     while engine.active() and time.time() < deadline:
         time.sleep(0.01)
@@ -147,7 +153,7 @@ def test_bad_requests_name_the_field(tiny_llama):
         with pytest.raises(ConfigError) as e:
             Request(**fields)
         assert e.value.field == field and field in str(e.value)
-    engine = Engine(Generator(model, tok), SMALL)
+    engine = Engine(Decoder(model), tok, SMALL)
     with pytest.raises(ConfigError, match="past the context of 64") as e:
         engine.check(Request(tuple(range(3, 40)), max_tokens=40))
     assert e.value.field == "max_tokens"
@@ -167,7 +173,8 @@ def test_cancel_while_prefilled_with_another(tiny_llama):
     other decodes as it would alone. (The loop is stepped by hand to cancel mid-prefill.)"""
     _, model, tok = tiny_llama
     generator = Generator(model, tok)
-    engine = Engine(generator, EngineConfig(slots=4, max_len=64, prefill_chunk=16, prefill_chunks_per_step=1))
+    engine = Engine(generator.decoder, generator.tokenizer,
+                    EngineConfig(slots=4, max_len=64, prefill_chunk=16, prefill_chunks_per_step=1))
     first, second = (engine.submit(Request(tuple(range(s, s + 40)), max_tokens=6, stop_ids=())) for s in (3, 50))
     engine._admit()  # the first of three chunks of both prompts
     assert engine.prefilling.handles == [first, second] and not engine.waiting
@@ -181,7 +188,7 @@ def test_cancel_while_prefilled_with_another(tiny_llama):
 
 def test_stop_ends_everything_in_flight(tiny_llama):
     _, model, tok = tiny_llama
-    engine = Engine(Generator(model, tok), SMALL).start()
+    engine = Engine(Decoder(model), tok, SMALL).start()
     handles = [engine.submit(Request((3, 4, 5), max_tokens=40, stop_ids=())) for _ in range(6)]
     next(iter(handles[0]))
     engine.stop()
@@ -230,3 +237,36 @@ def test_serve_ratios_are_to_the_base_with_as_many_clients():
     set_ratios_to_base(records)
     assert [r.ratio_to_base for r in records[:4]] == pytest.approx([0.8, 1.0, 1.0, 0.9])
     assert math.isnan(records[4].ratio_to_base)  # no base at 32 clients
+
+
+def test_decoder_insert_places_prefilled_rows_into_slots(tiny_llama):
+    """The decode API the engine drives: two prompts prefilled on their own and inserted into slots
+    2 and 0 of an empty 3-slot state decode the next token with the logits of the two prompts
+    prefilled and stepped as one batch (a switch adapter: each row routed on its own)."""
+    import jax.numpy as jnp
+
+    from lsjax.decode import left_pad
+
+    _, model, _ = tiny_llama
+    decoder = Decoder(model, random_adapter(model, "switch", num_experts=4, top_k=2), strategy="unmerged")
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    ids, mask = left_pad(prompts)
+    logits, cache = decoder.prefill(ids, mask, decoder.empty_cache(2, 32))
+    tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+    want, _ = decoder.step(tokens, cache)
+    slots = decoder.empty_cache(3, 32, row_lengths=True)
+    for slot, prompt in zip((2, 0), prompts):
+        one_ids, one_mask = left_pad([prompt])
+        _, one = decoder.prefill(one_ids, one_mask, decoder.empty_cache(1, 32))
+        slots = decoder.insert(slots, one, jnp.int32(slot), jnp.int32(0))
+    got, _ = decoder.step(jnp.asarray([tokens[1], 0, tokens[0]], jnp.int32), slots)
+    np.testing.assert_allclose(np.asarray(got)[[2, 0]], np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_merged_switch_serves_one_slot_only(tiny_llama):
+    _, model, tok = tiny_llama
+    decoder = Decoder(model, random_adapter(model, "switch", num_experts=4, top_k=2), strategy="merged")
+    with pytest.raises(ConfigError, match="one sequence at a time .* slots of 2") as error:
+        Engine(decoder, tok, EngineConfig(slots=2, max_len=64, prefill_chunk=16))
+    assert error.value.field == "slots"
+    Engine(decoder, tok, EngineConfig(slots=1, max_len=64, prefill_chunk=16))  # one slot is fine

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 import lsjax
+from lsjax.decoder import Decoder
 from lsjax.generate import Generator
 from lsjax.serve import Engine, EngineConfig
 from lsjax.serve.server import server
@@ -18,12 +19,18 @@ from test_generate import random_adapter
 NAME = "tiny-switch"
 
 
+
+def reference(engine) -> Generator:
+    """A `Generator` over the engine's own decoder: each request decoded alone, the reference."""
+    return Generator.of(engine.decoder, engine.tokenizer)
+
 @pytest.fixture(scope="module")
 def live(tiny_llama):
     """A running server over a switch adapter (8 slots), its engine, and the base URL."""
     _, model, tok = tiny_llama
     generator = Generator(model, tok, random_adapter(model, "switch"), strategy="unmerged")
-    engine = Engine(generator, EngineConfig(slots=8, max_len=128, prefill_chunk=16)).start()
+    engine = Engine(generator.decoder, generator.tokenizer, EngineConfig(slots=8, max_len=128, prefill_chunk=16))
+    engine.start()
     engine.warmup()
     srv = server(engine, NAME, "127.0.0.1", 0)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -44,7 +51,7 @@ def client(live):
 
 def greedy(engine, prompt, max_tokens, chat=False):
     """`Generator.generate` on this request alone: the reference text."""
-    return engine.generator.generate([prompt], max_new_tokens=max_tokens, chat=chat)
+    return reference(engine).generate([prompt], max_new_tokens=max_tokens, chat=chat)
 
 
 def test_completions_whole_and_streamed(live, client):
@@ -61,7 +68,7 @@ def test_completions_whole_and_streamed(live, client):
 
 def test_chat_whole_and_streamed_with_logprobs(live, client):
     engine, _ = live
-    want = engine.generator.generate(["Hi there"], max_new_tokens=10, chat=True, logprobs=True)
+    want = reference(engine).generate(["Hi there"], max_new_tokens=10, chat=True, logprobs=True)
     messages = [{"role": "user", "content": "Hi there"}]
     got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0,
                                          logprobs=True, top_logprobs=2)
@@ -175,7 +182,7 @@ def test_load_with_disconnects(live):
         t.join(timeout=300)
     assert len(left) == 16 and len(results) == 48
     for i, text in results.items():
-        want = engine.generator.generate([prompts[i]], max_new_tokens=lengths[i], stop_token_ids=[])
+        want = reference(engine).generate([prompts[i]], max_new_tokens=lengths[i], stop_token_ids=[])
         assert text == want.texts[0], i
     # each leaver's request ended within a few steps of its client going
     assert engine.stats["tokens"] - before < sum(lengths[i] for i in results) + 16 * 20
@@ -188,7 +195,7 @@ def test_load_with_disconnects(live):
 
 def test_shutdown_ends_streams_cleanly(tiny_llama):
     _, model, tok = tiny_llama
-    engine = Engine(Generator(model, tok), EngineConfig(slots=2, max_len=128, prefill_chunk=16)).start()
+    engine = Engine(Decoder(model), tok, EngineConfig(slots=2, max_len=128, prefill_chunk=16)).start()
     srv = server(engine, NAME, "127.0.0.1", 0)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

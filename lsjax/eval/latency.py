@@ -169,7 +169,7 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, Any]], batc
         prompts = [rng.integers(3, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
         group = []
         for method, strategy, name, gen in gens:
-            if strategy == "merged" and method == "switch" and batch > 1:
+            if gen.decoder.max_rows is not None and batch > gen.decoder.max_rows:  # merged switch: batch 1
                 continue
             start = time.perf_counter()
             try:

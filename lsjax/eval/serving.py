@@ -118,8 +118,9 @@ def tokens_between(handles, start: float, end: float) -> int:
 
 def measure(method: str, generator: Generator, clients: int, args, vocab: int) -> ServeRecord:
     requests = workload(clients * args.per_client, vocab, args.max_prompt, args.max_output, seed=clients)
-    engine = Engine(generator, EngineConfig(slots=clients, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                                            prefill_rows=args.prefill_rows))
+    config = EngineConfig(slots=clients, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+                          prefill_rows=args.prefill_rows)
+    engine = Engine(generator.decoder, generator.tokenizer, config)
     engine.start()
     begin = time.perf_counter()
     engine.warmup()

@@ -1,6 +1,6 @@
 """Continuous batching over decode slots: requests join and leave a running batch token by token.
 
-    engine = Engine(Generator(model, tokenizer, adapter), EngineConfig(slots=8))
+    engine = Engine(Decoder(model, adapter), tokenizer, EngineConfig(slots=8))   # or Generator(...).decoder
     engine.start()
     handle = engine.submit(Request(prompt=ids, max_tokens=32))
     for event in handle: print(event.text, end="")
@@ -10,11 +10,12 @@ length (where its next token is written). Each loop of the engine's thread prefi
 requests in fixed-size chunks into a small cache of the same capacity (so one compiled prefill
 serves every prompt length; prompts of the same padded length waiting together share the call, 1,
 2, 4... rows, since a longer product costs less per token), copies each finished row into a free
-slot, and decodes one token for every slot with the strategy's own step (the one `Generator`
-runs). A finished or cancelled request frees its slot before the next step. Each request brings
-its own sampling (temperature, top-k, top-p, seed), stops, length and logprobs as per-row arrays,
-so after `warmup()` no mix of requests compiles anything again. Every token of every row is
-routed on its own (switch): rows never constrain each other's experts.
+slot, and decodes one token for every slot with the strategy's own step: the engine is a driver
+of `lsjax.decoder.Decoder`'s prefill / insert / step, as `Generator` is. A finished or cancelled
+request frees its slot before the next step. Each request brings its own sampling (temperature,
+top-k, top-p, seed), stops, length and logprobs as per-row arrays, so after `warmup()` no mix of
+requests compiles anything again. Every token of every row is routed on its own (switch): rows
+never constrain each other's experts.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsjax import strategies
-from lsjax.decode import KVCache, init_cache, left_pad
+from lsjax.decode import KVCache, left_pad
+from lsjax.decoder import Decoder
 from lsjax.errors import ConfigError
-from lsjax.model import LayerTuple
 from lsjax.sampling import SamplingConfig, sample
 from lsjax.textstream import TextStream
 from lsjax.validate import check, is_int
@@ -242,56 +242,28 @@ def prefill_chunk(prefill, bundle, ids, mask, cache, seeds, temperature, top_k, 
     return (first, *scored(logits, first, wanted)), cache
 
 
-def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
-    """Row `index` of a prefilled group's cache copied into `slot` (its columns, positions, validity
-    and length)."""
-    def place(buf, row_buf):
-        axis = buf.ndim - 4  # the row axis of [B, KV, T, D], or of [L, B, KV, T, D] (stacked)
-        row = jax.lax.dynamic_index_in_dim(row_buf, index, axis, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(buf, row, slot, axis)
-
-    def each(mine, theirs):
-        if isinstance(mine, LayerTuple):
-            return LayerTuple(place(x, y) for x, y in zip(mine, theirs))
-        return place(mine, theirs)
-
-    return KVCache(each(cache.k, rows.k), each(cache.v, rows.v), cache.positions.at[slot].set(rows.positions[index]),
-                   cache.valid.at[slot].set(rows.valid[index]), cache.length.at[slot].set(rows.length))
-
-
 @functools.lru_cache(maxsize=None)
 def engine_functions(prefill, step):
     """Jitted engine functions around a strategy's (cached) prefill and step: engines for the same
     model, adapter config and strategy share their compilations."""
     return {"decode": jax.jit(functools.partial(decode_rows, step), donate_argnums=(2,)),
-            "prefill": jax.jit(functools.partial(prefill_chunk, prefill), donate_argnums=(3,)),
-            "insert": jax.jit(insert_row, donate_argnums=(0,))}
+            "prefill": jax.jit(functools.partial(prefill_chunk, prefill), donate_argnums=(3,))}
 
 
 # -- the engine --------------------------------------------------------------------------------------------
 
 class Engine:
-    """Serves requests from a `Generator`'s model, adapter, strategy and backend (see module doc)."""
+    """Serves requests from a `Decoder` (model, adapter, strategy, backend; see the module doc);
+    `tokenizer` (None: no text, token ids only) detokenizes and finds stop strings."""
 
-    def __init__(self, generator, config: EngineConfig = EngineConfig()):
-        self.generator, self.config = generator, config
-        self.tokenizer = generator.tokenizer
-        if generator.strategy == "merged" and generator.adapter_config.method == "switch" and config.slots > 1:
-            raise ConfigError("strategy 'merged' with a switch adapter decodes one sequence at a time; serve it "
-                              "with strategy 'fused' or 'unmerged', or slots=1", "slots")
-        prefill, step = strategies.compiled(generator.config, generator.adapter_config, generator.strategy,
-                                            generator.backend)
-        self.fns = engine_functions(prefill, step)
-        model_config = generator.config
+    def __init__(self, decoder: Decoder, tokenizer=None, config: EngineConfig = EngineConfig()):
+        self.decoder, self.tokenizer, self.config = decoder, tokenizer, config
+        decoder.check_rows(config.slots, "slots", "slots")
+        self.fns = engine_functions(decoder.prefill_fn, decoder.step_fn)
+        model_config = decoder.config
         self.default_stops = tuple(model_config.eos_token_ids)
         self.pad = model_config.pad_token_id if model_config.pad_token_id is not None else 0
-        per_layer = not isinstance(generator.bundle["base"]["layers"], dict)
-        self._empty = functools.partial(init_cache, model_config, capacity=config.max_len,
-                                        dtype=generator.model.dtype, per_layer=per_layer)
-        self.device = jax.tree.leaves(generator.bundle)[0].devices().pop()
-        cache = self._empty(config.slots)
-        cache = dataclasses.replace(cache, length=jnp.zeros((config.slots,), jnp.int32))  # one per row
-        self.cache = jax.device_put(cache, self.device)
+        self.cache = decoder.empty_cache(config.slots, config.max_len, row_lengths=True)  # each row its own length
         self.rows: list[_Row | None] = [None] * config.slots
         self.tokens = np.zeros(config.slots, np.int32)
         self.waiting: collections.deque[Handle] = collections.deque()
@@ -320,7 +292,7 @@ class Engine:
             raise ConfigError(f"prompt of {len(request.prompt)} tokens (padded to {padded}) + max_tokens="
                               f"{request.max_tokens} is past the context of {self.config.max_len} tokens; shorten the "
                               "prompt or lower max_tokens", field)
-        vocab = self.generator.config.vocab_size
+        vocab = self.decoder.config.vocab_size
         if max(request.prompt) >= vocab:
             raise ConfigError(f"prompt holds token id {max(request.prompt)}; the vocabulary has {vocab}", "prompt")
 
@@ -446,7 +418,7 @@ class Engine:
             if group.done < group.ids.shape[1]:
                 at = slice(group.done, group.done + chunk)
                 group.outputs, group.cache = self.fns["prefill"](
-                    self.generator.bundle, group.ids[:, at], group.mask[:, at], group.cache,
+                    self.decoder.bundle, group.ids[:, at], group.mask[:, at], group.cache,
                     *_row_settings(group.handles))
                 group.done += chunk
             if group.done >= group.ids.shape[1]:
@@ -467,7 +439,7 @@ class Engine:
                 self.waiting.remove(h)
         ids, mask = left_pad([h.request.prompt for h in handles], self.pad, width)
         self.stats["grouped"] += size > 1
-        self.prefilling = _Prefill(handles, ids, mask, jax.device_put(self._empty(size), self.device))
+        self.prefilling = _Prefill(handles, ids, mask, self.decoder.empty_cache(size, self.config.max_len))
         return True
 
     def _insert(self) -> None:
@@ -478,7 +450,7 @@ class Engine:
                 continue
             request = handle.request
             slot = self.rows.index(None)
-            self.cache = self.fns["insert"](self.cache, group.cache, jnp.int32(slot), jnp.int32(index))
+            self.cache = self.decoder.insert(self.cache, group.cache, jnp.int32(slot), jnp.int32(index))
             self.stats["inserted"] += 1
             stops = frozenset(self.default_stops if request.stop_ids is None else request.stop_ids)
             self.rows[slot] = _Row(handle, request.max_tokens, TextStream(self.tokenizer, request.stop_strings), stops)
@@ -488,7 +460,7 @@ class Engine:
         seeds, temperature, top_k, top_p, wanted = _row_settings([r and r.handle for r in self.rows])
         counters = np.array([r.count if r is not None else 0 for r in self.rows], np.int32)
         start = time.perf_counter()
-        outputs, self.cache = self.fns["decode"](self.generator.bundle, self.tokens, self.cache, seeds, counters,
+        outputs, self.cache = self.fns["decode"](self.decoder.bundle, self.tokens, self.cache, seeds, counters,
                                                  temperature, top_k, top_p, wanted)
         tokens, logprobs, top_ids, top_logp = jax.device_get(outputs)
         self.step_seconds.append(time.perf_counter() - start)

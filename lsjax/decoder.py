@@ -1,0 +1,120 @@
+"""The decode API that both drivers use: `lsjax.generate.Generator` (batches, an on-device loop) and
+`lsjax.serve.Engine` (continuous batching over slots).
+
+    decoder = Decoder(model, adapter, strategy="auto", backend="auto")
+    cache = decoder.empty_cache(rows=2, capacity=128)       # the decode state: a KVCache
+    logits, cache = decoder.prefill(ids, mask, cache)       # left-padded prompts [rows, S] in
+    logits, cache = decoder.step(tokens, cache)             # one token per row [rows]
+    slots = decoder.insert(slots, cache, slot, row)         # a prefilled row into a slot of another state
+
+A `Decoder` resolves the backend and the strategy once, holds the arrays they decode from (the
+model's and the adapter's own: no copy, except where a `merged` strategy needs weights of its own),
+and states what the strategy allows (`max_rows`, checked by `check_rows`). Its `prefill_fn` and
+`step_fn` are the strategy's functions of `(bundle, ...)`, jitted once per configuration and shared
+by every Decoder of it, for drivers that compose them into their own jitted loops; `prefill`,
+`step` and `insert` call them on this decoder's arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lsjax import strategies
+from lsjax.adapters import AdapterError
+from lsjax.backend_interface import Backend
+from lsjax.backends import resolve_backend
+from lsjax.decode import KVCache, init_cache
+from lsjax.errors import ConfigError
+from lsjax.model import LayerTuple
+
+
+class Decoder:
+    """What decoding a model (+ adapter) needs, resolved once; see the module docstring.
+
+    Attributes: `config` (ModelConfig), `adapter_config` (None without an adapter), `backend`,
+    `strategy` (resolved: "base" without an adapter), `bundle` (the arrays decoded from),
+    `prepared` (what the backend did to place them), `max_rows` (the most rows one step may hold:
+    1 for the `merged` switch, whose step merges one route into the weights; else None).
+    """
+
+    def __init__(self, model, adapter=None, *, strategy: str = "auto", backend: Backend | str | None = None):
+        self.config, self.dtype = model.config, model.dtype
+        self.adapter_config = None
+        if adapter is not None:
+            if adapter.model_config != model.config:
+                raise AdapterError(f"adapter was made for another base model: {_shape_summary(adapter.model_config)} "
+                                   f"vs this model's {_shape_summary(model.config)}")
+            self.adapter_config = adapter.config
+        params = model.params()
+        sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(params))
+        self.backend = resolve_backend(backend, model.dtype, sharded)
+        self.strategy = strategies.resolve_strategy(strategy, self.adapter_config, self.backend)
+        one_route = self.strategy == strategies.Strategy.MERGED and self.adapter_config.method == "switch"
+        self.max_rows = 1 if one_route else None
+        adapter_params = None if adapter is None else adapter.arrays()
+        self.bundle = strategies.prepare_bundle(self.config, params, self.adapter_config, adapter_params,
+                                                self.strategy)
+        self.prepared = self.backend.prepare(self.bundle)
+        self.prefill_fn, self.step_fn = strategies.compiled(self.config, self.adapter_config, self.strategy,
+                                                            self.backend)
+        devices = {d for x in jax.tree.leaves(self.bundle) for d in x.devices()}
+        self.device = devices.pop() if len(devices) == 1 else None  # None: sharded, jit places the state
+
+    def check_rows(self, rows: int, what: str, field: str | None = None) -> None:
+        """Refuse `rows` rows (of `what`: a batch, slots) where the strategy decodes fewer."""
+        if self.max_rows is not None and rows > self.max_rows:
+            raise ConfigError(f"strategy 'merged' with a switch adapter decodes one sequence at a time (one route "
+                              f"per token), got {what} of {rows}; use strategy 'fused' or 'unmerged'", field)
+
+    def empty_cache(self, rows: int, capacity: int, row_lengths: bool = False) -> KVCache:
+        """An empty decode state for `rows` rows of `capacity` columns, in the layout the bundle's
+        layers take; with `row_lengths`, each row keeps its own length (a serving engine's slots)."""
+        cache = init_cache(self.config, rows, capacity, self.dtype,
+                           per_layer=not isinstance(self.bundle["base"]["layers"], dict))
+        if row_lengths:
+            cache = dataclasses.replace(cache, length=jnp.zeros((rows,), jnp.int32))
+        return cache if self.device is None else jax.device_put(cache, self.device)
+
+    def prefill(self, ids, mask, cache: KVCache):
+        """`(logits [rows, V] of each prompt's last token, cache)`: left-padded prompts `[rows, S]` into
+        `cache` (which may hold their start already); the cache is donated."""
+        return self.prefill_fn(self.bundle, ids, mask, cache)
+
+    def step(self, tokens, cache: KVCache):
+        """`(logits [rows, V], cache)`: one token per row `[rows]` at each row's next position; donated cache."""
+        return self.step_fn(self.bundle, tokens, cache)
+
+    def insert(self, cache: KVCache, rows: KVCache, slot, row) -> KVCache:
+        """Row `row` of a prefilled state copied into slot `slot` of `cache` (donated)."""
+        return _insert(cache, rows, slot, row)
+
+    def compile_count(self) -> int:
+        return sum(f._cache_size() for f in (self.prefill_fn, self.step_fn))
+
+
+def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
+    """Row `index` of a prefilled group's cache copied into `slot` (its columns, positions, validity
+    and length). Pure."""
+    def place(buf, row_buf):
+        axis = buf.ndim - 4  # the row axis of [B, KV, T, D], or of [L, B, KV, T, D] (stacked)
+        row = jax.lax.dynamic_index_in_dim(row_buf, index, axis, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(buf, row, slot, axis)
+
+    def each(mine, theirs):
+        if isinstance(mine, LayerTuple):
+            return LayerTuple(place(x, y) for x, y in zip(mine, theirs))
+        return place(mine, theirs)
+
+    return KVCache(each(cache.k, rows.k), each(cache.v, rows.v), cache.positions.at[slot].set(rows.positions[index]),
+                   cache.valid.at[slot].set(rows.valid[index]), cache.length.at[slot].set(rows.length))
+
+
+_insert = jax.jit(insert_row, donate_argnums=(0,))
+
+
+def _shape_summary(config) -> str:
+    return (f"hidden_size={config.hidden_size}, layers={config.num_layers}, heads={config.num_heads}/"
+            f"{config.num_kv_heads}, intermediate={config.intermediate_size}, vocab={config.vocab_size}")
