@@ -436,7 +436,8 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
             "`lsjax.native` (CPU, fp32; the `backend` column) `fused` switch reads the chosen experts in the same "
             "two-thread pass as the base weights, so it costs about their bytes; the other methods' routed terms "
             "are XLA operations that each pay their own start-up. The paper's merged path (one fused merge of the "
-            "chosen experts into the weights per token) rewrites every adapted weight each token: its row above.",
+            "chosen experts into the weights per token) rewrites every adapted weight each token (`switch` "
+            "`merged`, where this run timed it).",
             ""]
     out += ["For scale, the paper (Llama2-7B, fp16 GPU, batch 1) reports decode time over the backbone of "
             "+954% for MoLA, +254% for PESC, +258% for MoRAL and +29% for LoRA-Switch, and held-out accuracy "
