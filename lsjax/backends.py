@@ -1,8 +1,8 @@
 """Backends: how the products of a step run. One object, handed to the pure functions.
 
-Every backend implements `lsjax.backend_interface.Backend`: the plain product of a projection group, the fused
-product with each row's routed LoRA term, the all-layer merge of the `merged` strategy, the
-vocabulary head and a one-time preparation of the arrays. It computes; it decides nothing about
+Every backend implements `lsjax.backend_interface.Backend`: the plain product of a projection
+group, the fused product with each row's routed LoRA term, the all-layer merge of the `merged`
+strategy, the vocabulary head and a one-time preparation of the arrays. It computes; it decides nothing about
 strategy. What the strategy needs to know to decide how routed terms are formed it reads from the
 backend's declared `Traits` (`lsjax.strategies.term_form`, their one reader). Backends are frozen
 dataclasses: hashable, so they are static arguments under jit.
@@ -31,6 +31,7 @@ from lsjax.errors import ConfigError
 from pallas_kernels import routed_group_matmul, sgmm_merge
 
 BACKENDS = ("auto", "xla", "native", "pallas")
+
 
 @dataclasses.dataclass(frozen=True)
 class XlaBackend:

@@ -141,12 +141,18 @@ class Generator:
 
     def _attach(self, decoder: Decoder, tokenizer, max_cache_len: int | None) -> None:
         self.decoder, self.tokenizer = decoder, tokenizer
-        self.config, self.adapter_config = decoder.config, decoder.adapter_config
-        self.backend, self.strategy = decoder.backend, decoder.strategy
-        self.bundle, self.prepared = decoder.bundle, decoder.prepared
-        self.max_cache_len = max_cache_len or self.config.max_position_embeddings
-        self._prefill, self._step = decoder.prefill_fn, decoder.step_fn
-        self._loop, self._sample_step = _compiled_loops(self._step)
+        self.max_cache_len = max_cache_len or decoder.config.max_position_embeddings
+        self._loop, self._sample_step = _compiled_loops(decoder.step_fn)
+
+    # the decoder's, named here as a Generator's users know them
+    config = property(lambda self: self.decoder.config)
+    adapter_config = property(lambda self: self.decoder.adapter_config)
+    backend = property(lambda self: self.decoder.backend)
+    strategy = property(lambda self: self.decoder.strategy)
+    bundle = property(lambda self: self.decoder.bundle)
+    prepared = property(lambda self: self.decoder.prepared)
+    _prefill = property(lambda self: self.decoder.prefill_fn)
+    _step = property(lambda self: self.decoder.step_fn)
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:

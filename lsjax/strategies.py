@@ -13,8 +13,7 @@ and runs its products on a backend (`lsjax.backends`: XLA, the CPU native librar
 - `merged`: the paper's way. `lora`: merged once, then the plain backbone. `switch`: per token,
   the router runs on layer 0's input, the backend's `merge` (XLA's form, or the Pallas SGMM
   kernel) builds W_base + delta for all layers of each group (from a pristine stacked copy of the
-  base: no drift), then the plain
-  backbone runs. One route per step, so batch 1 only.
+  base: no drift), then the plain backbone runs. One route per step, so batch 1 only.
 - `auto`: `lora` -> merged (free after the one-time merge); otherwise `fused` where the backend
   declares its fused kernel the faster form (`Traits.fused_is_faster`: the CPU native library,
   measured in docs/perf.md; the Pallas backend, which exists to run its kernel), else `unmerged`.
@@ -47,6 +46,7 @@ from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
 from lsjax.model import embed_tokens, rms_norm, stack_layers
+
 
 class Strategy(enum.StrEnum):
     """How a decode computes an adapter's routed term (equal to their names as strings)."""

@@ -51,6 +51,7 @@ def test_train_then_evaluate_a_switch_adapter(tiny_ckpt, tmp_path):
     out = script("eval/accuracy.py", "--ckpt", tiny_ckpt, "--adapter", tmp_path / "adapter", "--tasks", "arc_easy",
                  "--limit", 6, "--max-length", 128)
     assert out.count("| arc_easy |") == 2 and "base:" in out and "adapter:" in out
+    assert len(re.findall(r"^\| arc_easy \| [\d.]+ \| [\d.]+ \| 6 \|$", out, re.M)) == 2  # 6 documents each
 
 
 def test_latency_script_times_switch_against_the_base(tiny_ckpt):

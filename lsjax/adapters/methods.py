@@ -12,9 +12,10 @@ at the input it belongs to:
 - `lora`: one adapter, no router.
 A group's routed term is one shrink and one expand (`lsjax.adapters.routing.group_term`), or with
 `Computation.FUSED` one call of the backend's fused kernel (`lsjax.backends`); the caller's
-`TermForm` says which (training and prefill: dense, the default; decode: the strategy's choice). Over split
-layers (decoding) the experts stay stacked and each layer reads its own by a static index; a
-switch route's chosen experts are gathered once per step for all layers (`ChosenExperts`).
+`TermForm` says which (training and prefill: dense, the default; decode: the strategy's
+choice). Over split layers (decoding) the experts stay stacked and each layer reads its own by a
+static index; a switch route's chosen experts are gathered once per step for all layers
+(`ChosenExperts`).
 The same hook runs through `lsjax.model.forward` and `lsjax.decode.forward_cached`
 (`project_hooks`), and `adapted_forward_cached` runs every method over a KV cache.
 """

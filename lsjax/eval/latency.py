@@ -6,7 +6,8 @@ a run cut short (the JSON is written after every compile and round) keeps whole 
 timed generation follows a short untimed one of the same configuration, so none pays for the state
 the previous one left. Each figure is a median over rounds, and every ratio compares figures of the
 same run. The memory floor is the weight bytes over a device copy's bandwidth measured in the same
-run (bytes read + written per second): a batch-1 decode step must read every weight once, so no step can beat it.
+run (bytes read + written per second): a batch-1 decode step must read every weight once, so no
+step can beat it.
 
 Every configuration decodes on the same backend (`lsjax.backends`; `--backend auto` picks by
 platform, as a Generator does). When that is not XLA, the base is also timed on XLA (`backend`
