@@ -41,7 +41,7 @@ class Backend(Protocol):
     traits: Traits
 
     def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
-        """x @ w for one projection group `[..., N]` (the `project` hook of `lsjax.model.decoder_layer`)."""
+        """x @ w for one projection group `[..., N]` (what `lsjax.model.BaseProducts` runs)."""
 
     def fused(self, x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, gates: jax.Array, *,
               members: Members, layer: int | jax.Array) -> jax.Array:

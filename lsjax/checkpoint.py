@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from lsjax.config import PROJECTION_GROUPS, ModelConfig
 from lsjax.errors import CheckpointError, ConfigError
+from lsjax.layers import Layers
 from lsjax.model import LAYER_NORMS, Llama, model_from_params, param_shapes
 from lsjax.sharding import param_shardings
 from lsjax.tokenizer import load_tokenizer
@@ -141,13 +142,13 @@ def held_params(config: ModelConfig, stored: dict[str, Any], mesh: jax.sharding.
         stacks = [layers.pop(m) for m in members]
         for i, layer in enumerate(held):
             value = stacks[0][i] if len(stacks) == 1 else jnp.concatenate([s[i] for s in stacks], axis=-1)
-            layer[group] = value if target is None else jax.device_put(value, target[i][group])
+            layer[group] = value if target is None else jax.device_put(value, target.layer(i)[group])
         for stack in stacks:
             stack.delete()
     for name in LAYER_NORMS:
         for i, layer in enumerate(held):
             layer[name] = layers[name][i]
-    return {**stored, "layers": tuple(held)}
+    return {**stored, "layers": Layers.of_layers(held)}
 
 
 def load(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> tuple[Llama, Any]:

@@ -20,17 +20,16 @@ from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
+from lsjax.layers import Layers, run_layers
 from lsjax.model import (
-    LayerTuple,
+    BaseProducts,
     Params,
-    Project,
+    Products,
     decoder_layer,
     default_positions,
     embed_tokens,
     lm_logits,
     rope_tables,
-    run_layers,
-    stacked,
     visibility_mask,
     write_columns,
 )
@@ -42,32 +41,32 @@ class KVCache:
     """Keys/values, each slot's position and validity `[B, T]`, slots used (one count for every
     row, or one per row `[B]`: a serving engine's rows each have their own).
 
-    k / v are a `LayerTuple` of L `[B, KV, T, D]` arrays (head-major: attention reads them without
-    a transpose), the layout that goes with split params: a step updates each layer's buffer in
-    place instead of slicing and restacking a stacked cache (which copied the whole cache every
-    token); or `[L, B, KV, T, D]` arrays for stacked params (a scan).
+    k / v are `Layers` of `[B, KV, T, D]` arrays (head-major: attention reads them without a
+    transpose), in the layout of the params they go with: per layer for held params (a step
+    updates each layer's buffer in place), stacked `[L, B, KV, T, D]` for stacked ones (a scan).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: Layers
+    v: Layers
     positions: jax.Array
     valid: jax.Array
     length: jax.Array
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.positions.shape[1]
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.float32,
-               per_layer: bool = True) -> KVCache:
-    """An empty cache: one buffer per layer (the held, split layout), or stacked for stacked params."""
+               stacked: bool = False) -> KVCache:
+    """An empty cache: one buffer per layer (goes with held params), or `stacked` (stacked params)."""
     shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-    if per_layer:
-        k = LayerTuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        v = LayerTuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    if stacked:
+        k = Layers.of_stacked(jnp.zeros((config.num_layers, *shape), dtype))
+        v = Layers.of_stacked(jnp.zeros((config.num_layers, *shape), dtype))
     else:
-        k, v = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
+        k = Layers.of_layers(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        v = Layers.of_layers(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(k=k, v=v,
                    positions=jnp.zeros((batch, capacity), jnp.int32),
                    valid=jnp.zeros((batch, capacity), jnp.bool_), length=jnp.zeros((), jnp.int32))
@@ -83,31 +82,31 @@ def cached_inputs(config: ModelConfig, cache: KVCache, attention_mask: jax.Array
 
 
 def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
-                   positions: jax.Array, cache: KVCache, project_factory: Callable[[Any], Project] | None = None,
-                   layer_extras: Any = None, backend: Backend = XLA) -> tuple[jax.Array, KVCache]:
+                   positions: jax.Array, cache: KVCache, products: Callable[[Any, Any], Products] | None = None,
+                   layer_extras: Layers | None = None, backend: Backend = XLA) -> tuple[jax.Array, KVCache]:
     """Run `[B, S]` new tokens against the cache; returns logits `[B, S, V]` and the grown cache.
 
-    Adapters plug in as in `lsjax.model.forward`: `project_factory(layer_extras slice) -> project`.
-    `backend` (static, `lsjax.backends`) runs the products and the vocabulary head.
+    Adapters plug in as in `lsjax.model.forward`: `products(layer index, layer_extras' slice)`.
+    `backend` (static, `lsjax.backends`) runs the plain products and the vocabulary head.
     """
     index = cache.length
     all_positions, all_valid, cos, sin, mask = cached_inputs(config, cache, attention_mask, positions)
+    plain = BaseProducts(backend)
 
-    def body(x, xs):
-        w, (k, v, extras) = xs
-        project = backend if project_factory is None else project_factory(extras)
-        x, (k, v) = decoder_layer(config, w, x, cos, sin, mask, project, kv=(k, v, index))
-        return x, (k, v)
+    def body(x, layer):
+        i, w, (k, v, extras) = layer
+        hook = plain if products is None else products(i, extras)
+        x, kv, _ = decoder_layer(config, w, x, cos, sin, mask, hook, kv=(k, v, index))
+        return x, kv
 
-    x, (k, v) = run_layers(body, embed_tokens(params, input_ids), params["layers"], (cache.k, cache.v, layer_extras))
+    x, kv = run_layers(body, embed_tokens(params, input_ids), params["layers"], (cache.k, cache.v, layer_extras))
     logits = lm_logits(config, params, x, backend)
-    return logits, grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
+    return logits, grown_cache(cache, kv, all_positions, all_valid, input_ids.shape[1])
 
 
-def grown_cache(cache: KVCache, k: Any, v: Any, positions: jax.Array, valid: jax.Array, new: int) -> KVCache:
-    """The cache after `new` tokens, its k / v in the same layout as `cache`'s."""
-    if not isinstance(cache.k, LayerTuple):
-        k, v = stacked((k, v))
+def grown_cache(cache: KVCache, kv: Layers, positions: jax.Array, valid: jax.Array, new: int) -> KVCache:
+    """The cache after `new` tokens; `kv` (each layer's `(k, v)`) kept in the layout of `cache`."""
+    k, v = kv.item(0).in_layout_of(cache.k), kv.item(1).in_layout_of(cache.v)
     return KVCache(k, v, positions, valid, cache.length + new)
 
 

@@ -28,7 +28,7 @@ from lsjax.backend_interface import Backend
 from lsjax.backends import resolve_backend
 from lsjax.decode import KVCache, init_cache
 from lsjax.errors import ConfigError
-from lsjax.model import LayerTuple
+from lsjax.layers import Layers
 
 
 class Decoder:
@@ -72,8 +72,7 @@ class Decoder:
     def empty_cache(self, rows: int, capacity: int, row_lengths: bool = False) -> KVCache:
         """An empty decode state for `rows` rows of `capacity` columns, in the layout the bundle's
         layers take; with `row_lengths`, each row keeps its own length (a serving engine's slots)."""
-        cache = init_cache(self.config, rows, capacity, self.dtype,
-                           per_layer=not isinstance(self.bundle["base"]["layers"], dict))
+        cache = init_cache(self.config, rows, capacity, self.dtype, stacked=self.bundle["base"]["layers"].stacked)
         if row_lengths:
             cache = dataclasses.replace(cache, length=jnp.zeros((rows,), jnp.int32))
         return cache if self.device is None else jax.device_put(cache, self.device)
@@ -98,15 +97,14 @@ class Decoder:
 def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
     """Row `index` of a prefilled group's cache copied into `slot` (its columns, positions, validity
     and length). Pure."""
+    axis = 1 if cache.k.stacked else 0  # the row axis of [L, B, KV, T, D] or of each layer's [B, KV, T, D]
+
     def place(buf, row_buf):
-        axis = buf.ndim - 4  # the row axis of [B, KV, T, D], or of [L, B, KV, T, D] (stacked)
         row = jax.lax.dynamic_index_in_dim(row_buf, index, axis, keepdims=False)
         return jax.lax.dynamic_update_index_in_dim(buf, row, slot, axis)
 
-    def each(mine, theirs):
-        if isinstance(mine, LayerTuple):
-            return LayerTuple(place(x, y) for x, y in zip(mine, theirs))
-        return place(mine, theirs)
+    def each(mine: Layers, theirs: Layers) -> Layers:
+        return Layers(jax.tree.map(place, mine.tree, theirs.in_layout_of(mine).tree), mine.stacked)
 
     return KVCache(each(cache.k, rows.k), each(cache.v, rows.v), cache.positions.at[slot].set(rows.positions[index]),
                    cache.valid.at[slot].set(rows.valid[index]), cache.length.at[slot].set(rows.length))

@@ -2,21 +2,22 @@
 
 Weights are held the way a decode step reads them. Projections that share an input are one
 product: `qkv [d, q + k + v]` (q, k and v side by side) and `gate_up [d, 2 f]`, with `o` and
-`down` alone (`PROJECTION_GROUPS`). Each layer's weights are their own arrays: `params["layers"]`
-is a tuple of per-layer dicts, so a decode step reads every weight in place; a stacked slice would
-be copied first (XLA:CPU materialises a slice of a stacked weight before a product; docs/perf.md).
-Full-sequence forwards (training, scoring) stack the layers inside the jitted call and scan them,
-which keeps compile time flat in depth; `stack_layers` / `split_layers` convert between the two.
+`down` alone (`PROJECTION_GROUPS`). `params["layers"]` is a `lsjax.layers.Layers`, whose declared
+layout says how the layers run: held per layer (the model's own arrays; decoding reads every
+weight in place), or stacked for a scan (full-sequence forwards stack held layers inside the
+jitted call: compile time flat in depth).
 
 The pure functions (`forward`, `decoder_layer`, `rms_norm`, `apply_rope`, `attention`) take a plain
-dict of arrays, so they compose with jit, shard_map and pmap and with the adapters, which hook in
-through `project`: a function `(group, x, w) -> y` used for every projection group of a layer.
-How a product runs (XLA, a Pallas kernel, the CPU native library) is a `lsjax.backends` backend.
+dict of arrays, so they compose with jit, shard_map and pmap. A layer's four products go through
+`Products`: `BaseProducts` runs them on a backend (`lsjax.backends`: XLA, a Pallas kernel, the CPU
+native library), and the adapters' products add their routed terms, each product given its route
+as an argument.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from flax import nnx
 from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import PROJECTION_GROUPS, ModelConfig
+from lsjax.layers import Layers, run_layers
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS = tuple(PROJECTION_GROUPS)  # ("qkv", "o", "gate_up", "down"), in execution order
@@ -33,11 +35,8 @@ GROUP_OF = {member: group for group, members in PROJECTION_GROUPS.items() for me
 LAYER_NORMS = ("attn_norm", "mlp_norm")
 LAYER_WEIGHTS = ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down")
 
-Params = dict[str, Any]
-Project = Callable[[str, jax.Array, jax.Array], jax.Array]
+Params = dict[str, Any]  # embed, layers (a `lsjax.layers.Layers` of per-layer dicts), norm[, lm_head]
 
-
-plain_project: Project = XLA  # XLA's own products
 
 # -- building blocks --------------------------------------------------------------------------
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -105,95 +104,90 @@ def write_columns(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int
     return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=axis - 1))(buffer, new, index)
 
 
+class Products(Protocol):
+    """How one layer's products run: x @ w on a backend, plus whatever an adapter adds.
+
+    Routing is data: `decoder_layer` asks for each product's route at that product's input and
+    hands it to the product; nothing is remembered between calls, so the order of the calls
+    cannot change a route.
+    """
+
+    def route(self, group: str, x: jax.Array, block: Any) -> tuple[Any, Any]:
+        """`(route, router stats)` of `group`'s product from its input `x` (`(None, None)` without a
+        router). `block` is the route taken at `gate_up`'s input, given to `down` (an FFN block's route)."""
+
+    def __call__(self, group: str, x: jax.Array, w: jax.Array, route: Any) -> jax.Array:
+        """x @ w plus the group's term under `route`, `[..., N]`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseProducts:
+    """The plain backbone's products on a backend: no route, no term."""
+
+    backend: Backend = XLA
+
+    def route(self, group: str, x: jax.Array, block: Any) -> tuple[Any, Any]:
+        return None, None
+
+    def __call__(self, group: str, x: jax.Array, w: jax.Array, route: Any) -> jax.Array:
+        return self.backend(group, x, w)
+
+
+PLAIN = BaseProducts()
+
+
 def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, project: Project = plain_project,
+                  mask: jax.Array, products: Products = PLAIN,
                   kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
     """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's weights.
 
-    Four products: `qkv`, `o`, `gate_up`, `down`. Without `kv`, attends over the block's own tokens
-    and returns the new x. With `kv = (k_cache [B,KV,T,D], v_cache, write_index)`, writes this
-    block's keys/values into the cache at `write_index` (one, or one per row), attends over the whole cache (mask
-    `[B,S,T]`), and returns `(x, (k_cache, v_cache))`.
+    Four products: `qkv`, `o`, `gate_up`, `down`, each given the route `products.route` decides at
+    its input. Without `kv`, attends over the block's own tokens. With `kv = (k_cache [B,KV,T,D],
+    v_cache, write_index)`, writes this block's keys/values into the cache at `write_index` (one, or
+    one per row), attends over the whole cache (mask `[B,S,T]`).
+
+    Returns `(x [B, S, D], (k_cache, v_cache) or None, stats)`: `stats` maps each group to what
+    `products.route` reported at its input (router statistics; None where no router read it).
     """
+    stats = {}
+
+    def product(group: str, x: jax.Array, block: Any = None) -> tuple[jax.Array, Any]:
+        route, stats[group] = products.route(group, x, block)
+        return products(group, x, w[group], route), route
+
     b, s, _ = x.shape
     h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
-    q, k, v = jnp.split(project("qkv", h, w["qkv"]), [config.q_size, config.q_size + config.kv_size], axis=-1)
+    qkv, _ = product("qkv", h)
+    q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
     q = q.reshape(b, s, config.num_heads, config.head_dim)
     k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
     v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+    new_kv = None
     if kv is not None:
         k_cache, v_cache, index = kv
         k = k_cache = write_columns(k_cache, k.astype(k_cache.dtype), index, axis=2)
         v = v_cache = write_columns(v_cache, v.astype(v_cache.dtype), index, axis=2)
+        new_kv = (k_cache, v_cache)
     attn = attention(q, k, v, mask).reshape(b, s, config.q_size)
-    x = x + project("o", attn, w["o"])
+    out, _ = product("o", attn)
+    x = x + out
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-    gate, up = jnp.split(project("gate_up", h, w["gate_up"]), 2, axis=-1)
-    x = x + project("down", jax.nn.silu(gate) * up, w["down"])
-    return x if kv is None else (x, (k_cache, v_cache))
-
-
-def run_layers(body: Callable, carry: Any, layers: Params | tuple[Params, ...], xs: Any = None):
-    """`body(carry, (layer_weights, xs_slice)) -> (carry, ys)` over every layer.
-
-    `layers` stacked (a dict of `[L, ...]` arrays): one `lax.scan`, compile time flat in depth;
-    ys come back stacked. `layers` split (a tuple of per-layer dicts, the held layout): a Python
-    loop over the layers' own arrays; `xs` leaves are `[L, ...]` arrays (numpy ones give static
-    slices) or `LayerTuple`s, and every ys leaf comes back as a `LayerTuple` (no stacking copy;
-    `stacked` makes arrays of them).
-    """
-    if isinstance(layers, dict):
-        return jax.lax.scan(body, carry, (layers, xs))
-    ys = []
-    for index, weights in enumerate(layers):
-        carry, y = body(carry, (weights, layer_slice(xs, index)))
-        ys.append(y)
-    return carry, jax.tree.map(lambda *a: LayerTuple(a), *ys)
-
-
-class LayerTuple(tuple):
-    """One array per layer in place of a layer-stacked array (a pytree node: its items are leaves).
-
-    The per-layer layout of buffers that ride along with split layers (the KV cache): `layer_slice`
-    picks an item instead of slicing, so a decode step updates each layer's buffer in place.
-    """
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self[0].shape)
-
-
-jax.tree_util.register_pytree_node(LayerTuple, lambda t: (tuple(t), None), lambda _, items: LayerTuple(items))
-
-
-def layer_slice(tree: Any, index: int) -> Any:
-    """Layer `index` of a layer-stacked pytree whose leaves are `[L, ...]` arrays or `LayerTuple`s."""
-    return jax.tree.map(lambda a: a[index], tree, is_leaf=lambda n: isinstance(n, LayerTuple))
-
-
-def stacked(tree: Any) -> Any:
-    """`tree` with every `LayerTuple` stacked into one `[L, ...]` array."""
-    return jax.tree.map(lambda a: jnp.stack(a) if isinstance(a, LayerTuple) else a, tree,
-                        is_leaf=lambda n: isinstance(n, LayerTuple))
+    gate_up, block = product("gate_up", h)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    down, _ = product("down", jax.nn.silu(gate) * up, block)
+    return x + down, new_kv, stats
 
 
 def split_layers(params: Params) -> Params:
-    """`params` with `layers` as a tuple of per-layer dicts (the held layout); split ones pass through."""
-    layers = params["layers"]
-    if not isinstance(layers, dict):
-        return params
-    count = next(iter(layers.values())).shape[0]
-    return {**params, "layers": tuple({k: v[i] for k, v in layers.items()} for i in range(count))}
+    """`params` with `layers` per layer (the held layout)."""
+    return {**params, "layers": params["layers"].as_layers()}
 
 
 def stack_layers(params: Params) -> Params:
-    """The inverse of `split_layers`: `layers` as one dict of `[L, ...]` arrays (a copy, for scans)."""
-    layers = params["layers"]
-    if isinstance(layers, dict):
-        return params
-    return {**params, "layers": {k: jnp.stack([layer[k] for layer in layers]) for k in layers[0]}}
+    """`params` with `layers` stacked (a copy when held per layer: for scans)."""
+    return {**params, "layers": params["layers"].as_stacked()}
 
 
 def embed_tokens(params: Params, input_ids: jax.Array) -> jax.Array:
@@ -231,48 +225,48 @@ def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positio
 
 def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-            project_factory: Callable[[Any], Project] | None = None, layer_extras: Any = None,
+            products: Callable[[Any, Any], Products] | None = None, layer_extras: Layers | None = None,
             last: int | None = None) -> jax.Array:
     """The logits of a full sequence.
 
     Args:
         config: the model's `ModelConfig` (static under jit).
-        params: `model.params()`: `embed [V, D]`, `layers` (per layer `attn_norm [D]`, `qkv [D, q+k+v]`,
+        params: `model.params()`: `embed [V, D]`, `layers` (a `Layers` of `attn_norm [D]`, `qkv [D, q+k+v]`,
             `o [q, D]`, `mlp_norm [D]`, `gate_up [D, 2F]`, `down [F, D]`), `norm [D]`, `lm_head [D, V]` if untied.
         input_ids: `[B, S]` int token ids.
         attention_mask: `[B, S]` (1 = token, 0 = padding); default all tokens.
         positions: `[B, S]` int; default each row's count of real tokens before it (padding never shifts RoPE).
-        project_factory, layer_extras: the adapter hook: `layer_extras` a pytree stacked on the layer
-            axis, sliced per layer by the scan, and `project_factory(extras_slice) -> project`.
+        products, layer_extras: the adapter hook: `products(layer index, layer_extras' slice) -> Products`
+            for every layer (default: the plain products on XLA).
         last: (static) the logits of the last `last` positions only (scoring needs few, and the
             vocabulary projection of every position is the largest tensor of a forward).
 
     Returns:
-        fp32 logits `[B, S, V]` (`[B, last, V]` with `last`). The layers are scanned (split ones are
+        fp32 logits `[B, S, V]` (`[B, last, V]` with `last`). The layers are scanned (held ones are
         stacked first, inside the caller's jit): compile time flat in depth.
     """
     input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions)
     params = stack_layers(params)
     x = embed_tokens(params, input_ids)
 
-    def body(x, xs):
-        w, extras = xs
-        project = plain_project if project_factory is None else project_factory(extras)
-        return decoder_layer(config, w, x, cos, sin, mask, project), None
+    def body(x, layer):
+        index, w, (extras,) = layer
+        hook = PLAIN if products is None else products(index, extras)
+        return decoder_layer(config, w, x, cos, sin, mask, hook)[0], None
 
-    x, _ = run_layers(body, x, params["layers"], layer_extras)
+    x, _ = run_layers(body, x, params["layers"], (layer_extras,))
     return lm_logits(config, params, x if last is None else x[:, -last:])
 
 
 # -- parameters -------------------------------------------------------------------------------
 def param_shapes(config: ModelConfig, stacked: bool = False) -> dict[str, Any]:
     """Shape of every parameter in the held layout (grouped products, one dict per layer), or with
-    `stacked` the scan layout (one `[L, ...]` array per name)."""
+    `stacked` the scan layout (one `[L, ...]` array per name); `layers` is a `Layers` of shapes."""
     d = config.hidden_size
     layer = {group: shape for group, shape in config.group_shapes().items()}
     layer.update(attn_norm=(d,), mlp_norm=(d,))
-    layers = {name: (config.num_layers, *shape) for name, shape in layer.items()} if stacked else \
-        tuple(dict(layer) for _ in range(config.num_layers))
+    layers = Layers.of_stacked({name: (config.num_layers, *shape) for name, shape in layer.items()}) if stacked \
+        else Layers.of_layers(dict(layer) for _ in range(config.num_layers))
     shapes: dict[str, Any] = {"embed": (config.vocab_size, d), "layers": layers, "norm": (d,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (d, config.vocab_size)
@@ -312,7 +306,7 @@ class Llama(nnx.Module):
         shapes = param_shapes(config)
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), shapes["embed"], dtype))
-        self.layers = nnx.List([DecoderLayer(layer, rngs, dtype) for layer in shapes["layers"]])
+        self.layers = nnx.List([DecoderLayer(layer, rngs, dtype) for layer in shapes["layers"].tree])
         self.norm = nnx.Param(jnp.ones(shapes["norm"], dtype))
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Param(init(rngs.params(), shapes["lm_head"], dtype))
@@ -323,7 +317,7 @@ class Llama(nnx.Module):
 
     def params(self) -> Params:
         """The weights as the nested dict of arrays that the pure functions take (no copies)."""
-        out = {"embed": self.embed[...], "layers": tuple(layer.arrays() for layer in self.layers),
+        out = {"embed": self.embed[...], "layers": Layers.of_layers(layer.arrays() for layer in self.layers),
                "norm": self.norm[...]}
         if not self.config.tie_word_embeddings:
             out["lm_head"] = self.lm_head[...]
@@ -346,7 +340,7 @@ def model_from_params(config: ModelConfig, params: Params) -> Llama:
     model.norm = nnx.Param(params["norm"])
     if not config.tie_word_embeddings:
         model.lm_head = nnx.Param(params["lm_head"])
-    for module, arrays in zip(model.layers, params["layers"]):
+    for module, arrays in zip(model.layers, params["layers"].tree):
         for name in LAYER_WEIGHTS:
             setattr(module, name, nnx.Param(arrays[name]))
     return model
@@ -368,12 +362,12 @@ def from_projections(config: ModelConfig, params: Params) -> Params:
             layer[group] = layers[members[0]][i] if len(members) == 1 else \
                 xp.concatenate([layers[m][i] for m in members], axis=-1)
         held.append(layer)
-    return {**params, "layers": tuple(held)}
+    return {**params, "layers": Layers.of_layers(held)}
 
 
 def to_projections(config: ModelConfig, params: Params) -> Params:
     """The inverse of `from_projections`: one stacked array per projection (for export)."""
-    layers = split_layers(params)["layers"]
+    layers = split_layers(params)["layers"].tree
     xp = np if isinstance(layers[0]["qkv"], np.ndarray) else jnp
     out = {name: xp.stack([layer[name] for layer in layers]) for name in LAYER_NORMS}
     for group in PROJECTION_GROUPS:

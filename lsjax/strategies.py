@@ -37,15 +37,16 @@ import jax.numpy as jnp
 
 from lsjax import decode
 from lsjax.adapters.merge import merge_lora
-from lsjax.adapters.methods import adapted_forward_cached
+from lsjax.adapters.methods import adapted_forward_cached, switch_route
 from lsjax.adapters.params import adapted_groups, member_layout
-from lsjax.adapters.routing import Computation, TermForm, router_logits, top_k_route
+from lsjax.adapters.routing import Computation, TermForm
 from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.decode import forward_cached
 from lsjax.errors import ConfigError
-from lsjax.model import embed_tokens, rms_norm, stack_layers
+from lsjax.layers import Layers
+from lsjax.model import embed_tokens, stack_layers
 
 
 class Strategy(enum.StrEnum):
@@ -76,30 +77,10 @@ def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Backend
         if method == "lora":
             return Strategy.MERGED
         return Strategy.FUSED if backend.traits.fused_is_faster else Strategy.UNMERGED
-    if strategy == "merged":
-        if method not in ("lora", "switch"):
-            raise ConfigError(f"strategy 'merged' is for methods 'lora' and 'switch', not {method!r} "
-                              f"(its routes are decided inside every layer); use 'unmerged' or 'fused'")
-        if method == "switch" and first_group(adapter_config) != "qkv":
-            raise ConfigError("strategy 'merged' needs the switch router on layer 0's attention input "
-                              f"(targets including q, k or v); got targets {adapter_config.targets}")
+    if strategy == "merged" and method not in ("lora", "switch"):
+        raise ConfigError(f"strategy 'merged' is for methods 'lora' and 'switch', not {method!r} "
+                          f"(its routes are decided inside every layer); use 'unmerged' or 'fused'")
     return strategy
-
-
-def first_group(adapter_config) -> str:
-
-    return adapted_groups(adapter_config)[0]
-
-
-def switch_route(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict, tokens: jax.Array):
-    """The switch route of one decode step, from the attn-normed embedding layer 0 sees (qkv first)."""
-
-    x = embed_tokens(base, tokens[:, None])
-    layers = base["layers"]
-    norm = layers["attn_norm"][0] if isinstance(layers, dict) else layers[0]["attn_norm"]
-    x = rms_norm(x, norm, model_config.rms_norm_eps)
-    route, _ = top_k_route(router_logits(x, adapter_params["routers"]["switch"]), adapter_config.top_k)
-    return route
 
 
 def merged_switch_params(model_config: ModelConfig, base: dict, adapter_config, adapter_params: dict, route,
@@ -107,12 +88,12 @@ def merged_switch_params(model_config: ModelConfig, base: dict, adapter_config, 
     """W_base + scale * sum_k g_k A_k B_k for all layers of each adapted group: one `backend.merge` per group."""
 
     ids, gates = route.ids[0, 0], (adapter_config.scale * route.gates[0, 0]).astype(jnp.float32)
-    layers = dict(base["layers"])
+    layers = dict(base["layers"].tree)  # stacked (`prepare_bundle`): one merge per group for all layers
     for group in adapted_groups(adapter_config):
         e = adapter_params["experts"][group]
         layers[group] = backend.merge(layers[group], e["a"], e["b"], ids, gates,
                                       members=member_layout(model_config, adapter_config, group))
-    return {**base, "layers": layers}
+    return {**base, "layers": Layers.of_stacked(layers)}
 
 
 def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Backend = XLA
@@ -147,11 +128,15 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Bac
         return prefill, adapted_step
 
     def merged_step(bundle, tokens, cache):
-        route = switch_route(model_config, bundle["base"], adapter_config, bundle["adapter"], tokens)
-        merged = merged_switch_params(model_config, bundle["base"], adapter_config, bundle["adapter"], route, backend)
         positions = decode.next_positions(cache)
-        logits, cache = forward_cached(model_config, merged, tokens[:, None], jnp.ones_like(positions, jnp.bool_),
-                                       positions, cache, backend=backend)
+        valid = jnp.ones_like(positions, jnp.bool_)
+        _, _, cos, sin, mask = decode.cached_inputs(model_config, cache, valid, positions)
+        kv0 = (cache.k.layer(0), cache.v.layer(0), cache.length)
+        route, _ = switch_route(model_config, adapter_config, bundle["base"]["layers"],
+                                bundle["adapter"]["routers"]["switch"], embed_tokens(bundle["base"], tokens[:, None]),
+                                cos, sin, mask, kv0)
+        merged = merged_switch_params(model_config, bundle["base"], adapter_config, bundle["adapter"], route, backend)
+        logits, cache = forward_cached(model_config, merged, tokens[:, None], valid, positions, cache, backend=backend)
         return logits[:, 0], cache
 
     return prefill, merged_step

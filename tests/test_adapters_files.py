@@ -310,7 +310,7 @@ def test_hf_export_writes_a_config_transformers_reads(tmp_path, kwargs):
     make_hf_model(tmp_path / "hf", **kwargs)
     config, _ = read_hf_config(tmp_path / "hf")
     params = assemble(config, lazy_tensors(safetensors_files(tmp_path / "hf")), np.float32, progress=False)
-    export_hf(tmp_path / "out", config, params)
+    export_hf(tmp_path / "out", config, from_projections(config, params))
     assert read_hf_config(tmp_path / "out")[0] == config
     ids = np.arange(3, 30)[None]
     got = torch_logits(load_hf(tmp_path / "out"), ids)

@@ -237,6 +237,69 @@ def test_top_k_all_is_the_dense_softmax_mixture(base, run, method):
     assert max_diff(logits, np_forward(MC, base, cfg, experts, IDS, MASK, mixture="softmax")) <= TOL
 
 
+# -- routes are data, not call order ------------------------------------------------------------
+def parallel_layer(mlp_first: bool):
+    """A parallel-residual decoder layer (attention and FFN both read the block's input, as in
+    GPT-J or Cohere), written on the `Products` protocol: its products can run in either order."""
+    from lsjax.model import apply_rope, attention, rms_norm
+
+    def layer(config, w, x, cos, sin, mask, products, kv=None):
+        assert kv is None
+        stats = {}
+
+        def product(group, x, block=None):
+            route, stats[group] = products.route(group, x, block)
+            return products(group, x, w[group], route), route
+
+        def attn_half():
+            b, s, _ = x.shape
+            h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
+            qkv, _ = product("qkv", h)
+            q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+            q = apply_rope(q.reshape(b, s, config.num_heads, config.head_dim), cos, sin)
+            k = apply_rope(k.reshape(b, s, config.num_kv_heads, config.head_dim), cos, sin).transpose(0, 2, 1, 3)
+            v = v.reshape(b, s, config.num_kv_heads, config.head_dim).transpose(0, 2, 1, 3)
+            return product("o", attention(q, k, v, mask).reshape(b, s, config.q_size))[0]
+
+        def mlp_half():
+            h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
+            gate_up, block = product("gate_up", h)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+            return product("down", jax.nn.silu(gate) * up, block)[0]
+
+        if mlp_first:
+            mlp = mlp_half()
+            attn = attn_half()
+        else:
+            attn = attn_half()
+            mlp = mlp_half()
+        return x + attn + mlp, None, stats
+    return layer
+
+
+@pytest.mark.parametrize("method", ["switch", "layerwise", "blockwise"])
+def test_reordered_products_keep_routes_and_logits(base, method, monkeypatch):
+    """The same layer with its products called in the other order routes every token alike and
+    gives the same logits and router statistics: no route depends on which product ran first."""
+    import lsjax.adapters.methods as methods
+
+    cfg = case_config(method)
+    adapter = random_adapter(cfg)
+    results = []
+    for mlp_first in (False, True):
+        monkeypatch.setattr(methods, "decoder_layer", parallel_layer(mlp_first))
+        logits, aux = adapted_forward(MC, held(base), cfg, adapter, IDS, MASK)
+        results.append((np.asarray(logits), jax.tree.map(np.asarray, aux)))
+    (logits, aux), (again, aux_again) = results
+    np.testing.assert_array_equal(again, logits)
+    for got, want in zip(jax.tree.leaves(aux_again), jax.tree.leaves(aux)):
+        np.testing.assert_array_equal(got, want)
+    if method == "switch":  # the route of the qkv-first switch: layer 0's attention input, whatever ran first
+        h = np_rms(np.asarray(base["embed"], np.float64)[IDS], base["layers"]["attn_norm"][0], MC.rms_norm_eps)
+        want = np.argsort(-(h @ adapter["routers"]["switch"]), axis=-1, kind="stable")[..., :cfg.top_k]
+        np.testing.assert_array_equal(np.asarray(aux.routing.ids)[MASK.astype(bool)], want[MASK.astype(bool)])
+
+
 # -- aux loss -----------------------------------------------------------------------------------
 def test_switch_aux_matches_numpy_over_valid_tokens(base, run):
     cfg = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=4, targets=("q", "v"),
@@ -388,7 +451,7 @@ def test_hooks_run_through_model_forward_and_decode_forward_cached(base, run):
     adapter = random_adapter(cfg)
     want, _ = run(MC, held(base), cfg, adapter, IDS, MASK)
     factory, extras = project_hooks(MC, cfg, adapter)
-    got = forward(MC, held(base), IDS, MASK, project_factory=factory, layer_extras=extras)
+    got = forward(MC, held(base), IDS, MASK, products=factory, layer_extras=extras)
     assert max_diff(got, np.asarray(want)) <= TOL
     pos = np.maximum(np.cumsum(MASK, 1) - 1, 0)
     cached, _ = forward_cached(MC, held(base), IDS, MASK, pos, init_cache(MC, 2, 8), factory, extras)
@@ -398,7 +461,7 @@ def test_hooks_run_through_model_forward_and_decode_forward_cached(base, run):
     adapter = random_adapter(cfg)
     want, aux = run(MC, held(base), cfg, adapter, IDS, MASK)
     factory, extras = project_hooks(MC, cfg, adapter, route=aux.routing)  # decided once, reused
-    got = forward(MC, held(base), IDS, MASK, project_factory=factory, layer_extras=extras)
+    got = forward(MC, held(base), IDS, MASK, products=factory, layer_extras=extras)
     assert max_diff(got, np.asarray(want)) <= TOL
     with pytest.raises(AdapterError, match="needs route="):
         project_hooks(MC, cfg, adapter)

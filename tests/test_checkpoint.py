@@ -39,15 +39,15 @@ def test_loads_grouped_products_one_array_per_layer(converted):
     config, _ = read_hf_config(converted / "hf")
     tensors = {t.name: t.load() for t in lazy_tensors(safetensors_files(converted / "hf"))}
     _, loaded = load_params(converted / "ckpt")
-    assert len(loaded["layers"]) == config.num_layers
-    for i, layer in enumerate(loaded["layers"]):
+    assert not loaded["layers"].stacked and loaded["layers"].count == config.num_layers
+    for i, layer in enumerate(loaded["layers"].tree):
         hf = lambda name: tensors[f"model.layers.{i}.{name}.weight"].T  # noqa: E731  torch's [out, in]
         np.testing.assert_array_equal(layer["qkv"], np.concatenate([hf("self_attn.q_proj"), hf("self_attn.k_proj"),
                                                                     hf("self_attn.v_proj")], axis=1))
         np.testing.assert_array_equal(layer["gate_up"], np.concatenate([hf("mlp.gate_proj"),
                                                                         hf("mlp.up_proj")], axis=1))
         np.testing.assert_array_equal(layer["down"], hf("mlp.down_proj"))
-    pointers = {layer[name].unsafe_buffer_pointer() for layer in loaded["layers"] for name in layer}
+    pointers = {layer[name].unsafe_buffer_pointer() for layer in loaded["layers"].tree for name in layer}
     assert len(pointers) == 6 * config.num_layers  # no layer shares (or slices) another's buffer
 
 

@@ -88,7 +88,7 @@ def test_nonfinite_weights_are_refused_by_name_unless_allowed(broken, tmp_path, 
     assert not (tmp_path / "out").exists()
     convert_hf(broken, tmp_path / "out", dtype=dtype, progress=False, allow_nonfinite=True)
     _, params = lsjax.checkpoint.load_params(tmp_path / "out")
-    assert not np.isfinite(np.asarray(params["layers"][1]["qkv"], np.float32)).all()  # converted as asked
+    assert not np.isfinite(np.asarray(params["layers"].layer(1)["qkv"], np.float32)).all()  # converted as asked
 
 
 def test_unexpected_tensor(broken, tmp_path):

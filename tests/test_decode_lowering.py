@@ -39,7 +39,7 @@ def lowered_step(abstract_arrays, strategy: str, backend, batch: int = 1):
     adapter_config = None if strategy == "base" else SWITCH
     bundle = jax.eval_shape(lambda p, a: strategies.prepare_bundle(CONFIG, p, adapter_config, a, strategy),
                             params, adapter)
-    cache = jax.eval_shape(lambda: init_cache(CONFIG, batch, 128, BF16, per_layer=strategy != "merged"))
+    cache = jax.eval_shape(lambda: init_cache(CONFIG, batch, 128, BF16, stacked=strategy == "merged"))
     _, step = strategies.build(CONFIG, adapter_config, strategy, backend)
     lowered = lower_for_gpu(step, bundle, jax.ShapeDtypeStruct((batch,), jnp.int32), cache, donate_argnums=(2,))
     return lowered, collections.Counter(call_target(op) for op in custom_calls(lowered))

@@ -83,11 +83,9 @@ def assert_steps_match(prompts, seen, full):
 def test_decode_steps_match_full_forward(tiny, layout):
     """Every step's logits against one full forward over the finished sequences (causal: same thing).
 
-    `stacked`: scanned layers and a `[L, ...]` cache; `per-layer`: the held params and a `LayerTuple`
-    cache (the Generator's decode layout), whose structure must survive every step.
+    `stacked`: scanned layers and a `[L, ...]` cache; `per-layer`: the held params and a cache of one
+    buffer per layer (the Generator's decode layout), whose layout must survive every step.
     """
-    from lsjax.model import LayerTuple
-
     _, model, _ = tiny
     cfg, params = model.config, model.params()
     full_params = params
@@ -95,11 +93,13 @@ def test_decode_steps_match_full_forward(tiny, layout):
     if not per_layer:
         params = stack_layers(params)
     ids, mask = left_pad(PROMPTS)
-    logits, cache = prefill(cfg, params, ids, mask, init_cache(cfg, len(PROMPTS), 32, per_layer=per_layer))
-    assert isinstance(cache.k, LayerTuple) == per_layer and cache.capacity == 32
+    logits, cache = prefill(cfg, params, ids, mask, init_cache(cfg, len(PROMPTS), 32, stacked=not per_layer))
+    assert cache.k.stacked != per_layer and len(jax.tree.leaves(cache.k)) == (1 if not per_layer else cfg.num_layers)
+    assert cache.capacity == 32
     step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c), donate_argnums=2)
     seen, generated, cache = greedy_steps(step, params, logits, cache, 8)
-    assert isinstance(cache.k, LayerTuple) == per_layer and int(cache.length) == ids.shape[1] + 8
+    assert cache.k.stacked != per_layer and len(jax.tree.leaves(cache.k)) == (1 if not per_layer else cfg.num_layers)
+    assert int(cache.length) == ids.shape[1] + 8
     assert_steps_match(PROMPTS, seen,
                        np.asarray(forward(cfg, full_params, *finished_batch(PROMPTS, np.stack(generated, 1).tolist()))))
 
@@ -140,7 +140,7 @@ def test_unmerged_steps_match_the_full_adapted_forward(tiny_llama, method):
     for prompts, form in [(PROMPTS[:1], Computation.GATHERED), (PROMPTS, Computation.DENSE)]:
         assert term_form("unmerged", acfg, XLA, len(prompts), prefill=False).computation == form
         ids, mask = left_pad(prompts)
-        logits, cache = prefill_fn(bundle, ids, mask, init_cache(cfg, len(prompts), 32, per_layer=True))
+        logits, cache = prefill_fn(bundle, ids, mask, init_cache(cfg, len(prompts), 32))
         seen, generated, _ = greedy_steps(step, bundle, logits, cache, 6)
         other = TermForm(Computation.DENSE if form == Computation.GATHERED else Computation.GATHERED)
         full = adapted_forward(cfg, params, acfg, arrays, *finished_batch(prompts, np.stack(generated, 1).tolist()),
@@ -243,7 +243,7 @@ def test_bf16_generation_tracks_the_fp32_model(tiny_llama):
     assert gen.backend.name == "xla" and gen.strategy == "unmerged"  # the native kernels are fp32 only
     assert {x.dtype for x in jax.tree.leaves(gen.bundle)} == {jnp.dtype(jnp.bfloat16)}
     _, _, _, cache, *_ = gen._setup(PROMPTS, False, 8, None, ())
-    assert cache.k[0].dtype == jnp.bfloat16
+    assert cache.k.layer(0).dtype == jnp.bfloat16
     out = gen.generate(PROMPTS, max_new_tokens=8, stop_token_ids=(), logprobs=True)
     full, _ = adapted_forward(model.config, model.params(), adapter.config, adapter.arrays(),
                               *finished_batch(PROMPTS, out.token_ids))

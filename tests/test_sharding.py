@@ -25,7 +25,7 @@ SHARDED = textwrap.dedent("""
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     one, tok = lsjax.load(ckpt)
     many, _ = lsjax.load(ckpt, mesh=mesh)
-    layer = many.params()["layers"][1]
+    layer = many.params()["layers"].layer(1)
     out = {"devices": len(jax.devices()),
            "specs": {name: spec(layer[name].sharding, layer[name].ndim)
                      for name in ("qkv", "o", "gate_up", "down", "attn_norm")},
@@ -48,7 +48,7 @@ SHARDED = textwrap.dedent("""
     _, ids_, mask, cache, *_ = gen._setup(prompts, False, 6, None, ())
     compiled = gen._step.lower(gen.bundle, np.zeros(2, np.int32), cache).compile()
     bundle_in = compiled.input_shardings[0][0]
-    out["step_specs"] = {name: spec(bundle_in["base"]["layers"][1][name], 2) for name in ("qkv", "down")}
+    out["step_specs"] = {name: spec(bundle_in["base"]["layers"].layer(1)[name], 2) for name in ("qkv", "down")}
     out["step_expert_spec"] = spec(bundle_in["adapter"]["experts"]["qkv"]["a"], 4)
     print("RESULT" + json.dumps(out))
 """)

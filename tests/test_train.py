@@ -435,7 +435,7 @@ def test_train_bench_times_every_method_from_a_checkpoint_or_a_shape(tiny_ckpt, 
     config = ModelConfig.from_dict(TINY_SHAPE)
     base = random_base(config, np.float32, make_mesh(MeshConfig()))
     L, d, f = config.num_layers, config.hidden_size, config.intermediate_size  # stacked, as training scans them
-    assert {k: tuple(v.shape) for k, v in base["layers"].items()} == {
+    assert base["layers"].stacked and {k: tuple(v.shape) for k, v in base["layers"].tree.items()} == {
         "qkv": (L, d, config.q_size + 2 * config.kv_size), "o": (L, config.q_size, d), "gate_up": (L, d, 2 * f),
         "down": (L, f, d), "attn_norm": (L, d), "mlp_norm": (L, d)}
     assert base["embed"].shape == (config.vocab_size, d)

@@ -18,10 +18,11 @@ from lsjax.adapters.merge import export_merged_hf, merge_lora
 from lsjax.adapters.methods import (
                                     AdaptedLlama,
                                     AdapterAux,
-                                    LayerProject,
+                                    AdaptedProducts,
                                     adapted_forward,
                                     adapted_forward_cached,
                                     project_hooks,
+    switch_route,
 )
 from lsjax.adapters.params import (
                                     TRAINABLE,
@@ -41,7 +42,8 @@ __all__ = [
     "AdapterConfig", "RouterConfig", "AdapterError",
     "Adapter", "AdapterParam", "RouterParam", "TRAINABLE", "init_params", "adapter_shapes", "check_params",
     "per_projection", "grouped",
-    "AdaptedLlama", "AdapterAux", "LayerProject", "adapted_forward", "adapted_forward_cached", "project_hooks",
+    "AdaptedLlama", "AdapterAux", "AdaptedProducts", "adapted_forward", "adapted_forward_cached", "project_hooks",
+    "switch_route",
     "Routing", "RouterStats", "router_logits", "top_k_route", "router_stats", "group_term",
     "save_adapter", "load_adapter", "open_adapter", "save_adapter_arrays", "load_adapter_arrays",
     "export_peft", "import_peft", "merge_lora", "export_merged_hf",

@@ -17,6 +17,7 @@ from lsjax.adapters.params import AdapterParams, adapted_groups, check_params, m
 from lsjax.adapters.routing import place
 from lsjax.config import ModelConfig
 from lsjax.convert.export import export_hf
+from lsjax.layers import Layers
 from lsjax.model import Params, split_layers
 
 
@@ -29,7 +30,7 @@ def merge_lora(model_config: ModelConfig, base_params: Params, adapter_config: A
                            f"routes each token to its own experts")
     check_params(model_config, adapter_config, adapter_params)
     r, hi = adapter_config.rank, jax.lax.Precision.HIGHEST
-    layers = [dict(layer) for layer in split_layers(base_params)["layers"]]
+    layers = [dict(layer) for layer in split_layers(base_params)["layers"].tree]
     for group in adapted_groups(adapter_config):
         members = member_layout(model_config, adapter_config, group)
         a_all = jnp.asarray(adapter_params["experts"][group]["a"], jnp.float32)[:, 0]
@@ -40,7 +41,7 @@ def merge_lora(model_config: ModelConfig, base_params: Params, adapter_config: A
                                                 precision=hi) for s, (_, b_off, width) in enumerate(members)], axis=-1)
             delta = place(delta, members, w.shape[-1])
             layer[group] = (jnp.asarray(w, jnp.float32) + adapter_config.scale * delta).astype(w.dtype)
-    return {**base_params, "layers": tuple(layers)}
+    return {**base_params, "layers": Layers.of_layers(layers)}
 
 
 def export_merged_hf(folder: str | Path, model_config: ModelConfig, base_params: Params,

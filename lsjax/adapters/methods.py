@@ -1,23 +1,23 @@
 """The adapted forward: base weights untouched, every projection group gets `x @ W + routed LoRA term`.
 
-One `LayerProject` per layer is the `project(group, x, w)` hook of `lsjax.model.decoder_layer`; it
-sees every group call in execution order (qkv, o, gate_up, down), so it can put a router exactly
-at the input it belongs to:
-- `switch`: at the first adapted group of layer 0 the router decides each token's experts once;
-  the route rides in the carry and every adapted group of every layer reuses it (in a scan, a
-  `lax.cond` on the layer index runs the router in layer 0 only, so the body stays uniform).
-- `layerwise`: a router for every adapted projection (a group's side by side: one router product).
-- `blockwise`: a router on the mlp-normed input (the `gate_up` call) of every layer, shared by the
-  FFN groups; attention groups are plain LoRA.
+Routes are data, decided where the method says and handed to the products:
+- `switch`: one router decides each token's experts before the adapted layers run, on the input of
+  layer 0's first adapted group (the groups before it are plain, so `switch_route` computes that
+  input with the plain layer); every adapted group of every layer uses that route.
+- `layerwise`: a router for every adapted projection, on that projection's input (a group's
+  members side by side: one router product).
+- `blockwise`: a router on each FFN block's input (`gate_up`'s), whose route `down` reuses;
+  attention groups are plain LoRA.
 - `lora`: one adapter, no router.
+`AdaptedProducts` is one layer's `lsjax.model.Products`: a frozen value built per layer, whose
+`route` and products are pure functions of (weights, input, route). Router statistics come back
+from the layers as values and become the aux losses (`AdapterAux`).
+
 A group's routed term is one shrink and one expand (`lsjax.adapters.routing.group_term`), or with
 `Computation.FUSED` one call of the backend's fused kernel (`lsjax.backends`); the caller's
-`TermForm` says which (training and prefill: dense, the default; decode: the strategy's
-choice). Over split layers (decoding) the experts stay stacked and each layer reads its own by a
-static index; a switch route's chosen experts are gathered once per step for all layers
-(`ChosenExperts`).
-The same hook runs through `lsjax.model.forward` and `lsjax.decode.forward_cached`
-(`project_hooks`), and `adapted_forward_cached` runs every method over a KV cache.
+`TermForm` says which (training and prefill: dense, the default; decode: the strategy's choice).
+Over held (per-layer) layers the experts stay stacked and each layer reads its own by a static
+index; a switch route's chosen experts are gathered once per step for all layers.
 """
 
 from __future__ import annotations
@@ -27,29 +27,29 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from lsjax.adapters.config import AdapterConfig
+from lsjax.adapters.config import AdapterConfig, Method
 from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.params import Adapter, AdapterParams, adapted_groups, check_params, member_layout
 from lsjax.adapters.routing import (
     Computation,
     RouterStats,
     Routing,
+    TermForm,
     chosen_experts,
     group_term,
     member_route,
     place,
     router_logits,
     router_stats,
-    TermForm,
     top_k_route,
 )
 from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
 from lsjax.decode import KVCache, cached_inputs, grown_cache
+from lsjax.layers import Layers, run_layers
 from lsjax.model import (
     GROUPS,
     Llama,
@@ -57,13 +57,13 @@ from lsjax.model import (
     decoder_layer,
     embed_tokens,
     lm_logits,
-    run_layers,
+    rms_norm,
     sequence_inputs,
     stack_layers,
-    stacked,
 )
 
 FFN_GROUPS = ("gate_up", "down")
+SWITCH_KEY = len(GROUPS)  # the switch router's jitter key: past every group's
 
 
 @jax.tree_util.register_dataclass
@@ -100,78 +100,119 @@ class Layout:
                    {g: shapes[g][1] for g in groups})
 
 
-class ChosenExperts:
-    """The experts a switch route picks, gathered once per step for every layer of every group.
+def decide(config: AdapterConfig, x: jax.Array, weight: jax.Array, *, members: int = 1,
+           valid: jax.Array | None = None, key: jax.Array | None = None
+           ) -> tuple[Routing, tuple[RouterStats, ...] | None]:
+    """One router product on `x [B, S, d]`: the route (`[B, S, k]`, or with `members` routers side
+    by side, layer-wise, `[B, S, members, k]`) and each router's statistics over `valid` tokens
+    (None without `valid`: inference)."""
+    logits = router_logits(x, weight, config.router.jitter, key)
+    if config.method == Method.LAYERWISE:
+        logits = logits.reshape(*logits.shape[:-1], members, -1)
+    route, probs = top_k_route(logits, config.top_k)
+    if valid is None:
+        return route, None
+    if config.method != Method.LAYERWISE:
+        return route, (router_stats(logits, probs, route.ids, valid),)
+    return route, tuple(router_stats(logits[..., m, :], probs[..., m, :], route.ids[..., m, :], valid)
+                        for m in range(members))
 
-    Decoding over split layers keeps the experts stacked (`[L, E, ...]`); the first group that
-    asks (after layer 0 decided the route) gathers each group's chosen A and B for all layers in
-    one gather each, and every layer then reads its own slice of that small buffer."""
 
-    def __init__(self, experts: dict):
-        self.experts = experts
-        self.chosen: dict[str, tuple[jax.Array, jax.Array]] = {}
+@dataclasses.dataclass(frozen=True)
+class InputProbe:
+    """Plain products that report the input of `group` (in place of router statistics): the
+    layer run up to that input and no further (XLA drops the rest)."""
 
-    def get(self, group: str, route: Routing, layer: int) -> tuple[jax.Array, jax.Array]:
-        if not self.chosen:
-            self.chosen = {g: chosen_experts(e["a"], e["b"], route.ids) for g, e in self.experts.items()}
-        a, b = self.chosen[group]
-        return a[layer], b[layer]
+    group: str
+    backend: Backend = XLA
+
+    def route(self, group: str, x: jax.Array, block: Any) -> tuple[None, jax.Array | None]:
+        return None, (x if group == self.group else None)
+
+    def __call__(self, group: str, x: jax.Array, w: jax.Array, route: Any) -> jax.Array:
+        return self.backend(group, x, w)
 
 
-class LayerProject:
-    """`project(group, x, w)` of one layer: the group's product plus its adapter term; records router stats.
+def switch_route(model_config: ModelConfig, config: AdapterConfig, layers: Layers, router: jax.Array,
+                 x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: tuple | None = None, *,
+                 valid: jax.Array | None = None, key: jax.Array | None = None
+                 ) -> tuple[Routing, tuple[RouterStats, ...] | None]:
+    """The switch route `[B, S, k]` of tokens whose embeddings are `x [B, S, D]`, decided once for
+    all layers, and its statistics: the router reads the input of layer 0's first adapted group.
 
-    `experts` / `routers` are this layer's slices (`layer` None, inside a scan) or stacked on the
-    layer axis with `layer` this layer's static index (a loop over split layers). For `switch`,
-    `route` is the route carried from earlier layers and `first` says whether this layer decides
-    it (a traced bool in a scan: `lax.cond`). Python state lives only for one trace of one layer.
+    Layer 0's groups before that one are plain, so its input is the plain layer's (`cos`, `sin`,
+    `mask` and `kv` as `lsjax.model.decoder_layer` takes them; only a first group past `qkv`
+    reads attention): with `qkv` first it is the attention-normed embedding.
+    """
+    first, w = adapted_groups(config)[0], layers.layer(0)
+    if first == "qkv":  # the input of layer 0's first products: no need to trace the layer
+        h = rms_norm(x, w["attn_norm"], model_config.rms_norm_eps)
+    else:
+        h = decoder_layer(model_config, w, x, cos, sin, mask, InputProbe(first), kv=kv)[2][first]
+    return decide(config, h, router, valid=valid, key=key)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedProducts:
+    """One layer's products with the adapter's terms (an `lsjax.model.Products`).
+
+    experts: this layer's `{group: {"a", "b"}}` (`layer` None: a scan's slice) or stacked on the layer
+        axis with `layer` this layer's static index (held layers: read in place).
+    routers: this layer's routers (layer-wise: per group; block-wise: "ffn"); switch: none.
+    switch: the switch route, decided before the layers (`switch_route`).
+    chosen: with a switch route gathered once per step, each group's `(a, b)` of this layer's chosen experts.
+    valid: `[B, S]` tokens that count in router statistics (None: inference, no statistics).
+    key, train: adapter dropout and router jitter when training.
     """
 
-    def __init__(self, config: AdapterConfig, layout: Layout, experts: dict, routers: dict, *,
-                 layer: int | None = None, route: Routing | None = None, first: Any = None,
-                 switch_router: jax.Array | None = None, valid: jax.Array | None = None,
-                 key: jax.Array | None = None, train: bool = False, backend: Backend = XLA,
-                 chosen: ChosenExperts | None = None, form: TermForm = TermForm()):
-        self.config, self.layout, self.experts, self.routers = config, layout, experts, routers
-        self.layer, self.backend, self.chosen, self.form = layer, backend, chosen, form
-        self.route, self.first, self.switch_router = route, first, switch_router
-        self.valid, self.key, self.train = valid, key, train
-        self.switch_done = False
-        self.block_route: Routing | None = None
-        self.stats: list[RouterStats] = []
+    config: AdapterConfig
+    layout: Layout
+    experts: dict
+    routers: dict
+    layer: int | None = None
+    switch: Routing | None = None
+    chosen: dict | None = None
+    valid: jax.Array | None = None
+    key: jax.Array | None = None
+    train: bool = False
+    backend: Backend = XLA
+    form: TermForm = TermForm()
 
-    def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
-        if self.config.method == "blockwise" and group == "gate_up":  # route the FFN block on its input
-            self.block_route = self._decide(x, self.routers["ffn"], group)
+    def route(self, group: str, x: jax.Array, block: Routing | None) -> tuple[Routing | None, Any]:
+        method = self.config.method
+        if method == Method.SWITCH:
+            return member_route(self.switch), None
+        if method == Method.LAYERWISE and group in self.layout.groups:
+            return decide(self.config, x, self.routers[group], members=len(self.layout.members[group]),
+                          valid=self.valid, key=self._key(group, 1))
+        if method == Method.BLOCKWISE and group == "gate_up":  # the FFN block's route, on its input
+            route, stats = decide(self.config, x, self.routers["ffn"], valid=self.valid, key=self._key(group, 1))
+            return member_route(route), stats
+        if method == Method.BLOCKWISE and group == "down":
+            return block, None
+        return None, None
+
+    def __call__(self, group: str, x: jax.Array, w: jax.Array, route: Routing | None) -> jax.Array:
         if group not in self.layout.groups:
             return self.backend(group, x, w)
-        route = self._route_for(group, x)
         if self.form.computation == Computation.FUSED:  # one call: x @ W plus each row's own experts
             return self._fused(group, x, w, route)
-        term = self._term(group, x, route)
-        return self.backend(group, x, w) + place(term, self.layout.members[group], self.layout.widths[group])
-
-    def _stacked(self, group: str) -> tuple[jax.Array, jax.Array, int]:
-        """The group's experts with a layer axis, and this layer's index into it."""
         a, b = self.experts[group]["a"], self.experts[group]["b"]
-        if self.layer is None:
-            return a[None], b[None], 0
-        return a, b, self.layer
-
-    def _term(self, group: str, x: jax.Array, route: Routing | None) -> jax.Array:
-        a, b = self.experts[group]["a"], self.experts[group]["b"]
-        chosen = None
         if self.layer is not None:
-            if self.chosen is not None:  # gathered once per step for every layer (`ChosenExperts`)
-                chosen = self.chosen.get(group, self.route, self.layer)
             a, b = a[self.layer], b[self.layer]
-        return group_term(self._dropout(group, x), a, b, route, self.config.scale, self.layout.members[group],
+        chosen = None if self.chosen is None else self.chosen[group]
+        term = group_term(self._dropout(group, x), a, b, route, self.config.scale, self.layout.members[group],
                           self.form.computation, chosen, self.form.one_expand)
+        return self.backend(group, x, w) + place(term, self.layout.members[group], self.layout.widths[group])
 
     def _fused(self, group: str, x: jax.Array, w: jax.Array, route: Routing | None) -> jax.Array:
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
-        a, b, layer = self._stacked(group)
+        a, b = self.experts[group]["a"], self.experts[group]["b"]
+        if self.layer is None:
+            a, b, layer = a[None], b[None], 0
+        else:
+            layer = self.layer
         if route is None:  # plain LoRA: expert 0 with gate 1
             ids = jnp.zeros((rows.shape[0], 1, 1), jnp.int32)
             gates = jnp.full((rows.shape[0], 1, 1), self.config.scale, jnp.float32)
@@ -180,64 +221,6 @@ class LayerProject:
             gates = (self.config.scale * route.gates.reshape(ids.shape)).astype(jnp.float32)
         y = self.backend.fused(rows, w, a, b, ids, gates, members=self.layout.members[group], layer=layer)
         return y.reshape(*lead, w.shape[-1])
-
-    def _route_for(self, group: str, x: jax.Array) -> Routing | None:
-        method = self.config.method
-        if method == "switch":
-            if not self.switch_done and self.first is not None:  # the first adapted group
-                self._decide_switch(x, group)
-            self.switch_done = True
-            if self.route is None:
-                raise AdapterError("method 'switch' needs a route decided in layer 0 or given (route=)")
-            return member_route(self.route)
-        if method == "layerwise":
-            return self._decide(x, self.routers[group], group, members=len(self.layout.members[group]))
-        if method == "blockwise" and group in FFN_GROUPS:
-            return member_route(self.block_route)
-        return None
-
-    def _decide_switch(self, x: jax.Array, group: str) -> None:
-        """Layer 0 runs the router; later layers keep the carried route (zero stats, dropped later)."""
-        carried = self.route
-
-        def decide(x):
-            route, stats = self._route(x, self.switch_router, group)
-            return route, (stats[0] if stats else None)
-
-        def keep(x):
-            if self.valid is None:
-                return carried, None
-            zero = jnp.zeros((), jnp.float32)
-            return carried, RouterStats(zero, zero, zero, jnp.zeros((self.config.num_experts,), jnp.float32))
-
-        if isinstance(self.first, (bool, np.bool_)):  # a loop over layers: the layer index is static, no cond
-            self.route, stats = decide(x) if self.first else keep(x)
-        else:
-            self.route, stats = jax.lax.cond(self.first, decide, keep, x)
-        if self.valid is not None:
-            self.stats.append(stats)
-
-    def _decide(self, x: jax.Array, weight: jax.Array, group: str, members: int = 1) -> Routing:
-        route, stats = self._route(x, weight, group, members)
-        self.stats.extend(stats)
-        return route
-
-    def _route(self, x: jax.Array, weight: jax.Array, group: str, members: int = 1
-               ) -> tuple[Routing, list[RouterStats]]:
-        """The route of one router product (layerwise: `members` routers side by side, a
-        `[..., members, k]` route) and each router's stats (none without a `valid` mask: hooks)."""
-        router = self.config.router
-        key = self._key(group, 1) if router.jitter > 0 else None
-        logits = router_logits(x, weight, router.jitter, key)
-        if self.config.method == "layerwise":
-            logits = logits.reshape(*logits.shape[:-1], members, -1)
-        route, probs = top_k_route(logits, self.config.top_k)
-        if self.valid is None:
-            return route, []
-        if logits.ndim == 3:
-            return route, [router_stats(logits, probs, route.ids, self.valid)]
-        return route, [router_stats(logits[..., m, :], probs[..., m, :], route.ids[..., m, :], self.valid)
-                       for m in range(members)]
 
     def _dropout(self, group: str, x: jax.Array) -> jax.Array:
         p = self.config.dropout
@@ -255,49 +238,49 @@ class LayerProject:
 
 
 def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:
-    """The routers stacked on the layer axis (scanned with the layers); switch's is global."""
-    return {} if config.method == "switch" else params["routers"]
+    """The routers stacked on the layer axis (run with the layers); switch's is global."""
+    return {} if config.method == Method.SWITCH else params["routers"]
 
 
 def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterConfig, params: AdapterParams,
                 x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array | None, *,
                 key: jax.Array | None, train: bool, cache: KVCache | None = None, backend: Backend = XLA,
                 form: TermForm = TermForm()):
-    """Run all decoder layers: scanned over stacked base layers, or a loop over split ones (then the
-    experts stay stacked and each layer indexes them statically). Returns x, the routers' stats,
-    the switch route and the new (k, v)."""
-    L, switch = model_config.num_layers, config.method == "switch"
+    """Run all decoder layers, scanned over stacked base layers or looped over held ones (then the
+    experts stay stacked and each layer indexes them statically). Returns x, the routers' stats
+    (a list of `RouterStats`), the switch route and each layer's new (k, v)."""
+    L, layers = model_config.num_layers, base_params["layers"]
     layout = Layout.of(model_config, config)
-    loop = not isinstance(base_params["layers"], dict)
-    xs = {"routers": _layer_routers(config, params),
-          "key": None if key is None else jax.random.split(key, L),
-          "kv": None if cache is None else (cache.k, cache.v),
-          "first": np.arange(L) == 0 if switch else None,  # numpy: static per layer in a loop
-          "layer": np.arange(L) if loop else None,
-          "experts": None if loop else params["experts"]}
-    once = loop and switch and form.computation == Computation.GATHERED and form.gather_once
-    chosen = ChosenExperts(params["experts"]) if once else None
-    b, s = x.shape[:2]
-    no_route = Routing(jnp.zeros((b, s, config.top_k), jnp.int32), jnp.zeros((b, s, config.top_k), jnp.float32))
+    held = not layers.stacked
+    route, stats, chosen = None, [], None
+    if config.method == Method.SWITCH:
+        switch_key = None if key is None or not train else jax.random.fold_in(key, SWITCH_KEY)
+        kv0 = None if cache is None else (cache.k.layer(0), cache.v.layer(0), cache.length)
+        route, switch_stats = switch_route(model_config, config, layers, params["routers"]["switch"], x, cos, sin,
+                                           mask, kv0, valid=valid, key=switch_key)
+        stats.extend(switch_stats or ())
+        if held and form.computation == Computation.GATHERED and form.gather_once:  # one gather, all layers
+            chosen = {g: chosen_experts(e["a"], e["b"], route.ids) for g, e in params["experts"].items()}
+    xs = (Layers.of_stacked(_layer_routers(config, params)),
+          None if key is None else Layers.of_stacked(jax.random.split(key, L)),
+          None if cache is None else cache.k, None if cache is None else cache.v,
+          None if held else Layers.of_stacked(params["experts"]))
 
-    def body(carry, layer):
-        (x, route), (w, xs) = carry, layer
-        experts = params["experts"] if loop else xs["experts"]
-        index = None if xs["layer"] is None else int(xs["layer"])
-        project = LayerProject(config, layout, experts, xs["routers"], layer=index, route=route, first=xs["first"],
-                               switch_router=params["routers"].get("switch"), valid=valid, key=xs["key"],
-                               train=train, backend=backend, chosen=chosen, form=form)
-        if cache is None:
-            x, kv = decoder_layer(model_config, w, x, cos, sin, mask, project), None
-        else:
-            x, kv = decoder_layer(model_config, w, x, cos, sin, mask, project, kv=(*xs["kv"], cache.length))
-        return (x, project.route), (project.stats, kv)
+    def body(x, layer):
+        index, w, (routers, layer_key, k, v, experts) = layer
+        products = AdaptedProducts(
+            config, layout, params["experts"] if held else experts, routers, layer=index if held else None,
+            switch=route, chosen=None if chosen is None else {g: (a[index], b[index]) for g, (a, b) in chosen.items()},
+            valid=valid, key=layer_key, train=train, backend=backend, form=form)
+        kv = None if cache is None else (k, v, cache.length)
+        x, new_kv, layer_stats = decoder_layer(model_config, w, x, cos, sin, mask, products, kv=kv)
+        return x, (layer_stats, new_kv)
 
-    (x, route), (stats, kv) = run_layers(body, (x, no_route if switch else None), base_params["layers"], xs)
-    stats = stacked(stats)
-    if switch:  # only layer 0 ran the router
-        stats = [jax.tree.map(lambda a: a[0], st) for st in stats]
-    return x, stats, route, kv
+    x, ys = run_layers(body, x, layers, xs)
+    layer_stats = ys.item(0).as_stacked().tree  # {group: (RouterStats [L, ...], ...) or None}
+    for group in GROUPS:
+        stats.extend(layer_stats[group] or ())
+    return x, stats, route, ys.item(1)
 
 
 def _aux(config: AdapterConfig, stats: list[RouterStats], route: Routing | None) -> AdapterAux:
@@ -305,7 +288,7 @@ def _aux(config: AdapterConfig, stats: list[RouterStats], route: Routing | None)
     if not stats:
         zero = jnp.zeros((), jnp.float32)
         return AdapterAux(zero, zero, zero, zero, jnp.zeros((E,), jnp.float32), route)
-    # per router: a leading layer axis (layerwise, blockwise) or none (switch, taken from layer 0)
+    # per router: a leading layer axis (layerwise, blockwise) or none (switch, decided before the layers)
     lb = jnp.mean(jnp.concatenate([jnp.ravel(s.load_balance) for s in stats]))
     z = jnp.mean(jnp.concatenate([jnp.ravel(s.z_loss) for s in stats]))
     ent = jnp.mean(jnp.concatenate([jnp.ravel(s.entropy) for s in stats]))
@@ -363,32 +346,33 @@ def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapt
     check_params(model_config, adapter_config, adapter_params)
     all_positions, all_valid, cos, sin, mask = cached_inputs(model_config, cache, attention_mask, positions)
     x = embed_tokens(base_params, input_ids)
-    x, stats, route, (k, v) = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
-                                          mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache,
-                                          backend=backend, form=form)
+    x, stats, route, kv = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
+                                      mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache,
+                                      backend=backend, form=form)
     logits = lm_logits(model_config, base_params, x, backend)
-    new_cache = grown_cache(cache, k, v, all_positions, all_valid, input_ids.shape[1])
+    new_cache = grown_cache(cache, kv, all_positions, all_valid, input_ids.shape[1])
     return logits, new_cache, _aux(adapter_config, stats, route)
 
 
 def project_hooks(model_config: ModelConfig, adapter_config: AdapterConfig, adapter_params: AdapterParams,
                   route: Routing | None = None, form: TermForm = TermForm()):
-    """`(project_factory, layer_extras)` for `lsjax.model.forward` / `lsjax.decode.forward_cached`.
+    """`(products, layer_extras)` for `lsjax.model.forward` / `lsjax.decode.forward_cached`.
 
-    Inference only (no stats, no dropout). `switch` needs the route decided beforehand (e.g.
-    `aux.routing` of a forward over the same tokens), since a plain scan has no first layer.
+    Inference only (no stats, no dropout). `switch` needs its route decided beforehand (e.g.
+    `aux.routing` of a forward over the same tokens, or `switch_route`).
     """
-    if adapter_config.method == "switch" and route is None:
-        raise AdapterError("method 'switch' needs route= for project_hooks (its router runs once, in layer 0; "
-                           "use adapted_forward / adapted_forward_cached to decide it)")
-    extras = {"experts": adapter_params["experts"], "routers": _layer_routers(adapter_config, adapter_params)}
-
+    if adapter_config.method == Method.SWITCH and route is None:
+        raise AdapterError("method 'switch' needs route= for project_hooks (its router runs once, before the "
+                           "layers; use adapted_forward / adapted_forward_cached, or switch_route, to decide it)")
+    extras = Layers.of_stacked({"experts": adapter_params["experts"],
+                                "routers": _layer_routers(adapter_config, adapter_params)})
     layout = Layout.of(model_config, adapter_config)
 
-    def factory(layer_extras):
-        return LayerProject(adapter_config, layout, layer_extras["experts"], layer_extras["routers"], route=route,
-                            form=form)
-    return factory, extras
+    def products(index, layer_extras):
+        del index  # the extras are this layer's slices
+        return AdaptedProducts(adapter_config, layout, layer_extras["experts"], layer_extras["routers"],
+                               switch=route, form=form)
+    return products, extras
 
 
 class AdaptedLlama(nnx.Module):

@@ -181,7 +181,7 @@ def check_params(model_config: ModelConfig, adapter_config: AdapterConfig, param
         raise AdapterError(f"{where}: unexpected {extra[0]!r} (not used by method {adapter_config.method!r}, "
                            f"targets {list(adapter_config.targets)}){_more(extra)}")
     for name, shape in want.items():
-        got_shape = tuple(getattr(got[name], "shape", None) or np.shape(got[name]))  # LayerTuple has .shape
+        got_shape = tuple(np.shape(got[name]))
         if got_shape != tuple(shape):
             raise AdapterError(f"{where}: {name!r} has shape {list(got_shape)}; expected {list(shape)}")
 

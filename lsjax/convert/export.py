@@ -46,13 +46,11 @@ def hf_config_dict(model_config: ModelConfig, dtype: Any = np.float32) -> dict[s
 
 def export_hf(folder: str | Path, model_config: ModelConfig, params: Params, hf_config: dict | None = None,
               tokenizer_files: dict[str, bytes | str] | None = None) -> Path:
-    """Write `params` (held or stored layout) as an HF folder: config.json, model.safetensors (HF
+    """Write `params` (`model.params()`'s layout) as an HF folder: config.json, model.safetensors (HF
     names, `[out, in]`), tokenizer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(np.asarray, params)
-    if not isinstance(params["layers"], dict) or "q" not in params["layers"]:
-        params = to_projections(model_config, params)
+    params = to_projections(model_config, jax.tree.map(np.asarray, params))
     tensors = {}
     for suffix, (key, transpose) in LAYER_NAMES.items():
         for i in range(model_config.num_layers):
