@@ -34,7 +34,7 @@ def tiny(request, tmp_path_factory):
 
 def random_adapter(model, method, **kwargs):
     """An adapter with every tensor random (B nonzero), so the routed term matters."""
-    cfg = AdapterConfig(method=method, rank=4, targets="all-linear", **kwargs)
+    cfg = AdapterConfig(method=method, rank=4, **{"targets": "all-linear", **kwargs})
     adapter = Adapter(model.config, cfg, rngs=nnx.Rngs(1))
     leaves, treedef = jax.tree.flatten(adapter.arrays())
     keys = jax.random.split(jax.random.key(7), len(leaves))
@@ -104,10 +104,14 @@ def test_decode_steps_match_full_forward(tiny, layout):
                        np.asarray(forward(cfg, full_params, *finished_batch(PROMPTS, np.stack(generated, 1).tolist()))))
 
 
-@pytest.mark.parametrize("method", ["switch", "lora"])
+@pytest.mark.parametrize("method", ["switch", "lora", "switch-ffn"])
 def test_strategies_agree(tiny_llama, method):
+    """`switch-ffn`: the router reads the input of layer 0's first adapted group (gate|up), which
+    the merged step computes with the plain attention of layer 0 before merging."""
     _, model, tok = tiny_llama
-    adapter = random_adapter(model, method, **({"num_experts": 4, "top_k": 2} if method == "switch" else {}))
+    method, _, ffn = method.partition("-")
+    kwargs = {"num_experts": 4, "top_k": 2} if method == "switch" else {}
+    adapter = random_adapter(model, method, **kwargs, **({"targets": ("gate", "up", "down")} if ffn else {}))
     got = {s: Generator(model, tok, adapter, strategy=s).generate([PROMPTS[0]], max_new_tokens=16,
                                                                    stop_token_ids=()).token_ids
            for s in ("unmerged", "fused", "merged")}
