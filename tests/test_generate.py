@@ -239,8 +239,8 @@ def test_bf16_generation_tracks_the_fp32_model(tiny_llama):
     half = lambda tree: jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)  # noqa: E731
     model16 = model_from_params(model.config, half(model.params()))
     adapter16 = Adapter.from_arrays(model.config, adapter.config, half(adapter.arrays()))
-    gen = Generator(model16, tok, adapter16)
-    assert gen.backend.name == "xla" and gen.strategy == "unmerged"  # the native kernels are fp32 only
+    gen = Generator(model16, tok, adapter16, strategy="unmerged")
+    assert gen.backend.name == "xla" and gen.decoder.tuning.source == "only"  # the native kernels are fp32 only
     assert {x.dtype for x in jax.tree.leaves(gen.bundle)} == {jnp.dtype(jnp.bfloat16)}
     _, _, _, cache, *_ = gen._setup(PROMPTS, False, 8, None, ())
     assert cache.k[0].dtype == jnp.bfloat16
