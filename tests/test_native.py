@@ -56,8 +56,6 @@ def test_generators_give_the_same_tokens_on_native_and_xla(tiny_llama, method, s
         gen = Generator(model, tok, adapter, strategy=strategy, backend=backend)
         tokens[backend] = gen.generate(PROMPTS, max_new_tokens=12, stop_token_ids=()).token_ids
     assert tokens["native"] == tokens["xla"]
-    auto = Generator(model, tok, adapter, strategy=strategy)  # on a CPU, fp32: both backends timed, the faster kept
-    assert auto.backend.name == auto.decoder.tuning.pick.backend and len(auto.decoder.tuning.ms_per_step) >= 2
     if (method, strategy) == ("switch", "fused"):  # each group's product and routed term: one call
         _, ids, mask, cache, *_ = gen._setup(PROMPTS[:1], False, 4, None, ())
         step = gen._step.lower(gen.bundle, jnp.zeros((1,), jnp.int32), cache).as_text()
