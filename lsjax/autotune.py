@@ -51,7 +51,7 @@ from lsjax.backends import resolve_backend
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
 from lsjax.jsonfile import read_json_object, write_json
-from lsjax.strategies import Strategy, resolve_strategy
+from lsjax.strategies import Strategy, first_group, resolve_strategy
 
 CACHE_ENV = "LSJAX_AUTOTUNE_CACHE"
 FORMAT = 1  # the cache file's layout; a file of another format is refused (delete it)
@@ -123,20 +123,15 @@ def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, 
 
 
 def strategies_at(adapter_config: Any | None, rows: int) -> list[Strategy]:
-    """The strategies an adapter allows at `rows` rows (`merged` switch routes one row per step)."""
+    """The strategies an adapter allows at `rows` rows (`merged` switch routes one row per step,
+    from the router on layer 0's qkv input)."""
     if adapter_config is None:
         return [Strategy.BASE]
     allowed = [Strategy.UNMERGED, Strategy.FUSED]
     method = adapter_config.method
-    if method == "lora" or (method == "switch" and rows == 1 and _first_group(adapter_config) == "qkv"):
+    if method == "lora" or (method == "switch" and rows == 1 and first_group(adapter_config) == "qkv"):
         allowed.append(Strategy.MERGED)
     return allowed
-
-
-def _first_group(adapter_config) -> str:
-    from lsjax.strategies import first_group
-
-    return first_group(adapter_config)
 
 
 def measurable(*trees: Any) -> bool:
