@@ -20,7 +20,7 @@ class Traits:
     """What a backend declares about itself; `lsjax.strategies` reads it to decide how routed terms are formed.
 
     fused_is_faster: at decode its `fused` beats the plain product plus a routed term in XLA ops
-        (so the `auto` strategy picks `fused`).
+        (so the static `auto` rule, used where nothing can be timed, picks `fused`).
     fused_prefill_rows: prefill chunks of at most this many tokens run `fused` too (else dense).
     gather_once, one_expand: which XLA forms of a separate routed term run faster where this
         backend's XLA ops run (`lsjax.adapters.routing.TermForm`).

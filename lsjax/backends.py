@@ -13,9 +13,10 @@ dataclasses: hashable, so they are static arguments under jit.
 - "native": `lsjax.native`'s multi-threaded CPU custom calls (fp32, up to 16 rows), loaded only
   when asked for or chosen by `auto`; every product falls back to XLA where it cannot run.
 
-`resolve_backend(None)` ("auto") picks by platform: the native library on a CPU when it is built
-and the weights are fp32 (XLA:CPU runs a matvec on one core; docs/perf.md); XLA elsewhere, the one
-route every platform compiles, until a GPU measurement of the Pallas kernels says otherwise.
+"auto" is chosen by timing the candidates on this machine (`lsjax.autotune`, which a
+`lsjax.decoder.Decoder` asks). `resolve_backend(None)` keeps a static rule for where nothing can be
+timed (abstract, traced or multi-device arrays): the native library on a CPU when it is built and
+the weights are fp32 on one device, XLA elsewhere (the one route every platform compiles).
 """
 
 from __future__ import annotations
@@ -100,9 +101,10 @@ def resolve_backend(backend: Backend | str | None = None, dtype: Any = jnp.float
                     sharded: bool = False) -> Backend:
     """A backend object from a name ("auto", "xla", "native", "pallas"), None ("auto") or an object.
 
-    "auto": the native CPU library on a CPU when it is built, `dtype` is float32 and the weights
-    sit on one device (its custom calls are single-device), else XLA. Naming "native" where it
-    cannot run is an error that says why.
+    "auto" here is the static rule, the fallback where `lsjax.autotune` cannot time the candidates:
+    the native CPU library on a CPU when it is built, `dtype` is float32 and the weights sit on one
+    device (its custom calls are single-device), else XLA. Naming "native" where it cannot run is an
+    error that says why.
     """
     if backend is not None and not isinstance(backend, str):
         return backend

@@ -8,12 +8,16 @@ import time
 from pathlib import Path
 
 import lsjax
+from lsjax import autotune
 from lsjax.adapters import open_adapter
+from lsjax.adapters.config import METHODS
 from lsjax.assets import default_gguf_path
 from lsjax.convert import convert_gguf, convert_hf
-from lsjax.errors import exit_status
+from lsjax.decoder import Decoder
+from lsjax.config import SHAPES
+from lsjax.errors import ConfigError, exit_status
 from lsjax.eval.harness import add_eval_parser
-from lsjax.eval.latency import add_bench_parser
+from lsjax.eval.latency import add_bench_parser, load_model, random_adapter
 from lsjax.eval.serving import add_serve_bench_parser
 from lsjax.generate import Generator
 from lsjax.sampling import SamplingConfig
@@ -62,19 +66,47 @@ def _serve(args) -> None:
     adapter = None
     if args.adapter:
         adapter = open_adapter(args.adapter, model.config)
-    generator = Generator(model, tokenizer, adapter, strategy=args.strategy, backend=args.backend)
-    engine = Engine(generator.decoder, tokenizer, EngineConfig(slots=args.slots, max_len=args.max_len)).start()
+    engine = Engine.for_model(model, tokenizer, adapter, EngineConfig(slots=args.slots, max_len=args.max_len),
+                              strategy=args.strategy, backend=args.backend).start()
     start = time.perf_counter()
     engine.warmup()
     name = args.model_name or Path(args.ckpt).absolute().name
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {args.max_len} tokens, "
-          f"strategy {generator.strategy}, backend {generator.backend.name}; compiled in "
+          f"strategy {engine.decoder.strategy}, backend {engine.decoder.backend.name}; compiled in "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
     try:
         server(engine, name, args.host, args.port).run()
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
         pass
     engine.stop()
+
+
+def _tune(args) -> None:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m != "base" and m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods {args.methods!r}: expected base and/or adapter methods ({', '.join(METHODS)})")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise ConfigError(f"--batch {args.batch!r}: expected comma-separated batch sizes, e.g. 1,8") from None
+    model, _, source = load_model(args)
+    rows = []
+    for method in methods:
+        adapter = None if method == "base" else random_adapter(model.config, method, args)
+        for batch in batches:
+            if args.pin:
+                choice = autotune.pin(model.config, model.dtype, None if adapter is None else adapter.config, batch,
+                                      args.pin)
+            else:
+                choice = autotune.choose(Decoder, model, adapter, batch, fresh=True)
+                print(f"{method} batch {batch}: {choice.pick.label}", flush=True)
+            rows.append((method, batch, choice))
+    machine = autotune.machine()
+    print(f"\ndecode ms/step: {source} ({machine['platform']} {machine['cpu']}, {machine['cores']} cores, "
+          f"{model.dtype}; median of {autotune.ROUNDS} interleaved rounds of {autotune.STEPS} steps)")
+    print(autotune.table(rows))
+    print(f"cache: {autotune.cache_path()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", default="auto", help="what runs the products: auto, xla, native or pallas")
     serve.add_argument("--dtype", default="float32")
     serve.set_defaults(run=_serve)
+
+    tune = sub.add_parser("tune", help="time the candidates `auto` chooses from and cache its picks")
+    tune_kinds = tune.add_subparsers(dest="tune", required=True)
+    dec = tune_kinds.add_parser(
+        "decode", help="time every backend/strategy candidate's decode step, print them and write the autotune cache "
+                       "(lsjax.autotune; $LSJAX_AUTOTUNE_CACHE or ~/.cache/lsjax/autotune.json)")
+    dec.add_argument("--ckpt", help="lsjax checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    dec.add_argument("--shape", help=f"random weights at a named shape instead: {', '.join(SHAPES)}")
+    dec.add_argument("--cache-dir", default=".cache/lsjax", help="where the default checkpoint is converted")
+    dec.add_argument("--dtype", default="float32")
+    dec.add_argument("--methods", default="base,switch", help="base and/or adapter methods, e.g. base,lora,switch")
+    dec.add_argument("--batch", default="1,8", help="batch sizes (the rows a Generator or engine decodes)")
+    dec.add_argument("--experts", type=int, default=8)
+    dec.add_argument("--top-k", type=int, default=2)
+    dec.add_argument("--rank", type=int, default=16)
+    dec.add_argument("--targets", default="all-linear")
+    dec.add_argument("--pin", metavar="BACKEND/STRATEGY",
+                     help="write this pick (e.g. native/fused, xla/base) as a pinned entry instead of measuring; "
+                          "running without --pin measures again and replaces it")
+    dec.set_defaults(run=_tune)
 
     add_train_parser(sub)
     add_eval_parser(sub)

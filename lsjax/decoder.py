@@ -1,7 +1,7 @@
 """The decode API that both drivers use: `lsjax.generate.Generator` (batches, an on-device loop) and
 `lsjax.serve.Engine` (continuous batching over slots).
 
-    decoder = Decoder(model, adapter, strategy="auto", backend="auto")
+    decoder = Decoder(model, adapter, strategy="auto", backend="auto", rows=2)
     cache = decoder.empty_cache(rows=2, capacity=128)       # the decode state: a KVCache
     logits, cache = decoder.prefill(ids, mask, cache)       # left-padded prompts [rows, S] in
     logits, cache = decoder.step(tokens, cache)             # one token per row [rows]
@@ -22,10 +22,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lsjax import strategies
+from lsjax import autotune, strategies
 from lsjax.adapters import AdapterError
 from lsjax.backend_interface import Backend
-from lsjax.backends import resolve_backend
 from lsjax.decode import KVCache, init_cache
 from lsjax.errors import ConfigError
 from lsjax.layers import Layers
@@ -34,13 +33,20 @@ from lsjax.layers import Layers
 class Decoder:
     """What decoding a model (+ adapter) needs, resolved once; see the module docstring.
 
+    `backend` / `strategy` "auto" (or None for the backend) is chosen by `lsjax.autotune`: the
+    candidates timed on this machine at `rows` rows (the batch the auto choice is tuned for: a
+    Generator's batch, a serving engine's slots) the first time, then read from its cache file.
+    A backend or strategy given explicitly always wins.
+
     Attributes: `config` (ModelConfig), `adapter_config` (None without an adapter), `backend`,
-    `strategy` (resolved: "base" without an adapter), `bundle` (the arrays decoded from),
-    `prepared` (what the backend did to place them), `max_rows` (the most rows one step may hold:
-    1 for the `merged` switch, whose step merges one route into the weights; else None).
+    `strategy` (resolved: "base" without an adapter), `tuning` (the `autotune.Choice` behind an
+    auto choice; None when both were given or nothing could be timed), `bundle` (the arrays
+    decoded from), `prepared` (what the backend did to place them), `max_rows` (the most rows one
+    step may hold: 1 for the `merged` switch, whose step merges one route into the weights; else None).
     """
 
-    def __init__(self, model, adapter=None, *, strategy: str = "auto", backend: Backend | str | None = None):
+    def __init__(self, model, adapter=None, *, strategy: str = "auto", backend: Backend | str | None = None,
+                 rows: int = 1):
         self.config, self.dtype = model.config, model.dtype
         self.adapter_config = None
         if adapter is not None:
@@ -49,9 +55,7 @@ class Decoder:
                                    f"vs this model's {_shape_summary(model.config)}")
             self.adapter_config = adapter.config
         params = model.params()
-        sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(params))
-        self.backend = resolve_backend(backend, model.dtype, sharded)
-        self.strategy = strategies.resolve_strategy(strategy, self.adapter_config, self.backend)
+        self.backend, self.strategy, self.tuning = autotune.resolve(Decoder, model, adapter, rows, backend, strategy)
         one_route = self.strategy == strategies.Strategy.MERGED and self.adapter_config.method == "switch"
         self.max_rows = 1 if one_route else None
         adapter_params = None if adapter is None else adapter.arrays()

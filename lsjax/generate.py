@@ -120,16 +120,18 @@ class Generator:
     `lsjax.decoder.Decoder` (its `decoder`), with prompts, sampling, stops and streaming on top.
 
     `strategy`: unmerged | fused | merged | auto (`lsjax.strategies`). `backend`: what runs the
-    products (`lsjax.backends`: "auto" picks by platform, or "xla", "native", "pallas", or a
-    backend object, e.g. `lsjax.backends.native_backend(huge_pages=False)`). The Generator decodes
+    products (`lsjax.backends`: "xla", "native", "pallas", a backend object, e.g.
+    `lsjax.backends.native_backend(huge_pages=False)`, or "auto"). `auto` (either) is the
+    candidate timed fastest on this machine at `rows` rows, the batch this Generator will mostly
+    run (`lsjax.autotune`: measured once, then read from its cache file). The Generator decodes
     from the model's and the adapter's own arrays: building one copies no weights (only the
     `merged` strategies hold weights of their own). `prepared` says what the backend did to place
     them (e.g. `{"huge_page_bytes": ...}` on the native CPU backend).
     """
 
     def __init__(self, model, tokenizer, adapter=None, *, strategy: str = "auto", backend: Backend | str | None = None,
-                 max_cache_len: int | None = None):
-        self._attach(Decoder(model, adapter, strategy=strategy, backend=backend), tokenizer, max_cache_len)
+                 max_cache_len: int | None = None, rows: int = 1):
+        self._attach(Decoder(model, adapter, strategy=strategy, backend=backend, rows=rows), tokenizer, max_cache_len)
 
     @classmethod
     def of(cls, decoder: Decoder, tokenizer, max_cache_len: int | None = None) -> "Generator":

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 
 def write_json(path: str | Path, data: Any) -> None:
     """`data` as indented JSON at `path`, atomically (a temporary file renamed into place): a killed
-    run never leaves half a result."""
+    run never leaves half a result, and processes writing the same file each rename their own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
 

@@ -45,7 +45,6 @@ import lsjax.train
 from lsjax.adapters import open_adapter
 from lsjax.adapters.files import WEIGHTS_FILE
 from lsjax.assets import default_checkpoint
-from lsjax.backends import resolve_backend
 from lsjax.data import TASKS as KNOWN_TASKS
 from lsjax.data import load_task
 from lsjax.errors import ConfigError, exit_status
@@ -57,7 +56,15 @@ from lsjax.eval.harness import (
     load_docs,
     model_logits_fn,
 )
-from lsjax.eval.latency import Record, decode_entries, latency_table, random_adapter, select_configs, time_decode
+from lsjax.eval.latency import (
+    Record,
+    auto_backend,
+    decode_entries,
+    latency_table,
+    random_adapter,
+    select_configs,
+    time_decode,
+)
 from lsjax.extras import pyplot
 from lsjax.generate import Generator
 from lsjax.jsonfile import write_json
@@ -88,7 +95,7 @@ class Plan:
                                                             # methods not trained get random adapters
     latency_batches: tuple[int, ...] = (1,)
     latency_rounds: int = 5
-    latency_reference: bool = True                # also the base on XLA when another backend decodes
+    latency_reference: bool = True                # also the base on every other backend that can run here
     new_tokens: int = 32
     memory: bool = True
     sample_prompt: str | None = None
@@ -244,7 +251,8 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     for method in {m for m, _ in wanted if m != "base"}:
         loaded[method] = (open_adapter(adapters[method], model.config) if method in adapters
                           else random_adapter(model.config, method, random_args))
-    entries = decode_entries(wanted, loaded, resolve_backend(None, model.dtype), plan.latency_reference)
+    entries = decode_entries(wanted, loaded, auto_backend(model, min(plan.latency_batches)), plan.latency_reference,
+                             model.dtype)
     start = time.perf_counter()
     records, memory = time_decode(model, tokenizer, entries, list(plan.latency_batches), prompt_len=32,
                                   new_tokens=plan.new_tokens, rounds=plan.latency_rounds)

@@ -14,9 +14,11 @@ and runs its products on a backend (`lsjax.backends`: XLA, the CPU native librar
   the router runs on layer 0's input, the backend's `merge` (XLA's form, or the Pallas SGMM
   kernel) builds W_base + delta for all layers of each group (from a pristine stacked copy of the
   base: no drift), then the plain backbone runs. One route per step, so batch 1 only.
-- `auto`: `lora` -> merged (free after the one-time merge); otherwise `fused` where the backend
-  declares its fused kernel the faster form (`Traits.fused_is_faster`: the CPU native library,
-  measured in docs/perf.md; the Pallas backend, which exists to run its kernel), else `unmerged`.
+- `auto`: the strategy (with the backend, unless one is given) timed fastest on this machine at
+  the batch decoded (`lsjax.autotune`, which a `lsjax.decoder.Decoder` asks). Where nothing can be
+  timed (abstract, traced or multi-device arrays) `resolve_strategy` keeps a static rule: `lora`
+  -> merged; otherwise `fused` where the backend declares its fused kernel the faster form
+  (`Traits.fused_is_faster`), else `unmerged`.
 Prefill runs the training form (dense routed term), as in the paper, except that `fused` prefills
 a chunk of at most `Traits.fused_prefill_rows` tokens with the fused kernel (the native library's).
 How each step forms its routed terms is decided in one place, `term_form`, from the strategy, the
@@ -66,7 +68,8 @@ STRATEGIES = ("unmerged", "merged", "fused", "auto")  # what a caller may ask fo
 
 
 def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Backend = XLA) -> Strategy:
-    """The concrete strategy for this adapter on this backend; refuses what cannot run."""
+    """The concrete strategy for this adapter on this backend; refuses what cannot run. "auto"
+    here is the static rule (module docstring), the fallback where `lsjax.autotune` cannot time."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy {strategy!r} is not supported; expected one of {STRATEGIES}")
     strategy = Strategy(strategy)

@@ -1,7 +1,10 @@
+import atexit
 import importlib.util
 import mmap
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # run): many tests compile the same small models' steps.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# `auto` times its candidates once per key and keeps the picks in a cache file (lsjax.autotune):
+# one file for the whole run (workers and subprocesses inherit it), so each key is measured once
+# per run and no test reads or writes the user's own cache. tests/test_autotune.py uses its own.
+if "LSJAX_AUTOTUNE_CACHE" not in os.environ:
+    _autotune_dir = tempfile.mkdtemp(prefix="lsjax-autotune-")
+    os.environ["LSJAX_AUTOTUNE_CACHE"] = str(Path(_autotune_dir) / "autotune.json")
+    atexit.register(shutil.rmtree, _autotune_dir, ignore_errors=True)
 
 
 def _jaxlib_knows(flag: str) -> bool:

@@ -10,6 +10,7 @@ from flax import nnx
 from tiny import make_hf_model
 
 import lsjax
+from lsjax import native
 from lsjax.adapters import Adapter, AdapterConfig, AdapterError
 from lsjax.config import ModelConfig
 from lsjax.convert import convert_hf
@@ -20,6 +21,9 @@ from lsjax.model import forward, stack_layers
 from lsjax.sampling import SamplingConfig
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40, 41, 42, 43, 44]]
+# What tests of strategies (not of `auto`, which test_autotune.py tests) decode on: one backend,
+# named, so they run the same products on every run instead of the one timed faster this time.
+BACKEND = "native" if native.available() else "xla"
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
@@ -112,15 +116,16 @@ def test_strategies_agree(tiny_llama, method):
     method, _, ffn = method.partition("-")
     kwargs = {"num_experts": 4, "top_k": 2} if method == "switch" else {}
     adapter = random_adapter(model, method, **kwargs, **({"targets": ("gate", "up", "down")} if ffn else {}))
-    got = {s: Generator(model, tok, adapter, strategy=s).generate([PROMPTS[0]], max_new_tokens=16,
-                                                                   stop_token_ids=()).token_ids
-           for s in ("unmerged", "fused", "merged")}
+    got = {s: Generator(model, tok, adapter, strategy=s, backend=BACKEND).generate(
+        [PROMPTS[0]], max_new_tokens=16, stop_token_ids=()).token_ids for s in ("unmerged", "fused", "merged")}
     assert len({str(v) for v in got.values()}) == 1, got
-    base = Generator(model, tok).generate([PROMPTS[0]], max_new_tokens=16, stop_token_ids=()).token_ids
+    base = Generator(model, tok, backend=BACKEND).generate([PROMPTS[0]], max_new_tokens=16,
+                                                           stop_token_ids=()).token_ids
     assert got["unmerged"] != base  # the adapter really changes the output
-    batched = Generator(model, tok, adapter, strategy="fused").generate(PROMPTS, max_new_tokens=8, stop_token_ids=())
-    unmerged = Generator(model, tok, adapter, strategy="unmerged").generate(PROMPTS, max_new_tokens=8,
-                                                                             stop_token_ids=())
+    batched = Generator(model, tok, adapter, strategy="fused", backend=BACKEND).generate(PROMPTS, max_new_tokens=8,
+                                                                                         stop_token_ids=())
+    unmerged = Generator(model, tok, adapter, strategy="unmerged", backend=BACKEND).generate(
+        PROMPTS, max_new_tokens=8, stop_token_ids=())
     assert batched.token_ids == unmerged.token_ids
 
 
@@ -164,7 +169,7 @@ def test_generators_decode_from_the_models_own_arrays(tiny_llama):
     for method, strategy in [("switch", "unmerged"), ("switch", "fused"), (None, "auto"), ("lora", "merged")]:
         adapter = None if method is None else random_adapter(
             model, method, **({"num_experts": 4, "top_k": 2} if method == "switch" else {}))
-        gen = Generator(model, tok, adapter, strategy=strategy)
+        gen = Generator(model, tok, adapter, strategy=strategy, backend=BACKEND)
         held = buffers(gen.bundle["base"])
         if strategy == "merged":  # the adapted groups merged, norms and embeddings shared
             assert held - weights and held & weights
@@ -177,8 +182,10 @@ def test_baselines_decode(tiny_llama):
     _, model, tok = tiny_llama
     for method in ("layerwise", "blockwise"):
         adapter = random_adapter(model, method, num_experts=4, top_k=2)
-        a = Generator(model, tok, adapter, strategy="unmerged").generate(PROMPTS, max_new_tokens=8, stop_token_ids=())
-        b = Generator(model, tok, adapter, strategy="fused").generate(PROMPTS, max_new_tokens=8, stop_token_ids=())
+        a = Generator(model, tok, adapter, strategy="unmerged", backend=BACKEND).generate(
+            PROMPTS, max_new_tokens=8, stop_token_ids=())
+        b = Generator(model, tok, adapter, strategy="fused", backend=BACKEND).generate(
+            PROMPTS, max_new_tokens=8, stop_token_ids=())
         assert a.token_ids == b.token_ids
 
 
@@ -243,8 +250,8 @@ def test_bf16_generation_tracks_the_fp32_model(tiny_llama):
     half = lambda tree: jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)  # noqa: E731
     model16 = model_from_params(model.config, half(model.params()))
     adapter16 = Adapter.from_arrays(model.config, adapter.config, half(adapter.arrays()))
-    gen = Generator(model16, tok, adapter16)
-    assert gen.backend.name == "xla" and gen.strategy == "unmerged"  # the native kernels are fp32 only
+    gen = Generator(model16, tok, adapter16, strategy="unmerged")
+    assert gen.backend.name == "xla" and gen.decoder.tuning.source == "only"  # the native kernels are fp32 only
     assert {x.dtype for x in jax.tree.leaves(gen.bundle)} == {jnp.dtype(jnp.bfloat16)}
     _, _, _, cache, *_ = gen._setup(PROMPTS, False, 8, None, ())
     assert cache.k.layer(0).dtype == jnp.bfloat16
@@ -341,7 +348,7 @@ def test_bad_input(tiny_llama):
         Generator(model, tok, backend="cuda")
     switch = random_adapter(model, "switch", num_experts=4, top_k=2)
     with pytest.raises(ConfigError, match=r"'merged' with a switch adapter decodes one sequence .* a batch of 3"):
-        Generator(model, tok, switch, strategy="merged").generate(PROMPTS)
+        Generator(model, tok, switch, strategy="merged", backend=BACKEND).generate(PROMPTS)
     with pytest.raises(ConfigError, match=r"strategy 'merged' is for methods 'lora' and 'switch', not 'layerwise'"):
         Generator(model, tok, random_adapter(model, "layerwise", num_experts=4, top_k=2), strategy="merged")
     other = ModelConfig.from_dict({**model.config.to_dict(), "num_layers": 3})

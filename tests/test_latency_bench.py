@@ -7,7 +7,8 @@ import pytest
 from tiny import make_hf_model
 
 import lsjax
-from lsjax.backends import XLA, resolve_backend
+from lsjax.autotune import Candidate, candidates
+from lsjax.backends import XLA
 from lsjax.cli import main
 from lsjax.convert import convert_hf
 from lsjax.eval import latency
@@ -26,8 +27,12 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     data = json.loads(out.read_text())
     records = data["records"]
     keys = sorted((r["method"], r["strategy"], r["backend"], r["batch"]) for r in records)
-    ours = resolve_backend(None).name  # every configuration; the base on XLA too when that is another backend
-    assert keys == sorted([("base", "-", "xla", 1), ("base", "-", "xla", 2)] * (ours != "xla") + [
+    meta = data["meta"]
+    picks = {(p["batch"], p["method"]): p["pick"] for p in meta["auto"]}
+    assert sorted(picks) == [(b, m) for b in (1, 2) for m in ("base", "lora", "switch")]
+    ours = Candidate.parse(picks[1, "base"]).backend  # every configuration: auto's base pick at the first batch
+    others = [c.backend for c in candidates(None, 1) if c.backend != ours]  # the base on every other backend too
+    assert keys == sorted([("base", "-", other, batch) for other in others for batch in (1, 2)] + [
         ("base", "-", ours, 1), ("base", "-", ours, 2), ("lora", "merged", ours, 1), ("lora", "merged", ours, 2),
         ("lora", "unmerged", ours, 1), ("lora", "unmerged", ours, 2), ("switch", "unmerged", ours, 1),
         ("switch", "unmerged", ours, 2), ("switch", "fused", ours, 1), ("switch", "fused", ours, 2),
@@ -37,7 +42,6 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
         assert r["ms_per_token"] > 0 and r["rounds"] == 2 and r["dtype"] == "float32"
         assert abs(r["ratio_to_base"] - r["ms_per_token"] / base) < 1e-9
     base1 = next(r for r in records if r["method"] == "base" and r["batch"] == 1)
-    meta = data["meta"]
     weight_bytes = 4 * sum(p.numel() for p in hf.parameters())  # every fp32 weight, counted by transformers
     assert meta["weight_bytes"] == weight_bytes and (meta["copy_gb_s"], meta["read_gb_s"]) == (10.0, 5.0)
     assert base1["floor_ms"] == meta["floor_ms"] == pytest.approx(weight_bytes / 10e9 * 1e3)
@@ -52,6 +56,13 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     fastest_base = min(r["ms_per_token"] for r in records if r["method"] == "base" and r["batch"] == 1)
     assert (f"switch, best strategy ({best['strategy']}, {ours}) / base, batch 1: "
             f"{best['ms_per_token'] / fastest_base:.2f}x") in printed
+    for check in meta["auto_base"]:  # auto's base pick against the fastest base this run measured
+        batch = check["batch"]
+        bases = {r["backend"]: r["ms_per_token"] for r in records if r["method"] == "base" and r["batch"] == batch}
+        assert check["auto"] == Candidate.parse(picks[batch, "base"]).backend
+        assert check["fastest"] == min(bases, key=bases.get) and check["auto_ms"] == bases[check["auto"]]
+        assert check["auto_is_fastest"] == (check["auto"] == check["fastest"])
+        assert f"auto's base pick at batch {batch}: {check['auto']} ({check['auto_ms']:.2f} ms/token), " in printed
 
 
 def test_a_failing_configuration_is_reported_and_the_rest_timed(tmp_path):
@@ -136,11 +147,12 @@ def test_a_benchmark_killed_mid_run_keeps_the_records_it_measured(tmp_path):
     proc = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
     deadline, data = time.monotonic() + 120, None
+    expected = len(candidates(None, 1)) + 1  # the base on every backend that can run here, switch on xla
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if out.exists():
                 data = json.loads(out.read_text())
-                if all((r["rounds"] or 0) >= 2 for r in data["records"]) and len(data["records"]) == 2:
+                if all((r["rounds"] or 0) >= 2 for r in data["records"]) and len(data["records"]) == expected:
                     break
             time.sleep(0.2)
     finally:
@@ -149,10 +161,11 @@ def test_a_benchmark_killed_mid_run_keeps_the_records_it_measured(tmp_path):
     assert proc.returncode == -signal.SIGKILL  # it was killed, not finished
     data = json.loads(out.read_text())
     assert data["meta"]["complete"] is False and data["meta"]["copy_gb_s"] > 0
-    records = {(r["method"], r["strategy"]): r for r in data["records"]}
-    assert set(records) == {("base", "-"), ("switch", "fused")}
+    records = {(r["method"], r["strategy"], r["backend"]): r for r in data["records"]}
+    assert set(records) == {("base", "-", c.backend) for c in candidates(None, 1)} | {("switch", "fused", "xla")}
     for r in records.values():
         assert r["rounds"] >= 2 and r["ms_per_token"] > 0 and r["compile_s"] > 0 and r["run_s"] > 0
-    assert records["base", "-"]["ratio_to_base"] == 1.0
-    switch = records["switch", "fused"]
-    assert switch["ratio_to_base"] == pytest.approx(switch["ms_per_token"] / records["base", "-"]["ms_per_token"])
+    base = min((r for r in records.values() if r["method"] == "base"), key=lambda r: r["ms_per_token"])
+    assert base["ratio_to_base"] == 1.0
+    switch = records["switch", "fused", "xla"]
+    assert switch["ratio_to_base"] == pytest.approx(switch["ms_per_token"] / base["ms_per_token"])

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsjax.backends import resolve_backend
+from lsjax.autotune import candidates
 from lsjax.errors import ConfigError
 
 TASKS = ("arc_easy", "openbookqa")
@@ -88,8 +88,8 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     sw = next(r for r in records if r["method"] == "switch")
     assert {(r["method"], r["strategy"]) for r in records} == {("base", "-"), ("lora", "merged"),
                                                                ("switch", "unmerged")}
-    ours = resolve_backend(None).name  # with another backend than XLA, the XLA base for reference
-    assert {r["backend"] for r in records if r["method"] == "base"} == {ours, "xla"}
+    # the base on auto's backend and, for reference, on every other backend that can run here
+    assert {r["backend"] for r in records if r["method"] == "base"} == {c.backend for c in candidates(None, 1)}
     assert m["switch"]["decode_ratio_to_base"] == pytest.approx(sw["ms_per_token"] / base)
     assert m["switch"]["train"]["steps"] == 2 and m["switch"]["train"]["examples"] == 4
     assert m["switch"]["adapter_params"] > 8 * m["lora"]["adapter_params"] * 0.99  # 8 experts + a router

@@ -11,7 +11,7 @@ from lsjax.errors import ConfigError
 from lsjax.generate import Generator
 from lsjax.sampling import SamplingConfig
 from lsjax.serve import Engine, EngineConfig, Request
-from test_generate import random_adapter
+from test_generate import BACKEND, random_adapter
 
 # 4 slots of 64 columns, prompts prefilled in 16-token chunks: requests wait for slots, and every
 # slot serves several requests
@@ -49,7 +49,8 @@ def reference(engine) -> Generator:
 def engine(request, tiny_llama):
     _, model, tok = tiny_llama
     adapter = None if request.param == "base" else random_adapter(model, request.param)
-    generator = Generator(model, tok, adapter, strategy="unmerged" if request.param != "lora" else "auto")
+    generator = Generator(model, tok, adapter, strategy="unmerged" if request.param != "lora" else "auto",
+                          backend=BACKEND)
     engine = Engine(generator.decoder, generator.tokenizer, SMALL).start()
     engine.warmup()
     yield engine
@@ -248,7 +249,8 @@ def test_decoder_insert_places_prefilled_rows_into_slots(tiny_llama):
     from lsjax.decode import left_pad
 
     _, model, _ = tiny_llama
-    decoder = Decoder(model, random_adapter(model, "switch", num_experts=4, top_k=2), strategy="unmerged")
+    decoder = Decoder(model, random_adapter(model, "switch", num_experts=4, top_k=2), strategy="unmerged",
+                      backend=BACKEND)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
     ids, mask = left_pad(prompts)
     logits, cache = decoder.prefill(ids, mask, decoder.empty_cache(2, 32))

@@ -14,7 +14,7 @@ from lsjax.decoder import Decoder
 from lsjax.generate import Generator
 from lsjax.serve import Engine, EngineConfig
 from lsjax.serve.server import server
-from test_generate import random_adapter
+from test_generate import BACKEND, random_adapter
 
 NAME = "tiny-switch"
 
@@ -28,7 +28,7 @@ def reference(engine) -> Generator:
 def live(tiny_llama):
     """A running server over a switch adapter (8 slots), its engine, and the base URL."""
     _, model, tok = tiny_llama
-    generator = Generator(model, tok, random_adapter(model, "switch"), strategy="unmerged")
+    generator = Generator(model, tok, random_adapter(model, "switch"), strategy="unmerged", backend=BACKEND)
     engine = Engine(generator.decoder, generator.tokenizer, EngineConfig(slots=8, max_len=128, prefill_chunk=16))
     engine.start()
     engine.warmup()

@@ -9,9 +9,12 @@ same run. The memory floor is the weight bytes over a device copy's bandwidth me
 run (bytes read + written per second): a batch-1 decode step must read every weight once, so no
 step can beat it.
 
-Every configuration decodes on the same backend (`lsjax.backends`; `--backend auto` picks by
-platform, as a Generator does). When that is not XLA, the base is also timed on XLA (`backend`
-"xla"), and every ratio is to the fastest base of its batch. On the native CPU backend, the
+Every configuration decodes on the same backend (`lsjax.backends`; `--backend auto`: the one
+`auto` picks for the base at the first batch size, `lsjax.autotune`), and the base is also timed on
+every other backend that can run here; every ratio is to the fastest base of its batch. Before
+timing, the run asks `auto` for its pick of each method at each batch size (from the autotune cache,
+else measured and written there) and reports them; the summary says whether auto's base pick is the
+fastest base this run measured (JSON: `meta.auto`, `meta.auto_base`). On the native CPU backend, the
 decoded arrays sit on transparent huge pages where the OS allows (`--huge-pages off` to compare).
 Every Generator decodes from the model's own arrays (one copy of the weights for all of them);
 the run reports the live device memory against weights + experts + KV cache, and the device's
@@ -36,12 +39,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import lsjax
+from lsjax import autotune
 from lsjax.adapters import Adapter, AdapterConfig
 from lsjax.assets import default_checkpoint
 from lsjax.backend_interface import Backend
-from lsjax.backends import XLA, native_backend, resolve_backend
+from lsjax.backends import native_backend, resolve_backend
 from lsjax.config import SHAPES, ModelConfig, named_config
 from lsjax.convert import export_hf
+from lsjax.decoder import Decoder
 from lsjax.errors import ConfigError
 from lsjax.extras import Extra, missing_extra, pyplot
 from lsjax.generate import CACHE_ROUND, Generator, round_up
@@ -96,13 +101,48 @@ def load_model(args):
 
 
 def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], backend: Backend,
-                   reference: bool = True) -> list[tuple]:
-    """`time_decode` entries: every `(method, strategy)` with its adapter and backend, plus, when
-    that is not XLA and `reference`, the base on XLA for reference."""
+                   reference: bool = True, dtype: Any = jnp.float32) -> list[tuple]:
+    """`time_decode` entries: every `(method, strategy)` with its adapter and backend, plus, with
+    `reference`, the base on every other backend that can run here (`autotune.candidates`)."""
     entries = [(m, s, adapters.get(m), backend) for m, s in configs]
-    if reference and backend.name != "xla" and ("base", "-") in configs:
-        entries.insert(1, ("base", "-", None, XLA))
+    if reference and ("base", "-") in configs:
+        others = [c.backend for c in autotune.candidates(None, 1, dtype) if c.backend != backend.name]
+        entries[1:1] = [("base", "-", None, resolve_backend(name)) for name in others]
     return entries
+
+
+def auto_backend(model, batch: int, huge_pages: bool = True) -> Backend:
+    """The backend `auto` picks for the base at `batch` rows (`lsjax.autotune`)."""
+    name = autotune.choose(Decoder, model, None, batch).pick.backend
+    return native_backend(huge_pages=False) if name == "native" and not huge_pages else resolve_backend(name)
+
+
+def auto_picks(model, adapters: dict[str, Any], batches: list[int]) -> list[dict[str, Any]]:
+    """What `auto` picks for the base and each adapter at each batch size (`autotune.choose`: the
+    cache, else measured now), printed as they come."""
+    picks = []
+    for batch in batches:
+        for method, adapter in [("base", None), *sorted(adapters.items())]:
+            choice = autotune.choose(Decoder, model, adapter, batch)
+            picks.append({"batch": batch, "method": method, "pick": choice.pick.label, "source": choice.source,
+                          "ms_per_step": choice.ms_per_step})
+            print(f"auto at batch {batch}: {method} -> {choice.pick.label} ({choice.source})", flush=True)
+    return picks
+
+
+def auto_base_check(records: list[Record], picks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per batch size: auto's base backend against the fastest base this run measured."""
+    out = []
+    for pick in (p for p in picks if p["method"] == "base"):
+        best = fastest(records, "base", pick["batch"])
+        if best is None:
+            continue
+        auto = autotune.Candidate.parse(pick["pick"]).backend
+        mine = next((r for r in records if (r.method, r.backend, r.batch) == ("base", auto, pick["batch"])
+                     and r.ms_per_token is not None), None)
+        out.append({"batch": pick["batch"], "auto": auto, "auto_ms": None if mine is None else mine.ms_per_token,
+                    "fastest": best.backend, "fastest_ms": best.ms_per_token, "auto_is_fastest": auto == best.backend})
+    return out
 
 
 def device_memory() -> dict[str, int]:
@@ -272,16 +312,20 @@ def run(args) -> list[Record]:
     model, tokenizer, source = load_model(args)
     batches = [int(b) for b in args.batch.split(",")]
     adapters = {m: random_adapter(model.config, m, args) for m in {m for m, _ in configs if m != "base"}}
-    backend = resolve_backend(args.backend, model.dtype)
-    if backend.name == "native" and args.huge_pages == "off":
-        backend = native_backend(huge_pages=False)
-    entries = decode_entries(configs, adapters, backend)
+    picks = auto_picks(model, adapters, batches)
+    if args.backend == "auto":
+        backend = auto_backend(model, batches[0], args.huge_pages == "on")
+    else:
+        backend = resolve_backend(args.backend, model.dtype)
+        if backend.name == "native" and args.huge_pages == "off":
+            backend = native_backend(huge_pages=False)
+    entries = decode_entries(configs, adapters, backend, dtype=model.dtype)
     meta = {"source": source, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
             "jax": jax.__version__, "backend_name": backend.name, "huge_pages": args.huge_pages == "on",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "experts": args.experts, "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "auto": picks}
 
     def save(records: list[Record], info: dict[str, Any], complete: bool = False) -> None:
         if args.json:  # every update: a run cut short keeps what it measured
@@ -293,7 +337,7 @@ def run(args) -> list[Record]:
     del entries, adapters
     if args.with_transformers:
         records += transformers_records(model, args, batches, args.prompt_len)
-    meta.update(info, complete=True)
+    meta.update(info, complete=True, auto_base=auto_base_check(records, picks))
     save(records, info, complete=True)
     print(latency_table(records, meta))
     if args.plot:
@@ -376,6 +420,14 @@ def latency_table(records: list[Record], meta: dict) -> str:
         if hf and ours:
             lines.append(f"transformers {label} / lsjax {ours.method} ({ours.strategy}, {ours.backend}), batch 1: "
                          f"{hf.ms_per_token / ours.ms_per_token:.2f}x")
+    picks = {(p["batch"], p["method"]): p["pick"] for p in meta.get("auto", ())}
+    for batch in sorted({b for b, _ in picks}):
+        lines.append(f"auto at batch {batch}: " + ", ".join(f"{m} {p}" for (b, m), p in picks.items() if b == batch))
+    for check in meta.get("auto_base", ()):
+        verdict = "the fastest base measured" if check["auto_is_fastest"] else (
+            f"NOT the fastest base measured ({check['fastest']}: {check['fastest_ms']:.2f} ms/token)")
+        mine = "" if check["auto_ms"] is None else f" ({check['auto_ms']:.2f} ms/token)"
+        lines.append(f"auto's base pick at batch {check['batch']}: {check['auto']}{mine}, {verdict}")
     return "\n".join(lines)
 
 
@@ -418,8 +470,8 @@ def add_bench_parser(subparsers):
     dec.add_argument("--new-tokens", type=int, default=32)
     dec.add_argument("--rounds", type=int, default=5)
     dec.add_argument("--backend", choices=("auto", "xla", "native", "pallas"), default="auto",
-                     help="what runs the products (lsjax.backends): auto = the native CPU library on a CPU "
-                          "when built and fp32, else XLA")
+                     help="what runs the products (lsjax.backends): auto = the backend auto picks for the base at "
+                          "the first batch size (timed on this machine, lsjax.autotune)")
     dec.add_argument("--huge-pages", choices=("on", "off"), default="on",
                      help="native backend: back the decoded arrays with transparent huge pages (default on)")
     dec.add_argument("--with-transformers", action="store_true", help="also time transformers (+ unmerged PEFT LoRA)")

@@ -22,7 +22,6 @@ import time
 import jax
 import numpy as np
 
-from lsjax.backends import resolve_backend
 from lsjax.eval.latency import load_model, random_adapter
 from lsjax.extras import pyplot
 from lsjax.generate import Generator
@@ -152,9 +151,9 @@ def set_ratios_to_base(records: list[ServeRecord]) -> None:
 
 def run(args) -> list[ServeRecord]:
     model, tokenizer, source = load_model(args)
-    backend = resolve_backend(args.backend, model.dtype)
+    levels = [int(c) for c in args.clients.split(",")]
     meta = {"source": source, "platform": jax.default_backend(), "device": str(jax.devices()[0]),
-            "backend": backend.name, "dtype": args.dtype, "jax": jax.__version__,
+            "backend": {}, "dtype": args.dtype, "jax": jax.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "per_client": args.per_client, "max_prompt": args.max_prompt, "max_output": args.max_output,
             "max_len": args.max_len, "stagger_ms": args.stagger_ms, "date": time.strftime("%Y-%m-%d")}
@@ -167,8 +166,10 @@ def run(args) -> list[ServeRecord]:
 
     for method in args.methods.split(","):
         adapter = None if method == "base" else random_adapter(model.config, method, args)
-        generator = Generator(model, tokenizer, adapter, strategy="auto", backend=backend)
-        for clients in (int(c) for c in args.clients.split(",")):
+        # auto: tuned for the most slots the run decodes
+        generator = Generator(model, tokenizer, adapter, strategy="auto", backend=args.backend, rows=max(levels))
+        meta["backend"][method] = f"{generator.backend.name}/{generator.strategy}"
+        for clients in levels:
             records.append(measure(method, generator, clients, args, model.config.vocab_size))
             set_ratios_to_base(records)
             save(complete=False)
@@ -181,9 +182,14 @@ def run(args) -> list[ServeRecord]:
     return records
 
 
+def _backends(backend: dict[str, str] | str) -> str:
+    """Each method's backend/strategy (a saved run before auto was timed names one backend)."""
+    return backend if isinstance(backend, str) else ", ".join(f"{m} {b}" for m, b in backend.items())
+
+
 def table(records: list[ServeRecord], meta: dict | None = None) -> str:
     head = "" if meta is None else (
-        f"serving: {meta['source']} ({meta['platform']}, {meta['dtype']}, backend {meta['backend']}); "
+        f"serving: {meta['source']} ({meta['platform']}, {meta['dtype']}, backend {_backends(meta['backend'])}); "
         f"{meta['per_client']} requests per client in the workload, prompts 4-{meta['max_prompt']} tokens, outputs 4-"
         f"{meta['max_output']} (long-tailed), clients {meta['stagger_ms']} ms apart\n\n")
     lines = ["| method | clients | tokens/s | x base | end to end | static tokens/s | x static | TTFT p50/p99 ms | "

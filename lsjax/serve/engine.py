@@ -1,6 +1,6 @@
 """Continuous batching over decode slots: requests join and leave a running batch token by token.
 
-    engine = Engine(Decoder(model, adapter), tokenizer, EngineConfig(slots=8))   # or Generator(...).decoder
+    engine = Engine.for_model(model, tokenizer, adapter, EngineConfig(slots=8))  # or Engine(decoder, ...)
     engine.start()
     handle = engine.submit(Request(prompt=ids, max_tokens=32))
     for event in handle: print(event.text, end="")
@@ -255,6 +255,13 @@ def engine_functions(prefill, step):
 class Engine:
     """Serves requests from a `Decoder` (model, adapter, strategy, backend; see the module doc);
     `tokenizer` (None: no text, token ids only) detokenizes and finds stop strings."""
+
+    @classmethod
+    def for_model(cls, model, tokenizer=None, adapter=None, config: EngineConfig = EngineConfig(), *,
+                  strategy: str = "auto", backend=None) -> "Engine":
+        """An engine over a new `Decoder` whose `auto` choice is tuned for `config.slots` rows: every
+        decode step runs all the slots."""
+        return cls(Decoder(model, adapter, strategy=strategy, backend=backend, rows=config.slots), tokenizer, config)
 
     def __init__(self, decoder: Decoder, tokenizer=None, config: EngineConfig = EngineConfig()):
         self.decoder, self.tokenizer, self.config = decoder, tokenizer, config
