@@ -8,8 +8,9 @@ here and the result is kept in a JSON cache file, so later Decoders read it and 
 Candidates: each backend that can run here ("xla" always; "native" when its library is built, the
 weights are fp32 and on one device; "pallas" on a GPU) x each strategy the adapter allows at the
 batch (no adapter: `base`; `lora`: unmerged, fused, merged; `switch`: unmerged, fused, and merged
-at batch 1 only; `layerwise` / `blockwise`: unmerged, fused). "native" + `unmerged` is the hybrid:
-the native library's base product with XLA's routed term.
+at batch 1 only; `layerwise` / `blockwise`: unmerged, fused). The mixed candidates: "native" +
+`unmerged` (the native library's base product, XLA's routed term) and "hybrid" + `fused` (XLA's
+base product, the native routed term).
 
 Timing: each candidate's Decoder prefills a short fixed prompt and takes untimed steps (compiling,
 warming), then timed steps in rounds interleaved across the candidates, so machine noise hits all
@@ -47,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax.backend_interface import Backend
-from lsjax.backends import resolve_backend
+from lsjax.backends import BACKENDS, resolve_backend
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
 from lsjax.jsonfile import read_json_object, write_json
@@ -78,9 +79,10 @@ class Candidate:
     @classmethod
     def parse(cls, text: str) -> "Candidate":
         backend, _, strategy = str(text).partition("/")
-        if backend not in ("xla", "native", "pallas") or strategy not in {s.value for s in Strategy} - {"auto"}:
-            raise ConfigError(f"{text!r} is not a candidate; expected BACKEND/STRATEGY with BACKEND one of xla, "
-                              "native, pallas and STRATEGY one of base, unmerged, fused, merged")
+        names = [b for b in BACKENDS if b != "auto"]
+        if backend not in names or strategy not in {s.value for s in Strategy} - {"auto"}:
+            raise ConfigError(f"{text!r} is not a candidate; expected BACKEND/STRATEGY with BACKEND one of "
+                              f"{', '.join(names)} and STRATEGY one of base, unmerged, fused, merged")
         return cls(backend, Strategy(strategy))
 
 
@@ -110,7 +112,7 @@ def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, 
 
         names = ["xla"]
         if unavailable_reason() is None and jnp.dtype(dtype) == jnp.float32 and not sharded:
-            names.append("native")
+            names += ["native", "hybrid"]
         if jax.default_backend() == "gpu":
             names.append("pallas")
     else:
@@ -119,7 +121,8 @@ def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, 
     if strategy != "auto":
         fixed = resolve_strategy(strategy, adapter_config)
         allowed = [s for s in allowed if s == fixed]
-    return [Candidate(name, s) for name in names for s in allowed]
+    # hybrid differs from XLA only in `fused` (its routed term): its other strategies are XLA's
+    return [Candidate(name, s) for name in names for s in allowed if name != "hybrid" or s == Strategy.FUSED]
 
 
 def strategies_at(adapter_config: Any | None, rows: int) -> list[Strategy]:

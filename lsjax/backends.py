@@ -12,6 +12,8 @@ dataclasses: hashable, so they are static arguments under jit.
   `pallas_kernels.sgmm_merge` (Triton on a GPU, interpreted elsewhere); plain products stay on XLA.
 - "native": `lsjax.native`'s multi-threaded CPU custom calls (fp32, up to 16 rows), loaded only
   when asked for or chosen by `auto`; every product falls back to XLA where it cannot run.
+- "hybrid": XLA's products, with the native library's routed term added into a group's product
+  (`fused`): where XLA:CPU's products are the faster base.
 
 "auto" is chosen by timing the candidates on this machine (`lsjax.autotune`, which a
 `lsjax.decoder.Decoder` asks). `resolve_backend(None)` keeps a static rule for where nothing can be
@@ -31,7 +33,7 @@ from lsjax.backend_interface import Backend, Traits, xla_logits
 from lsjax.errors import ConfigError
 from pallas_kernels import routed_group_matmul, sgmm_merge
 
-BACKENDS = ("auto", "xla", "native", "pallas")
+BACKENDS = ("auto", "xla", "native", "hybrid", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +99,21 @@ def native_backend(**options) -> Backend:
     return NativeBackend(**options)
 
 
+def hybrid_backend() -> Backend:
+    """XLA's products with the `lsjax.native` routed term (`lsjax.native.backend.HybridBackend`)."""
+    from lsjax.native.backend import HybridBackend
+
+    return HybridBackend()
+
+
 def resolve_backend(backend: Backend | str | None = None, dtype: Any = jnp.float32,
                     sharded: bool = False) -> Backend:
-    """A backend object from a name ("auto", "xla", "native", "pallas"), None ("auto") or an object.
+    """A backend object from a name ("auto", "xla", "native", "hybrid", "pallas"), None ("auto") or an object.
 
     "auto" here is the static rule, the fallback where `lsjax.autotune` cannot time the candidates:
     the native CPU library on a CPU when it is built, `dtype` is float32 and the weights sit on one
-    device (its custom calls are single-device), else XLA. Naming "native" where it cannot run is an
-    error that says why.
+    device (its custom calls are single-device), else XLA. Naming "native" or "hybrid" where the
+    library cannot run is an error that says why.
     """
     if backend is not None and not isinstance(backend, str):
         return backend
@@ -118,10 +127,10 @@ def resolve_backend(backend: Backend | str | None = None, dtype: Any = jnp.float
     from lsjax.native import unavailable_reason
 
     reason = unavailable_reason()
-    if name == "native":
+    if name in ("native", "hybrid"):
         if reason is not None:
-            raise ConfigError(f"backend='native' cannot run: {reason}")
-        return native_backend()
+            raise ConfigError(f"backend={name!r} cannot run: {reason}")
+        return native_backend() if name == "native" else hybrid_backend()
     if reason is None and jnp.dtype(dtype) == jnp.float32 and not sharded:
         return native_backend()
     return xla_backend()

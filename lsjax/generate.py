@@ -120,7 +120,7 @@ class Generator:
     `lsjax.decoder.Decoder` (its `decoder`), with prompts, sampling, stops and streaming on top.
 
     `strategy`: unmerged | fused | merged | auto (`lsjax.strategies`). `backend`: what runs the
-    products (`lsjax.backends`: "xla", "native", "pallas", a backend object, e.g.
+    products (`lsjax.backends`: "xla", "native", "hybrid", "pallas", a backend object, e.g.
     `lsjax.backends.native_backend(huge_pages=False)`, or "auto"). `auto` (either) is the
     candidate timed fastest on this machine at `rows` rows, the batch this Generator will mostly
     run (`lsjax.autotune`: measured once, then read from its cache file). The Generator decodes

@@ -61,7 +61,8 @@ def test_candidates_are_each_backend_here_by_each_strategy_the_adapter_allows(mo
     assert labels(candidates(None, 1)) == ["xla/base", "native/base"]
     lora = AdapterConfig(method="lora", rank=4)
     assert labels(candidates(lora, 8)) == ["xla/unmerged", "xla/fused", "xla/merged", "native/unmerged",
-                                           "native/fused", "native/merged"]  # native/unmerged: the hybrid
+                                           "native/fused", "native/merged", "hybrid/fused"]  # the mixed ones:
+    # native/unmerged (native base product, XLA's term) and hybrid/fused (XLA's product, native term)
     assert labels(candidates(SWITCH, 1, backend="xla")) == ["xla/unmerged", "xla/fused", "xla/merged"]
     assert labels(candidates(SWITCH, 2, backend="xla")) == ["xla/unmerged", "xla/fused"]  # merged: one row a step
     no_qkv = AdapterConfig(method="switch", num_experts=4, top_k=2, rank=4, targets=("o", "down"))
@@ -74,7 +75,7 @@ def test_candidates_are_each_backend_here_by_each_strategy_the_adapter_allows(mo
     assert labels(candidates(None, 1, jnp.bfloat16)) == ["xla/base"]
     assert labels(candidates(None, 1, sharded=True)) == ["xla/base"]
     # a fixed part restricts the rest
-    assert labels(candidates(SWITCH, 1, strategy="fused")) == ["xla/fused", "native/fused"]
+    assert labels(candidates(SWITCH, 1, strategy="fused")) == ["xla/fused", "native/fused", "hybrid/fused"]
     assert candidates(SWITCH, 2, strategy="merged") == []
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert labels(candidates(None, 1)) == ["xla/base", "native/base", "pallas/base"]
@@ -134,7 +135,7 @@ def test_explicit_backend_and_strategy_win(model, switch, cache_file):
     decoder = Decoder(model, switch, strategy="fused")
     assert decoder.strategy == "fused"
     if native.available():
-        assert sorted(decoder.tuning.ms_per_step) == ["native/fused", "xla/fused"]
+        assert sorted(decoder.tuning.ms_per_step) == ["hybrid/fused", "native/fused", "xla/fused"]
     with pytest.raises(ConfigError, match="routes one sequence per step"):  # a fixed part that cannot run is refused
         autotune.choose(Decoder, model, switch, 2, strategy="merged")
 

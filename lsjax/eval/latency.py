@@ -70,7 +70,7 @@ class Record:
     ratio_to_base: float | None = None  # to the fastest base of the batch
     floor_ms: float | None = None
     rounds: int = 0
-    backend: str = "xla"  # lsjax.backends name ("xla", "native", "pallas"); "torch" for transformers' rows
+    backend: str = "xla"  # lsjax.backends name ("xla", "native", "hybrid", "pallas"); "torch" for transformers' rows
     compile_s: float | None = None  # the first generation's wall time: compiling and one untimed run
     run_s: float = 0.0  # wall time of the timed generations
 
@@ -469,7 +469,7 @@ def add_bench_parser(subparsers):
     dec.add_argument("--prompt-len", type=int, default=32)
     dec.add_argument("--new-tokens", type=int, default=32)
     dec.add_argument("--rounds", type=int, default=5)
-    dec.add_argument("--backend", choices=("auto", "xla", "native", "pallas"), default="auto",
+    dec.add_argument("--backend", choices=("auto", "xla", "native", "hybrid", "pallas"), default="auto",
                      help="what runs the products (lsjax.backends): auto = the backend auto picks for the base at "
                           "the first batch size (timed on this machine, lsjax.autotune)")
     dec.add_argument("--huge-pages", choices=("on", "off"), default="on",

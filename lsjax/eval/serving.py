@@ -237,7 +237,7 @@ def add_serve_bench_parser(kinds) -> None:
     serve.add_argument("--shape", help="random weights at a named shape instead (e.g. llama2-7b)")
     serve.add_argument("--cache-dir", default=".cache/lsjax")
     serve.add_argument("--dtype", default="float32")
-    serve.add_argument("--backend", choices=("auto", "xla", "native", "pallas"), default="auto")
+    serve.add_argument("--backend", choices=("auto", "xla", "native", "hybrid", "pallas"), default="auto")
     serve.add_argument("--methods", default="base,switch")
     serve.add_argument("--clients", default="1,8,32")
     serve.add_argument("--per-client", type=int, default=3, help="requests in the workload per client")

@@ -115,7 +115,8 @@ def matmul_t(x: jax.Array, wt: jax.Array) -> jax.Array:
 
 
 def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, gates: jax.Array, *,
-                 layer: int | None, members: tuple[tuple[int, int, int], ...], otherwise: Callable) -> jax.Array:
+                 layer: int | None, members: tuple[tuple[int, int, int], ...], otherwise: Callable,
+                 xla_product: bool = False) -> jax.Array:
     """A projection group's `x @ w` plus each row's routed LoRA experts, one native call.
 
     x [T, K]; w [K, N] (the group's members side by side); a [L, E, K, S*R] and b [L, E, R, Nb]
@@ -123,7 +124,8 @@ def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: ja
     ids / gates [T, S_r, J] with S_r = 1 (one route for every member) or S (a route per member),
     gates including the LoRA scale; members: S static (w_off, b_off, width) triples, member s's
     term (A's rank columns [s*R, (s+1)*R), B's columns [b_off, b_off + width)) landing in output
-    columns [w_off, w_off + width). Returns y [T, N].
+    columns [w_off, w_off + width). Returns y [T, N]. With `xla_product`, XLA makes x @ w at any
+    row count and the native call adds the routed term into it (the hybrid backend).
 
     Where the native call cannot run (no library, not a CPU, not all float32, more than
     `MAX_ROUTED_ROWS` rows, a traced layer) this is
@@ -148,7 +150,7 @@ def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: ja
 
     flat = np.asarray(members, np.int64).reshape(-1)
     shape = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    fused = x.shape[0] <= MAX_ROWS  # past it XLA's GEMM makes x @ W and the call adds the routed term
+    fused = x.shape[0] <= MAX_ROWS and not xla_product  # else XLA makes x @ W and the call adds the term
     native = (jax.ffi.ffi_call("lsjax_routed_group", shape) if fused else
               jax.ffi.ffi_call("lsjax_routed_add", shape, input_output_aliases={1: 0}))  # y in y0's buffer
 
