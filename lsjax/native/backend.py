@@ -1,5 +1,4 @@
-"""The CPU native library as `lsjax.backends` backends: its products, fused routed term and head
-(`NativeBackend`), or only its routed term beside XLA's products (`HybridBackend`).
+"""The CPU native library as a `lsjax.backends` backend: its products, fused routed term and head.
 
 Every call runs the native code where it can (the library built, a CPU, fp32, at most
 `lsjax.native.MAX_ROWS` rows, or `MAX_ROUTED_ROWS` for the routed group: decoding and short prefill
@@ -55,31 +54,3 @@ class NativeBackend:
     def prepare(self, arrays: Any) -> dict[str, Any]:
         return {"huge_page_bytes": hugepages.collapse(arrays) if self.huge_pages else 0}
 
-
-@dataclasses.dataclass(frozen=True)
-class HybridBackend:
-    """XLA's products and head; `fused` is XLA's product of the group with the native library's
-    routed term added into it (one custom call per group). For machines where XLA:CPU's own
-    products are the faster base: `lsjax.autotune` times it against both."""
-
-    name: str = "hybrid"
-    traits: Traits = Traits(fused_is_faster=True, fused_prefill_rows=native.MAX_ROUTED_ROWS, gather_once=False,
-                            one_expand=False)
-
-    def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
-        del group
-        return x @ w
-
-    def fused(self, x, w, a, b, ids, gates, *, members, layer):
-        return native.routed_group(x, w, a, b, ids, gates, layer=layer, members=members, otherwise=_xla_fused,
-                                   xla_product=True)
-
-    def merge(self, w, a, b, ids, gates, *, members):
-        return sgmm_merge(w, a, b, ids, gates, members=members, implementation="xla")
-
-    def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
-        return xla_logits(h, weight, transposed)
-
-    def prepare(self, arrays: Any) -> dict[str, Any]:
-        del arrays
-        return {}
