@@ -76,10 +76,6 @@ class Layers:
             return Layers(self.tree[index], True)
         return Layers.of_layers(t[index] for t in self.tree)
 
-    def map(self, fn: Callable[[Any], Any]) -> "Layers":
-        """`fn` applied to every leaf, the layout kept."""
-        return Layers(jax.tree.map(fn, self.tree), self.stacked)
-
 
 def _flatten_with_keys(layers: Layers):
     if layers.stacked and isinstance(layers.tree, dict):  # named stacks: paths `layers/qkv`
@@ -115,13 +111,9 @@ def run_layers(body: Callable, carry: Any, layers: Layers, xs: tuple[Layers | No
     Python loop, `index` a static int, each layer's own arrays (an `xs` stacked is sliced statically).
     """
     if layers.stacked:
-        def scan_body(carry, sliced):
-            index, weights, slices = sliced
-            return body(carry, (index, weights, slices))
-
         stacked_xs = tuple(None if x is None else x.as_stacked().tree for x in xs)
         index = jnp.arange(layers.count, dtype=jnp.int32)
-        carry, ys = jax.lax.scan(scan_body, carry, (index, layers.tree, stacked_xs))
+        carry, ys = jax.lax.scan(body, carry, (index, layers.tree, stacked_xs))
         return carry, Layers.of_stacked(ys)
     ys = []
     for index, weights in enumerate(layers.tree):

@@ -62,7 +62,6 @@ from lsjax.model import (
     stack_layers,
 )
 
-FFN_GROUPS = ("gate_up", "down")
 SWITCH_KEY = len(GROUPS)  # the switch router's jitter key: past every group's
 
 
