@@ -41,9 +41,10 @@ class KVCache:
     """Keys/values, each slot's position and validity `[B, T]`, slots used (one count for every
     row, or one per row `[B]`: a serving engine's rows each have their own).
 
-    k / v are `Layers` of `[B, KV, T, D]` arrays (head-major: attention reads them without a
-    transpose), in the layout of the params they go with: per layer for held params (a step
-    updates each layer's buffer in place), stacked `[L, B, KV, T, D]` for stacked ones (a scan).
+    k / v are `Layers` of `[B*KV, T, D]` arrays (row b's kv head h at b*KV + h; head-major, so
+    attention reads them without a transpose), in the layout of the params they go with: per layer
+    for held params (a step updates each layer's buffer in place), stacked `[L, B*KV, T, D]` for
+    stacked ones (a scan).
     """
 
     k: Layers
@@ -60,7 +61,7 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.float32,
                stacked: bool = False) -> KVCache:
     """An empty cache: one buffer per layer (goes with held params), or `stacked` (stacked params)."""
-    shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+    shape = (batch * config.num_kv_heads, capacity, config.head_dim)
     if stacked:
         k = Layers.of_stacked(jnp.zeros((config.num_layers, *shape), dtype))
         v = Layers.of_stacked(jnp.zeros((config.num_layers, *shape), dtype))

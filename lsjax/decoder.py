@@ -101,11 +101,12 @@ class Decoder:
 def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
     """Row `index` of a prefilled group's cache copied into `slot` (its columns, positions, validity
     and length). Pure."""
-    axis = 1 if cache.k.stacked else 0  # the row axis of [L, B, KV, T, D] or of each layer's [B, KV, T, D]
+    axis = 1 if cache.k.stacked else 0  # the row axis of [L, B*KV, T, D] or of each layer's [B*KV, T, D]
 
     def place(buf, row_buf):
-        row = jax.lax.dynamic_index_in_dim(row_buf, index, axis, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(buf, row, slot, axis)
+        heads = buf.shape[axis] // cache.positions.shape[0]  # a row's kv heads are adjacent on the row axis
+        row = jax.lax.dynamic_slice_in_dim(row_buf, index * heads, heads, axis)
+        return jax.lax.dynamic_update_slice_in_dim(buf, row, slot * heads, axis)
 
     def each(mine: Layers, theirs: Layers) -> Layers:
         return Layers(jax.tree.map(place, mine.tree, theirs.in_layout_of(mine).tree), mine.stacked)

@@ -73,26 +73,28 @@ def visibility_mask(config: ModelConfig, q_positions: jax.Array, k_positions: ja
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q `[B,S,H,D]`, k/v `[B,KV,T,D]`, mask `[B,S,T]` -> `[B,S,H,D]`.
+    """Grouped-query attention. q `[B,S,H,D]`, k/v `[B*KV,T,D]` (row b's kv head h at b*KV + h),
+    mask `[B,S,T]` -> `[B,S,H,D]`.
 
-    Keys and values are head-major (the KV cache's layout), so both products are plain batched
-    matmuls over (B, KV) and no step transposes the cache. Scores and softmax in fp32; a query
-    with no visible key (padding) gets zeros, not NaN.
+    Keys and values are in the KV cache's layout, so both products are plain batched matmuls over
+    the B*KV (row, kv head) pairs and no step transposes the cache. Scores and softmax in fp32; a
+    query with no visible key (padding) gets zeros, not NaN.
     """
     b, s, h, d = q.shape
-    kv, t = k.shape[1], k.shape[2]
+    t = k.shape[1]
+    kv = k.shape[0] // b
     g = h // kv
-    # each (batch, kv head) is one plain product of its g * s query rows with the keys, whose
-    # output [b, kv, g*s, t] is already the layout the mask and softmax read: no transposed copy of
-    # the scores (an einsum over separate g and s axes made XLA:CPU copy them; docs/perf.md)
-    q = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
-    batch = ((0, 1), (0, 1))
-    scores = jax.lax.dot_general(q, k, (((3,), (3,)), batch), preferred_element_type=jnp.float32) * (d ** -0.5)
+    # each (row, kv head) is one plain product of its g * s query rows with the keys, whose output
+    # [b*kv, g*s, t] is already the layout the mask and softmax read: no transposed copy of the
+    # scores (an einsum over separate g and s axes made XLA:CPU copy them; docs/perf.md)
+    q = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * s, d)
+    batch = ((0,), (0,))
+    scores = jax.lax.dot_general(q, k, (((2,), (2,)), batch), preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = scores.reshape(b, kv, g, s, t)
     mask = mask[:, None, None, :, :]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype).reshape(b, kv, g * s, t)
-    out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype).reshape(b * kv, g * s, t)
+    out = jax.lax.dot_general(probs, v, (((2,), (1,)), batch))
     return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
@@ -102,6 +104,17 @@ def write_columns(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice_in_dim(buffer, new, index, axis=axis)
     return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=axis - 1))(buffer, new, index)
+
+
+def write_kv(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """A cache buffer `[B*KV, T, D]` with `new` `[B, KV, S, D]` written from column `index` (one, or one per row).
+
+    Rows and kv heads share the buffer's first axis so that no axis is 1 at batch 1: XLA:CPU copied
+    a `[1, KV, T, D]` buffer four times a step instead of updating it in place (docs/perf.md).
+    """
+    b, kv, s, d = new.shape
+    per_pair = index if jnp.ndim(index) == 0 else jnp.repeat(index, kv)  # never a reshape of the buffer
+    return write_columns(cache, new.reshape(b * kv, s, d), per_pair, axis=1)
 
 
 class Products(Protocol):
@@ -142,7 +155,7 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's weights.
 
     Four products: `qkv`, `o`, `gate_up`, `down`, each given the route `products.route` decides at
-    its input. Without `kv`, attends over the block's own tokens. With `kv = (k_cache [B,KV,T,D],
+    its input. Without `kv`, attends over the block's own tokens. With `kv = (k_cache [B*KV,T,D],
     v_cache, write_index)`, writes this block's keys/values into the cache at `write_index` (one, or
     one per row), attends over the whole cache (mask `[B,S,T]`).
 
@@ -165,10 +178,12 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     new_kv = None
-    if kv is not None:
+    if kv is None:
+        k, v = k.reshape(b * config.num_kv_heads, s, -1), v.reshape(b * config.num_kv_heads, s, -1)
+    else:
         k_cache, v_cache, index = kv
-        k = k_cache = write_columns(k_cache, k.astype(k_cache.dtype), index, axis=2)
-        v = v_cache = write_columns(v_cache, v.astype(v_cache.dtype), index, axis=2)
+        k = k_cache = write_kv(k_cache, k.astype(k_cache.dtype), index)
+        v = v_cache = write_kv(v_cache, v.astype(v_cache.dtype), index)
         new_kv = (k_cache, v_cache)
     attn = attention(q, k, v, mask).reshape(b, s, config.q_size)
     out, _ = product("o", attn)

@@ -259,6 +259,7 @@ def parallel_layer(mlp_first: bool):
             q = apply_rope(q.reshape(b, s, config.num_heads, config.head_dim), cos, sin)
             k = apply_rope(k.reshape(b, s, config.num_kv_heads, config.head_dim), cos, sin).transpose(0, 2, 1, 3)
             v = v.reshape(b, s, config.num_kv_heads, config.head_dim).transpose(0, 2, 1, 3)
+            k, v = k.reshape(-1, s, config.head_dim), v.reshape(-1, s, config.head_dim)  # [B*KV, S, D]
             return product("o", attention(q, k, v, mask).reshape(b, s, config.q_size))[0]
 
         def mlp_half():

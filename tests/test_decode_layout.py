@@ -1,6 +1,7 @@
 """The decode step's shape: products per group and layer counted in its jaxpr, and the device
 memory a Generator holds (the model's own weights and the adapter's, no second copy)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -68,6 +69,28 @@ def test_a_switch_step_routes_with_two_products_per_group_and_one_gather_per_gro
     dense = step_primitives(AdapterConfig(method="switch", num_experts=8, top_k=2, rank=4), 4)
     assert dense["dot_general"] - step_primitives(None, 4)["dot_general"] - 1 == 2 * GROUPS * CONFIG.num_layers
     assert dense["gather"] == base["gather"]
+
+
+@pytest.mark.parametrize("batch, row_lengths", [(1, False), (4, False), (4, True)])
+def test_a_compiled_step_updates_the_cache_in_place(batch, row_lengths):
+    """The compiled base step writes each layer's new key and value into the donated cache without
+    copying any cache buffer: batch 1 (where a `[1, KV, T, D]` buffer was copied four times a
+    step), a batch, and a serving engine's cache whose rows each have their own length."""
+    import re
+
+    model = Llama(CONFIG, rngs=nnx.Rngs(0))
+    _, step = strategies.compiled(CONFIG, None, "base", XLA)
+    cache = init_cache(CONFIG, batch, 64)
+    if row_lengths:
+        cache = dataclasses.replace(cache, length=jnp.zeros((batch,), jnp.int32))
+    bundle = strategies.prepare_bundle(CONFIG, model.params(), None, None, "base")
+    text = step.lower(bundle, jnp.zeros((batch,), jnp.int32), cache).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    buffer = cache.k.layer(0)
+    dims = {",".join(map(str, buffer.shape)), ",".join(map(str, (batch, CONFIG.num_kv_heads, *buffer.shape[1:])))}
+    copies = [line for line in entry.splitlines() if re.search(r"= f32\[([\d,]+)\]\S* copy\(", line)
+              and re.search(r"= f32\[([\d,]+)\]", line).group(1) in dims]
+    assert not copies, f"{len(copies)} copies of a cache buffer in one step, e.g. {copies[0].strip()[:160]}"
 
 
 MEMORY = textwrap.dedent("""
