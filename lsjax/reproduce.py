@@ -58,7 +58,7 @@ from lsjax.eval.harness import (
 )
 from lsjax.eval.latency import (
     Record,
-    auto_backend,
+    auto_backends,
     decode_entries,
     latency_table,
     random_adapter,
@@ -251,8 +251,8 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     for method in {m for m, _ in wanted if m != "base"}:
         loaded[method] = (open_adapter(adapters[method], model.config) if method in adapters
                           else random_adapter(model.config, method, random_args))
-    entries = decode_entries(wanted, loaded, auto_backend(model, min(plan.latency_batches)), plan.latency_reference,
-                             model.dtype)
+    backends = auto_backends(model, wanted, loaded, min(plan.latency_batches))
+    entries = decode_entries(wanted, loaded, backends, plan.latency_reference, model.dtype)
     start = time.perf_counter()
     records, memory = time_decode(model, tokenizer, entries, list(plan.latency_batches), prompt_len=32,
                                   new_tokens=plan.new_tokens, rounds=plan.latency_rounds)
@@ -310,9 +310,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def stream_sample(model, tokenizer, adapter_dir: Path, prompt: str, max_new_tokens: int = 64) -> str:
-
-    generator = Generator(model, tokenizer, open_adapter(adapter_dir, model.config))
+def stream_sample(model, tokenizer, adapter_dir: Path, prompt: str, max_new_tokens: int = 64,
+                  fastest: dict | None = None) -> str:
+    """Streams an answer; `fastest`: the latency stage's quickest batch-1 record of the method, whose
+    backend and strategy are then used as measured (else `auto` chooses)."""
+    how = {} if fastest is None else {"backend": fastest["backend"], "strategy": fastest["strategy"]}
+    generator = Generator(model, tokenizer, open_adapter(adapter_dir, model.config), **how)
     print(f"user: {prompt}\nassistant ({generator.strategy} switch adapter): ", end="", flush=True)
     text = ""
     for event in generator.stream(prompt, max_new_tokens=max_new_tokens, chat=True):
@@ -532,7 +535,8 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
     sample = None
     if plan.sample_prompt and "switch" in adapters:
         _stage(f"{next(step)}/{n_stages} a streamed answer with the trained switch adapter")
-        sample = stream_sample(model, tokenizer, adapters["switch"], plan.sample_prompt)
+        sample = stream_sample(model, tokenizer, adapters["switch"], plan.sample_prompt,
+                               fastest=best_latency(latency, "switch"))
 
     results = collect(plan, evals, trains, latency, memory, splits, time.perf_counter() - start)
     if sample is not None:

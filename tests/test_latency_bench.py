@@ -1,16 +1,18 @@
 """`lsjax bench decode` end to end on a tiny model: a record per config, ratios from the same run."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from tiny import make_hf_model
 
 import lsjax
-from lsjax.autotune import Candidate, candidates
+from lsjax.autotune import Candidate, candidates, choose
 from lsjax.backends import XLA
 from lsjax.cli import main
 from lsjax.convert import convert_hf
+from lsjax.decoder import Decoder
 from lsjax.eval import latency
 from lsjax.eval.latency import Record, latency_table, random_adapter, time_decode
 
@@ -30,13 +32,21 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     meta = data["meta"]
     picks = {(p["batch"], p["method"]): p["pick"] for p in meta["auto"]}
     assert sorted(picks) == [(b, m) for b in (1, 2) for m in ("base", "lora", "switch")]
-    ours = Candidate.parse(picks[1, "base"]).backend  # every configuration: auto's base pick at the first batch
+    ours = Candidate.parse(picks[1, "base"]).backend  # the base: auto's pick at the first batch
     others = [c.backend for c in candidates(None, 1) if c.backend != ours]  # the base on every other backend too
+    configs = ["lora/merged", "lora/unmerged", "switch/unmerged", "switch/fused", "switch/merged"]
+    chosen = meta["backends"]  # every other configuration on the backend auto picks for it at the first batch
+    assert sorted(chosen) == sorted(["base/-", *configs]) and chosen["base/-"] == ours
+    model, _ = lsjax.load(tmp_path / "ckpt")
+    for config in configs:
+        method, strategy = config.split("/")
+        adapter = random_adapter(model.config, method, SimpleNamespace(experts=4, top_k=2, rank=4,
+                                                                       targets="all-linear", dtype="float32"))
+        assert chosen[config] == choose(Decoder, model, adapter, 1, strategy=strategy).pick.backend  # cached
     assert keys == sorted([("base", "-", other, batch) for other in others for batch in (1, 2)] + [
-        ("base", "-", ours, 1), ("base", "-", ours, 2), ("lora", "merged", ours, 1), ("lora", "merged", ours, 2),
-        ("lora", "unmerged", ours, 1), ("lora", "unmerged", ours, 2), ("switch", "unmerged", ours, 1),
-        ("switch", "unmerged", ours, 2), ("switch", "fused", ours, 1), ("switch", "fused", ours, 2),
-        ("switch", "merged", ours, 1)])
+        ("base", "-", ours, 1), ("base", "-", ours, 2)] + [
+        (*config.split("/"), chosen[config], batch) for config in configs for batch in (1, 2)
+        if config != "switch/merged" or batch == 1])
     for r in records:  # every ratio is to the fastest base of the batch
         base = min(b["ms_per_token"] for b in records if b["method"] == "base" and b["batch"] == r["batch"])
         assert r["ms_per_token"] > 0 and r["rounds"] == 2 and r["dtype"] == "float32"
@@ -51,10 +61,10 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     table = latency_table([Record(**r) for r in records], meta)
     assert f"memory floor {meta['floor_ms']:.1f} ms/token" in table and "read floor" in table
     printed = capsys.readouterr().out
-    assert f"| switch | merged | {ours} | 1 |" in printed
+    assert f"| switch | merged | {chosen['switch/merged']} | 1 |" in printed
     best = min((r for r in records if r["method"] == "switch" and r["batch"] == 1), key=lambda r: r["ms_per_token"])
     fastest_base = min(r["ms_per_token"] for r in records if r["method"] == "base" and r["batch"] == 1)
-    assert (f"switch, best strategy ({best['strategy']}, {ours}) / base, batch 1: "
+    assert (f"switch, best strategy ({best['strategy']}, {best['backend']}) / base, batch 1: "
             f"{best['ms_per_token'] / fastest_base:.2f}x") in printed
     for check in meta["auto_base"]:  # auto's base pick against the fastest base this run measured
         batch = check["batch"]

@@ -100,21 +100,33 @@ def load_model(args):
     return model, tokenizer, str(ckpt)
 
 
-def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any], backend: Backend,
-                   reference: bool = True, dtype: Any = jnp.float32) -> list[tuple]:
-    """`time_decode` entries: every `(method, strategy)` with its adapter and backend, plus, with
-    `reference`, the base on every other backend that can run here (`autotune.candidates`)."""
-    entries = [(m, s, adapters.get(m), backend) for m, s in configs]
+def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any],
+                   backends: Backend | dict[tuple[str, str], Backend], reference: bool = True,
+                   dtype: Any = jnp.float32) -> list[tuple]:
+    """`time_decode` entries: every `(method, strategy)` with its adapter and backend (one for all,
+    or each entry's own: `auto_backends`), plus, with `reference`, the base on every other backend
+    that can run here (`autotune.candidates`)."""
+    chosen = backends if isinstance(backends, dict) else dict.fromkeys(configs, backends)
+    entries = [(m, s, adapters.get(m), chosen[(m, s)]) for m, s in configs]
     if reference and ("base", "-") in configs:
-        others = [c.backend for c in autotune.candidates(None, 1, dtype) if c.backend != backend.name]
+        mine = chosen[("base", "-")].name
+        others = [c.backend for c in autotune.candidates(None, 1, dtype) if c.backend != mine]
         entries[1:1] = [("base", "-", None, resolve_backend(name)) for name in others]
     return entries
 
 
-def auto_backend(model, batch: int, huge_pages: bool = True) -> Backend:
-    """The backend `auto` picks for the base at `batch` rows (`lsjax.autotune`)."""
-    name = autotune.choose(Decoder, model, None, batch).pick.backend
-    return native_backend(huge_pages=False) if name == "native" and not huge_pages else resolve_backend(name)
+def auto_backends(model, configs: list[tuple[str, str]], adapters: dict[str, Any], batch: int,
+                  huge_pages: bool = True) -> dict[tuple[str, str], Backend]:
+    """The backend `auto` picks for each `(method, strategy)` at `batch` rows: `lsjax.autotune` with
+    the strategy fixed (the cache, else timed now), so each configuration runs on its own fastest
+    backend and every ratio is to the fastest base."""
+    out = {}
+    for method, strategy in configs:
+        fixed = "auto" if method == "base" else strategy
+        name = autotune.choose(Decoder, model, adapters.get(method), batch, strategy=fixed).pick.backend
+        out[(method, strategy)] = (native_backend(huge_pages=False) if name == "native" and not huge_pages
+                                   else resolve_backend(name))
+    return out
 
 
 def auto_picks(model, adapters: dict[str, Any], batches: list[int]) -> list[dict[str, Any]]:
@@ -314,18 +326,22 @@ def run(args) -> list[Record]:
     adapters = {m: random_adapter(model.config, m, args) for m in {m for m, _ in configs if m != "base"}}
     picks = auto_picks(model, adapters, batches)
     if args.backend == "auto":
-        backend = auto_backend(model, batches[0], args.huge_pages == "on")
+        backend = auto_backends(model, configs, adapters, batches[0], args.huge_pages == "on")
     else:
         backend = resolve_backend(args.backend, model.dtype)
         if backend.name == "native" and args.huge_pages == "off":
             backend = native_backend(huge_pages=False)
     entries = decode_entries(configs, adapters, backend, dtype=model.dtype)
     meta = {"source": source, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-            "jax": jax.__version__, "backend_name": backend.name, "huge_pages": args.huge_pages == "on",
+            "jax": jax.__version__,
+            "backend_name": "auto" if isinstance(backend, dict) else backend.name,
+            "huge_pages": args.huge_pages == "on",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "experts": args.experts, "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-            "date": time.strftime("%Y-%m-%d"), "auto": picks}
+            "date": time.strftime("%Y-%m-%d"), "auto": picks,
+            "backends": {f"{m}/{s}": (backend[(m, s)] if isinstance(backend, dict) else backend).name
+                         for m, s in configs}}
 
     def save(records: list[Record], info: dict[str, Any], complete: bool = False) -> None:
         if args.json:  # every update: a run cut short keeps what it measured
@@ -470,8 +486,8 @@ def add_bench_parser(subparsers):
     dec.add_argument("--new-tokens", type=int, default=32)
     dec.add_argument("--rounds", type=int, default=5)
     dec.add_argument("--backend", choices=("auto", "xla", "native", "hybrid", "pallas"), default="auto",
-                     help="what runs the products (lsjax.backends): auto = the backend auto picks for the base at "
-                          "the first batch size (timed on this machine, lsjax.autotune)")
+                     help="what runs the products (lsjax.backends): auto = each configuration on the backend auto "
+                          "picks for it at the first batch size (timed on this machine, lsjax.autotune)")
     dec.add_argument("--huge-pages", choices=("on", "off"), default="on",
                      help="native backend: back the decoded arrays with transparent huge pages (default on)")
     dec.add_argument("--with-transformers", action="store_true", help="also time transformers (+ unmerged PEFT LoRA)")
