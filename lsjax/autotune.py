@@ -36,6 +36,7 @@ rule of `lsjax.backends.resolve_backend` and `lsjax.strategies.resolve_strategy`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -256,25 +257,34 @@ def machine() -> dict[str, Any]:
     """What a measurement depends on besides the model: the device, the CPU, jax and the native library."""
     import jaxlib
 
+    from lsjax import native
     from lsjax.native import unavailable_reason
 
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         affinity = os.cpu_count()
-    return {"platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "cpu": _cpu_name(),
-            "cores": affinity, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "native": unavailable_reason() is None}
+    library = _digest(native.LIBRARY.read_bytes()) if unavailable_reason() is None else None
+    return {"platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "cpu": _cpu_info("model name"), "cpu_flags": _digest(_cpu_info("flags").encode()), "cores": affinity,
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "native": library}
 
 
-def _cpu_name() -> str:
+def _cpu_info(field: str) -> str:
+    """A field of /proc/cpuinfo's first CPU. The name alone does not tell machines apart: a VM's
+    "AMD EPYC" may or may not have AVX-512, so the flags go into the key too, and the native
+    library's bytes (a rebuilt kernel is timed again)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.partition(":")[2].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine() if field == "model name" else ""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def cache_key(model_config: ModelConfig, dtype: Any, adapter_config: Any | None, rows: int,

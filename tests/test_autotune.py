@@ -225,3 +225,19 @@ def test_only_concrete_arrays_on_one_device_are_timed():
     seen = []
     jax.jit(lambda x: seen.append(autotune.measurable(x)) or x)(jnp.ones(3))
     assert seen == [False]  # traced: the static rule decides
+
+
+def test_the_machine_key_tells_apart_cpus_of_one_name_and_native_builds(monkeypatch, tmp_path):
+    """Two VMs both named "AMD EPYC", one with AVX-512: their measurements must not be shared; nor
+    those of a rebuilt native library."""
+    def cpu(flags):
+        monkeypatch.setattr(autotune, "_cpu_info", lambda field: "AMD EPYC" if field == "model name" else flags)
+        return autotune.machine()
+
+    avx2, avx512 = cpu("fpu sse2 avx2 fma"), cpu("fpu sse2 avx2 fma avx512f")
+    assert avx2["cpu"] == avx512["cpu"] and avx2 != avx512
+    if native.available():
+        other = tmp_path / "_matvec.so"
+        other.write_bytes(native.LIBRARY.read_bytes() + b"\0")
+        monkeypatch.setattr(native, "LIBRARY", other)
+        assert cpu("fpu sse2 avx2 fma")["native"] != avx2["native"]

@@ -360,6 +360,9 @@ LSJAX_HOT void TransposedPhase(void* ctx, int part) {  // each piece: its rows o
 // Below this many bytes read a product runs on the calling thread: waking another costs more.
 constexpr int64_t kParallelBytes = 256 << 10;
 
+// Rows up to this are a decode step's (lsjax.native.MAX_ROWS), more a prefill chunk's.
+constexpr int64_t kDecodeRows = 16;
+
 int Parts(int64_t bytes) { return bytes < kParallelBytes ? 1 : SharedPool().threads(); }
 
 // Groups the picks ids/gates [T, routes, J] by (route, expert), merging a row's repeated picks of
@@ -394,7 +397,11 @@ void Route(Problem& p, const int32_t* ids, const float* gates, int64_t J) {
 void Multiply(Problem& p) {
   int64_t bytes = p.w != nullptr ? p.K * p.N : p.T * p.N;
   for (const Group& g : p.groups) bytes += p.K * p.xa_width + p.R * p.N;  // an upper bound of the B bytes
-  p.parts = Parts(bytes * int64_t(sizeof(float)));
+  // A decode step's routed term alone (x @ W made by XLA: the hybrid backend) runs on the calling
+  // thread: it is small, and the pool's spinning workers would take the cores on which XLA's own
+  // threads run the next products (measured: docs/perf.md). Many rows (a prefill chunk) still split.
+  const bool term_only = p.w == nullptr && p.T <= kDecodeRows;
+  p.parts = term_only ? 1 : Parts(bytes * int64_t(sizeof(float)));
   const int64_t uses = int64_t(p.uses.size());
   p.x_rows.resize(p.T);
   for (int64_t t = 0; t < p.T; ++t) p.x_rows[t] = p.x + t * p.K;
