@@ -360,8 +360,8 @@ LSJAX_HOT void TransposedPhase(void* ctx, int part) {  // each piece: its rows o
 // Below this many bytes read a product runs on the calling thread: waking another costs more.
 constexpr int64_t kParallelBytes = 256 << 10;
 
-// Rows up to this are a decode step's (lsjax.native.MAX_ROWS), more a prefill chunk's.
-constexpr int64_t kDecodeRows = 16;
+// Below this many bytes the routed term alone runs on the calling thread (Multiply says why).
+constexpr int64_t kTermParallelBytes = 1 << 20;
 
 int Parts(int64_t bytes) { return bytes < kParallelBytes ? 1 : SharedPool().threads(); }
 
@@ -397,11 +397,11 @@ void Route(Problem& p, const int32_t* ids, const float* gates, int64_t J) {
 void Multiply(Problem& p) {
   int64_t bytes = p.w != nullptr ? p.K * p.N : p.T * p.N;
   for (const Group& g : p.groups) bytes += p.K * p.xa_width + p.R * p.N;  // an upper bound of the B bytes
-  // A decode step's routed term alone (x @ W made by XLA: the hybrid backend) runs on the calling
-  // thread: it is small, and the pool's spinning workers would take the cores on which XLA's own
-  // threads run the next products (measured: docs/perf.md). Many rows (a prefill chunk) still split.
-  const bool term_only = p.w == nullptr && p.T <= kDecodeRows;
-  p.parts = term_only ? 1 : Parts(bytes * int64_t(sizeof(float)));
+  // The routed term alone (x @ W made by XLA: the hybrid backend) of a few experts runs on the
+  // calling thread: waking the pool costs more than it saves there, and its spinning workers would
+  // take the cores on which XLA's own threads run the next products (docs/perf.md).
+  bytes *= int64_t(sizeof(float));
+  p.parts = p.w == nullptr && bytes < kTermParallelBytes ? 1 : Parts(bytes);
   const int64_t uses = int64_t(p.uses.size());
   p.x_rows.resize(p.T);
   for (int64_t t = 0; t < p.T; ++t) p.x_rows[t] = p.x + t * p.K;
