@@ -13,9 +13,9 @@ at batch 1 only; `layerwise` / `blockwise`: unmerged, fused). The mixed candidat
 base product, the native routed term).
 
 Timing: each candidate's Decoder prefills a short fixed prompt and takes untimed steps (compiling,
-warming), then timed steps in rounds interleaved across the candidates, so machine noise hits all
-alike; the figure is the median ms per step. Each candidate's Decoder is held while timing (the
-`merged` strategies' own weights with it).
+warming), then one timed step. A candidate more than `PRUNE` times slower than the fastest there
+stops (its figure is that step) and its Decoder is let go; the others take timed steps in rounds
+interleaved across them, so machine noise hits all alike; the figure is the median ms per step.
 
 The cache file (`cache_path()`: `$LSJAX_AUTOTUNE_CACHE`, else `~/.cache/lsjax/autotune.json`) is the
 only state: it is read at every choice and rewritten atomically after a measurement; nothing is
@@ -60,6 +60,7 @@ FORMAT = 1  # the cache file's layout; a file of another format is refused (dele
 WARM_STEPS = 2  # untimed steps after the prefill: compiling and warming
 ROUNDS = 3  # interleaved rounds across the candidates
 STEPS = 3  # timed steps per candidate and round (after one untimed step that brings its state back)
+PRUNE = 2.0  # a candidate whose first timed step takes this many times the fastest one's is not timed further
 # A Generator's smallest prompt bucket and cache round (`lsjax.generate`): the picked candidate's
 # prefill compilation serves a Generator's first short prompts too.
 PROMPT_TOKENS, CAPACITY = 16, 64
@@ -232,17 +233,30 @@ def measure(decoder: type, model, adapter, rows: int, options: list[Candidate], 
         logits.block_until_ready()
         runs.append([built, cache])
     samples: dict[str, list[float]] = {c.label: [] for c in options}
-    for _ in range(ROUNDS):
-        for c, run in zip(options, runs):
-            built, cache = run
-            logits, cache = built.step(tokens, cache)  # untimed: the last candidate's state out of the caches
+
+    def timed(c: Candidate, run: list, steps: int) -> None:
+        built, cache = run
+        logits, cache = built.step(tokens, cache)  # untimed: the last candidate's state out of the caches
+        logits.block_until_ready()
+        for _ in range(steps):
+            start = time.perf_counter()
+            logits, cache = built.step(tokens, cache)
             logits.block_until_ready()
-            for _ in range(STEPS):
-                start = time.perf_counter()
-                logits, cache = built.step(tokens, cache)
-                logits.block_until_ready()
-                samples[c.label].append((time.perf_counter() - start) * 1e3)
-            run[1] = cache
+            samples[c.label].append((time.perf_counter() - start) * 1e3)
+        run[1] = cache
+
+    for c, run in zip(options, runs):  # one step each: a candidate far behind the best stops here
+        timed(c, run, 1)
+    best = min(values[0] for values in samples.values())
+    contenders = []
+    for c, run in zip(options, runs):
+        if samples[c.label][0] <= PRUNE * best:
+            contenders.append((c, run))
+        else:
+            run.clear()  # its Decoder (a merged strategy's own weights) is let go now
+    for _ in range(ROUNDS):
+        for c, run in contenders:
+            timed(c, run, STEPS)
     return {label: statistics.median(values) for label, values in samples.items()}
 
 

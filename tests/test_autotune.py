@@ -3,6 +3,7 @@ auto choice on a tiny model, each against real timings (or a candidate made slow
 
 import json
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -168,10 +169,13 @@ def test_a_pinned_cache_entry_is_auto_s_pick_until_measured_again(tmp_path, mode
 
 @pytest.mark.parametrize("fast", ["unmerged", "fused", "merged"])
 def test_auto_picks_the_one_candidate_that_is_not_slowed_down(model, switch, monkeypatch, fast):
-    """Every candidate but one sleeps 40 ms a step (far more than a tiny model's step): that one is picked."""
+    """Every candidate but one sleeps 40 ms a step (far more than a tiny model's step): that one is
+    picked, and the others, more than `PRUNE` times slower at their first timed step, stop there."""
     step = Decoder.step
+    calls = Counter()
 
     def slow(self, tokens, cache):
+        calls[str(self.strategy)] += 1
         if self.strategy != fast:
             time.sleep(0.04)
         return step(self, tokens, cache)
@@ -180,6 +184,9 @@ def test_auto_picks_the_one_candidate_that_is_not_slowed_down(model, switch, mon
     decoder = Decoder(model, switch, backend="xla")
     assert decoder.strategy == fast and decoder.tuning.source == "measured"
     assert all(ms > 40 for label, ms in decoder.tuning.ms_per_step.items() if label != f"xla/{fast}")
+    warm_and_first = autotune.WARM_STEPS + 2  # warming, then one untimed and one timed step
+    assert calls == {s: warm_and_first + (autotune.ROUNDS * (1 + autotune.STEPS) if s == fast else 0)
+                     for s in ("unmerged", "fused", "merged")}
 
 
 @needs_native
