@@ -116,17 +116,32 @@ def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any],
 
 
 def auto_backends(model, configs: list[tuple[str, str]], adapters: dict[str, Any], batch: int,
-                  huge_pages: bool = True) -> dict[tuple[str, str], Backend]:
-    """The backend `auto` picks for each `(method, strategy)` at `batch` rows: `lsjax.autotune` with
-    the strategy fixed (the cache, else timed now), so each configuration runs on its own fastest
-    backend and every ratio is to the fastest base."""
+                  huge_pages: bool = True, picks: list[dict[str, Any]] | None = None
+                  ) -> dict[tuple[str, str], Backend]:
+    """The backend `auto` picks for each `(method, strategy)` at `batch` rows, so each configuration
+    runs on its own fastest backend and every ratio is to the fastest base: from `picks`
+    (`auto_picks`, whose measurement timed every backend x strategy) where they hold the figures,
+    else `lsjax.autotune` with the strategy fixed (the cache, else timed now)."""
     out = {}
     for method, strategy in configs:
-        fixed = "auto" if method == "base" else strategy
-        name = autotune.choose(Decoder, model, adapters.get(method), batch, strategy=fixed).pick.backend
+        fixed = "base" if method == "base" else strategy
+        name = measured_backend(picks or [], method, fixed, batch)
+        if name is None:
+            asked = "auto" if method == "base" else strategy
+            name = autotune.choose(Decoder, model, adapters.get(method), batch, strategy=asked).pick.backend
         out[(method, strategy)] = (native_backend(huge_pages=False) if name == "native" and not huge_pages
                                    else resolve_backend(name))
     return out
+
+
+def measured_backend(picks: list[dict[str, Any]], method: str, strategy: str, batch: int) -> str | None:
+    """The backend whose `strategy` was timed fastest for `method` at `batch` in `picks` (None if not timed)."""
+    for pick in picks:
+        if (pick["batch"], pick["method"]) == (batch, method):
+            timed = {autotune.Candidate.parse(label): ms for label, ms in pick["ms_per_step"].items()}
+            mine = {c.backend: ms for c, ms in timed.items() if c.strategy == strategy}
+            return min(mine, key=mine.get) if mine else None
+    return None
 
 
 def auto_picks(model, adapters: dict[str, Any], batches: list[int]) -> list[dict[str, Any]]:
@@ -326,7 +341,7 @@ def run(args) -> list[Record]:
     adapters = {m: random_adapter(model.config, m, args) for m in {m for m, _ in configs if m != "base"}}
     picks = auto_picks(model, adapters, batches)
     if args.backend == "auto":
-        backend = auto_backends(model, configs, adapters, batches[0], args.huge_pages == "on")
+        backend = auto_backends(model, configs, adapters, batches[0], args.huge_pages == "on", picks)
     else:
         backend = resolve_backend(args.backend, model.dtype)
         if backend.name == "native" and args.huge_pages == "off":
