@@ -135,9 +135,16 @@ def test_evaluate_metrics_and_table(tiny):
     for k in ("acc", "acc_norm"):  # the average weighs tasks alike, not documents
         assert results["average"][k] == pytest.approx((want["a"][k] + want["b"][k]) / 2)
     assert results["average"]["n"] == 5
+    for task, docs in (("a", DOCS[:2]), ("b", DOCS[2:])):  # per-document scores behind each accuracy
+        columns = results["tasks"][task]["docs"]
+        assert columns["id"] == [d.id for d in docs]
+        assert {k: np.mean(columns[k]) for k in ("acc", "acc_norm")} == pytest.approx(want[task]), task
     table = format_table(results, "heldout")
     assert table.splitlines()[0] == "| task | acc | acc_norm | n |" and "| **average** |" in table
     assert "hash" in table
+    table = format_table(harness.add_intervals(results, replicates=200, seed=1), "heldout")
+    assert table.splitlines()[0] == "| task | acc [95% interval] | acc_norm [95% interval] | n |"
+    assert "(200 resamples, seed 1)" in table
 
 
 def test_perplexity_matches_direct_computation(tiny):
@@ -272,4 +279,24 @@ def test_cli_on_smollm2(smollm2_ckpt, tmp_path, capsys):
     assert data["average"]["acc"] == r["acc"] and data["average"]["n"] == 8
     assert data["config"]["ckpt"] == str(smollm2_ckpt) and data["config"]["split"] == "heldout"
     assert data["config"]["limit"] == 8 and data["config"]["dtype"] == "float32"
-    assert "| arc_easy |" in capsys.readouterr().out
+    # per-document scores, in document order, that the accuracies are the means of
+    docs = r["docs"]
+    assert docs["id"] == [d.id for d in load_docs("arc_easy", "heldout", 8)["arc_easy"]]
+    cells = []
+    for m in ("acc", "acc_norm"):
+        assert len(docs[m]) == 8 and set(docs[m]) <= {0, 1} and np.mean(docs[m]) == pytest.approx(r[m])
+        lo, hi = r[f"{m}_ci"]
+        assert 0 <= lo <= r[m] <= hi <= 1 and (lo, hi) != (0, 1)
+        assert data["average"][f"{m}_ci"] == [lo, hi]  # one task: the average is that task
+        cells.append(f"{100 * r[m]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+    assert data["bootstrap"] == {"replicates": 2000, "seed": 0, "level": 0.95}
+    printed = capsys.readouterr().out
+    assert "| task | acc [95% interval] | acc_norm [95% interval] | n |" in printed
+    assert f"| arc_easy | {cells[0]} | {cells[1]} | 8 |" in printed
+    assert "percentile bootstrap over documents (2000 resamples, seed 0)" in printed
+
+    # the run against itself: no difference, and no spread
+    args = parse(["--compare", str(out), str(out)])
+    comparison = args.run(args)
+    assert comparison["average"] == {"n": 8, "acc": 0.0, "acc_ci": [0.0, 0.0], "acc_norm": 0.0,
+                                     "acc_norm_ci": [0.0, 0.0]}

