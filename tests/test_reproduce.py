@@ -162,3 +162,48 @@ def test_targets_report_met_and_missed_by_how_much():
                      "- MISSED: switch -1.5 points against the best routed baseline, layerwise (target >= -1)",
                      "- met: decode ratio to base: layerwise 1.30x, blockwise 1.20x, switch 1.10x "
                      "(target: switch lowest of the routed methods)"]
+
+
+def test_targets_are_judged_on_the_paired_interval_of_the_documents_both_scored():
+    """Per-document scores kept: the gain and its paired interval over the same documents decide
+    met / MISSED / not resolved; a method scored on other documents is judged on its point figure."""
+    import numpy as np
+
+    from lsjax.reproduce import paired_gains, targets
+
+    rng = np.random.default_rng(0)
+    ids = [f"d{i}" for i in range(400)]
+
+    def scored(p_by_task, flip=None):
+        tasks = {}
+        for t, p in p_by_task.items():
+            acc = (rng.random(len(ids)) < p).astype(int)
+            tasks[t] = {"acc": float(acc.mean()), "acc_norm": float(acc.mean()), "n": len(ids),
+                        "docs": {"id": list(ids), "acc": acc.tolist(), "acc_norm": acc.tolist()}}
+        return {"tasks": tasks, "average": {"acc": float(np.mean([r["acc"] for r in tasks.values()]))}}
+
+    base = scored({"a": 0.3, "b": 0.4})
+    switch = scored({"a": 0.6, "b": 0.7})  # ~+30 points: met whatever the noise
+    lora = json.loads(json.dumps(switch))  # the same scores: a difference of exactly 0, interval [0, 0]
+    other_docs = scored({"a": 0.9, "b": 0.9})
+    for r in other_docs["tasks"].values():
+        r["docs"]["id"] = [i + "x" for i in ids]
+    evals = {"base": base, "switch": switch, "lora": lora, "blockwise": other_docs}
+    gains = paired_gains(evals)
+    assert sorted(gains) == ["base", "lora"]  # blockwise was scored on other documents
+    expected = 100 * (np.mean([np.mean(switch["tasks"][t]["docs"]["acc"]) for t in "ab"])
+                      - np.mean([np.mean(base["tasks"][t]["docs"]["acc"]) for t in "ab"]))
+    assert gains["base"]["points"] == pytest.approx(expected) and gains["base"]["n"] == 800
+    lo, hi = gains["base"]["interval"]
+    assert lo < expected < hi and 3 < lo and hi - lo < 12
+    assert gains["lora"]["interval"] == [0.0, 0.0] and gains["lora"]["points"] == 0.0
+
+    methods = {k: {"average": v["average"]["acc"]} for k, v in evals.items()}
+    lines = targets({"methods": methods, "paired": gains})
+    assert lines[0].startswith(f"- met: switch {expected:+.1f} points [") and "paired 95% interval over 800" in lines[0]
+    assert lines[1].startswith("- met: switch +0.0 points [+0.0, +0.0] against lora (target >= 0;")
+    assert lines[2].startswith("- MISSED: switch") and "interval" not in lines[2]  # blockwise: point figure only
+    # an interval straddling the target is not resolved at this n
+    straddle = {**gains, "base": {"points": 3.5, "interval": [1.0, 6.0], "n": 800}}
+    assert targets({"methods": methods, "paired": straddle})[0].startswith(
+        "- not resolved at this n: switch +3.5 points [+1.0, +6.0] over the base")
