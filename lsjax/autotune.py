@@ -268,33 +268,34 @@ def check_rows(rows: int) -> None:
 # -- the cache file ---------------------------------------------------------------------------------
 
 def machine() -> dict[str, Any]:
-    """What a measurement depends on besides the model: the device, the CPU, jax and the native library."""
+    """What a measurement depends on besides the model: the device, the CPU, jax and the native library.
+    A CPU's name alone does not tell machines apart (a VM's "AMD EPYC" may or may not have
+    AVX-512), so its flags go into the key too; and the native library's bytes, so that a rebuilt
+    kernel is timed again."""
     import jaxlib
 
     from lsjax import native
-    from lsjax.native import unavailable_reason
 
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         affinity = os.cpu_count()
-    library = _digest(native.LIBRARY.read_bytes()) if unavailable_reason() is None else None
+    library = _digest(native.LIBRARY.read_bytes()) if native.available() else None
     return {"platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "cpu": _cpu_info("model name"), "cpu_flags": _digest(_cpu_info("flags").encode()), "cores": affinity,
             "jax": jax.__version__, "jaxlib": jaxlib.__version__, "native": library}
 
 
 def _cpu_info(field: str) -> str:
-    """A field of /proc/cpuinfo's first CPU. The name alone does not tell machines apart: a VM's
-    "AMD EPYC" may or may not have AVX-512, so the flags go into the key too, and the native
-    library's bytes (a rebuilt kernel is timed again)."""
+    """A field of /proc/cpuinfo's first CPU ("model name", "flags"); where there is none, the
+    platform's processor name for the model and nothing for the flags."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(field):
                 return line.partition(":")[2].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() if field == "model name" else ""
+    return (platform.processor() or platform.machine()) if field == "model name" else ""
 
 
 def _digest(data: bytes) -> str:

@@ -55,6 +55,7 @@ from lsjax.eval.harness import (
     evaluate,
     load_docs,
     model_logits_fn,
+    paired_average,
 )
 from lsjax.eval.latency import (
     Record,
@@ -65,7 +66,6 @@ from lsjax.eval.latency import (
     select_configs,
     time_decode,
 )
-from lsjax.eval.stats import average_difference_interval
 from lsjax.extras import pyplot
 from lsjax.generate import Generator
 from lsjax.jsonfile import write_json
@@ -348,11 +348,10 @@ def paired_gains(evals: dict[str, dict], of: str = "switch") -> dict[str, dict[s
         if not all("docs" in theirs[t] and "docs" in mine[t] and theirs[t]["docs"]["id"] == mine[t]["docs"]["id"]
                    for t in mine):
             continue
-        a = [np.asarray(theirs[t]["docs"]["acc"], float) for t in mine]
-        b = [np.asarray(mine[t]["docs"]["acc"], float) for t in mine]
-        lo, hi = average_difference_interval(a, b)
-        out[name] = {"points": 100 * float(np.mean([x.mean() for x in b]) - np.mean([x.mean() for x in a])),
-                     "interval": [100 * lo, 100 * hi], "n": int(sum(len(x) for x in a))}
+        points, (lo, hi) = paired_average({t: theirs[t]["docs"] for t in mine}, {t: mine[t]["docs"] for t in mine},
+                                          "acc")
+        out[name] = {"points": 100 * points, "interval": [100 * lo, 100 * hi],
+                     "n": sum(len(mine[t]["docs"]["id"]) for t in mine)}
     return out
 
 

@@ -3,6 +3,7 @@ memory a Generator holds (the model's own weights and the adapter's, no second c
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -76,8 +77,6 @@ def test_a_compiled_step_updates_the_cache_in_place(batch, row_lengths):
     """The compiled base step writes each layer's new key and value into the donated cache without
     copying any cache buffer: batch 1 (where a `[1, KV, T, D]` buffer was copied four times a
     step), a batch, and a serving engine's cache whose rows each have their own length."""
-    import re
-
     model = Llama(CONFIG, rngs=nnx.Rngs(0))
     _, step = strategies.compiled(CONFIG, None, "base", XLA)
     cache = init_cache(CONFIG, batch, 64)

@@ -496,6 +496,15 @@ def check_same_documents(a: dict[str, Any], b: dict[str, Any], path_a: str | Pat
                              "and --limit")
 
 
+def paired_average(a: dict[str, dict], b: dict[str, dict], metric: str, **settings) -> tuple[float, tuple]:
+    """B - A on the unweighted average over tasks of `metric`, with its paired interval; `a` and `b`
+    map each task to its per-document score columns, on the same documents (`check_same_documents`)."""
+    tasks = list(a)
+    points = float(np.mean([np.mean(b[t][metric]) - np.mean(a[t][metric]) for t in tasks]))
+    return points, average_difference_interval([a[t][metric] for t in tasks], [b[t][metric] for t in tasks],
+                                               **settings)
+
+
 def compare_runs(path_a: str | Path, path_b: str | Path, replicates: int = DEFAULT_REPLICATES, seed: int = 0,
                  level: float = DEFAULT_LEVEL) -> dict[str, Any]:
     """B - A per task and on the unweighted average over tasks, with paired intervals over the shared documents."""
@@ -509,9 +518,8 @@ def compare_runs(path_a: str | Path, path_b: str | Path, replicates: int = DEFAU
         for t, r in tasks.items():
             r[m] = float(b[t][m].mean() - a[t][m].mean())
             r[f"{m}_ci"] = list(paired_difference_interval(a[t][m], b[t][m], **settings))
-        average[m] = float(np.mean([r[m] for r in tasks.values()]))
-        average[f"{m}_ci"] = list(average_difference_interval([a[t][m] for t in a], [b[t][m] for t in a],
-                                                              **settings))
+        average[m], interval = paired_average(a, b, m, **settings)
+        average[f"{m}_ci"] = list(interval)
     return {"a": str(path_a), "b": str(path_b), "tasks": tasks, "average": average, "bootstrap": settings}
 
 

@@ -101,15 +101,14 @@ def load_model(args):
 
 
 def decode_entries(configs: list[tuple[str, str]], adapters: dict[str, Any],
-                   backends: Backend | dict[tuple[str, str], Backend], reference: bool = True,
+                   backends: dict[tuple[str, str], Backend], reference: bool = True,
                    dtype: Any = jnp.float32) -> list[tuple]:
-    """`time_decode` entries: every `(method, strategy)` with its adapter and backend (one for all,
-    or each entry's own: `auto_backends`), plus, with `reference`, the base on every other backend
-    that can run here (`autotune.candidates`)."""
-    chosen = backends if isinstance(backends, dict) else dict.fromkeys(configs, backends)
-    entries = [(m, s, adapters.get(m), chosen[(m, s)]) for m, s in configs]
+    """`time_decode` entries: every `(method, strategy)` with its adapter and its backend in
+    `backends`, plus, with `reference`, the base on every other backend that can run here
+    (`autotune.candidates`)."""
+    entries = [(m, s, adapters.get(m), backends[(m, s)]) for m, s in configs]
     if reference and ("base", "-") in configs:
-        mine = chosen[("base", "-")].name
+        mine = backends[("base", "-")].name
         others = [c.backend for c in autotune.candidates(None, 1, dtype) if c.backend != mine]
         entries[1:1] = [("base", "-", None, resolve_backend(name)) for name in others]
     return entries
@@ -341,22 +340,20 @@ def run(args) -> list[Record]:
     adapters = {m: random_adapter(model.config, m, args) for m in {m for m, _ in configs if m != "base"}}
     picks = auto_picks(model, adapters, batches)
     if args.backend == "auto":
-        backend = auto_backends(model, configs, adapters, batches[0], args.huge_pages == "on", picks)
+        backends = auto_backends(model, configs, adapters, batches[0], args.huge_pages == "on", picks)
     else:
         backend = resolve_backend(args.backend, model.dtype)
         if backend.name == "native" and args.huge_pages == "off":
             backend = native_backend(huge_pages=False)
-    entries = decode_entries(configs, adapters, backend, dtype=model.dtype)
+        backends = dict.fromkeys(configs, backend)
+    entries = decode_entries(configs, adapters, backends, dtype=model.dtype)
     meta = {"source": source, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-            "jax": jax.__version__,
-            "backend_name": "auto" if isinstance(backend, dict) else backend.name,
-            "huge_pages": args.huge_pages == "on",
+            "jax": jax.__version__, "backend_name": args.backend, "huge_pages": args.huge_pages == "on",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "experts": args.experts, "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d"), "auto": picks,
-            "backends": {f"{m}/{s}": (backend[(m, s)] if isinstance(backend, dict) else backend).name
-                         for m, s in configs}}
+            "backends": {f"{m}/{s}": b.name for (m, s), b in backends.items()}}
 
     def save(records: list[Record], info: dict[str, Any], complete: bool = False) -> None:
         if args.json:  # every update: a run cut short keeps what it measured

@@ -53,4 +53,3 @@ class NativeBackend:
 
     def prepare(self, arrays: Any) -> dict[str, Any]:
         return {"huge_page_bytes": hugepages.collapse(arrays) if self.huge_pages else 0}
-
