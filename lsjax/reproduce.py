@@ -6,16 +6,20 @@
 Stages, each saved under the run folder as it finishes (a rerun skips what is done and resumes a
 training run from its last checkpoint; evaluation is saved model by model, task by task):
 
-    eval/base/<task>.json        held-out accuracy of the base model
-    train/<method>/              `lsjax train` run (checkpoints, metrics.jsonl, adapter/)
-    train/<method>.json          its budget and final numbers
-    eval/<method>/<task>.json    held-out accuracy with the trained adapter
+    eval/base/<task>.json               held-out accuracy of the base model
+    train/<method>/seed<k>/             `lsjax train` run of training seed k (checkpoints, metrics.jsonl, adapter/)
+    train/<method>/seed<k>.json         its budget and final numbers
+    eval/<method>/seed<k>/<task>.json   held-out accuracy with that trained adapter
     latency.json                 `lsjax bench decode` records (base and every method, same run)
     memory/<model>.json          peak RSS of a fresh process decoding with that model (reproduce only)
     summary.md, results.json     the table, the targets, the settings
 
 Every method trains with the same budget (steps, batch, sequence length, learning rate, data) on
-the `train` split of the tasks; accuracy is on the disjoint `heldout` split (`lsjax.data`).
+the `train` split of the tasks, once per training seed (the seed draws the adapter's initial weights
+and the order of the examples); accuracy is on the disjoint `heldout` split (`lsjax.data`). A
+method's accuracy is the mean over its seeds; each document's score is averaged over the seeds too,
+so the bootstrap intervals (over documents) compare methods on the same documents. Latency, memory
+and the streamed sample use the first seed's adapter.
 """
 
 from __future__ import annotations
@@ -50,13 +54,16 @@ from lsjax.data import load_task
 from lsjax.errors import ConfigError, exit_status
 from lsjax.eval.harness import (
     DEFAULT_MAX_LENGTH,
+    METRICS,
     SPLIT_NOTE,
+    add_intervals,
     adapter_logits_fn,
     evaluate,
     load_docs,
     model_logits_fn,
     paired_average,
 )
+from lsjax.eval.stats import DEFAULT_LEVEL, DEFAULT_REPLICATES
 from lsjax.eval.latency import (
     Record,
     auto_backends,
@@ -91,7 +98,8 @@ class Plan:
     batch_size: int = 8
     max_length: int = 64                          # training sequence length (longer prompts lose their start)
     lr: float = 3e-4
-    eval_limit: int | None = 100                  # first N held-out documents per task (None: all)
+    seeds: tuple[int, ...] = (0, 1)               # training seeds, each method trained once per seed
+    eval_limit: int | None = None                 # first N held-out documents per task (None: all)
     latency_methods: tuple[str, ...] = ("base", *METHODS)   # "method" (all its strategies) or "method/strategy";
                                                             # methods not trained get random adapters
     latency_batches: tuple[int, ...] = (1,)
@@ -115,6 +123,10 @@ class Plan:
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field}={value!r} is invalid; expected a positive integer")
+        if (not isinstance(self.seeds, tuple) or not self.seeds or len(set(self.seeds)) != len(self.seeds)
+                or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.seeds)):
+            raise ConfigError(f"seeds={self.seeds!r} is invalid; expected a non-empty tuple of distinct non-negative "
+                              "integers (training seeds)")
         if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
             raise ConfigError(f"eval_limit={self.eval_limit!r} is invalid; expected a positive integer or None")
         if not self.lr > 0:
@@ -125,12 +137,12 @@ class Plan:
 
 
 PRESETS = {
-    # ~1.5 h on a 2-core CPU: 4 x 150 steps of 8 x 64 tokens, 100 held-out documents per task
+    # every held-out document, 4 methods x 2 seeds x 150 steps of 8 x 64 tokens: hours on a 2-core CPU
     "reproduce": dict(run_dir="runs/reproduce", results_md="docs/results.md"),
     # a few minutes: one short switch run on the three shortest tasks, switch against the base
     "demo": dict(run_dir="runs/demo", methods=("switch",), tasks=("arc_easy", "openbookqa", "commonsense_qa"),
-                 steps=16, lr=1e-3, eval_limit=32, latency_methods=("base", "switch/fused"), latency_reference=False,
-                 latency_rounds=3, new_tokens=16, memory=False, sample_prompt=SAMPLE_PROMPT),
+                 seeds=(0,), steps=16, lr=1e-3, eval_limit=32, latency_methods=("base", "switch/fused"),
+                 latency_reference=False, latency_rounds=3, new_tokens=16, memory=False, sample_prompt=SAMPLE_PROMPT),
 }
 
 
@@ -156,25 +168,26 @@ def _check_plan(run_dir: Path, plan: Plan) -> None:
 
 
 # -- stages -------------------------------------------------------------------------------------
-def train_config(plan: Plan, method: str, ckpt: Path, run_dir: Path):
-    """The method's `lsjax/train/configs/smollm2_<method>.yaml` with the plan's shared budget."""
+def train_config(plan: Plan, method: str, seed: int, ckpt: Path, run_dir: Path):
+    """The method's `lsjax/train/configs/smollm2_<method>.yaml` with the plan's shared budget and `seed`."""
 
     configs = Path(lsjax.train.__file__).resolve().parent / "configs"
     warmup = max(1, min(20, plan.steps // 10))
     return load_config(configs / f"smollm2_{method}.yaml", [
-        f"model={ckpt}", f"run_dir={run_dir / 'train' / method}", f"steps={plan.steps}",
+        f"model={ckpt}", f"run_dir={run_dir / 'train' / method / f'seed{seed}'}", f"seed={seed}", f"steps={plan.steps}",
         f"batch_size={plan.batch_size}", f"data.max_length={plan.max_length}", f"optim.lr={plan.lr}",
         f"optim.warmup_steps={warmup}", f"data.tasks=[{','.join(plan.tasks)}]", "data.eval_docs=32",
         f"eval_every={plan.steps}", f"checkpoint_every={max(1, plan.steps // 4)}", "log_every=10"])
 
 
-def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path, train_docs: int) -> dict[str, Any]:
+def run_training(plan: Plan, method: str, seed: int, ckpt: Path, run_dir: Path, train_docs: int) -> dict[str, Any]:
 
-    done = _read_json(run_dir / "train" / f"{method}.json")
+    path = run_dir / "train" / method / f"seed{seed}.json"
+    done = _read_json(path)
     if done is not None:
-        print(f"{method}: trained already ({done['steps']} steps, {done['seconds']:.0f} s)")
+        print(f"{method} seed {seed}: trained already ({done['steps']} steps, {done['seconds']:.0f} s)")
         return done
-    config = train_config(plan, method, ckpt, run_dir)
+    config = train_config(plan, method, seed, ckpt, run_dir)
     folder = Path(config.run_dir)
     resume = (folder / "checkpoints").is_dir()
     start = time.perf_counter()
@@ -183,7 +196,7 @@ def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path, train_docs:
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     timed = steps_this_call(lines, config.steps, resume)
     first_eval = next((x["eval_loss"] for x in lines if x.get("step") == 0 and "eval_loss" in x), None)
-    summary = {"method": method, "steps": config.steps, "batch_size": config.batch_size,
+    summary = {"method": method, "seed": seed, "steps": config.steps, "batch_size": config.batch_size,
                "max_length": config.data.max_length, "lr": config.optim.lr,
                "examples": config.steps * config.batch_size,
                "train_docs": train_docs, "seconds": round(seconds, 3),
@@ -192,7 +205,7 @@ def run_training(plan: Plan, method: str, ckpt: Path, run_dir: Path, train_docs:
                "steps_timed": timed,
                "tokens_per_s": round(timed * config.batch_size * config.data.max_length / seconds, 2),
                "adapter": str(folder / "adapter"), "adapter_params": _adapter_params(folder / "adapter")}
-    write_json(run_dir / "train" / f"{method}.json", summary)
+    write_json(path, summary)
     return summary
 
 
@@ -216,7 +229,8 @@ def _split_sizes(tasks) -> dict[str, dict[str, int]]:
 
 
 def evaluate_stage(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | None, run_dir: Path) -> dict[str, Any]:
-    """Held-out accuracy of `name` (base or a trained method), task by task, each saved when done."""
+    """Held-out accuracy of `name` (base, or a trained method's seed as "method/seed<k>"), task by
+    task, each saved when done."""
 
     results, logits_fn = {}, None
     for task in plan.tasks:
@@ -234,6 +248,27 @@ def evaluate_stage(plan: Plan, name: str, model, tokenizer, adapter_dir: Path | 
     print(f"{name}: " + ", ".join(f"{t} {100 * r['acc']:.1f}" for t, r in results.items())
           + f" | average {100 * average['acc']:.1f}")
     return {"tasks": results, "average": average}
+
+
+def combine_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One method's evaluations over its training seeds as one: each task's accuracy is the mean over
+    seeds and each document's score its mean over seeds (so a paired bootstrap over documents sees the
+    seeds' noise averaged in); `seeds` keeps every seed's own average over tasks."""
+    first = next(iter(runs.values()))["tasks"]
+    tasks = {}
+    for t, r in first.items():
+        ids = r["docs"]["id"]
+        for k, run in runs.items():
+            if run["tasks"][t]["docs"]["id"] != ids:
+                raise ConfigError(f"seed {k}: task {t!r} was scored on other documents than seed "
+                                  f"{next(iter(runs))}; evaluate every seed on the same documents")
+        columns = {m: np.mean([run["tasks"][t]["docs"][m] for run in runs.values()], axis=0) for m in METRICS}
+        tasks[t] = {**{m: float(columns[m].mean()) for m in METRICS}, "n": len(ids),
+                    "docs": {"id": ids, **{m: columns[m].tolist() for m in METRICS}}}
+    average = {m: float(np.mean([r[m] for r in tasks.values()])) for m in METRICS}
+    return {"tasks": tasks, "average": average,
+            "seeds": {str(k): float(np.mean([np.mean(r["docs"]["acc"]) for r in run["tasks"].values()]))
+                      for k, run in runs.items()}}
 
 
 def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir: Path,
@@ -397,77 +432,125 @@ def targets(results: dict[str, Any]) -> list[str]:
 
 def collect(plan: Plan, evals: dict, trains: dict, latency: dict | None, memory: dict, splits: dict,
             seconds: float) -> dict[str, Any]:
-
+    """What results.json holds: per method its accuracy with 95% intervals over documents (and each
+    seed's average), its decode cost and training; the paired gains of switch; the targets."""
     methods = {}
     for name, ev in evals.items():
-        row = {"tasks": {t: {k: r[k] for k in ("acc", "acc_norm", "n")} for t, r in ev["tasks"].items()},
-               "average": ev["average"]["acc"], "average_norm": ev["average"]["acc_norm"]}
+        ev = add_intervals({"tasks": {t: dict(r) for t, r in ev["tasks"].items()}, "average": dict(ev["average"])})
+        keys = ("acc", "acc_ci", "acc_norm", "acc_norm_ci", "n")
+        row = {"tasks": {t: {k: r[k] for k in keys} for t, r in ev["tasks"].items()},
+               "average": ev["average"]["acc"], "average_ci": ev["average"]["acc_ci"],
+               "average_norm": ev["average"]["acc_norm"], "average_norm_ci": ev["average"]["acc_norm_ci"]}
+        if "seeds" in evals[name]:
+            row["seeds"] = evals[name]["seeds"]
         best = best_latency(latency, name) if latency else None
         if best:
             row.update(decode_ms_per_token=best["ms_per_token"], decode_ratio_to_base=best["ratio_to_base"],
-                       decode_strategy=best["strategy"])
+                       decode_strategy=best["strategy"], decode_backend=best["backend"])
         if name in memory:
             row.update(peak_memory_mib=memory[name]["peak_rss_mib"], adapter_mib=memory[name]["adapter_mib"])
         if name in trains:
-            t = trains[name]
-            row["train"] = {k: t[k] for k in ("steps", "examples", "batch_size", "max_length", "lr", "seconds",
-                                              "tokens_per_s", "final_loss", "heldout_loss_start", "heldout_loss_end")}
-            row["adapter_params"] = t["adapter_params"]
+            row["train"] = {str(seed): {k: t[k] for k in ("steps", "examples", "batch_size", "max_length", "lr",
+                                                          "seconds", "tokens_per_s", "final_loss",
+                                                          "heldout_loss_start", "heldout_loss_end")}
+                            for seed, t in trains[name].items()}
+            row["adapter_params"] = next(iter(trains[name].values()))["adapter_params"]
         methods[name] = row
-    results = {"meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    results = {"meta": {"date": time.strftime("%Y-%m-%d"), "machine": machine_name(),
                         "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
                         "optax": optax.__version__, "backend": jax.default_backend(),
                         "stage_seconds": round(_stage_seconds(evals, trains, latency, memory), 1),
-                        "this_process_seconds": round(seconds, 1)},
+                        "this_process_seconds": round(seconds, 1),
+                        "bootstrap": {"replicates": DEFAULT_REPLICATES, "seed": 0, "level": DEFAULT_LEVEL}},
                "plan": plan.to_dict(), "splits": splits, "methods": methods, "paired": paired_gains(evals),
                "latency": latency}
     results["targets"] = targets(results)
     return results
 
 
+def machine_name() -> str:
+    """The CPU's model name (where Linux says it) and core count: two VMs of one name can still differ."""
+    name = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), None)
+        if model:
+            name = f"{model} ({platform.machine()})"
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def _stage_seconds(evals: dict, trains: dict, latency: dict | None, memory: dict) -> float:
     """Compute time of every stage as each measured itself (a resumed run counts each stage once)."""
     total = sum(r.get("seconds", 0.0) for ev in evals.values() for r in ev["tasks"].values())
-    total += sum(t["seconds"] for t in trains.values())
+    total += sum(t["seconds"] for per_seed in trains.values() for t in per_seed.values())
     total += (latency or {}).get("meta", {}).get("seconds", 0.0)
     return total + sum(m.get("seconds", 0.0) for m in memory.values())
+
+
+def _pct(value: float, interval: list[float] | None = None, sign: str = "") -> str:
+    text = f"{100 * value:{sign}.1f}"
+    return text if interval is None else text + f" [{100 * interval[0]:{sign}.1f}, {100 * interval[1]:{sign}.1f}]"
+
+
+def _label(name: str) -> str:
+    return "base" if name == "base" else f"{name} ({PAPER_NAMES[name]})"
 
 
 def report_markdown(results: dict[str, Any], command: str, figures: dict[str, str]) -> str:
 
     plan, meta, m = results["plan"], results["meta"], results["methods"]
-    tasks = plan["tasks"]
-    head = "| method | " + " | ".join(tasks) + " | avg | ms/token | x base | peak MiB | adapter params |"
-    lines = [head, "|---|" + "---:|" * (len(tasks) + 5)]
+    tasks, seeds = plan["tasks"], plan["seeds"]
+    boot = meta["bootstrap"]
+    n_total = sum(r["n"] for r in next(iter(m.values()))["tasks"].values())
+    seed_head = f"seed {' / '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    acc = [f"| method | {' | '.join(tasks)} | **average** | {seed_head} |", "|---|" + "---:|" * (len(tasks) + 2)]
     for name, row in m.items():
-        accs = " | ".join(f"{100 * row['tasks'][t]['acc']:.1f}" for t in tasks)
-        ms = f"{row['decode_ms_per_token']:.1f} ({row['decode_strategy']})" if "decode_ms_per_token" in row else "-"
+        cells = " | ".join(_pct(row["tasks"][t]["acc"], row["tasks"][t]["acc_ci"]) for t in tasks)
+        per_seed = " / ".join(f"{100 * row['seeds'][str(k)]:.1f}" for k in seeds) if "seeds" in row else "-"
+        acc.append(f"| {_label(name)} | {cells} | **{_pct(row['average'], row['average_ci'])}** | {per_seed} |")
+    gains = ["| switch minus | points [95% interval] | documents |", "|---|---:|---:|"]
+    for other, g in results.get("paired", {}).items():
+        gains.append(f"| {other} | {g['points']:+.1f} [{g['interval'][0]:+.1f}, {g['interval'][1]:+.1f}] | {g['n']} |")
+    cost = ["| method | ms/token (strategy, backend) | x base | peak MiB | adapter params |",
+            "|---|---:|---:|---:|---:|"]
+    for name, row in m.items():
+        ms = (f"{row['decode_ms_per_token']:.1f} ({row['decode_strategy']}, {row.get('decode_backend', '-')})"
+              if "decode_ms_per_token" in row else "-")
         ratio = f"{row['decode_ratio_to_base']:.2f}" if "decode_ratio_to_base" in row else "-"
         mem = f"{row['peak_memory_mib']:.0f}" if "peak_memory_mib" in row else "-"
         params = f"{row['adapter_params'] / 1e6:.2f} M" if "adapter_params" in row else "-"
-        label = "base" if name == "base" else f"{name} ({PAPER_NAMES[name]})"
-        lines.append(f"| {label} | {accs} | **{100 * row['average']:.1f}** | {ms} | {ratio} | {mem} | {params} |")
+        cost.append(f"| {_label(name)} | {ms} | {ratio} | {mem} | {params} |")
     split_rows = ["| task | train docs | held-out docs | evaluated |", "|---|---:|---:|---:|"]
     for t in tasks:
         n = m["base"]["tasks"][t]["n"] if "base" in m else "-"
         split_rows.append(f"| {t} | {results['splits'][t]['train']} | {results['splits'][t]['heldout']} | {n} |")
-    trains = [f"| {k} | {v['train']['steps']} x {v['train']['batch_size']} | {v['train']['seconds']:.0f} | "
-              f"{v['train']['tokens_per_s']:.0f} | {v['train']['heldout_loss_start']:.3f} -> "
-              f"{v['train']['heldout_loss_end']:.3f} |" for k, v in m.items() if "train" in v]
+    trains = [f"| {k} | {seed} | {t['steps']} x {t['batch_size']} | {t['seconds']:.0f} | {t['tokens_per_s']:.0f} | "
+              f"{t['heldout_loss_start']:.3f} -> {t['heldout_loss_end']:.3f} |"
+              for k, v in m.items() if "train" in v for seed, t in v["train"].items()]
     out = [f"Command: `{command}`", "",
            f"Measured {meta['date']} on {meta['machine']} ({meta['backend']}), Python {meta['python']}, "
            f"jax {meta['jax']}, flax {meta['flax']}, optax {meta['optax']}; all stages together "
            f"{meta['stage_seconds'] / 60:.0f} min (each stage's own time; a resumed run counts each stage once).", "",
-           "Accuracy: held-out split, log-likelihood multiple choice (acc, %). Latency: batch-1 greedy decode, fp32, "
-           "median of interleaved rounds, best strategy per method; ratio to the base from the same run. Peak MiB: "
-           "resident memory of a fresh process that loads the model and adapter and decodes.", "", *lines, "",
-           "Targets:", *(results["targets"] or ["- (need base and switch)"]), "",
-           f"Training budget, the same for every trained method: {plan['steps']} steps x batch {plan['batch_size']} x "
-           f"{plan['max_length']} tokens (longer prompts lose their start), AdamW lr {plan['lr']}, warmup then cosine, "
-           f"adapters on all seven projections (rank 16, alpha 32; routed: 8 experts, top-2), trained on the train "
-           f"split of {', '.join(tasks)} (mixed, shuffled).", "",
-           "| method | steps x batch | seconds | tokens/s | held-out loss (start -> end) |", "|---|---:|---:|---:|---|",
-           *trains, "", f"Splits: {SPLIT_NOTE}.", "", *split_rows, ""]
+           f"Held-out accuracy (log-likelihood multiple choice, acc, %) on {n_total} documents, each trained method "
+           f"the mean over {len(seeds)} training seed{'s' if len(seeds) > 1 else ''}; "
+           f"[{boot['level']:.0%} interval]: percentile bootstrap over documents ({boot['replicates']} resamples, "
+           "seed 0; each document's score averaged over the seeds; the average resamples each task on its own, "
+           "weighing tasks alike). The last column is each seed's own average.", "", *acc, "",
+           "Switch against each method on the same documents: paired bootstrap of the difference in the average.", "",
+           *gains, "",
+           "Targets (judged on the paired interval: met when all of it clears the target, MISSED when none of it "
+           "does, else not resolved at this n):", *(results["targets"] or ["- (need base and switch)"]), "",
+           "Decode cost: batch-1 greedy decode, fp32, median of interleaved rounds, the best strategy and backend per "
+           "method (first seed's adapter); ratio to the fastest base of the same run. Peak MiB: resident memory of "
+           "a fresh process that loads the model and adapter and decodes.", "", *cost, "",
+           f"Training budget, the same for every trained method and seed: {plan['steps']} steps x batch "
+           f"{plan['batch_size']} x {plan['max_length']} tokens (longer prompts lose their start), AdamW lr "
+           f"{plan['lr']}, warmup then cosine, adapters on all seven projections (rank 16, alpha 32; routed: 8 "
+           f"experts, top-2), trained on the train split of {', '.join(tasks)} (mixed, shuffled). The seed draws "
+           "the adapter's initial weights and the order of the examples.", "",
+           "| method | seed | steps x batch | seconds | tokens/s | held-out loss (start -> end) |",
+           "|---|---:|---:|---:|---:|---|", *trains, "", f"Splits: {SPLIT_NOTE}.", "", *split_rows, ""]
     if results.get("latency"):
         records = [Record(**r) for r in results["latency"]["records"]]
         out += ["Decode latency, every strategy:", "", latency_table(records, results["latency"]["meta"]), ""]
@@ -477,13 +560,9 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
                     ""]
     out += ["How the methods differ at decode time: `switch` routes once per token and adds its k experts in "
             "every adapted projection (all seven here); `layerwise` also runs a router in each of them; `blockwise` "
-            "adds experts only in the three FFN projections and carries one plain LoRA on attention. With "
-            "`lsjax.native` (CPU, fp32; the `backend` column) `fused` switch reads the chosen experts in the same "
-            "two-thread pass as the base weights, so it costs about their bytes; the other methods' routed terms "
-            "are XLA operations that each pay their own start-up. The paper's merged path (one fused merge of the "
-            "chosen experts into the weights per token) rewrites every adapted weight each token (`switch` "
-            "`merged`, where this run timed it).",
-            ""]
+            "adds experts only in the three FFN projections and carries one plain LoRA on attention. The paper's "
+            "merged path (one fused merge of the chosen experts into the weights per token) rewrites every adapted "
+            "weight each token (`switch` `merged`, where this run timed it).", ""]
     out += ["For scale, the paper (Llama2-7B, fp16 GPU, batch 1) reports decode time over the backbone of "
             "+954% for MoLA, +254% for PESC, +258% for MoRAL and +29% for LoRA-Switch, and held-out accuracy "
             "gains of 30-40 points over the base from 7B-scale training; this run is a 135M model "
@@ -493,34 +572,51 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
     return "\n".join(out) + "\n"
 
 
+def _error_bars(values: list[float], intervals: list[list[float]]) -> np.ndarray:
+    """matplotlib's yerr: each value's distances down and up to its interval's ends."""
+    return np.abs(np.array([[v - lo, hi - v] for v, (lo, hi) in zip(values, intervals)]).T)
+
+
 def plot_results(results: dict[str, Any], folder: Path, prefix: str) -> dict[str, str]:
+    """Accuracy per task with its 95% interval, switch's paired gains with theirs, and decode ratios."""
     plt = pyplot("the results figures")
 
     folder.mkdir(parents=True, exist_ok=True)
     m, tasks = results["methods"], results["plan"]["tasks"]
-    names = list(m)
+    names, paths = list(m), {}
+
+    def save(fig, ax, title: str, ylabel: str, zero: float | None = None) -> None:
+        if zero is not None:
+            ax.axhline(zero, color="tab:gray", linestyle="--")
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        paths[title] = f"{prefix}_{title.replace(' ', '_')}.png"
+        fig.savefig(folder / paths[title], dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [100 * m[name]["tasks"][t]["acc"] for t in tasks] + [100 * m[name]["average"]]
-        ax.bar(np.arange(len(tasks) + 1) + i * width, values, width, label=name)
+        intervals = [[100 * x for x in m[name]["tasks"][t]["acc_ci"]] for t in tasks]
+        intervals.append([100 * x for x in m[name]["average_ci"]])
+        ax.bar(np.arange(len(tasks) + 1) + i * width, values, width, label=name,
+               yerr=_error_bars(values, intervals), capsize=2, error_kw={"elinewidth": 0.8})
     ax.set_xticks(np.arange(len(tasks) + 1) + 0.4 - width / 2, [*tasks, "average"], fontsize=8)
-    ax.set_ylabel("held-out accuracy (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths = {"accuracy": f"{prefix}_accuracy.png"}
-    fig.savefig(folder / paths["accuracy"], dpi=110)
-    plt.close(fig)
+    save(fig, ax, "accuracy", "held-out accuracy (%), 95% interval")
+    paired = results.get("paired", {})
+    if paired:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        points = [g["points"] for g in paired.values()]
+        ax.errorbar(list(paired), points, yerr=_error_bars(points, [g["interval"] for g in paired.values()]),
+                    fmt="o", capsize=4)
+        save(fig, ax, "paired gains", "switch minus method (points), paired 95%", zero=0.0)
     rows = [(n, m[n]["decode_ratio_to_base"]) for n in names if "decode_ratio_to_base" in m[n]]
     if rows:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar([n for n, _ in rows], [r for _, r in rows], color="tab:blue")
-        ax.axhline(1.0, color="tab:gray", linestyle="--")
-        ax.set_ylabel("decode ms/token / base (batch 1)")
-        fig.tight_layout()
-        paths["decode ratio"] = f"{prefix}_decode_ratio.png"
-        fig.savefig(folder / paths["decode ratio"], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "decode ratio", "decode ms/token / base (batch 1)", zero=1.0)
     return paths
 
 
@@ -546,13 +642,19 @@ def reproduce(plan: Plan, cache_dir: Path, command: str, ckpt: Path | None = Non
     _stage(f"{next(step)}/{n_stages} held-out accuracy of the base model")
     evals = {"base": evaluate_stage(plan, "base", model, tokenizer, None, run_dir)}
 
-    _stage(f"{next(step)}/{n_stages} train {', '.join(plan.methods)} ({plan.steps} steps x {plan.batch_size} each), "
-           f"then held-out accuracy")
+    _stage(f"{next(step)}/{n_stages} train {', '.join(plan.methods)} ({plan.steps} steps x {plan.batch_size} each, "
+           f"seed{'s' if len(plan.seeds) > 1 else ''} {', '.join(map(str, plan.seeds))}), then held-out accuracy")
     trains, adapters = {}, {}
     for method in plan.methods:
-        trains[method] = run_training(plan, method, ckpt, run_dir, sum(s["train"] for s in splits.values()))
-        adapters[method] = Path(trains[method]["adapter"])
-        evals[method] = evaluate_stage(plan, method, model, tokenizer, adapters[method], run_dir)
+        trains[method], runs = {}, {}
+        for seed in plan.seeds:
+            done = run_training(plan, method, seed, ckpt, run_dir, sum(s["train"] for s in splits.values()))
+            trains[method][seed] = done
+            runs[seed] = evaluate_stage(plan, f"{method}/seed{seed}", model, tokenizer, Path(done["adapter"]), run_dir)
+        adapters[method] = Path(trains[method][plan.seeds[0]]["adapter"])
+        evals[method] = combine_seeds(runs)
+        if len(runs) > 1:
+            print(f"{method}: mean over seeds {100 * evals[method]['average']['acc']:.1f}")
 
     _stage(f"{next(step)}/{n_stages} decode latency (batch {', '.join(map(str, plan.latency_batches))})")
     latency = run_latency(plan, model, tokenizer, adapters, run_dir, source=ckpt.name)
@@ -598,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reproduce")
     parser.add_argument("--run-dir", help="run folder (default: the preset's; a rerun resumes it)")
     parser.add_argument("--steps", type=int, help="training steps per method")
+    parser.add_argument("--seeds", help="comma-separated training seeds (each method trained once per seed)")
     parser.add_argument("--eval-limit", type=int, help="held-out documents per task (0: all)")
     parser.add_argument("--methods", help="comma-separated methods to train")
     parser.add_argument("--results-md", help="also write the report here (default: the preset's; 'none': skip)")
@@ -623,6 +726,11 @@ def main(argv: list[str] | None = None) -> int:
         fields["steps"] = args.steps
     if args.eval_limit is not None:
         fields["eval_limit"] = args.eval_limit or None
+    if args.seeds:
+        try:
+            fields["seeds"] = tuple(int(k) for k in args.seeds.split(","))
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r}: expected comma-separated non-negative integers, e.g. 0,1")
     if args.methods:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(","))
     if args.results_md:

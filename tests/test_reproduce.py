@@ -36,8 +36,9 @@ def _plan(run_dir: Path, **changes):
     from lsjax.reproduce import Plan
 
     fields = dict(run_dir=str(run_dir), methods=("lora", "switch"), tasks=TASKS, steps=2, batch_size=2, max_length=32,
-                  eval_limit=3, latency_methods=("base", "lora/merged", "switch/unmerged"), latency_rounds=1,
-                  new_tokens=2, memory=True, sample_prompt="Hi", results_md=str(run_dir.parent / "docs" / "results.md"))
+                  eval_limit=3, seeds=(0, 1), latency_methods=("base", "lora/merged", "switch/unmerged"),
+                  latency_rounds=1, new_tokens=2, memory=True, sample_prompt="Hi",
+                  results_md=str(run_dir.parent / "docs" / "results.md"))
     fields.update(changes)
     return Plan(**fields)
 
@@ -80,9 +81,21 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
         # the timed process's adapter bytes: every trained fp32 parameter (none for the base)
         assert row["peak_memory_mib"] > 0
         assert row.get("adapter_mib", 0) == pytest.approx(4 * row.get("adapter_params", 0) / 2**20, abs=0.006), name
-    direct = {t: _direct_accuracy(tiny_ckpt, run_dir / "train" / "switch" / "adapter", t, 3) for t in TASKS}
-    assert {t: m["switch"]["tasks"][t]["acc"] for t in TASKS} == pytest.approx(direct)
-    assert m["switch"]["average"] == pytest.approx(np.mean(list(direct.values())))
+    # each seed trained its own adapter; a method's accuracy is the mean of its seeds' direct accuracies
+    adapters = {k: run_dir / "train" / "switch" / f"seed{k}" / "adapter" for k in (0, 1)}
+    from safetensors.numpy import load_file
+
+    w0, w1 = (load_file(adapters[k] / "adapter_model.safetensors") for k in (0, 1))
+    assert w0.keys() == w1.keys() and any(not np.array_equal(w0[k], w1[k]) for k in w0)
+    direct = {k: {t: _direct_accuracy(tiny_ckpt, adapters[k], t, 3) for t in TASKS} for k in (0, 1)}
+    assert {t: m["switch"]["tasks"][t]["acc"] for t in TASKS} == pytest.approx(
+        {t: (direct[0][t] + direct[1][t]) / 2 for t in TASKS})
+    assert m["switch"]["seeds"] == pytest.approx({str(k): np.mean(list(direct[k].values())) for k in (0, 1)})
+    assert m["switch"]["average"] == pytest.approx(np.mean(list(m["switch"]["seeds"].values())))
+    for row in m.values():  # 95% intervals over documents around every accuracy
+        lo, hi = row["average_ci"]
+        assert lo <= row["average"] <= hi
+        assert all(r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1] for r in row["tasks"].values())
     records = results["latency"]["records"]
     base = min(r["ms_per_token"] for r in records if r["method"] == "base")  # ratios are to the fastest base
     sw = next(r for r in records if r["method"] == "switch")
@@ -91,18 +104,20 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     # the base on auto's backend and, for reference, on every other backend that can run here
     assert {r["backend"] for r in records if r["method"] == "base"} == {c.backend for c in candidates(None, 1)}
     assert m["switch"]["decode_ratio_to_base"] == pytest.approx(sw["ms_per_token"] / base)
-    assert m["switch"]["train"]["steps"] == 2 and m["switch"]["train"]["examples"] == 4
+    assert set(m["switch"]["train"]) == {"0", "1"}
+    assert m["switch"]["train"]["1"]["steps"] == 2 and m["switch"]["train"]["1"]["examples"] == 4
     assert m["switch"]["adapter_params"] > 8 * m["lora"]["adapter_params"] * 0.99  # 8 experts + a router
     assert results["targets"][0].startswith(("- met", "- MISSED"))
     assert results["sample"]["prompt"] == "Hi"
-    for name in ("summary.md", "results.json", "results_accuracy.png", "results_decode_ratio.png", "latency.json"):
+    for name in ("summary.md", "results.json", "results_accuracy.png", "results_paired_gains.png",
+                 "results_decode_ratio.png", "latency.json"):
         assert (run_dir / name).is_file(), name
     md = (tmp_path / "docs" / "results.md").read_text()
     assert "test command" in md and "| switch (LoRA-Switch) |" in md and "figures/results_accuracy.png" in md
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["methods"].keys() == m.keys()
 
     # resume: nothing is retrained or re-timed; only the missing task file is evaluated again
-    (run_dir / "eval" / "switch" / "openbookqa.json").unlink()
+    (run_dir / "eval" / "switch" / "seed1" / "openbookqa.json").unlink()
     calls = []
     original = rp.evaluate
     monkeypatch.setattr(rp, "evaluate", lambda fn, tok, docs, **kw: calls.append(list(docs)) or original(
@@ -118,11 +133,11 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     # steps this call ran, over this call's time
     import shutil
 
-    (run_dir / "train" / "switch.json").unlink()
-    shutil.rmtree(run_dir / "train" / "switch" / "checkpoints" / "2")
+    (run_dir / "train" / "switch" / "seed0.json").unlink()
+    shutil.rmtree(run_dir / "train" / "switch" / "seed0" / "checkpoints" / "2")
     monkeypatch.setattr(rp, "train", original_train)
     rp.reproduce(_plan(run_dir), tmp_path / "cache", "test command", ckpt=tiny_ckpt)
-    resumed = json.loads((run_dir / "train" / "switch.json").read_text())
+    resumed = json.loads((run_dir / "train" / "switch" / "seed0.json").read_text())
     assert resumed["resumed"] and resumed["steps"] == 2 and resumed["steps_timed"] == 1
     # (both stored rounded)
     assert resumed["tokens_per_s"] == pytest.approx(1 * 2 * 32 / resumed["seconds"], rel=1e-3, abs=0.01)
@@ -140,7 +155,8 @@ def test_plan_is_validated_eagerly(tmp_path):
                               "latency_methods entry 'lora/fused' is unknown"),
                              ({"tasks": ("arc_easy", "mmlu_pro")}, "'mmlu_pro' is not a known task"),
                              ({"steps": 0}, "steps=0 is invalid"), ({"eval_limit": -1}, "eval_limit=-1"),
-                             ({"lr": 0.0}, "lr=0.0 is invalid")]:
+                             ({"lr": 0.0}, "lr=0.0 is invalid"), ({"seeds": ()}, r"seeds=\(\) is invalid"),
+                             ({"seeds": (0, 0)}, "distinct"), ({"seeds": (-1,)}, "non-negative")]:
         with pytest.raises(ConfigError, match=message):
             _plan(tmp_path, **changes)
 
@@ -207,3 +223,24 @@ def test_targets_are_judged_on_the_paired_interval_of_the_documents_both_scored(
     straddle = {**gains, "base": {"points": 3.5, "interval": [1.0, 6.0], "n": 800}}
     assert targets({"methods": methods, "paired": straddle})[0].startswith(
         "- not resolved at this n: switch +3.5 points [+1.0, +6.0] over the base")
+
+
+def test_seeds_combine_document_by_document():
+    """A method's seeds: each document's score is its mean over seeds, each task's accuracy the mean of
+    those, and every seed's own average is kept; seeds scored on other documents are refused."""
+    from lsjax.reproduce import combine_seeds
+
+    def run(scores_by_task, ids=("d0", "d1", "d2", "d3")):
+        return {"tasks": {t: {"docs": {"id": list(ids), "acc": acc, "acc_norm": [1 - x for x in acc]}}
+                          for t, acc in scores_by_task.items()}}
+
+    runs = {0: run({"a": [1, 0, 1, 0], "b": [1, 1, 1, 0]}), 3: run({"a": [1, 1, 0, 0], "b": [0, 0, 0, 0]})}
+    out = combine_seeds(runs)
+    assert out["tasks"]["a"]["docs"]["acc"] == [1.0, 0.5, 0.5, 0.0]
+    assert out["tasks"]["b"]["docs"]["acc"] == [0.5, 0.5, 0.5, 0.0]
+    assert out["tasks"]["b"]["docs"]["acc_norm"] == [0.5, 0.5, 0.5, 1.0]
+    assert out["tasks"]["a"]["acc"] == 0.5 and out["tasks"]["b"]["acc"] == 0.375 and out["tasks"]["b"]["n"] == 4
+    assert out["average"]["acc"] == pytest.approx(0.4375)
+    assert out["seeds"] == {"0": pytest.approx(0.625), "3": pytest.approx(0.25)}
+    with pytest.raises(ConfigError, match=r"seed 3: task 'a' was scored on other documents"):
+        combine_seeds({0: run({"a": [1, 0, 1, 0]}), 3: run({"a": [1, 0, 1, 0]}, ids=("d0", "d1", "d2", "x"))})
