@@ -105,38 +105,3 @@ def load_task(task: str, split: str = "all", heldout_fraction: float = DEFAULT_H
     if not docs:
         raise ConfigError(f"task {task!r} has an empty {split!r} split (heldout_fraction={heldout_fraction})")
     return list(docs)
-
-
-@dataclasses.dataclass(frozen=True)
-class TextDoc:
-    """One plain-text document of a JSONL language-model file (loss on every token)."""
-
-    id: str
-    text: str
-
-
-def load_texts(path: str | Path, split: str = "all", heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
-               field: str = "text") -> list[TextDoc]:
-    """Documents of a JSONL file (one object with a `text` field per line), split by a hash of the line id."""
-    if split not in SPLITS:
-        raise ConfigError(f"split {split!r} is not supported; expected one of {SPLITS}")
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: text file not found (expected JSONL with a {field!r} field per line)")
-    docs = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise ConfigError(f"{path}:{number}: expected an object with a string {field!r} field")
-            doc_id = str(record.get("id", number))
-            if split == "all" or (heldout_score(path.name, doc_id) < heldout_fraction) == (split == "heldout"):
-                docs.append(TextDoc(doc_id, record[field]))
-    if not docs:
-        raise ConfigError(f"{path}: empty {split!r} split (heldout_fraction={heldout_fraction})")
-    return docs

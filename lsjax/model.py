@@ -226,22 +226,44 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positions=None):
-    """`(input_ids, attention_mask, cos, sin, visibility)` of a whole-sequence forward (no cache)."""
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where each packed example (a run of equal segment ids) starts."""
+    index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], jnp.bool_),
+                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
+def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """`(input_ids, attention_mask, cos, sin, visibility)` of a whole-sequence forward (no cache).
+
+    `segment_ids [B, S]` (packed rows: 1, 2, ... per example, 0 for padding) stand in for the
+    attention mask: a token sees only its own example, and positions restart with each example.
+    """
     input_ids = jnp.asarray(input_ids)
+    if segment_ids is not None:
+        if attention_mask is not None:
+            raise ValueError("give segment_ids or attention_mask, not both (segment 0 is padding)")
+        segment_ids = jnp.asarray(segment_ids)
+        attention_mask = segment_ids > 0
+        if positions is None:
+            positions = segment_positions(segment_ids)
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
     attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
     if positions is None:
         positions = default_positions(attention_mask)
     cos, sin = rope_tables(config, positions)
-    return input_ids, attention_mask, cos, sin, visibility_mask(config, positions, positions, attention_mask)
+    visible = visibility_mask(config, positions, positions, attention_mask)
+    if segment_ids is not None:
+        visible &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return input_ids, attention_mask, cos, sin, visible
 
 
 def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
             products: Callable[[Any, Any], Products] | None = None, layer_extras: Layers | None = None,
-            last: int | None = None) -> jax.Array:
+            last: int | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """The logits of a full sequence.
 
     Args:
@@ -251,6 +273,8 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
         input_ids: `[B, S]` int token ids.
         attention_mask: `[B, S]` (1 = token, 0 = padding); default all tokens.
         positions: `[B, S]` int; default each row's count of real tokens before it (padding never shifts RoPE).
+        segment_ids: `[B, S]` int, instead of `attention_mask`, for rows packed with several examples
+            (`sequence_inputs`).
         products, layer_extras: the adapter hook: `products(layer index, layer_extras' slice) -> Products`
             for every layer (default: the plain products on XLA).
         last: (static) the logits of the last `last` positions only (scoring needs few, and the
@@ -260,7 +284,7 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
         fp32 logits `[B, S, V]` (`[B, last, V]` with `last`). The layers are scanned (held ones are
         stacked first, inside the caller's jit): compile time flat in depth.
     """
-    input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions)
+    input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions, segment_ids)
     params = stack_layers(params)
     x = embed_tokens(params, input_ids)
 

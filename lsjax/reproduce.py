@@ -177,6 +177,7 @@ def train_config(plan: Plan, method: str, seed: int, ckpt: Path, run_dir: Path):
         f"model={ckpt}", f"run_dir={run_dir / 'train' / method / f'seed{seed}'}", f"seed={seed}", f"steps={plan.steps}",
         f"batch_size={plan.batch_size}", f"data.max_length={plan.max_length}", f"optim.lr={plan.lr}",
         f"optim.warmup_steps={warmup}", f"data.tasks=[{','.join(plan.tasks)}]", "data.eval_docs=32",
+        "data.packing=false",  # the budget counts examples: one per row
         f"eval_every={plan.steps}", f"checkpoint_every={max(1, plan.steps // 4)}", "log_every=10"])
 
 

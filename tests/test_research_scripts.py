@@ -54,6 +54,25 @@ def test_train_then_evaluate_a_switch_adapter(tiny_ckpt, tmp_path):
     assert len(re.findall(r"^\| arc_easy \| [\d.]+ \| [\d.]+ \| 6 \|$", out, re.M)) == 2  # 6 documents each
 
 
+def test_instruction_script_trains_a_switch_adapter_on_a_chat_file(tiny_ckpt, tmp_path):
+    import json
+
+    from lsjax.adapters import load_adapter_arrays
+    from lsjax.checkpoint import read_config
+
+    chats = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}!"}]}
+             for w in ["sun", "rain", "tea", "map", "road", "blue"] * 6]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    out = script("train/train_instructions.py", "--ckpt", tiny_ckpt, "--data", data, "--out", tmp_path / "adapter",
+                 "--steps", 12, "--batch-size", 2, "--max-length", 64, "--lr", 0.01)
+    assert re.search(r"^\d+ examples in \d+ rows \(\d+% padding, 0 too long\)$", out, re.M)
+    losses = [float(x) for x in re.findall(r"answer loss (\d+\.\d+)", out)]
+    assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4])  # it learns
+    adapter_config, arrays = load_adapter_arrays(tmp_path / "adapter", read_config(tiny_ckpt))
+    assert adapter_config.method == "switch" and np.abs(np.asarray(arrays["experts"]["qkv"]["b"])).max() > 0
+
+
 def test_latency_script_times_switch_against_the_base(tiny_ckpt):
     out = script("eval/latency.py", "--ckpt", tiny_ckpt, "--tokens", 4, "--rounds", 1)
     base, switch = (float(re.search(rf"^{n}: (\d+\.\d+) ms/token", out, re.M).group(1)) for n in ("base", "switch"))

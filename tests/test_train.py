@@ -194,7 +194,8 @@ EQUIV = textwrap.dedent("""
 
 
 def test_one_step_8_devices_and_pmap_match_1_device(tiny_ckpt, tmp_path, jax_cache):
-    common = [f"model={tiny_ckpt}", f"run_dir={tmp_path}/unused", "batch_size=8", "data.max_length=32",
+    # packed rows (several examples, segment ids) split over the devices like any other batch array
+    common = [f"model={tiny_ckpt}", f"run_dir={tmp_path}/unused", "batch_size=8", "data.max_length=64",
               "data.eval_docs=0", "adapter.rank=4", "adapter.num_experts=4", "adapter.method=switch",
               "optim.warmup_steps=0", "optim.lr=0.01", "progress=false"]
     proc = subprocess.run([sys.executable, "-c", EQUIV, json.dumps(common)], env=_env(jax_cache, 8),
@@ -278,7 +279,8 @@ def test_resume_refuses_another_config_and_existing_run(tiny_ckpt, tmp_path):
     last = train(load_config(None, args))
     assert last["step"] == 2 and np.isfinite(last["eval_loss"]) and np.isfinite(last["loss"])
     assert last["eval_n"] == 2 and 0 <= last["eval_acc"] <= 1  # held-out accuracy through lsjax.eval.harness
-    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    data, *lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert data["event"] == "data" and data["packing"] and data["rows"] <= data["examples"] - data["dropped"]
     assert lines[0]["step"] == 0 and np.isfinite(lines[0]["eval_loss"])  # the starting held-out loss
     assert {"loss", "aux", "lr", "grad_norm", "tokens", "load", "entropy"} <= set(lines[1])
     assert (tmp_path / "r" / "config.yaml").is_file()
@@ -347,33 +349,27 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, jax_cache):
 
 def test_jsonl_text_data(tiny_ckpt, tmp_path):
     """Plain-text JSONL: loss on every token after a window's first, hash split, clear errors, trains."""
-    from lsjax.data import load_texts
+    from lsjax.datafiles import read_examples
     from lsjax.tokenizer import load_tokenizer
-    from lsjax.train.batches import encode_texts, make_batch
+    from lsjax.train.batches import build_rows, make_batch
     from lsjax.train.config import load_config
     from lsjax.train.loop import train
 
     path = tmp_path / "lm.jsonl"
     texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 3) for i in range(40)]
     path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
-    train_docs, held = load_texts(path, "train"), load_texts(path, "heldout")
+    (_, train_docs), (_, held) = read_examples(path, "train"), read_examples(path, "heldout")
     assert not {d.id for d in train_docs} & {d.id for d in held} and len(train_docs) + len(held) == 40
 
     tok = load_tokenizer(tiny_ckpt / "tokenizer")
-    rows = encode_texts(tok, load_texts(path)[:3], max_length=16)
+    rows = build_rows(tok, read_examples(path)[1][:3], max_length=16, packing=False).rows
     ids = [tok.bos_token_id] + tok(texts[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert rows[0, 0].tolist() == ids[:17] and rows[1, 0, 0] == ids[16]  # windows share one boundary token
     batch = make_batch(rows[:2])
     assert batch["weights"][0].sum() == 16 and np.array_equal(batch["targets"][0], ids[1:17])
 
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: expected an object with a string 'text' field"):
-        load_texts(tmp_path / "bad.jsonl")
-    with pytest.raises(ConfigError, match=r"missing\.jsonl: text file not found"):
-        load_texts(tmp_path / "missing.jsonl")
-
     last = train(load_config(None, [f"model={tiny_ckpt}", *COMMON, "steps=2", f"run_dir={tmp_path}/r",
-                                    "data.tasks=[]", f"data.text_files=[{path}]", "adapter.method=lora",
+                                    "data.tasks=[]", f"data.files=[{path}]", "adapter.method=lora",
                                     "adapter.num_experts=1"]))
     assert last["step"] == 2 and np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
 
@@ -387,7 +383,7 @@ def test_a_short_run_lowers_the_heldout_loss(tiny_ckpt, tmp_path):
     path = tmp_path / "lm.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"{i}: " + "a cat sat on the mat. " * 4}) for i in range(60)) + "\n")
     train(load_config(None, [f"model={tiny_ckpt}", *COMMON, "steps=20", f"run_dir={tmp_path}/r", "data.tasks=[]",
-                             f"data.text_files=[{path}]", "adapter.method=switch", "optim.lr=0.01",
+                             f"data.files=[{path}]", "adapter.method=switch", "optim.lr=0.01",
                              "optim.warmup_steps=0", "eval_every=20", "data.eval_docs=8"]))
     losses = [x["eval_loss"] for x in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
               if "eval_loss" in x]
@@ -448,8 +444,36 @@ def test_train_bench_times_every_method_from_a_checkpoint_or_a_shape(tiny_ckpt, 
     assert json.loads(out.read_text())["records"][0]["source"] == "random tiny-test"
 
 
+def test_train_bench_on_a_data_file_counts_real_tokens_with_and_without_packing(tiny_ckpt, tmp_path, monkeypatch):
+    """Every step is given 2 s: real and answer tokens/s are then the rows' own counts per batch / 2 s."""
+    import jax
+
+    from lsjax.train import bench
+    from lsjax.train.bench import main
+
+    def timer(fn, args, *rest, **options):
+        jax.block_until_ready(fn(*args))
+        return 2.0
+
+    monkeypatch.setattr(bench, "queued_seconds", timer)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: " + "x" * (i % 9), "completion": " yes" * (1 + i % 3)}) + "\n"
+                            for i in range(64)))
+    out = tmp_path / "packing.json"
+    assert main(["--model", str(tiny_ckpt), "--data", str(data), "--batch", "4", "--length", "48", "--steps", "1",
+                 "--methods", "lora", "--json", str(out)]) == 0
+    one, packed = json.loads(out.read_text())["records"]
+    assert (one["layout"], packed["layout"]) == ("one per row", "packed")
+    assert packed["rows"] < one["rows"] == one["examples"] - one["dropped"] and packed["padding"] < one["padding"]
+    for r in (one, packed):  # non-padding positions of an average batch of 4 rows of 48 inputs, per 2 s
+        assert r["real_tokens_per_s"] == pytest.approx((1 - r["padding"]) * 4 * 48 / 2.0, rel=1e-3)
+    # each example's answer tokens (completion + EOS) are counted once whichever the layout
+    assert packed["answer_tokens_per_s"] * packed["rows"] == pytest.approx(one["answer_tokens_per_s"] * one["rows"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--shape", "gpt5"], "--shape 'gpt5' is not known"),
+    (["--shape", "smollm2-135m", "--data", "x.jsonl"], "--data needs --model"),
     (["--shape", "smollm2-135m", "--methods", "lora,moe"], "--methods: unknown ['moe']"),
     (["--shape", "smollm2-135m", "--dtype", "float16"], "--dtype 'float16': expected float32 or bfloat16"),
     (["--shape", "smollm2-135m", "--batch", "0"], "--batch 0: expected a positive integer"),
@@ -483,7 +507,8 @@ def test_the_router_aux_loss_reaches_the_training_gradient():
     base = Llama(mc, rngs=nnx.Rngs(0)).params()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 64, (4, 12)).astype(np.int32)
-    batch = {"ids": ids, "mask": np.ones_like(ids, bool), "targets": np.roll(ids, -1, 1),
+    batch = {"ids": ids, "mask": np.ones_like(ids, bool), "segments": np.ones_like(ids, np.int32),
+             "targets": np.roll(ids, -1, 1),
              "weights": np.ones(ids.shape, np.float32)}
     tx = optax.sgd(1.0)
 

@@ -303,14 +303,14 @@ def _needs_key(config: AdapterConfig) -> bool:
 def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
                     adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                     *, positions: jax.Array | None = None, rng: jax.Array | None = None,
-                    train: bool = False, last: int | None = None, form: TermForm = TermForm()
-                    ) -> tuple[jax.Array, AdapterAux]:
+                    train: bool = False, last: int | None = None, form: TermForm = TermForm(),
+                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, AdapterAux]:
     """The base model's logits with the adapter attached, and the router aux. Pure; jit it with
     both configs static.
 
     Args:
-        model_config, base_params, input_ids, attention_mask, positions, last: as
-            `lsjax.model.forward` (`input_ids [B, S]`, `attention_mask [B, S]`).
+        model_config, base_params, input_ids, attention_mask, positions, last, segment_ids: as
+            `lsjax.model.forward` (`input_ids [B, S]`, `attention_mask [B, S]`; packed rows: `segment_ids`).
         adapter_config: the adapter's `AdapterConfig` (static).
         adapter_params: `adapter.arrays()`: `experts[group]` with `a [L, E, d_in, S*r]` and
             `b [L, E, r, Nb]`, and `routers` (switch: `[D, E]`; layer-wise and block-wise: per layer).
@@ -324,7 +324,8 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
     check_params(model_config, adapter_config, adapter_params)
     if train and _needs_key(adapter_config) and rng is None:
         raise AdapterError("train=True with dropout or router jitter needs rng= (a jax PRNG key)")
-    input_ids, attention_mask, cos, sin, mask = sequence_inputs(model_config, input_ids, attention_mask, positions)
+    input_ids, attention_mask, cos, sin, mask = sequence_inputs(model_config, input_ids, attention_mask, positions,
+                                                                segment_ids)
     base_params = stack_layers(base_params)  # a scan over the layers: compile time flat in depth
     x = embed_tokens(base_params, input_ids)
     x, stats, route, _ = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin, mask,

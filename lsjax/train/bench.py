@@ -7,7 +7,10 @@ batch, after one warm-up call each; prints tokens/s (B * S positions per second)
 time / base forward time as a Markdown table, and with `--json FILE` writes the records.
 
 The batch is random tokens with the second half of every row as the answer: a dense step's work does
-not depend on the token values, so no dataset is needed. `--shape` replaces the checkpoint with
+not depend on the token values, so no dataset is needed. With `--data FILE` (a `data.files` JSONL
+file) the rows are that file's train split instead, built both ways, one example per row and packed:
+a step costs the same either way, so what packing changes is the real (not padding) tokens and the
+answer tokens each second of training sees; both are printed with their ratio. `--shape` replaces the checkpoint with
 random base weights of a named shape (`lsjax.config.SHAPES`), so a GPU machine without
 checkpoints can time 7B shapes. Arrays are laid out on a one-device mesh by `lsjax.sharding`'s rules.
 """
@@ -59,10 +62,68 @@ def random_batch(vocab_size: int, batch: int, length: int, seed: int = 0) -> dic
     """`make_batch` of random rows: `length` input positions, the second half of each row the answer."""
 
     rng = np.random.default_rng(seed)
-    examples = np.zeros((batch, 2, length + 1), np.int32)
+    examples = np.zeros((batch, 3, length + 1), np.int32)
     examples[:, 0] = rng.integers(3, vocab_size, (batch, length + 1))
     examples[:, 1, length // 2 + 1:] = 1  # flags of positions 1.. are the weights of targets 0..
+    examples[:, 2] = 1  # one example per row
     return make_batch(examples)
+
+
+def packing_records(args, model_config, base, mesh, dtype, source: str) -> list[dict]:
+    """Each method's step on the file's rows, one example per row and packed: tokens/s of both."""
+    from lsjax.checkpoint import TOKENIZER_DIR
+    from lsjax.datafiles import read_examples
+    from lsjax.tokenizer import load_tokenizer
+    from lsjax.train.batches import SEGMENTS, build_rows
+
+    tokenizer = load_tokenizer(f"{args.model}/{TOKENIZER_DIR}")
+    _, examples = read_examples(args.data, "train")
+    layouts = {}
+    for packing in (False, True):
+        rows = build_rows(tokenizer, examples, args.length, packing)
+        if len(rows.rows) < args.batch:
+            raise ConfigError(f"--data {args.data}: {len(rows.rows)} rows, fewer than --batch {args.batch}")
+        real = float(np.mean(rows.rows[:, SEGMENTS, :-1] > 0)) * args.batch * args.length  # per batch, on average
+        answers = float(np.mean(make_batch(rows.rows)["weights"].sum(axis=1))) * args.batch
+        layouts["packed" if packing else "one per row"] = (rows, real, answers)
+    print(f"{source}: jax {jax.__version__}, {jax.devices()[0].device_kind}, {args.data} ({len(examples)} train "
+          f"examples), batch {args.batch} x {args.length}, {args.dtype}, median of {args.steps}")
+    print("| method | rows | padding | train step (s) | real tokens/s | answer tokens/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    records = []
+    for method in args.methods.split(","):
+        step, holder = _step(model_config, method, base, mesh, dtype)
+        for name, (rows, real, answers) in layouts.items():
+            t = _step_seconds(step, holder, base, global_batch(make_batch(rows.rows[:args.batch]), mesh), args.steps)
+            records.append({"method": method, "layout": name, **rows.summary(), "step_s": t,
+                            "real_tokens_per_s": real / t, "answer_tokens_per_s": answers / t,
+                            "batch": args.batch, "length": args.length, "dtype": args.dtype, "source": source,
+                            "data": str(args.data), "device": jax.devices()[0].device_kind, "jax": jax.__version__})
+            print(f"| {method} ({name}) | {len(rows.rows)} | {rows.padding:.1%} | {t:.3f} | {real / t:.0f} | "
+                  f"{answers / t:.0f} |", flush=True)
+        one, packed = records[-2], records[-1]
+        print(f"{method}: packed / one per row, real tokens/s: "
+              f"{packed['real_tokens_per_s'] / one['real_tokens_per_s']:.2f}x", flush=True)
+    return records
+
+
+def _step(model_config, method: str, base, mesh, dtype):
+    routed = method != "lora"
+    adapter = AdapterConfig(method=method, num_experts=8 if routed else 1, top_k=2 if routed else 1, rank=16)
+    tx, schedule = make_optimizer(OptimConfig(), 100)
+    holder = {"state": init_state(model_config, adapter, tx, 0, mesh)}
+    return jit_train_step(make_train_step(model_config, adapter, tx, schedule, dtype=dtype), holder["state"],
+                          base, mesh), holder
+
+
+def _step_seconds(step, holder: dict, base, batch, samples: int) -> float:
+    """Median seconds of a train step (the state carried from call to call)."""
+
+    def train_once():
+        holder["state"], metrics = step(holder["state"], base, batch)
+        return metrics
+
+    return queued_seconds(train_once, (), samples=samples)
 
 
 def run(args) -> list[dict]:
@@ -78,6 +139,8 @@ def run(args) -> list[dict]:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
     if args.shape is not None:
         named_config(args.shape)  # refused before any work
+    if getattr(args, "data", None) and args.model is None:
+        raise ConfigError("--data needs --model (its tokenizer encodes the file)")
     dtype = jnp.dtype(args.dtype)
     mesh = make_mesh(MeshConfig())
     if args.shape is not None:
@@ -86,6 +149,11 @@ def run(args) -> list[dict]:
     else:
         (model_config, base), source = load_params(args.model, dtype, mesh), args.model
         base = stack_layers(base)  # as a training run holds it
+    if getattr(args, "data", None):
+        records = packing_records(args, model_config, base, mesh, dtype, source)
+        if args.json:
+            write_json(args.json, {"records": records})
+        return records
     batch = global_batch(random_batch(model_config.vocab_size, args.batch, args.length), mesh)
     tokens = args.batch * args.length
 
@@ -97,18 +165,9 @@ def run(args) -> list[dict]:
     print("|---|---|---|---|---|")
     records = []
     for method in methods:
-        routed = method != "lora"
-        adapter = AdapterConfig(method=method, num_experts=8 if routed else 1, top_k=2 if routed else 1, rank=16)
-        tx, schedule = make_optimizer(OptimConfig(), 100)
-        holder = {"state": init_state(model_config, adapter, tx, 0, mesh)}
-        step = jit_train_step(make_train_step(model_config, adapter, tx, schedule, dtype=dtype), holder["state"],
-                              base, mesh)
+        step, holder = _step(model_config, method, base, mesh, dtype)
 
-        def train_once():
-            holder["state"], metrics = step(holder["state"], base, batch)
-            return metrics
-
-        t_step = queued_seconds(train_once, (), samples=args.steps)
+        t_step = _step_seconds(step, holder, base, batch, args.steps)
         records.append({"method": method, "step_s": t_step, "tokens_per_s": tokens / t_step,
                         "forward_s": fwd_time, "step_over_forward": t_step / fwd_time, "batch": args.batch,
                         "length": args.length, "dtype": args.dtype, "source": source,
@@ -132,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--data", help="a JSONL data file: its rows one example each and packed, instead of random rows")
     p.add_argument("--json", help="write the records here")
     args = p.parse_args(argv)
     try:

@@ -49,23 +49,28 @@ def _yaml_load(text: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Multiple-choice tasks (lsjax.data), their hash split, and the padded sequence length."""
+    """Training data: multiple-choice tasks (lsjax.data) and local JSONL files (lsjax.datafiles: text,
+    prompt/completion or chat messages), their hash split, the row length and packing."""
 
     tasks: tuple[str, ...] = ("arc_easy",)
-    text_files: tuple[str, ...] = ()  # JSONL language-model data ({"text": ...} per line), loss on all tokens
+    files: tuple[str, ...] = ()  # JSONL (or .jsonl.gz) files; each line's fields give its format
     heldout_fraction: float = 0.3
     max_length: int = 128
+    packing: bool = True  # short examples share a row (separate segments); off: one example per row
     eval_docs: int = 64  # held-out documents (per task) scored for the held-out loss
     eval_accuracy_docs: int = 0  # held-out documents (per task) for accuracy via lsjax.eval.harness; 0 = off
 
     def __post_init__(self):
 
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks or ())
-        texts = (self.text_files,) if isinstance(self.text_files, str) else tuple(self.text_files or ())
+        files = (self.files,) if isinstance(self.files, str) else tuple(self.files or ())
         object.__setattr__(self, "tasks", tasks)
-        object.__setattr__(self, "text_files", texts)
-        check(len(tasks) + len(texts) > 0, "data.tasks", list(tasks),
-               "a non-empty list of task names (or data.text_files)")
+        object.__setattr__(self, "files", files)
+        check(len(tasks) + len(files) > 0, "data.tasks", list(tasks),
+               "a non-empty list of task names (or data.files)")
+        for f in files:
+            check(isinstance(f, str) and f != "", "data.files", f, "paths of JSONL files")
+        check(isinstance(self.packing, bool), "data.packing", self.packing, "true or false")
         for t in tasks:
             check(t in TASKS, "data.tasks", t, f"one of {sorted(TASKS)}")
         check(is_number(self.heldout_fraction) and 0 < self.heldout_fraction < 1, "data.heldout_fraction",

@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from lsjax.adapters import adapted_forward
 from lsjax.adapters.files import save_adapter_arrays
 from lsjax.checkpoint import TOKENIZER_DIR, load_params
-from lsjax.data import load_task, load_texts
+from lsjax.data import load_task
+from lsjax.datafiles import read_examples
 from lsjax.errors import CheckpointError, ConfigError, LsjaxError
 from lsjax.eval.harness import evaluate, load_docs
 from lsjax.extras import Extra, missing_extra
 from lsjax.model import stack_layers
 from lsjax.tokenizer import load_tokenizer
-from lsjax.train.batches import BatchIterator, encode_docs, encode_texts, fixed_batches
+from lsjax.train.batches import BatchIterator, Rows, doc_examples, example_sequences, fixed_batches, layout
 from lsjax.train.checkpointing import RunCheckpoints
 from lsjax.train.config import MeshConfig, TrainConfig, save_config
 from lsjax.train.step import global_batch, init_state, jit_train_step, make_eval_step, make_optimizer, make_train_step
@@ -87,14 +88,23 @@ def make_mesh(mesh: MeshConfig, devices: list | None = None) -> Mesh:
                 (AxisType.Auto,) * len(AXES))
 
 
-def load_examples(tokenizer, config: TrainConfig, split: str, limit: int | None = None) -> np.ndarray:
+def load_examples(tokenizer, config: TrainConfig, split: str, limit: int | None = None) -> Rows:
+    """Rows of every task's and file's `split` (the first `limit` examples of each), packed if configured.
 
+    A file none of whose examples fit `data.max_length` is an error naming it.
+    """
     data = config.data
-    parts = [encode_docs(tokenizer, load_task(t, split, data.heldout_fraction)[:limit], data.max_length)
-             for t in data.tasks]
-    parts += [encode_texts(tokenizer, load_texts(f, split, data.heldout_fraction)[:limit], data.max_length)
-              for f in data.text_files]
-    return np.concatenate(parts)
+    sources = [(t, doc_examples(load_task(t, split, data.heldout_fraction)[:limit])) for t in data.tasks]
+    sources += [(f, read_examples(f, split, data.heldout_fraction)[1][:limit]) for f in data.files]
+    seqs, examples, dropped = [], 0, 0
+    for name, part in sources:
+        kept, lost = example_sequences(tokenizer, part, data.max_length)
+        if not kept:
+            raise ConfigError(f"{name}: none of its {len(part)} {split} examples fits data.max_length="
+                              f"{data.max_length} (each needs its last answer and a token before it); raise "
+                              "data.max_length or shorten the answers")
+        seqs, examples, dropped = seqs + kept, examples + len(part), dropped + lost
+    return Rows(layout(tokenizer, seqs, data.max_length, data.packing), examples, dropped)
 
 
 class Run:
@@ -109,8 +119,9 @@ class Run:
         self.base = stack_layers(held)  # training scans the layers: hold them stacked (one copy)
         del held
         self.tokenizer = load_tokenizer(Path(config.model) / TOKENIZER_DIR)
-        self.iterator = BatchIterator(load_examples(self.tokenizer, config, "train"), config.batch_size, config.seed)
-        self.heldout = load_examples(self.tokenizer, config, "heldout", config.data.eval_docs) \
+        self.data = load_examples(self.tokenizer, config, "train")
+        self.iterator = BatchIterator(self.data.rows, config.batch_size, config.seed)
+        self.heldout = load_examples(self.tokenizer, config, "heldout", config.data.eval_docs).rows \
             if config.data.eval_docs else None
         self.tx, self.schedule = make_optimizer(config.optim, config.steps)
         self.state = init_state(self.model_config, config.adapter, self.tx, config.seed, self.mesh)
@@ -209,6 +220,11 @@ def train(config: TrainConfig, resume: bool = False, *, progress: bool | None = 
     tb = _tensorboard(run_dir) if lead and config.tensorboard else None
     if log and resume:
         log.write(json.dumps({"event": "resume", "step": start}) + "\n")
+    if log:  # what the rows hold: examples, those dropped as too long, rows, share of padding
+        log.write(json.dumps({"event": "data", "packing": config.data.packing, **run.data.summary()}) + "\n")
+    if lead and run.data.dropped:
+        print(f"data: {run.data.dropped} of {run.data.examples} training examples dropped: their last answer does "
+              f"not fit data.max_length={config.data.max_length}", flush=True)
     show = config.progress if progress is None else progress
     bar = tqdm(total=config.steps, initial=start, disable=not (show and lead), desc="train", dynamic_ncols=True)
     last: dict[str, Any] = {}

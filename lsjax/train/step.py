@@ -69,8 +69,8 @@ def init_state(model_config: ModelConfig, adapter_config: AdapterConfig, tx: opt
 def _token_loss_sum(model_config, adapter_config, dtype, params, base, batch, key):
     """Sum of answer-token cross-entropies of one (micro)batch, and the adapter aux."""
     params = jax.tree.map(lambda x: x.astype(dtype), params)
-    logits, aux = adapted_forward(model_config, base, adapter_config, params, batch["ids"], batch["mask"],
-                                  rng=key, train=True)
+    logits, aux = adapted_forward(model_config, base, adapter_config, params, batch["ids"],
+                                  segment_ids=batch["segments"], rng=key, train=True)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(batch["weights"] > 0, ce, 0.0) * batch["weights"]), aux
@@ -177,7 +177,8 @@ def make_eval_step(model_config: ModelConfig, adapter_config: AdapterConfig, dty
 
     def eval_step(params, base, batch):
         params = jax.tree.map(lambda x: x.astype(dtype), params)
-        logits, _ = adapted_forward(model_config, base, adapter_config, params, batch["ids"], batch["mask"])
+        logits, _ = adapted_forward(model_config, base, adapter_config, params, batch["ids"],
+                                    segment_ids=batch["segments"])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         ce = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(batch["weights"] > 0, ce, 0.0) * batch["weights"]), jnp.sum(batch["weights"])
