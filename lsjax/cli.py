@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,12 +63,15 @@ def _generate(args) -> None:
 def _serve(args) -> None:
     from lsjax.serve.server import server  # the `serve` extra: imported only by the command that needs it
 
+    api_key = args.api_key or os.environ.get("LSJAX_API_KEY") or None
+    if args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes {args.max_body_bytes} is invalid; expected a positive integer")
+    config = EngineConfig(slots=args.slots, max_len=args.max_len, max_queue=args.max_queue)  # checked before loading
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
     adapter = None
     if args.adapter:
         adapter = open_adapter(args.adapter, model.config)
-    engine = Engine.for_model(model, tokenizer, adapter, EngineConfig(slots=args.slots, max_len=args.max_len),
-                              strategy=args.strategy, backend=args.backend).start()
+    engine = Engine.for_model(model, tokenizer, adapter, config, strategy=args.strategy, backend=args.backend).start()
     start = time.perf_counter()
     engine.warmup()
     name = args.model_name or Path(args.ckpt).absolute().name
@@ -75,7 +79,7 @@ def _serve(args) -> None:
           f"strategy {engine.decoder.strategy}, backend {engine.decoder.backend.name}; compiled in "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
     try:
-        server(engine, name, args.host, args.port).run()
+        server(engine, name, args.host, args.port, api_key=api_key, max_body_bytes=args.max_body_bytes).run()
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
         pass
     engine.stop()
@@ -151,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--strategy", default="auto", help="unmerged, fused or auto")
     serve.add_argument("--backend", default="auto", help="what runs the products: auto, xla, native or pallas")
     serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $LSJAX_API_KEY; "
+                                         "none: open)")
+    serve.add_argument("--max-queue", type=int, default=EngineConfig.max_queue,
+                       help="requests waiting for a slot before new ones get a 503 (default: %(default)s)")
+    serve.add_argument("--max-body-bytes", type=int, default=8 << 20,
+                       help="larger request bodies get a 413 before they are read further (default: %(default)s)")
     serve.set_defaults(run=_serve)
 
     tune = sub.add_parser("tune", help="time the candidates `auto` chooses from and cache its picks")

@@ -112,7 +112,7 @@ def grown_cache(cache: KVCache, kv: Layers, positions: jax.Array, valid: jax.Arr
 
 
 def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
-            cache: KVCache, backend: Backend = XLA) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, backend: Backend = XLA, every: bool = False) -> tuple[jax.Array, KVCache]:
     """Left-padded prompts into the cache.
 
     Args:
@@ -122,13 +122,14 @@ def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention
         cache: a `KVCache` (`init_cache`) with room for S more columns; it may already hold the
             start of the prompts (a long prompt prefilled in chunks). Donate it under jit.
         backend: (static) what runs the products (`lsjax.backends`).
+        every: (static) the logits of every position instead of the last (scoring a prompt).
 
     Returns:
-        `(logits [B, V] fp32 of each prompt's last token, the cache holding the prompts)`.
+        `(logits [B, V] fp32 of each prompt's last token (every: [B, S, V]), the cache holding the prompts)`.
     """
     logits, cache = forward_cached(config, params, input_ids, attention_mask, prompt_positions(attention_mask, cache),
                                    cache, backend=backend)
-    return logits[:, -1], cache
+    return (logits if every else logits[:, -1]), cache
 
 
 def next_positions(cache: KVCache) -> jax.Array:

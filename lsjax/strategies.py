@@ -101,23 +101,27 @@ def merged_switch_params(model_config: ModelConfig, base: dict, adapter_config, 
 
 def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Backend = XLA
           ) -> tuple[Callable, Callable]:
-    """(prefill, step) pure functions of `bundle = {"base": params, "adapter": arrays or None}`."""
+    """(prefill, step) pure functions of `bundle = {"base": params, "adapter": arrays or None}`.
+
+    `prefill(bundle, ids, mask, cache, every=False)`: the last position's logits `[B, V]`, or with
+    `every` (static) every position's `[B, S, V]` (scoring a prompt's own tokens).
+    """
     if strategy == "base" or (strategy == "merged" and adapter_config.method == "lora"):
         # lora merged: the bundle's base already holds W + scale * A @ B (see `prepare_bundle`)
-        def prefill(bundle, ids, mask, cache):
-            return decode.prefill(model_config, bundle["base"], ids, mask, cache, backend)
+        def prefill(bundle, ids, mask, cache, every: bool = False):
+            return decode.prefill(model_config, bundle["base"], ids, mask, cache, backend, every=every)
 
         def step(bundle, tokens, cache):
             return decode.decode_step(model_config, bundle["base"], tokens, cache, backend)
         return prefill, step
 
 
-    def prefill(bundle, ids, mask, cache):
+    def prefill(bundle, ids, mask, cache, every: bool = False):
         form = term_form(strategy, adapter_config, backend, ids.size, prefill=True)
         logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], adapter_config, bundle["adapter"],
                                                   ids, mask, decode.prompt_positions(mask, cache), cache, backend,
                                                   form)
-        return logits[:, -1], cache
+        return (logits if every else logits[:, -1]), cache
 
     def adapted_step(bundle, tokens, cache):
         form = term_form(strategy, adapter_config, backend, tokens.shape[0], prefill=False)
@@ -181,4 +185,4 @@ def prepare_bundle(model_config: ModelConfig, base: dict, adapter_config, adapte
 def compiled(model_config: ModelConfig, adapter_config, strategy: str, backend: Backend = XLA):
     """Jitted (prefill, step) per (model, adapter config, strategy, backend), shared by every Generator."""
     prefill, step = build(model_config, adapter_config, strategy, backend)
-    return jax.jit(prefill, donate_argnums=(3,)), jax.jit(step, donate_argnums=(2,))
+    return jax.jit(prefill, donate_argnums=(3,), static_argnames="every"), jax.jit(step, donate_argnums=(2,))

@@ -125,6 +125,47 @@ def test_logprobs_stops_and_text(engine):
     assert cut.finish_reason == "stop"
 
 
+def test_prompts_are_scored_on_the_prefill_path(engine):
+    """`prompt_logprobs`: every prompt token after the first gets the log-probability a whole-sequence
+    forward (no cache, no chunks) gives it, with the likeliest alternatives; a 40-token prompt crosses
+    three 16-token prefill chunks. With max_tokens 0 nothing is generated and no slot is taken; with
+    tokens to generate, they are those of the same request unscored. Nothing compiles after warm-up."""
+    import jax
+
+    from lsjax.adapters import adapted_forward
+    from lsjax.model import forward
+
+    compiled = engine.compile_count()
+    decoder = engine.decoder
+    rng = np.random.default_rng(7)
+    prompt = tuple(int(t) for t in rng.integers(3, 120, size=40))
+    short = (9, 10, 11)
+    with engine.wake:  # two scored prompts of different lengths, queued with an unscored one
+        handles = [engine.submit(Request(p, max_tokens=0, prompt_logprobs=2)) for p in (prompt, short)]
+        plain = engine.submit(Request(prompt, max_tokens=5, stop_ids=()))
+    ids = np.asarray([prompt], np.int32)
+    base, arrays = decoder.bundle["base"], decoder.bundle["adapter"]  # (lora merged: the merged weights alone)
+    if arrays is None:
+        logits = forward(decoder.config, base, ids)
+    else:
+        logits = adapted_forward(decoder.config, base, decoder.adapter_config, arrays, ids)[0]
+    logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+    for handle, p in zip(handles, (prompt, short)):
+        done = handle.result(timeout=120)
+        assert done.token_ids == [] and done.finish_reason == "length"
+        scores = handle.prompt_scores
+        assert len(scores) == len(p) and scores[0] is None
+        for k, (lp, alternatives) in enumerate(scores[1:], 1):
+            (_, best), (_, second) = alternatives
+            assert best >= second and best >= lp - 1e-5
+            if p is prompt:
+                np.testing.assert_allclose(lp, logp[k - 1, p[k]], atol=2e-4)
+                assert alternatives[0][0] == int(np.argmax(logp[k - 1]))
+    scored = engine.generate(Request(prompt, max_tokens=5, stop_ids=(), prompt_logprobs=0))
+    assert scored.token_ids == plain.result(timeout=120).token_ids
+    assert engine.compile_count() == compiled and engine.active() == 0
+
+
 def test_cancel_frees_the_slot(engine):
     """A cancelled request ends at once as `cancelled`; its slot serves the next request correctly."""
     long = Request((3, 4, 5), max_tokens=40, stop_ids=())

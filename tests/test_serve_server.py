@@ -115,7 +115,19 @@ BAD = [  # (body, the field the error must name); every one a 400
     ({"model": NAME, "prompt": "a", "frobnicate": 1}, "frobnicate"),
     ({"model": NAME, "prompt": "a", "logprobs": 9}, "logprobs"),
     ({"model": NAME, "prompt": [1, 9999]}, "prompt"),
-    ({"model": NAME, "prompt": ["a", "b"]}, "prompt"),
+    # scoring and the prompt's four forms
+    ({"model": NAME, "prompt": "a", "max_tokens": 0, "echo": True}, "max_tokens"),  # 0 tokens: scoring only
+    ({"model": NAME, "prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ({"model": NAME, "prompt": "a", "echo": True, "stream": True}, "echo"),
+    ({"model": NAME, "prompt": "a", "echo": True, "logprobs": 6}, "logprobs"),
+    ({"model": NAME, "prompt": []}, "prompt"),
+    ({"model": NAME, "prompt": [[1, 2], []]}, "prompt"),
+    ({"model": NAME, "prompt": [[1, 2], [3, 99999]]}, "prompt"),
+    ({"model": NAME, "prompt": [1, "a"]}, "prompt"),
+    ({"model": NAME, "prompt": "\ud800"}, "prompt"),  # a lone surrogate: the tokenizer would raise
+    ({"model": NAME, "prompt": ["ok", "a\ud800b"]}, "prompt.1"),
+    ({"model": NAME, "prompt": "a", "stop": "\udfff"}, "stop"),
+    ({"model": NAME, "prompt": "a" * 200_000}, "prompt"),  # cannot fit the context: refused untokenized
     ({"model": NAME, "prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
 ]
 BAD_CHAT = [
@@ -125,6 +137,9 @@ BAD_CHAT = [
     ({"model": NAME, "messages": [{"role": "user"}]}, "messages.0.content"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
 ]
 
 
@@ -132,8 +147,8 @@ def test_bad_requests_are_400s_naming_the_field(live):
     engine, url = live
     cases = [("/v1/completions", b, f) for b, f in BAD] + [("/v1/chat/completions", b, f) for b, f in BAD_CHAT]
     with httpx.Client(base_url=url) as http:
-        for path, body, field in cases:
-            r = http.post(path, json=body)
+        for path, body, field in cases:  # json.dumps escapes a lone surrogate, as a client's JSON may hold it
+            r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
             assert r.status_code == 400, (body, r.status_code, r.text)
             error = r.json()["error"]
             assert error["param"] == field and error["type"] == "invalid_request_error", (body, error)
@@ -144,6 +159,125 @@ def test_bad_requests_are_400s_naming_the_field(live):
         assert http.get("/v1/nothing").status_code == 404
         ok = http.post("/v1/completions", json={"model": NAME, "prompt": "abc def", "max_tokens": 12, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == greedy(engine, "abc def", 12).texts[0]
+
+
+def test_a_prompt_in_each_of_the_four_forms_gets_one_choice_each(live, client):
+    """A string, strings, token ids, lists of token ids: each prompt its own choice (by index), equal
+    to the greedy text of that prompt alone; streamed chunks carry their choice's index."""
+    engine, _ = live
+    tok = engine.tokenizer
+    texts = ["abc def", "xyz", "hello there"]
+    want = [greedy(engine, t, 8).texts[0] for t in texts]
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    for prompt, expect in (("abc def", want[:1]), (texts, want), (ids[2], want[2:]), (ids, want)):
+        got = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+        assert [c.index for c in got.choices] == list(range(len(expect)))
+        assert [c.text for c in got.choices] == expect, prompt
+    chunks = list(client.completions.create(model=NAME, prompt=texts, max_tokens=8, temperature=0, stream=True))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == want and len({c.id for c in chunks}) == 1
+
+
+def test_echoed_logprobs_score_multiple_choice_as_lsjax_eval_does(live, client):
+    """An evaluation harness's request (echo, logprobs, max_tokens 0, the choices as token-id lists)
+    gives each choice the log-likelihood `lsjax eval` computes, so the same accuracy on the same
+    documents; the openai client's legacy call works as such a harness makes it."""
+    import jax
+
+    from lsjax.adapters import adapted_forward
+    from lsjax.eval.harness import doc_requests, evaluate, load_docs, score_requests
+
+    engine, _ = live
+    decoder, tok = engine.decoder, engine.tokenizer
+    docs = load_docs(["arc_easy"], "heldout", 8)
+    fn = jax.jit(lambda ids, mask, last: adapted_forward(decoder.config, decoder.bundle["base"],
+                                                         decoder.adapter_config, decoder.bundle["adapter"], ids, mask,
+                                                         last=last)[0], static_argnums=2)
+    requests = doc_requests(tok, docs["arc_easy"], max_length=100)
+    want_loglik, _ = score_requests(fn, requests, max_length=100, progress=False)
+    want = evaluate(fn, tok, docs, max_length=100, progress=False)["tasks"]["arc_easy"]
+
+    got_loglik, at = [], 0
+    for doc in docs["arc_easy"]:
+        mine = requests[at:at + doc.num_choices]
+        at += doc.num_choices
+        out = client.completions.create(model=NAME, prompt=[list(r.tokens) for r in mine], echo=True, logprobs=1,
+                                        max_tokens=0)
+        assert [c.index for c in out.choices] == list(range(len(mine)))
+        for r, choice in zip(mine, out.choices):
+            lp = choice.logprobs
+            assert lp.token_logprobs[0] is None and len(lp.tokens) == len(r.tokens) == len(lp.text_offset)
+            assert choice.text == tok.decode(list(r.tokens)) and lp.text_offset[0] == 0
+            assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+            got_loglik.append(sum(lp.token_logprobs[-r.n_score:]))
+    np.testing.assert_allclose(got_loglik, want_loglik, atol=2e-3)
+    at, correct = 0, []
+    for doc in docs["arc_easy"]:
+        correct.append(int(np.argmax(got_loglik[at:at + doc.num_choices])) == doc.gold)
+        at += doc.num_choices
+    assert correct == [bool(x) for x in want["docs"]["acc"]] and np.mean(correct) == want["acc"]
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_llama):
+    """A server with an API key, one slot and a queue of one, and a small body limit."""
+    _, model, tok = tiny_llama
+    engine = Engine(Decoder(model), tok, EngineConfig(slots=1, max_len=512, prefill_chunk=16, max_queue=1)).start()
+    engine.warmup()
+    srv = server(engine, NAME, "127.0.0.1", 0, api_key="s3cret", max_body_bytes=1 << 20)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    yield engine, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+
+
+def test_api_key_body_limit_and_a_full_queue(guarded):
+    engine, url = guarded
+    key = {"Authorization": "Bearer s3cret"}
+    body = {"model": NAME, "prompt": "abc", "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert http.get("/health").status_code == 200  # probes need no key
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/metrics")):
+                r = http.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
+        assert http.post("/v1/completions", json=body, headers=key).status_code == 200
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.completions.create(**body).choices[0].text == greedy(engine, "abc", 4).texts[0]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+
+        huge = b'{"model": "' + NAME.encode() + b'", "prompt": "' + b"a" * (20 << 20) + b'"}'
+        r = http.post("/v1/completions", content=huge, headers={**key, "content-type": "application/json"})
+        assert r.status_code == 413 and "larger than 1048576 bytes" in r.json()["error"]["message"]
+
+        # one slot busy, one request waiting: the next is turned away with a 503 and Retry-After
+        long = {**body, "max_tokens": 490, "stop_token_ids": [], "prompt": "a"}  # hundreds of decode steps
+        results = {}
+
+        def send(name):
+            results[name] = http.post("/v1/completions", json=long, headers=key)
+
+        first = threading.Thread(target=send, args=("first",))
+        first.start()
+        deadline = time.time() + 60
+        while engine.active() == 0 and time.time() < deadline:
+            time.sleep(0.002)
+        second = threading.Thread(target=send, args=("second",))
+        second.start()
+        while not engine.waiting and time.time() < deadline:
+            time.sleep(0.002)
+        assert engine.active() == 1 and len(engine.waiting) == 1
+        r = http.post("/v1/completions", json=body, headers=key)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "max_queue" in r.json()["error"]["message"]
+        first.join()
+        second.join()
+        assert results["first"].status_code == results["second"].status_code == 200
 
 
 def test_load_with_disconnects(live):

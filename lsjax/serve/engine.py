@@ -34,7 +34,7 @@ import numpy as np
 
 from lsjax.decode import KVCache, left_pad
 from lsjax.decoder import Decoder
-from lsjax.errors import ConfigError
+from lsjax.errors import ConfigError, LsjaxError
 from lsjax.sampling import SamplingConfig, sample
 from lsjax.textstream import TextStream
 from lsjax.validate import check, is_int
@@ -48,13 +48,15 @@ class EngineConfig:
     tokens must fit); `prefill_chunk`: prompt tokens per prefill call (prompts are padded to a
     multiple); `prefill_chunks_per_step`: prefill calls between two decode steps (bounds the
     pause a long prompt puts on the running rows); `prefill_rows`: the most prompts one prefill
-    call takes (a power of two; calls are compiled for 1, 2, 4... rows up to it)."""
+    call takes (a power of two; calls are compiled for 1, 2, 4... rows up to it); `max_queue`: the
+    most requests waiting for a slot (past it `submit` raises `QueueFull`: memory stays bounded)."""
 
     slots: int = 8
     max_len: int = 512
     prefill_chunk: int = 64
     prefill_chunks_per_step: int = 2
     prefill_rows: int = 4
+    max_queue: int = 256
 
     def __post_init__(self):
         check(is_int(self.slots, 1), "slots", self.slots, "an integer >= 1")
@@ -65,6 +67,7 @@ class EngineConfig:
               "an integer >= 1")
         check(is_int(self.prefill_rows, 1) and self.prefill_rows & (self.prefill_rows - 1) == 0, "prefill_rows",
               self.prefill_rows, "a power of two >= 1")
+        check(is_int(self.max_queue, 1), "max_queue", self.max_queue, "an integer >= 1")
 
     def group_sizes(self) -> tuple[int, ...]:
         """The prefill call sizes (rows) this configuration compiles: powers of two up to
@@ -73,10 +76,16 @@ class EngineConfig:
         return tuple(1 << i for i in range(limit.bit_length()) if 1 << i <= limit)
 
 
+class QueueFull(LsjaxError):
+    """The engine's waiting queue is at `max_queue`: try again later."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One generation. `stop_ids` None: the model's end-of-sequence ids. `logprobs` None: none;
-    n: each token's log-probability and its n likeliest alternatives (n <= TOP_LOGPROBS)."""
+    n: each token's log-probability and its n likeliest alternatives (n <= TOP_LOGPROBS).
+    `prompt_logprobs` n: the same for the prompt's own tokens (scoring; the first has none), which
+    also allows `max_tokens` 0 (the prompt scored, nothing generated)."""
 
     prompt: tuple[int, ...]
     max_tokens: int = 16
@@ -84,17 +93,20 @@ class Request:
     stop_ids: tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         check(len(self.prompt) > 0 and all(is_int(t, 0) for t in self.prompt), "prompt", self.prompt,
               "a non-empty list of token ids")
-        check(is_int(self.max_tokens, 1), "max_tokens", self.max_tokens, "an integer >= 1")
+        check(is_int(self.max_tokens, 0 if self.prompt_logprobs is not None else 1), "max_tokens", self.max_tokens,
+              "an integer >= 1 (0 only when scoring the prompt)")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            check(n is None or (is_int(n, 0) and n <= TOP_LOGPROBS), name, n, f"an integer in [0, {TOP_LOGPROBS}]")
         check(isinstance(self.sampling, SamplingConfig), "sampling", self.sampling, "a SamplingConfig")
         check(self.stop_ids is None or all(is_int(t, 0) for t in self.stop_ids), "stop", self.stop_ids,
               "token ids (integers >= 0)")
         check(all(isinstance(s, str) for s in self.stop_strings), "stop", self.stop_strings, "strings")
-        check(self.logprobs is None or (is_int(self.logprobs, 0) and self.logprobs <= TOP_LOGPROBS),
-              "logprobs", self.logprobs, f"an integer in [0, {TOP_LOGPROBS}]")
 
 
 @dataclasses.dataclass
@@ -121,10 +133,13 @@ class Completion:
 class Handle:
     """A submitted request: iterate it for its events (blocking), `cancel()` it, or wait for `result()`.
     With a `listener`, the engine's thread calls it with each event instead (e.g. to hand the
-    events to an event loop); `times` holds when each token arrived (`time.perf_counter`)."""
+    events to an event loop); `times` holds when each token arrived (`time.perf_counter`).
+    `prompt_scores` (with `prompt_logprobs`): per prompt token, None for the first, else its
+    (log-probability, [(alternative id, log-probability), ...]); set before the first event."""
 
     def __init__(self, request: Request, listener: Callable[[Event], None] | None):
         self.request = request
+        self.prompt_scores: list[tuple[float, list[tuple[int, float]]] | None] | None = None
         self.submitted = time.perf_counter()
         self.times: list[float] = []
         self.events: list[Event] = []
@@ -172,6 +187,7 @@ class _Prefill:
     cache: KVCache
     done: int = 0
     outputs: tuple | None = None
+    scores: list | None = None  # prompts scored: per column, the next token's logprob and alternatives
 
 
 @dataclasses.dataclass
@@ -242,12 +258,33 @@ def prefill_chunk(prefill, bundle, ids, mask, cache, seeds, temperature, top_k, 
     return (first, *scored(logits, first, wanted)), cache
 
 
+def prefill_chunk_scored(prefill, bundle, ids, mask, cache, seeds, temperature, top_k, top_p, wanted, targets):
+    """`prefill_chunk`, and at every column the log-probability of `targets` (the prompt's next
+    token) with the TOP_LOGPROBS likeliest alternatives: the prompt scored on the prefill's own path."""
+    logits, cache = prefill(bundle, ids, mask, cache, every=True)
+    last = logits[:, -1]
+    first = sample_rows(last, seeds, jnp.zeros_like(seeds), temperature, top_k, top_p)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return (first, *scored(last, first, wanted)), (target_logp, top_ids, top_logp), cache
+
+
 @functools.lru_cache(maxsize=None)
 def engine_functions(prefill, step):
     """Jitted engine functions around a strategy's (cached) prefill and step: engines for the same
     model, adapter config and strategy share their compilations."""
     return {"decode": jax.jit(functools.partial(decode_rows, step), donate_argnums=(2,)),
-            "prefill": jax.jit(functools.partial(prefill_chunk, prefill), donate_argnums=(3,))}
+            "prefill": jax.jit(functools.partial(prefill_chunk, prefill), donate_argnums=(3,)),
+            "prefill_scored": jax.jit(functools.partial(prefill_chunk_scored, prefill), donate_argnums=(3,))}
+
+
+def _prompt_scores(request: Request, logp, top_ids, top_logp) -> list:
+    """A left-padded row's column scores -> per prompt token: None, then (logprob, alternatives)."""
+    n, k = len(request.prompt), request.prompt_logprobs
+    start = logp.shape[0] - n  # the first prompt token's column; column c scores the token at c + 1
+    return [None] + [(float(logp[c]), [(int(i), float(p)) for i, p in zip(top_ids[c][:k], top_logp[c][:k])])
+                     for c in range(start, start + n - 1)]
 
 
 # -- the engine --------------------------------------------------------------------------------------------
@@ -309,6 +346,8 @@ class Engine:
         self.check(request)
         handle = Handle(request, listener)
         with self.wake:
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot (max_queue); try again later")
             self.waiting.append(handle)
             self.stats["requests"] += 1
             self.wake.notify()
@@ -340,12 +379,13 @@ class Engine:
         once."""
         sampled = SamplingConfig(temperature=1.0, top_k=5, top_p=0.9)
         for size in self.config.group_sizes():
-            with self.wake:  # queued together, so they are prefilled together
-                handles = [self.submit(Request((self.pad,), max_tokens=3, stop_ids=(),
-                                               sampling=sampled if i % 2 else SamplingConfig()))
-                           for i in range(size)]
-            for handle in handles:
-                handle.result()
+            for scoring in (None, 0):  # plain prefill and the one that scores prompts
+                with self.wake:  # queued together, so they are prefilled together
+                    handles = [self.submit(Request((self.pad,), max_tokens=3, stop_ids=(), prompt_logprobs=scoring,
+                                                   sampling=sampled if i % 2 else SamplingConfig()))
+                               for i in range(size)]
+                for handle in handles:
+                    handle.result()
 
     def compile_count(self) -> int:
         return sum(f._cache_size() for f in self.fns.values())
@@ -424,9 +464,14 @@ class Engine:
             group = self.prefilling
             if group.done < group.ids.shape[1]:
                 at = slice(group.done, group.done + chunk)
-                group.outputs, group.cache = self.fns["prefill"](
-                    self.decoder.bundle, group.ids[:, at], group.mask[:, at], group.cache,
-                    *_row_settings(group.handles))
+                args = (self.decoder.bundle, group.ids[:, at], group.mask[:, at], group.cache,
+                        *_row_settings(group.handles))
+                if group.scores is None:
+                    group.outputs, group.cache = self.fns["prefill"](*args)
+                else:  # each column's target: the prompt's next token (the last column's is not scored)
+                    targets = np.concatenate([group.ids[:, 1:], group.ids[:, -1:]], axis=1)[:, at]
+                    group.outputs, scores, group.cache = self.fns["prefill_scored"](*args, targets)
+                    group.scores.append(scores)
                 group.done += chunk
             if group.done >= group.ids.shape[1]:
                 self._insert()
@@ -438,24 +483,34 @@ class Engine:
         with self.wake:
             if not free or not self.waiting:
                 return False
-            width = self.padded(len(self.waiting[0].request.prompt))
-            fits = [h for h in self.waiting if self.padded(len(h.request.prompt)) == width]
+            first = self.waiting[0].request
+            width, scoring = self.padded(len(first.prompt)), first.prompt_logprobs is not None
+            fits = [h for h in self.waiting if self.padded(len(h.request.prompt)) == width
+                    and (h.request.prompt_logprobs is not None) == scoring]
             size = max(s for s in self.config.group_sizes() if s <= min(free, len(fits)))
             handles = fits[:size]
             for h in handles:
                 self.waiting.remove(h)
         ids, mask = left_pad([h.request.prompt for h in handles], self.pad, width)
         self.stats["grouped"] += size > 1
-        self.prefilling = _Prefill(handles, ids, mask, self.decoder.empty_cache(size, self.config.max_len))
+        self.prefilling = _Prefill(handles, ids, mask, self.decoder.empty_cache(size, self.config.max_len),
+                                   scores=[] if scoring else None)
         return True
 
     def _insert(self) -> None:
         group, self.prefilling = self.prefilling, None
         outputs = [np.asarray(x) for x in group.outputs]
+        scores = None if group.scores is None else [np.concatenate([np.asarray(c[i]) for c in group.scores], axis=1)
+                                                     for i in range(3)]
         for index, handle in enumerate(group.handles):
             if handle is None:  # cancelled while prefilling
                 continue
             request = handle.request
+            if scores is not None:
+                handle.prompt_scores = _prompt_scores(request, *(x[index] for x in scores))
+                if request.max_tokens == 0:  # scored, nothing to generate: no slot taken
+                    handle.deliver(Event(None, "", finish_reason="length"))
+                    continue
             slot = self.rows.index(None)
             self.cache = self.decoder.insert(self.cache, group.cache, jnp.int32(slot), jnp.int32(index))
             self.stats["inserted"] += 1

@@ -1,8 +1,11 @@
 """The OpenAI request bodies the server accepts (pydantic), and how they become engine `Request`s.
 
-Fields OpenAI defines but the engine cannot honour (n > 1, penalties, echo, tools, ...) are
-refused by name rather than ignored; fields outside the API are refused too. `top_k` and
-`stop_token_ids` are the usual extensions of open servers.
+Fields OpenAI defines but the engine cannot honour (n > 1, penalties, tools, ...) are refused by
+name rather than ignored; fields outside the API are refused too. `top_k` and `stop_token_ids` are
+the usual extensions of open servers. Completions take a prompt in each of the API's four forms
+(a string, strings, token ids, lists of token ids), one choice per prompt, and `echo` with
+`logprobs` scores the prompt's own tokens (with `max_tokens` 0: scoring only, as evaluation
+harnesses ask).
 """
 
 from __future__ import annotations
@@ -64,15 +67,24 @@ class _Body(BaseModel):
 
     def request(self, prompt: list[int], logprobs: int | None, room: int) -> Request:
         """The engine request; `room`: the most tokens this prompt leaves (the default's bound)."""
-        for field, why in self.unsupported():
-            raise ConfigError(why, field)
+        self.refuse_unsupported()
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         max_tokens = self.wanted_tokens() or self.default_max_tokens(room)
         seed = self.seed if self.seed is not None else secrets.randbelow(2**31)
         sampling = SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed % 2**31)
         stop_ids = None if self.stop_token_ids is None else tuple(self.stop_token_ids)
         return Request(tuple(prompt), max_tokens=max_tokens, sampling=sampling, stop_ids=stop_ids,
-                       stop_strings=tuple(stops), logprobs=logprobs)
+                       stop_strings=tuple(stops), logprobs=logprobs if max_tokens else None,
+                       prompt_logprobs=self.prompt_logprobs())
+
+    def refuse_unsupported(self) -> None:
+        for field, why in self.unsupported():
+            raise ConfigError(why, field)
+        for i, stop in enumerate([self.stop] if isinstance(self.stop, str) else self.stop or []):
+            check_text(stop, "stop" if isinstance(self.stop, str) else f"stop.{i}")
+
+    def prompt_logprobs(self) -> int | None:
+        return None
 
     def wanted_tokens(self) -> int | None:
         return self.max_tokens
@@ -81,8 +93,17 @@ class _Body(BaseModel):
         return max(1, room)
 
 
+def check_text(text: str, field: str) -> None:
+    """Refuse text that is not valid Unicode (JSON lets a lone surrogate through; tokenizers choke on it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{field}: not valid Unicode text (a lone surrogate at character {e.start})", field) from None
+
+
 class CompletionBody(_Body):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
@@ -91,10 +112,34 @@ class CompletionBody(_Body):
     def default_max_tokens(self, room: int) -> int:
         return max(1, min(16, room))  # OpenAI's default for completions
 
+    def wanted_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def request(self, prompt: list[int], logprobs: int | None, room: int) -> Request:
+        if self.max_tokens == 0:
+            self.refuse_unsupported()
+            return Request(tuple(prompt), max_tokens=0, prompt_logprobs=self.prompt_logprobs(), stop_ids=())
+        return super().request(prompt, logprobs, room)
+
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt's four forms as one list: strings or token-id lists, one choice each."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        if not self.prompt:
+            raise ConfigError("prompt: an empty list; expected a string, strings, token ids or lists of token ids",
+                              "prompt")
+        return list(self.prompt)
+
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.echo:
-            out.append(("echo", "echo is not supported"))
+        if self.echo and self.stream:
+            out.append(("echo", "echo with stream=true is not supported; ask for the whole response"))
+        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
+            out.append(("max_tokens", "max_tokens=0 generates nothing: it is for scoring a prompt, with echo=true "
+                                      "and logprobs"))
         if self.best_of not in (None, 1):
             out.append(("best_of", "only best_of=1 is supported"))
         if self.suffix:
@@ -109,15 +154,18 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]]
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, index: int = 0) -> str:
         if isinstance(self.content, str):
+            check_text(self.content, f"messages.{index}.content")
             return self.content
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ConfigError("only text content parts are supported", "messages")
             parts.append(part["text"])
-        return "".join(parts)
+        text = "".join(parts)
+        check_text(text, f"messages.{index}.content")
+        return text
 
 
 class ChatBody(_Body):

@@ -3,19 +3,22 @@
     lsjax serve --ckpt CKPT [--adapter DIR] [--slots 16] [--host 127.0.0.1] [--port 8000]
 
 Routes: `/v1/completions` and `/v1/chat/completions` (server-sent events with `stream: true`),
-`/v1/models`, `/health`, `/metrics` (Prometheus text). Every bad request is a 400 with an
+`/v1/models`, `/health`, `/metrics` (Prometheus text). Every bad request is a 4xx with an
 OpenAI-style error body whose `param` names the field; a client that goes away frees its slot;
-stopping the server ends the requests in flight as `cancelled`.
+stopping the server ends the requests in flight as `cancelled`. With an API key every route but
+`/health` wants `Authorization: Bearer KEY` (else 401); a body past `max_body_bytes` is a 413 before
+it is parsed, and a full waiting queue a 503 with `Retry-After`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from lsjax.extras import Extra, missing_extra
 
@@ -29,14 +32,18 @@ except ImportError as e:
     raise missing_extra(e, Extra.SERVE, "the HTTP server (lsjax serve)") from None
 
 from lsjax.errors import ConfigError
-from lsjax.serve.engine import Engine, Event
-from lsjax.serve.protocol import ChatBody, CompletionBody
+from lsjax.serve.engine import Engine, Event, QueueFull
+from lsjax.serve.protocol import ChatBody, CompletionBody, check_text
 
 POLL_SECONDS = 0.25  # how often a waiting non-streamed request checks that its client is still there
+MAX_BODY_BYTES = 8 << 20
+OPEN_PATHS = ("/health",)  # answered without the API key (load balancers' probes)
 
 
-def error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+def error(status: int, message: str, param: str | None, kind: str = "invalid_request_error", code: str | None = None,
+          headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
 def _param(location: tuple) -> str | None:
@@ -47,9 +54,54 @@ def _param(location: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
+class Guard:
+    """ASGI middleware in front of the app: the API key, then the body's size (read to the limit and
+    handed on, so a huge body is refused before anything parses it)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return await error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                                   code="invalid_api_key")(scope, receive, send)
+        too_big = error(413, f"the request body is larger than {self.max_body_bytes} bytes", None)
+        if int(headers.get(b"content-length", b"0") or 0) > self.max_body_bytes:
+            return await too_big(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await too_big(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="lsjax", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     tokenizer = engine.tokenizer
+    # no text longer than this can fit the context: refused before tokenizing it
+    longest_piece = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    max_chars = engine.config.max_len * longest_piece
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):
@@ -66,6 +118,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def _refused(_, exc: ConfigError):
         return error(400, str(exc), exc.field)
 
+    @app.exception_handler(QueueFull)
+    async def _busy(_, exc: QueueFull):
+        return error(503, str(exc), None, "server_error", headers={"Retry-After": "1"})
+
     @app.exception_handler(HTTPException)
     async def _http(_, exc: HTTPException):
         kind = {404: "not_found", 503: "server_error"}.get(exc.status_code, "invalid_request_error")
@@ -75,13 +131,14 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         if name != model_name:
             raise ConfigError(f"model {name!r} is not served here; this server serves {model_name!r}", "model")
 
-    def encode_prompt(prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ConfigError("a list of several prompts is not supported; send one request per prompt", "prompt")
-            prompt = prompt[0]
-        # an empty prompt or negative ids are refused by `Request`, naming the prompt
-        return tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+    def encode_prompt(prompt: str | list[int], field: str) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)  # an empty prompt or negative ids are refused by `Request`, naming the prompt
+        check_text(prompt, field)
+        if len(prompt) > max_chars:
+            raise ConfigError(f"{field}: {len(prompt)} characters cannot fit in the context of "
+                              f"{engine.config.max_len} tokens", field)
+        return tokenizer.encode(prompt, add_special_tokens=False)
 
     def submit(body, prompt: list[int], logprobs: int | None, listener):
         request = body.request(prompt, logprobs, engine.room(len(prompt)))
@@ -119,13 +176,19 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HttpRequest):
         check_model(body.model)
-        prompt = encode_prompt(body.prompt)
-        return await respond(http, body, prompt, body.logprobs, chat=False)
+        forms = body.prompts()
+        if len(forms) > engine.config.max_queue:
+            raise ConfigError(f"prompt: {len(forms)} prompts, more than the {engine.config.max_queue} requests the "
+                              "server queues; send fewer at once", "prompt")
+        prompts = [encode_prompt(p, "prompt" if len(forms) == 1 else f"prompt.{i}") for i, p in enumerate(forms)]
+        if len(prompts) == 1 and not body.echo:
+            return await respond(http, body, prompts[0], body.logprobs, chat=False)
+        return await respond_many(http, body, prompts)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HttpRequest):
         check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("this model's tokenizer has no chat template; use /v1/completions", "messages")
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -152,6 +215,59 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             handle.cancel()  # frees the slot if the client went away (no-op once finished)
         return made.whole(collected)
 
+    async def respond_many(http: HttpRequest, body: CompletionBody, prompts: list[list[int]]):
+        """Several prompts (one choice each, by index), or one echoed; streamed chunks carry their index."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        handles = []
+        try:
+            for i, prompt in enumerate(prompts):
+                handles.append(submit(body, prompt, body.logprobs,
+                                      lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e))))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        made = [Made(model_name, False, len(p), tokenizer, index=i) for i, p in enumerate(prompts)]
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream_many(handles, events, made, usage), media_type="text/event-stream")
+        collected: list[list[Event]] = [[] for _ in prompts]
+        try:
+            while sum(bool(c and c[-1].finish_reason) for c in collected) < len(prompts):
+                try:
+                    i, event = await asyncio.wait_for(events.get(), POLL_SECONDS)
+                    collected[i].append(event)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return None
+        finally:
+            for h in handles:
+                h.cancel()
+        whole = [m.whole(c, echo=(list(h.request.prompt), h.prompt_scores) if body.echo else None)
+                 for m, c, h in zip(made, collected, handles)]
+        usage = {k: sum(w["usage"][k] for w in whole) for k in whole[0]["usage"]}
+        return {**whole[0], "choices": [c for w in whole for c in w["choices"]], "usage": usage}
+
+    async def stream_many(handles, events: asyncio.Queue, made: list["Made"], usage: bool) -> AsyncIterator[str]:
+        try:
+            first, left = set(range(len(handles))), len(handles)
+            while left:
+                i, event = await events.get()
+                chunk = made[i].chunk(event, i in first)
+                first.discard(i)
+                yield "data: " + json.dumps({**chunk, "id": made[0].id}) + "\n\n"
+                left -= bool(event.finish_reason)
+            if usage:
+                tokens = sum(m.tokens for m in made)
+                prompt = sum(m.prompt_tokens for m in made)
+                yield "data: " + json.dumps({**made[0].usage_chunk(), "usage": {
+                    "prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for h in handles:
+                h.cancel()
+
     async def stream(handle, events: asyncio.Queue, made: "Made", usage: bool) -> AsyncIterator[str]:
         try:
             first = True
@@ -173,8 +289,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 class Made:
     """The response objects of one request, whole or as stream chunks, in OpenAI's shapes."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int, tokenizer):
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, tokenizer, index: int = 0):
         self.model, self.chat, self.prompt_tokens, self.tokenizer = model, chat, prompt_tokens, tokenizer
+        self.index = index
+        self.chars = 0  # text streamed so far: where the next chunk's text starts
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.tokens = 0
@@ -189,7 +307,7 @@ class Made:
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def _logprobs(self, events: list[Event]) -> dict | None:
+    def _logprobs(self, events: list[Event], start: int = 0) -> dict | None:
         scored = [e for e in events if e.token_id is not None and e.logprob is not None]
         if not scored:
             return None
@@ -199,13 +317,30 @@ class Made:
                 return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
             return {"content": [{**entry(e.token_id, e.logprob),
                                  "top_logprobs": [entry(i, p) for i, p in (e.top_logprobs or [])]} for e in scored]}
-        return {"tokens": [self._piece(e.token_id) for e in scored], "token_logprobs": [e.logprob for e in scored],
-                "top_logprobs": [{self._piece(i): p for i, p in (e.top_logprobs or [])} for e in scored]}
+        return self._legacy([(e.token_id, e.logprob, e.top_logprobs) for e in scored], start)
 
-    def whole(self, events: list[Event]) -> dict:
+    def _legacy(self, scored: list[tuple[int, float | None, list | None]], start: int = 0) -> dict:
+        """OpenAI's legacy completions logprobs: pieces, their logprobs, alternatives, and each piece's
+        character offset in the returned text (from `start`)."""
+        pieces = [self._piece(t) for t, _, _ in scored]
+        offsets = [start + sum(map(len, pieces[:k])) for k in range(len(pieces))]
+        return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in scored],
+                "top_logprobs": [None if top is None else {self._piece(i): p for i, p in top} for _, _, top in scored],
+                "text_offset": offsets}
+
+    def whole(self, events: list[Event], echo: tuple[list[int], list | None] | None = None) -> dict:
+        """The response; `echo`: (prompt ids, their scores or None), the prompt put before the text."""
         self.tokens = sum(e.token_id is not None for e in events)
         text = "".join(e.text for e in events)
-        choice = {"index": 0, "finish_reason": events[-1].finish_reason, "logprobs": self._logprobs(events)}
+        logprobs = self._logprobs(events)
+        if echo is not None:
+            prompt, scores = echo
+            text = self.tokenizer.decode(prompt) + text
+            if scores is not None:
+                rows = [(t, None, None) if s is None else (t, s[0], s[1]) for t, s in zip(prompt, scores)]
+                rows += [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None]
+                logprobs = self._legacy(rows)
+        choice = {"index": self.index, "finish_reason": events[-1].finish_reason, "logprobs": logprobs}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
             return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
@@ -214,7 +349,9 @@ class Made:
 
     def chunk(self, event: Event, first: bool) -> dict:
         self.tokens += event.token_id is not None
-        choice = {"index": 0, "finish_reason": event.finish_reason, "logprobs": self._logprobs([event])}
+        choice = {"index": self.index, "finish_reason": event.finish_reason,
+                  "logprobs": self._logprobs([event], self.chars)}
+        self.chars += len(event.text)
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": event.text} if first else {"content": event.text}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
@@ -239,8 +376,9 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> Server:
+def server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, *,
+           api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Server:
     """A uvicorn server for the engine (started: `engine.start()`); `.run()` blocks, or drive it from a thread."""
-    config = uvicorn.Config(create_app(engine, model_name), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(engine, model_name, api_key, max_body_bytes), host=host, port=port,
+                            log_level="warning", timeout_graceful_shutdown=5)
     return Server(engine, config)
