@@ -12,10 +12,11 @@ at batch 1 only; `layerwise` / `blockwise`: unmerged, fused). The mixed candidat
 `unmerged` (the native library's base product, XLA's routed term) and "hybrid" + `fused` (XLA's
 base product, the native routed term).
 
-Timing: each candidate's Decoder prefills a short fixed prompt and takes untimed steps (compiling,
-warming), then one timed step. A candidate more than `PRUNE` times slower than the fastest there
-stops (its figure is that step) and its Decoder is let go; the others take timed steps in rounds
-interleaved across them, so machine noise hits all alike; the figure is the median ms per step.
+Timing: each candidate's Decoder takes untimed steps from an empty state (compiling, warming: only
+the step is compiled, as a step's cost does not depend on what the cache holds), then one timed
+step. A candidate more than `PRUNE` times slower than the fastest there stops (its figure is that
+step) and its Decoder is let go; the others take timed steps in rounds interleaved across them, so
+machine noise hits all alike; the figure is the median ms per step.
 
 The cache file (`cache_path()`: `$LSJAX_AUTOTUNE_CACHE`, else `~/.cache/lsjax/autotune.json`) is the
 only state: it is read at every choice and rewritten atomically after a measurement; nothing is
@@ -63,7 +64,7 @@ STEPS = 3  # timed steps per candidate and round (after one untimed step that br
 PRUNE = 2.0  # a candidate whose first timed step takes this many times the fastest one's is not timed further
 # A Generator's smallest prompt bucket and cache round (`lsjax.generate`): the picked candidate's
 # prefill compilation serves a Generator's first short prompts too.
-PROMPT_TOKENS, CAPACITY = 16, 64
+CAPACITY = 64  # cache columns of the timed steps (more than WARM_STEPS + 1 + ROUNDS * (STEPS + 1) + 1)
 FIX = "delete it (the next auto choice measures again and rewrites it)"
 
 
@@ -220,14 +221,12 @@ def measure(decoder: type, model, adapter, rows: int, options: list[Candidate], 
     rounds. `backend`: an object to build every candidate with (a caller's own), else each
     candidate's name."""
     vocab = model.config.vocab_size
-    ids = jnp.broadcast_to((jnp.arange(PROMPT_TOKENS, dtype=jnp.int32) * 7 + 3) % vocab, (rows, PROMPT_TOKENS))
-    mask = jnp.ones_like(ids)
     tokens = (jnp.arange(rows, dtype=jnp.int32) * 11 + 5) % vocab
     runs = []
     for c in options:
         strategy = "auto" if c.strategy == Strategy.BASE else c.strategy.value  # without an adapter: the base
         built = decoder(model, adapter, strategy=strategy, backend=backend or c.backend, rows=rows)
-        logits, cache = built.prefill(ids, mask, built.empty_cache(rows, CAPACITY))
+        cache = built.empty_cache(rows, CAPACITY)
         for _ in range(WARM_STEPS):
             logits, cache = built.step(tokens, cache)
         logits.block_until_ready()

@@ -185,11 +185,16 @@ def test_echoed_logprobs_score_multiple_choice_as_lsjax_eval_does(live, client):
     import jax
 
     from lsjax.adapters import adapted_forward
-    from lsjax.eval.harness import doc_requests, evaluate, load_docs, score_requests
+    from lsjax.data import MCDoc
+    from lsjax.eval.harness import doc_requests, evaluate, score_requests
 
     engine, _ = live
     decoder, tok = engine.decoder, engine.tokenizer
-    docs = load_docs(["arc_easy"], "heldout", 8)
+    rng = np.random.default_rng(0)
+    words = ["red", "sun", "cold", "tea", "map", "road", "blue", "left", "stone", "river"]
+    docs = {"arc_easy": [MCDoc("arc_easy", f"q{i}", (f"Question: which is {words[i]}?\nAnswer:",) * 4,
+                               tuple(" " + " ".join(rng.choice(words, int(rng.integers(1, 4)))) for _ in range(4)),
+                               int(rng.integers(4))) for i in range(8)]}
     fn = jax.jit(lambda ids, mask, last: adapted_forward(decoder.config, decoder.bundle["base"],
                                                          decoder.adapter_config, decoder.bundle["adapter"], ids, mask,
                                                          last=last)[0], static_argnums=2)
