@@ -57,14 +57,22 @@ class Encoded:
     targets: tuple[bool, ...]
 
     @property
+    def spans(self) -> list[tuple[int, int]]:
+        """[start, end) of each run of targets (a completion, an assistant turn)."""
+        out, start = [], None
+        for i, t in enumerate((*self.targets, False)):
+            if t and start is None:
+                start = i
+            elif not t and start is not None:
+                out.append((start, i))
+                start = None
+        return out
+
+    @property
     def last_span_start(self) -> int:
         """Where the last run of targets starts: the part a truncation must keep whole."""
-        i = len(self.targets)
-        while i > 0 and not self.targets[i - 1]:
-            i -= 1
-        while i > 0 and self.targets[i - 1]:
-            i -= 1
-        return i
+        spans = self.spans
+        return spans[-1][0] if spans else 0
 
 
 def _format_of(record: dict, where: str) -> Format:

@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from lsjax.data import DEFAULT_HELDOUT_FRACTION
-from lsjax.datafiles import Encoded, encode_examples, read_examples
+from lsjax.datafiles import Encoded, Example, encode_examples
 from lsjax.eval.harness import DEFAULT_BATCH_SIZE, LogitsFn, ScoreRequest, score_requests
-
-
-def target_spans(targets: Sequence[bool]) -> list[tuple[int, int]]:
-    """[start, end) of each run of target tokens."""
-    spans, start = [], None
-    for i, t in enumerate((*targets, False)):
-        if t and start is None:
-            start = i
-        elif not t and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
 
 
 def target_requests(encoded: Encoded, max_length: int) -> list[ScoreRequest]:
     """Requests that score every target token of `encoded` once, each after up to `max_length` tokens."""
     requests = []
-    for a, b in target_spans(encoded.targets):
+    for a, b in encoded.spans:
         for start in range(a, b, max_length):
             end = min(start + max_length, b)
             window = encoded.tokens[max(0, end - max_length - 1):end]
@@ -44,20 +30,18 @@ def target_requests(encoded: Encoded, max_length: int) -> list[ScoreRequest]:
     return requests
 
 
-def file_loss(logits_fn: LogitsFn, tokenizer, path: str | Path, *, split: str = "heldout",
-              heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, limit: int | None = None,
-              max_length: int = 2048, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> dict[str, Any]:
-    """`{"format", "documents", "tokens", "loss" (nats per target token), "ppl", "seconds"}` of one file's split."""
+def file_loss(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], *, max_length: int = 2048,
+              batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False, desc: str | None = None) -> dict[str, Any]:
+    """`{"format", "documents", "tokens", "loss" (nats per target token), "ppl", "seconds"}` of one
+    file's examples (`lsjax.datafiles.read_examples`)."""
     start = time.perf_counter()
-    fmt, examples = read_examples(path, split, heldout_fraction)
-    examples = examples[:limit]
     requests = [r for e in encode_examples(tokenizer, examples) for r in target_requests(e, max_length)]
     loglik, _ = score_requests(logits_fn, requests, batch_size=batch_size, max_length=max_length,
-                               progress=progress, desc=Path(path).name)
+                               progress=progress, desc=desc)
     tokens = int(sum(r.n_score for r in requests))
     loss = -float(np.sum(loglik)) / tokens
-    return {"format": fmt.value, "documents": len(examples), "tokens": tokens, "loss": loss, "ppl": math.exp(loss),
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {"format": examples[0].format.value, "documents": len(examples), "tokens": tokens, "loss": loss,
+            "ppl": math.exp(loss), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def format_files(results: dict[str, dict[str, Any]], split: str) -> str:

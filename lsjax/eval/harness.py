@@ -602,8 +602,7 @@ def run_eval(args, adapter_logits: Callable[[str, Any], LogitsFn] | None = None)
     from lsjax.datafiles import read_examples
     from lsjax.eval.files import file_loss, format_files
 
-    for f in files:  # every line checked before the model loads
-        read_examples(f, args.split)
+    examples = {f: read_examples(f, args.split)[1][:args.limit] for f in files}  # every line checked before loading
 
     model, tokenizer = lsjax.load(ckpt, dtype=args.dtype)
     if args.adapter is not None:
@@ -619,9 +618,8 @@ def run_eval(args, adapter_logits: Callable[[str, Any], LogitsFn] | None = None)
                            progress=progress)
         add_intervals(results, args.bootstrap, args.seed)
     if files:
-        results["files"] = {f: file_loss(logits_fn, tokenizer, f, split=args.split, limit=args.limit,
-                                         max_length=max_length, batch_size=args.batch_size, progress=progress)
-                            for f in files}
+        results["files"] = {f: file_loss(logits_fn, tokenizer, part, max_length=max_length, batch_size=args.batch_size,
+                                         progress=progress, desc=Path(f).name) for f, part in examples.items()}
     results["seconds"] = round(time.perf_counter() - start, 3)
     results["config"] = {"ckpt": str(ckpt), "adapter": args.adapter, "split": args.split, "limit": args.limit,
                          "tasks": names, "files": files, "dtype": str(jnp.dtype(model.dtype)),

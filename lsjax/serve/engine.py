@@ -227,20 +227,23 @@ def sample_rows(logits, seeds, counters, temperature, top_k, top_p):
                         logits, seeds, counters, temperature, top_k, top_p)
 
 
+def token_scores(logits, tokens):
+    """Log-probability of `tokens` `[...]` under `logits` `[..., V]`, and the TOP_LOGPROBS likeliest
+    alternatives (ids, log-probabilities `[..., TOP_LOGPROBS]`)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0], top_ids, top_logp
+
+
 def scored(logits, tokens, wanted):
     """Each row's token log-probability and its TOP_LOGPROBS likeliest alternatives; zeros when no
     row is `wanted` (a log-softmax and top-k over the vocabulary skipped)."""
-    def score(logits, tokens):
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-        return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_logp
-
     def skip(logits, tokens):
         rows = tokens.shape[0]
         return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, TOP_LOGPROBS), jnp.int32),
                 jnp.zeros((rows, TOP_LOGPROBS), jnp.float32))
 
-    return jax.lax.cond(jnp.any(wanted), score, skip, logits, tokens)
+    return jax.lax.cond(jnp.any(wanted), token_scores, skip, logits, tokens)
 
 
 def decode_rows(step, bundle, tokens, cache, seeds, counters, temperature, top_k, top_p, wanted):
@@ -264,10 +267,7 @@ def prefill_chunk_scored(prefill, bundle, ids, mask, cache, seeds, temperature, 
     logits, cache = prefill(bundle, ids, mask, cache, every=True)
     last = logits[:, -1]
     first = sample_rows(last, seeds, jnp.zeros_like(seeds), temperature, top_k, top_p)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return (first, *scored(last, first, wanted)), (target_logp, top_ids, top_logp), cache
+    return (first, *scored(last, first, wanted)), token_scores(logits, targets), cache
 
 
 @functools.lru_cache(maxsize=None)

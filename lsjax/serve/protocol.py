@@ -74,8 +74,7 @@ class _Body(BaseModel):
         sampling = SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed % 2**31)
         stop_ids = None if self.stop_token_ids is None else tuple(self.stop_token_ids)
         return Request(tuple(prompt), max_tokens=max_tokens, sampling=sampling, stop_ids=stop_ids,
-                       stop_strings=tuple(stops), logprobs=logprobs if max_tokens else None,
-                       prompt_logprobs=self.prompt_logprobs())
+                       stop_strings=tuple(stops), logprobs=logprobs, prompt_logprobs=self.prompt_logprobs())
 
     def refuse_unsupported(self) -> None:
         for field, why in self.unsupported():
@@ -111,9 +110,6 @@ class CompletionBody(_Body):
 
     def default_max_tokens(self, room: int) -> int:
         return max(1, min(16, room))  # OpenAI's default for completions
-
-    def wanted_tokens(self) -> int | None:
-        return self.max_tokens
 
     def request(self, prompt: list[int], logprobs: int | None, room: int) -> Request:
         if self.max_tokens == 0:

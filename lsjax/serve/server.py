@@ -13,6 +13,7 @@ it is parsed, and a full waiting queue a 503 with `Retry-After`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import secrets
 import threading
@@ -66,8 +67,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.api_key is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            if not secrets.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.api_key}".encode()):
                 return await error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
                                    code="invalid_api_key")(scope, receive, send)
         too_big = error(413, f"the request body is larger than {self.max_body_bytes} bytes", None)
@@ -181,9 +181,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             raise ConfigError(f"prompt: {len(forms)} prompts, more than the {engine.config.max_queue} requests the "
                               "server queues; send fewer at once", "prompt")
         prompts = [encode_prompt(p, "prompt" if len(forms) == 1 else f"prompt.{i}") for i, p in enumerate(forms)]
-        if len(prompts) == 1 and not body.echo:
-            return await respond(http, body, prompts[0], body.logprobs, chat=False)
-        return await respond_many(http, body, prompts)
+        return await respond(http, body, prompts, body.logprobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HttpRequest):
@@ -193,45 +191,25 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             raise ConfigError("this model's tokenizer has no chat template; use /v1/completions", "messages")
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         prompt = list(getattr(ids, "input_ids", ids))
-        return await respond(http, body, prompt, body.logprobs_count(), chat=True)
+        return await respond(http, body, [prompt], body.logprobs_count(), chat=True)
 
-    async def respond(http: HttpRequest, body, prompt: list[int], logprobs: int | None, chat: bool):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        handle = submit(body, prompt, logprobs, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        made = Made(model_name, chat, len(prompt), tokenizer)
-        if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream(handle, events, made, usage), media_type="text/event-stream")
-        collected = []
-        try:
-            while not collected or not collected[-1].finish_reason:
-                try:
-                    collected.append(await asyncio.wait_for(events.get(), POLL_SECONDS))
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return None
-        finally:
-            handle.cancel()  # frees the slot if the client went away (no-op once finished)
-        return made.whole(collected)
-
-    async def respond_many(http: HttpRequest, body: CompletionBody, prompts: list[list[int]]):
-        """Several prompts (one choice each, by index), or one echoed; streamed chunks carry their index."""
+    async def respond(http: HttpRequest, body, prompts: list[list[int]], logprobs: int | None, chat: bool):
+        """One choice per prompt (by index), whole or streamed (chunks carry their choice's index)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         handles = []
         try:
             for i, prompt in enumerate(prompts):
-                handles.append(submit(body, prompt, body.logprobs,
+                handles.append(submit(body, prompt, logprobs,
                                       lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e))))
         except BaseException:
             for h in handles:
                 h.cancel()
             raise
-        made = [Made(model_name, False, len(p), tokenizer, index=i) for i, p in enumerate(prompts)]
+        made = [Made(model_name, chat, len(p), tokenizer, index=i) for i, p in enumerate(prompts)]
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_many(handles, events, made, usage), media_type="text/event-stream")
+            return StreamingResponse(stream(handles, events, made, usage), media_type="text/event-stream")
         collected: list[list[Event]] = [[] for _ in prompts]
         try:
             while sum(bool(c and c[-1].finish_reason) for c in collected) < len(prompts):
@@ -243,13 +221,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                         return None
         finally:
             for h in handles:
-                h.cancel()
-        whole = [m.whole(c, echo=(list(h.request.prompt), h.prompt_scores) if body.echo else None)
+                h.cancel()  # frees the slots if the client went away (no-op once finished)
+        echo = getattr(body, "echo", False)
+        whole = [m.whole(c, echo=(list(h.request.prompt), h.prompt_scores) if echo else None)
                  for m, c, h in zip(made, collected, handles)]
-        usage = {k: sum(w["usage"][k] for w in whole) for k in whole[0]["usage"]}
-        return {**whole[0], "choices": [c for w in whole for c in w["choices"]], "usage": usage}
+        return {**whole[0], "choices": [c for w in whole for c in w["choices"]], "usage": total_usage(made)}
 
-    async def stream_many(handles, events: asyncio.Queue, made: list["Made"], usage: bool) -> AsyncIterator[str]:
+    async def stream(handles, events: asyncio.Queue, made: list["Made"], usage: bool) -> AsyncIterator[str]:
         try:
             first, left = set(range(len(handles))), len(handles)
             while left:
@@ -259,35 +237,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 yield "data: " + json.dumps({**chunk, "id": made[0].id}) + "\n\n"
                 left -= bool(event.finish_reason)
             if usage:
-                tokens = sum(m.tokens for m in made)
-                prompt = sum(m.prompt_tokens for m in made)
-                yield "data: " + json.dumps({**made[0].usage_chunk(), "usage": {
-                    "prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}}) + "\n\n"
+                yield "data: " + json.dumps({**made[0].usage_chunk(), "usage": total_usage(made)}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for h in handles:
-                h.cancel()
-
-    async def stream(handle, events: asyncio.Queue, made: "Made", usage: bool) -> AsyncIterator[str]:
-        try:
-            first = True
-            while True:
-                event = await events.get()
-                yield "data: " + json.dumps(made.chunk(event, first)) + "\n\n"
-                first = False
-                if event.finish_reason:
-                    break
-            if usage:
-                yield "data: " + json.dumps(made.usage_chunk()) + "\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            handle.cancel()  # the client disconnected mid-stream: free the slot at once
+                h.cancel()  # the client disconnected mid-stream: free the slots at once
 
     return app
 
 
+def total_usage(made: list["Made"]) -> dict:
+    prompt, completion = sum(m.prompt_tokens for m in made), sum(m.tokens for m in made)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 class Made:
-    """The response objects of one request, whole or as stream chunks, in OpenAI's shapes."""
+    """The response objects of one choice, whole or as stream chunks, in OpenAI's shapes."""
 
     def __init__(self, model: str, chat: bool, prompt_tokens: int, tokenizer, index: int = 0):
         self.model, self.chat, self.prompt_tokens, self.tokenizer = model, chat, prompt_tokens, tokenizer
@@ -301,8 +266,7 @@ class Made:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
-                "total_tokens": self.prompt_tokens + self.tokens}
+        return total_usage([self])
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -323,7 +287,7 @@ class Made:
         """OpenAI's legacy completions logprobs: pieces, their logprobs, alternatives, and each piece's
         character offset in the returned text (from `start`)."""
         pieces = [self._piece(t) for t, _, _ in scored]
-        offsets = [start + sum(map(len, pieces[:k])) for k in range(len(pieces))]
+        offsets = list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=start))[:len(pieces)]
         return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in scored],
                 "top_logprobs": [None if top is None else {self._piece(i): p for i, p in top} for _, _, top in scored],
                 "text_offset": offsets}

@@ -90,23 +90,24 @@ def sequences(encoded: Sequence[Encoded], formats: Sequence[Format], max_length:
     return out, dropped
 
 
-def _row(width: int) -> np.ndarray:
-    return np.zeros((3, width), np.int32)
-
-
-def _place(row: np.ndarray, at: int, seq: Encoded, segment: int) -> None:
-    n = len(seq.tokens)
-    row[TOKENS, at:at + n] = seq.tokens
-    row[TARGETS, at:at + n] = seq.targets
-    row[SEGMENTS, at:at + n] = segment
+def fill_rows(seqs: Sequence[Encoded], groups: Sequence[Sequence[int]], width: int, pad_id: int) -> np.ndarray:
+    """Rows of `width` tokens: row r holds `groups[r]`'s sequences one after another as segments 1, 2,
+    ...; the rest is padding (`pad_id`, segment 0)."""
+    out = np.zeros((len(groups), 3, width), np.int32)
+    out[:, TOKENS] = pad_id
+    for row, members in zip(out, groups):
+        at = 0
+        for segment, i in enumerate(members, 1):
+            n = len(seqs[i].tokens)
+            row[TOKENS, at:at + n] = seqs[i].tokens
+            row[TARGETS, at:at + n] = seqs[i].targets
+            row[SEGMENTS, at:at + n] = segment
+            at += n
+    return out
 
 
 def one_per_row(seqs: Sequence[Encoded], width: int, pad_id: int) -> np.ndarray:
-    rows = np.zeros((len(seqs), 3, width), np.int32)
-    rows[:, TOKENS] = pad_id
-    for row, seq in zip(rows, seqs):
-        _place(row, 0, seq, 1)
-    return rows
+    return fill_rows(seqs, [[i] for i in range(len(seqs))], width, pad_id)
 
 
 def pack(seqs: Sequence[Encoded], width: int, pad_id: int) -> np.ndarray:
@@ -126,14 +127,7 @@ def pack(seqs: Sequence[Encoded], width: int, pad_id: int) -> np.ndarray:
         rows[r].append(i)
         if room - n > 0:
             bisect.insort(free, (room - n, r))
-    out = np.zeros((len(rows), 3, width), np.int32)
-    out[:, TOKENS] = pad_id
-    for row, members in zip(out, rows):
-        at = 0
-        for segment, i in enumerate(members, 1):
-            _place(row, at, seqs[i], segment)
-            at += len(seqs[i].tokens)
-    return out
+    return fill_rows(seqs, rows, width, pad_id)
 
 
 def example_sequences(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[list[Encoded], int]:
