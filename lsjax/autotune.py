@@ -49,6 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lsjax.adapters.table import AdapterTable
 from lsjax.backend_interface import Backend
 from lsjax.backends import BACKENDS, resolve_backend
 from lsjax.config import ModelConfig
@@ -107,9 +108,11 @@ def cache_path() -> Path:
 
 
 def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, *, sharded: bool = False,
-               backend: Backend | str | None = None, strategy: str = "auto") -> list[Candidate]:
+               backend: Backend | str | None = None, strategy: str = "auto", per_row: bool = False
+               ) -> list[Candidate]:
     """Every (backend, strategy) that can decode `rows` rows here, restricted to the fixed part:
-    a backend named or given (an object: its name) and a strategy other than "auto"."""
+    a backend named or given (an object: its name) and a strategy other than "auto". `per_row`:
+    an adapter table's rows (`strategies_at`)."""
     if backend is None or backend == "auto":
         from lsjax.native import unavailable_reason
 
@@ -120,7 +123,7 @@ def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, 
             names.append("pallas")
     else:
         names = [backend if isinstance(backend, str) else backend.name]
-    allowed = strategies_at(adapter_config, rows)
+    allowed = strategies_at(adapter_config, rows, per_row)
     if strategy != "auto":
         fixed = resolve_strategy(strategy, adapter_config)
         allowed = [s for s in allowed if s == fixed]
@@ -128,13 +131,14 @@ def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, 
     return [Candidate(name, s) for name in names for s in allowed if name != "hybrid" or s == Strategy.FUSED]
 
 
-def strategies_at(adapter_config: Any | None, rows: int) -> list[Strategy]:
-    """The strategies an adapter allows at `rows` rows (`merged` switch merges one route per step: one row)."""
+def strategies_at(adapter_config: Any | None, rows: int, per_row: bool = False) -> list[Strategy]:
+    """The strategies an adapter allows at `rows` rows (`merged` switch merges one route per step: one
+    row; never for an adapter table, `per_row`, whose rows each narrow the route)."""
     if adapter_config is None:
         return [Strategy.BASE]
     allowed = [Strategy.UNMERGED, Strategy.FUSED]
     method = adapter_config.method
-    if method == "lora" or (method == "switch" and rows == 1):
+    if not per_row and (method == "lora" or (method == "switch" and rows == 1)):
         allowed.append(Strategy.MERGED)
     return allowed
 
@@ -177,13 +181,14 @@ def choose(decoder: type, model, adapter=None, rows: int = 1, *, backend: Backen
     too) and replace it."""
     check_rows(rows)
     adapter_config = None if adapter is None else adapter.config
-    options = candidates(adapter_config, rows, model.dtype, backend=backend, strategy=strategy)
+    per_row = isinstance(adapter, AdapterTable)
+    options = candidates(adapter_config, rows, model.dtype, backend=backend, strategy=strategy, per_row=per_row)
     if not options:
         raise ConfigError(f"strategy {strategy!r} with a {adapter_config.method} adapter cannot decode {rows} rows "
                           "(merged switch routes one sequence per step); use 'fused' or 'unmerged'")
     if len(options) == 1:
         return Choice(options[0], {}, "only")
-    key = cache_key(model.config, model.dtype, adapter_config, rows, backend, strategy)
+    key = cache_key(model.config, model.dtype, adapter_config, rows, backend, strategy, per_row)
     path = cache_path()
     entry = None if fresh else next((e for e in read_cache(path) if e["key"] == key), None)
     if entry is not None:
@@ -302,11 +307,13 @@ def _digest(data: bytes) -> str:
 
 
 def cache_key(model_config: ModelConfig, dtype: Any, adapter_config: Any | None, rows: int,
-              backend: Backend | str | None, strategy: str) -> dict[str, Any]:
+              backend: Backend | str | None, strategy: str, per_row: bool = False) -> dict[str, Any]:
     """An entry's key, in the form JSON gives back (so a read key compares equal)."""
     adapter = None if adapter_config is None else {
         "method": str(adapter_config.method), "experts": adapter_config.num_experts, "top_k": adapter_config.top_k,
         "rank": adapter_config.rank, "targets": list(adapter_config.targets)}
+    if per_row:
+        adapter["table"] = True
     asked = {"backend": "auto" if backend is None else backend if isinstance(backend, str) else backend.name,
              "strategy": str(strategy) if adapter_config is not None else "base"}
     key = {"machine": machine(), "model": dataclasses.asdict(model_config), "dtype": str(jnp.dtype(dtype)),

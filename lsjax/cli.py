@@ -12,6 +12,7 @@ import lsjax
 from lsjax import autotune
 from lsjax.adapters import open_adapter
 from lsjax.adapters.config import METHODS
+from lsjax.adapters.table import served
 from lsjax.assets import default_gguf_path
 from lsjax.convert import convert_gguf, convert_hf
 from lsjax.decoder import Decoder
@@ -67,22 +68,37 @@ def _serve(args) -> None:
     if args.max_body_bytes < 1:
         raise ConfigError(f"--max-body-bytes {args.max_body_bytes} is invalid; expected a positive integer")
     config = EngineConfig(slots=args.slots, max_len=args.max_len, max_queue=args.max_queue)  # checked before loading
+    specs = dict(_adapter_spec(text) for text in args.adapter)
+    if len(specs) < len(args.adapter):
+        raise ConfigError(f"--adapter: two adapters share a name ({', '.join(args.adapter)}); name them NAME=DIR")
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
-    adapter = None
-    if args.adapter:
-        adapter = open_adapter(args.adapter, model.config)
+    adapters = {name: open_adapter(folder, model.config) for name, folder in specs.items()}
+    room = {"adapters": args.max_adapters, "experts": args.max_experts, "rank": args.max_lora_rank}
+    adapter = served(model.config, adapters, runtime=args.allow_runtime_adapters, room=room, dtype=model.dtype)
     engine = Engine.for_model(model, tokenizer, adapter, config, strategy=args.strategy, backend=args.backend).start()
     start = time.perf_counter()
     engine.warmup()
     name = args.model_name or Path(args.ckpt).absolute().name
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {args.max_len} tokens, "
+    listed = ", ".join(repr(n) for n in [name, *engine.adapters()])
+    print(f"serving {listed} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {args.max_len} tokens, "
           f"strategy {engine.decoder.strategy}, backend {engine.decoder.backend.name}; compiled in "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
     try:
-        server(engine, name, args.host, args.port, api_key=api_key, max_body_bytes=args.max_body_bytes).run()
+        server(engine, name, args.host, args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
+               allow_runtime_adapters=args.allow_runtime_adapters).run()
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
         pass
     engine.stop()
+
+
+def _adapter_spec(text: str) -> tuple[str, str]:
+    """`--adapter NAME=DIR` or `--adapter DIR` (named after its folder) -> (name, folder)."""
+    name, sep, folder = text.partition("=")
+    if not sep:
+        return Path(text).absolute().name, text
+    if not name or not folder:
+        raise ConfigError(f"--adapter {text!r}: expected NAME=DIR or DIR")
+    return name, folder
 
 
 def _tune(args) -> None:
@@ -146,7 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching over decode slots)")
     serve.add_argument("--ckpt", required=True, help="lsjax checkpoint folder (from `lsjax convert`)")
-    serve.add_argument("--adapter", help="adapter folder: lsjax format or a PEFT LoRA")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                       help="an adapter folder (lsjax format or a PEFT LoRA), served as model NAME (default: the "
+                            "folder's name); repeat it to serve several in one batch, beside the base")
+    serve.add_argument("--allow-runtime-adapters", action="store_true",
+                       help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter load and unload adapters")
+    serve.add_argument("--max-adapters", type=int, help="adapters the server holds at once (default: those given)")
+    serve.add_argument("--max-lora-rank", type=int, help="the largest rank an adapter may have (default: the "
+                                                        "largest given, else 16)")
+    serve.add_argument("--max-experts", type=int, help="the most experts an adapter may have (default: the largest "
+                                                      "given, else 8)")
     serve.add_argument("--slots", type=int, default=16, help="requests decoded together")
     serve.add_argument("--max-len", type=int, default=512, help="cache columns per slot (prompt + output)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (localhost by default)")

@@ -39,7 +39,9 @@ from lsjax.model import (
 @dataclasses.dataclass
 class KVCache:
     """Keys/values, each slot's position and validity `[B, T]`, slots used (one count for every
-    row, or one per row `[B]`: a serving engine's rows each have their own).
+    row, or one per row `[B]`: a serving engine's rows each have their own), and with an
+    `lsjax.adapters.table.AdapterTable`, each row's adapter slot `[B]` (None: one adapter, or none,
+    for every row).
 
     k / v are `Layers` of `[B*KV, T, D]` arrays (row b's kv head h at b*KV + h; head-major, so
     attention reads them without a transpose), in the layout of the params they go with: per layer
@@ -52,6 +54,7 @@ class KVCache:
     positions: jax.Array
     valid: jax.Array
     length: jax.Array
+    adapter: jax.Array | None = None
 
     @property
     def capacity(self) -> int:
@@ -108,7 +111,7 @@ def forward_cached(config: ModelConfig, params: Params, input_ids: jax.Array, at
 def grown_cache(cache: KVCache, kv: Layers, positions: jax.Array, valid: jax.Array, new: int) -> KVCache:
     """The cache after `new` tokens; `kv` (each layer's `(k, v)`) kept in the layout of `cache`."""
     k, v = kv.item(0).in_layout_of(cache.k), kv.item(1).in_layout_of(cache.v)
-    return KVCache(k, v, positions, valid, cache.length + new)
+    return KVCache(k, v, positions, valid, cache.length + new, cache.adapter)
 
 
 def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from lsjax import autotune, strategies
 from lsjax.adapters import AdapterError
+from lsjax.adapters.table import AdapterTable
 from lsjax.backend_interface import Backend
 from lsjax.decode import KVCache, init_cache
 from lsjax.errors import ConfigError
@@ -38,6 +39,9 @@ class Decoder:
     Generator's batch, a serving engine's slots) the first time, then read from its cache file.
     A backend or strategy given explicitly always wins.
 
+    `adapter` may be an `lsjax.adapters.table.AdapterTable`: then each row of a state decodes with
+    its own adapter of the table (`with_adapters`), and `refresh` picks up loads and unloads.
+
     Attributes: `config` (ModelConfig), `adapter_config` (None without an adapter), `backend`,
     `strategy` (resolved: "base" without an adapter), `tuning` (the `autotune.Choice` behind an
     auto choice; None when both were given or nothing could be timed), `bundle` (the arrays
@@ -49,6 +53,7 @@ class Decoder:
                  rows: int = 1):
         self.config, self.dtype = model.config, model.dtype
         self.adapter_config = None
+        self.table = adapter if isinstance(adapter, AdapterTable) else None
         if adapter is not None:
             if adapter.model_config != model.config:
                 raise AdapterError(f"adapter was made for another base model: {_shape_summary(adapter.model_config)} "
@@ -56,11 +61,16 @@ class Decoder:
             self.adapter_config = adapter.config
         params = model.params()
         self.backend, self.strategy, self.tuning = autotune.resolve(Decoder, model, adapter, rows, backend, strategy)
+        if self.table is not None and self.strategy == strategies.Strategy.MERGED:
+            raise ConfigError("strategy 'merged' merges one route into the weights; an adapter table routes every row "
+                              "within its own adapter: use 'fused', 'unmerged' or 'auto'", "strategy")
         one_route = self.strategy == strategies.Strategy.MERGED and self.adapter_config.method == "switch"
         self.max_rows = 1 if one_route else None
         adapter_params = None if adapter is None else adapter.arrays()
         self.bundle = strategies.prepare_bundle(self.config, params, self.adapter_config, adapter_params,
                                                 self.strategy)
+        if self.table is not None:
+            self.bundle["slots"] = self.table.slot_arrays()
         self.prepared = self.backend.prepare(self.bundle)
         self.prefill_fn, self.step_fn = strategies.compiled(self.config, self.adapter_config, self.strategy,
                                                             self.backend)
@@ -79,7 +89,23 @@ class Decoder:
         cache = init_cache(self.config, rows, capacity, self.dtype, stacked=self.bundle["base"]["layers"].stacked)
         if row_lengths:
             cache = dataclasses.replace(cache, length=jnp.zeros((rows,), jnp.int32))
+        if self.table is not None:  # every row starts as a base row; `with_adapters` says otherwise
+            cache = dataclasses.replace(cache, adapter=jnp.full((rows,), self.table.room.base_slot, jnp.int32))
         return cache if self.device is None else jax.device_put(cache, self.device)
+
+    def with_adapters(self, cache: KVCache, slots) -> KVCache:
+        """`cache` whose rows decode with the table's adapters in `slots` `[rows]` (`AdapterTable.slot`)."""
+        if self.table is None:
+            raise ConfigError("this decoder has one adapter for every row; rows choose adapters only in an "
+                              "AdapterTable")
+        adapter = jnp.asarray(slots, jnp.int32)
+        return dataclasses.replace(cache, adapter=adapter if self.device is None else jax.device_put(adapter,
+                                                                                                     self.device))
+
+    def refresh(self) -> None:
+        """Read the table's arrays again after a load or unload (same shapes: nothing compiles). The
+        bundle is replaced, not changed: a step already running keeps the arrays it was given."""
+        self.bundle = {**self.bundle, "adapter": self.table.arrays(), "slots": self.table.slot_arrays()}
 
     def prefill(self, ids, mask, cache: KVCache):
         """`(logits [rows, V] of each prompt's last token, cache)`: left-padded prompts `[rows, S]` into
@@ -99,8 +125,8 @@ class Decoder:
 
 
 def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
-    """Row `index` of a prefilled group's cache copied into `slot` (its columns, positions, validity
-    and length). Pure."""
+    """Row `index` of a prefilled group's cache copied into `slot` (its columns, positions, validity,
+    length and adapter). Pure."""
     axis = 1 if cache.k.stacked else 0  # the row axis of [L, B*KV, T, D] or of each layer's [B*KV, T, D]
 
     def place(buf, row_buf):
@@ -111,8 +137,9 @@ def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
     def each(mine: Layers, theirs: Layers) -> Layers:
         return Layers(jax.tree.map(place, mine.tree, theirs.in_layout_of(mine).tree), mine.stacked)
 
+    adapter = None if cache.adapter is None else cache.adapter.at[slot].set(rows.adapter[index])
     return KVCache(each(cache.k, rows.k), each(cache.v, rows.v), cache.positions.at[slot].set(rows.positions[index]),
-                   cache.valid.at[slot].set(rows.valid[index]), cache.length.at[slot].set(rows.length))
+                   cache.valid.at[slot].set(rows.valid[index]), cache.length.at[slot].set(rows.length), adapter)
 
 
 _insert = jax.jit(insert_row, donate_argnums=(0,))

@@ -42,6 +42,7 @@ from lsjax.adapters.merge import merge_lora
 from lsjax.adapters.methods import adapted_forward_cached, switch_route
 from lsjax.adapters.params import adapted_groups, member_layout
 from lsjax.adapters.routing import Computation, TermForm
+from lsjax.adapters.table import RowChoice, row_choice
 from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
@@ -120,7 +121,7 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Bac
         form = term_form(strategy, adapter_config, backend, ids.size, prefill=True)
         logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], adapter_config, bundle["adapter"],
                                                   ids, mask, decode.prompt_positions(mask, cache), cache, backend,
-                                                  form)
+                                                  form, rows_choice(bundle, cache))
         return (logits if every else logits[:, -1]), cache
 
     def adapted_step(bundle, tokens, cache):
@@ -128,7 +129,7 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Bac
         positions = decode.next_positions(cache)
         logits, cache, _ = adapted_forward_cached(model_config, bundle["base"], adapter_config, bundle["adapter"],
                                                   tokens[:, None], jnp.ones_like(positions, jnp.bool_),
-                                                  positions, cache, backend, form)
+                                                  positions, cache, backend, form, rows_choice(bundle, cache))
         return logits[:, 0], cache
 
     if strategy != "merged":
@@ -147,6 +148,12 @@ def build(model_config: ModelConfig, adapter_config, strategy: str, backend: Bac
         return logits[:, 0], cache
 
     return prefill, merged_step
+
+
+def rows_choice(bundle: dict, cache) -> RowChoice | None:
+    """Each row's adapter in a table (`lsjax.adapters.table`): read from the state's rows and the
+    bundle's per-slot arrays; None where one adapter serves every row."""
+    return None if cache.adapter is None else row_choice(bundle["slots"], cache.adapter)
 
 
 def term_form(strategy: str, adapter_config, backend: Backend, rows: int, prefill: bool) -> TermForm:

@@ -38,7 +38,7 @@ def tiny(request, tmp_path_factory):
 
 def random_adapter(model, method, **kwargs):
     """An adapter with every tensor random (B nonzero), so the routed term matters."""
-    cfg = AdapterConfig(method=method, rank=4, **{"targets": "all-linear", **kwargs})
+    cfg = AdapterConfig(method=method, **{"rank": 4, "targets": "all-linear", **kwargs})
     adapter = Adapter(model.config, cfg, rngs=nnx.Rngs(1))
     leaves, treedef = jax.tree.flatten(adapter.arrays())
     keys = jax.random.split(jax.random.key(7), len(leaves))

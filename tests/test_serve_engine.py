@@ -253,16 +253,19 @@ def test_bench_serve_counts_every_requested_token(tmp_path):
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--ckpt", str(tmp_path / "ckpt"), "--clients", "2", "--per-client", "2",
                  "--max-prompt", "20", "--max-output", "12", "--max-len", "64", "--prefill-chunk", "16",
-                 "--stagger-ms", "0", "--experts", "4", "--rank", "4", "--json", str(out),
+                 "--stagger-ms", "0", "--experts", "4", "--rank", "4", "--adapters", "3", "--json", str(out),
                  "--plot", str(tmp_path / "serve.png")]) == 0
     records = json.loads(out.read_text())["records"]
-    assert sorted((r["method"], r["clients"]) for r in records) == [("base", 2), ("switch", 2)]
+    assert sorted((r["method"], r["clients"]) for r in records) == [("base", 2), ("switch", 2), ("switch x 3", 2)]
     for r in records:
         requests = workload(r["clients"] * 2, 256, 20, 12, seed=r["clients"])
         assert r["requests"] == len(requests) and r["tokens"] == sum(q.max_tokens for q in requests)
         assert r["ratio_to_base"] > 0
         assert r["itl_p99_ms"] >= r["itl_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0
-        assert r["tokens_per_s"] > 0 and r["end_to_end_tokens_per_s"] > 0 and r["static_tokens_per_s"] > 0
+        assert r["tokens_per_s"] > 0 and r["end_to_end_tokens_per_s"] > 0
+        assert (r["static_tokens_per_s"] > 0) == (r["method"] != "switch x 3")  # no static batch mixes adapters
+    single, table = (next(r for r in records if r["method"] == m) for m in ("switch", "switch x 3"))
+    assert table["ratio_to_single"] == pytest.approx(table["tokens_per_s"] / single["tokens_per_s"])
     assert (tmp_path / "serve.png").stat().st_size > 0
 
 
@@ -275,10 +278,12 @@ def test_serve_ratios_are_to_the_base_with_as_many_clients():
         return ServeRecord(method, clients, 4, 40, tokens_per_s, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
     records = [record("switch", 2, 80.0), record("base", 2, 100.0), record("base", 8, 50.0), record("switch", 8, 45.0),
-               record("switch", 32, 10.0)]
+               record("switch", 32, 10.0), record("switch x 4", 8, 36.0), record("lora x 4", 8, 30.0)]
     set_ratios_to_base(records)
     assert [r.ratio_to_base for r in records[:4]] == pytest.approx([0.8, 1.0, 1.0, 0.9])
     assert math.isnan(records[4].ratio_to_base)  # no base at 32 clients
+    assert records[5].ratio_to_single == pytest.approx(0.8)  # over switch's single adapter at 8 clients
+    assert math.isnan(records[6].ratio_to_single) and math.isnan(records[3].ratio_to_single)
 
 
 def test_decoder_insert_places_prefilled_rows_into_slots(tiny_llama):

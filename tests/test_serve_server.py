@@ -87,6 +87,8 @@ def test_chat_whole_and_streamed_with_logprobs(live, client):
 def test_models_health_metrics(live, client):
     engine, url = live
     assert [m.id for m in client.models.list().data] == [NAME]
+    unknown = httpx.post(url + "/v1/completions", json={"model": "other", "prompt": "a"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"  # as OpenAI answers it
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     before = engine.stats["tokens"]
     client.completions.create(model=NAME, prompt="xyz", max_tokens=5, temperature=0, stop=None)
@@ -98,7 +100,6 @@ def test_models_health_metrics(live, client):
 
 
 BAD = [  # (body, the field the error must name); every one a 400
-    ({"model": "other", "prompt": "a"}, "model"),
     ({"model": NAME}, "prompt"),
     ({"model": NAME, "prompt": ""}, "prompt"),
     ({"model": NAME, "prompt": "a", "max_tokens": 0}, "max_tokens"),
@@ -356,8 +357,9 @@ def test_shutdown_ends_streams_cleanly(tiny_llama):
 
 
 def test_lsjax_serve_command(tmp_path):
-    """`lsjax serve` as a user starts it: it comes up on the port asked for, answers the openai
-    client with the model's own greedy text, and exits cleanly on Ctrl-C (SIGINT)."""
+    """`lsjax serve` as a user starts it, with two adapters (one named, one after its folder): it
+    comes up on the port asked for, lists the base and both adapters, answers the openai client
+    with each one's own greedy text, and exits cleanly on Ctrl-C (SIGINT)."""
     import os
     import signal
     import socket
@@ -367,13 +369,20 @@ def test_lsjax_serve_command(tmp_path):
     from lsjax.convert import convert_hf
     from tiny import make_hf_model
 
+    from lsjax.adapters import save_adapter
+
     make_hf_model(tmp_path / "hf")
     convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    model, tok = lsjax.load(tmp_path / "ckpt")
+    adapters = {"sw": random_adapter(model, "switch"), "plain": random_adapter(model, "lora", targets=["q", "v"])}
+    for name, adapter in adapters.items():
+        save_adapter(tmp_path / name, adapter)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lsjax.cli", "serve", "--ckpt", str(tmp_path / "ckpt"),
-                             "--slots", "2", "--max-len", "128", "--port", str(port), "--model-name", "tiny"],
+                             "--slots", "2", "--max-len", "128", "--port", str(port), "--model-name", "tiny",
+                             "--adapter", f"sw={tmp_path / 'sw'}", "--adapter", str(tmp_path / "plain")],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
         deadline = time.time() + 120
@@ -384,14 +393,16 @@ def test_lsjax_serve_command(tmp_path):
             except httpx.TransportError:
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        got = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=0)
-        want = Generator(*lsjax.load(tmp_path / "ckpt")).generate(["abc"], max_new_tokens=6)
-        assert got.choices[0].text == want.texts[0]
+        assert [m.id for m in client.models.list().data] == ["tiny", "plain", "sw"]
+        for name in ("tiny", "sw", "plain"):
+            got = client.completions.create(model=name, prompt="abc", max_tokens=6, temperature=0)
+            want = Generator(model, tok, adapters.get(name), strategy="unmerged").generate(["abc"], max_new_tokens=6)
+            assert got.choices[0].text == want.texts[0], name
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err
-    assert f"serving 'tiny' on http://127.0.0.1:{port}/v1" in err
+    assert f"serving 'tiny', 'sw', 'plain' on http://127.0.0.1:{port}/v1" in err
 
 
 def test_chat_without_a_chat_template_is_a_400(live):

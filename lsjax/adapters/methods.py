@@ -45,6 +45,7 @@ from lsjax.adapters.routing import (
     router_stats,
     top_k_route,
 )
+from lsjax.adapters.table import RowChoice
 from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import ModelConfig
@@ -100,14 +101,18 @@ class Layout:
 
 
 def decide(config: AdapterConfig, x: jax.Array, weight: jax.Array, *, members: int = 1,
-           valid: jax.Array | None = None, key: jax.Array | None = None
+           valid: jax.Array | None = None, key: jax.Array | None = None, choice: RowChoice | None = None
            ) -> tuple[Routing, tuple[RouterStats, ...] | None]:
     """One router product on `x [B, S, d]`: the route (`[B, S, k]`, or with `members` routers side
     by side, layer-wise, `[B, S, members, k]`) and each router's statistics over `valid` tokens
-    (None without `valid`: inference)."""
+    (None without `valid`: inference). With `choice` (an `AdapterTable`'s rows, inference) each
+    row chooses among its own adapter's experts, keeps its own k and carries its own scale."""
     logits = router_logits(x, weight, config.router.jitter, key)
     if config.method == Method.LAYERWISE:
         logits = logits.reshape(*logits.shape[:-1], members, -1)
+    if choice is not None:
+        route, _ = top_k_route(choice.mask(logits), config.top_k)
+        return choice.narrow(route), None
     route, probs = top_k_route(logits, config.top_k)
     if valid is None:
         return route, None
@@ -134,21 +139,21 @@ class InputProbe:
 
 def switch_route(model_config: ModelConfig, config: AdapterConfig, layers: Layers, router: jax.Array,
                  x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: tuple | None = None, *,
-                 valid: jax.Array | None = None, key: jax.Array | None = None
+                 valid: jax.Array | None = None, key: jax.Array | None = None, choice: RowChoice | None = None
                  ) -> tuple[Routing, tuple[RouterStats, ...] | None]:
     """The switch route `[B, S, k]` of tokens whose embeddings are `x [B, S, D]`, decided once for
     all layers, and its statistics: the router reads the input of layer 0's first adapted group.
 
     Layer 0's groups before that one are plain, so its input is the plain layer's (`cos`, `sin`,
     `mask` and `kv` as `lsjax.model.decoder_layer` takes them; only a first group past `qkv`
-    reads attention): with `qkv` first it is the attention-normed embedding.
+    reads attention): with `qkv` first it is the attention-normed embedding. `choice`: as `decide`.
     """
     first, w = adapted_groups(config)[0], layers.layer(0)
     if first == "qkv":  # the input of layer 0's first products: no need to trace the layer
         h = rms_norm(x, w["attn_norm"], model_config.rms_norm_eps)
     else:
         h = decoder_layer(model_config, w, x, cos, sin, mask, InputProbe(first), kv=kv)[2][first]
-    return decide(config, h, router, valid=valid, key=key)
+    return decide(config, h, router, valid=valid, key=key, choice=choice)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +249,7 @@ def _layer_routers(config: AdapterConfig, params: AdapterParams) -> dict:
 def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterConfig, params: AdapterParams,
                 x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array | None, *,
                 key: jax.Array | None, train: bool, cache: KVCache | None = None, backend: Backend = XLA,
-                form: TermForm = TermForm()):
+                form: TermForm = TermForm(), choice: RowChoice | None = None):
     """Run all decoder layers, scanned over stacked base layers or looped over held ones (then the
     experts stay stacked and each layer indexes them statically). Returns x, the routers' stats
     (a list of `RouterStats`), the switch route and each layer's new (k, v)."""
@@ -256,7 +261,7 @@ def _run_layers(model_config: ModelConfig, base_params: Params, config: AdapterC
         switch_key = None if key is None or not train else jax.random.fold_in(key, SWITCH_KEY)
         kv0 = None if cache is None else (cache.k.layer(0), cache.v.layer(0), cache.length)
         route, switch_stats = switch_route(model_config, config, layers, params["routers"]["switch"], x, cos, sin,
-                                           mask, kv0, valid=valid, key=switch_key)
+                                           mask, kv0, valid=valid, key=switch_key, choice=choice)
         stats.extend(switch_stats or ())
         if held and form.computation == Computation.GATHERED and form.gather_once:  # one gather, all layers
             chosen = {g: chosen_experts(e["a"], e["b"], route.ids) for g, e in params["experts"].items()}
@@ -336,19 +341,21 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
 def adapted_forward_cached(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
                            adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array,
                            positions: jax.Array, cache: KVCache, backend: Backend = XLA,
-                           form: TermForm = TermForm()) -> tuple[jax.Array, KVCache, AdapterAux]:
+                           form: TermForm = TermForm(), choice: RowChoice | None = None
+                           ) -> tuple[jax.Array, KVCache, AdapterAux]:
     """`lsjax.decode.forward_cached` with the adapter (inference: no dropout, no jitter).
 
     Every method, switch included: a decode step's route is decided from that token's own
     layer-0 input, exactly as in the full forward. `backend` (static, `lsjax.backends`) runs the
-    products, and with `Computation.FUSED` in `form` (static) its fused kernel.
+    products, and with `Computation.FUSED` in `form` (static) its fused kernel. `choice`: the rows'
+    adapters in an `lsjax.adapters.table.AdapterTable` (whose `adapter_config` and arrays are given).
     """
     check_params(model_config, adapter_config, adapter_params)
     all_positions, all_valid, cos, sin, mask = cached_inputs(model_config, cache, attention_mask, positions)
     x = embed_tokens(base_params, input_ids)
     x, stats, route, kv = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin,
                                       mask, attention_mask.astype(jnp.bool_), key=None, train=False, cache=cache,
-                                      backend=backend, form=form)
+                                      backend=backend, form=form, choice=choice)
     logits = lm_logits(model_config, base_params, x, backend)
     new_cache = grown_cache(cache, kv, all_positions, all_valid, input_ids.shape[1])
     return logits, new_cache, _aux(adapter_config, stats, route)

@@ -75,15 +75,16 @@ class Record:
     run_s: float = 0.0  # wall time of the timed generations
 
 
-def random_adapter(model_config: ModelConfig, method: str, args) -> Any:
-
+def random_adapter(model_config: ModelConfig, method: str, args, seed: int = 0) -> Any:
+    """A `method` adapter of `args`' shape with every tensor random (B nonzero: its term is computed
+    and matters); `seed` makes another."""
     routed = method != "lora"
     cfg = AdapterConfig(method=method, num_experts=args.experts if routed else 1, top_k=args.top_k if routed else 1,
                         rank=args.rank, targets=args.targets)
     dtype = jnp.dtype(args.dtype)
-    adapter = Adapter(model_config, cfg, rngs=nnx.Rngs(0), dtype=dtype)
+    adapter = Adapter(model_config, cfg, rngs=nnx.Rngs(seed), dtype=dtype)
     leaves, tree = jax.tree.flatten(adapter.arrays())
-    keys = jax.random.split(jax.random.key(1), len(leaves))
+    keys = jax.random.split(jax.random.key(1 + seed), len(leaves))
     noisy = [(x + 0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for x, k in zip(leaves, keys)]
     return Adapter.from_arrays(model_config, cfg, jax.tree.unflatten(tree, noisy))
 

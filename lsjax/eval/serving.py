@@ -10,6 +10,11 @@ end (the last requests draining included). The static baseline runs the same req
 request available from the start and compilations not timed (both only favour it). Reported per
 level and method: output tokens/s, time to first token and inter-token latency (p50 / p99) for
 the engine, tokens/s for the static batches, and the ratios; JSON + PNG.
+
+With `--adapters K` (K > 1) each switch or LoRA method also serves the same workload spread over K
+adapters of its kind in one table (`lsjax.adapters.table`: every batch mixes them), reported as
+"<method> x K" with its throughput over the single adapter's (`x single`); a static batch cannot
+mix adapters, so it has no static baseline.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 import jax
 import numpy as np
 
+from lsjax.adapters.table import BATCHABLE, AdapterTable
 from lsjax.eval.latency import load_model, random_adapter
 from lsjax.extras import pyplot
 from lsjax.generate import Generator
@@ -45,6 +51,7 @@ class ServeRecord:
     step_ms_mean: float
     ratio_to_static: float = float("nan")
     ratio_to_base: float = float("nan")
+    ratio_to_single: float = float("nan")  # K adapters in one table over one adapter (same method, clients)
     warmup_s: float = 0.0  # the engine's compile and warm-up before the clients start
     run_s: float = 0.0  # the workload through the engine, then through static batches
 
@@ -115,8 +122,12 @@ def tokens_between(handles, start: float, end: float) -> int:
     return sum(start <= t <= end for h in handles for t in h.times)
 
 
-def measure(method: str, generator: Generator, clients: int, args, vocab: int) -> ServeRecord:
+def measure(method: str, generator: Generator, clients: int, args, vocab: int,
+            adapters: tuple[str, ...] = ()) -> ServeRecord:
+    """One method at one level; with `adapters` (a table's names) the requests take them in turn."""
     requests = workload(clients * args.per_client, vocab, args.max_prompt, args.max_output, seed=clients)
+    if adapters:
+        requests = [dataclasses.replace(r, adapter=adapters[i % len(adapters)]) for i, r in enumerate(requests)]
     config = EngineConfig(slots=clients, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                           prefill_rows=args.prefill_rows)
     engine = Engine(generator.decoder, generator.tokenizer, config)
@@ -135,18 +146,23 @@ def measure(method: str, generator: Generator, clients: int, args, vocab: int) -
     steady = in_window / (end - start) if in_window >= clients else tokens / seconds
     ttft = [(h.times[0] - h.submitted) * 1e3 for h in handles]
     itl = [d * 1e3 for h in handles for d in np.diff(h.times)]
-    static = sum(r.max_tokens for r in requests) / run_static(generator, requests, clients)
+    static = float("nan") if adapters else sum(r.max_tokens for r in requests) / run_static(generator, requests,
+                                                                                             clients)
     return ServeRecord(method, clients, len(handles), tokens, steady, tokens / seconds, static,
                        *np.percentile(ttft, [50, 99]).tolist(), *np.percentile(itl, [50, 99]).tolist(), steps * 1e3,
                        ratio_to_static=steady / static, warmup_s=warmup_s, run_s=time.perf_counter() - begin)
 
 
 def set_ratios_to_base(records: list[ServeRecord]) -> None:
-    """Each record's steady throughput over the base's with as many clients (left nan without one)."""
+    """Each record's steady throughput over the base's with as many clients, and a table's over its
+    method's single adapter (left nan without one)."""
     for r in records:
         base = next((b for b in records if b.method == "base" and b.clients == r.clients), None)
         if base is not None:
             r.ratio_to_base = r.tokens_per_s / base.tokens_per_s
+        single = next((b for b in records if b.method == r.method.split(" x ")[0] and b.clients == r.clients), None)
+        if " x " in r.method and single is not None:
+            r.ratio_to_single = r.tokens_per_s / single.tokens_per_s
 
 
 def run(args) -> list[ServeRecord]:
@@ -164,13 +180,19 @@ def run(args) -> list[ServeRecord]:
             write_json(args.json, {"meta": {**meta, "complete": complete},
                                    "records": [dataclasses.asdict(r) for r in records]})
 
+    runs = []  # (label, what decodes, the adapters requests spread over)
     for method in args.methods.split(","):
-        adapter = None if method == "base" else random_adapter(model.config, method, args)
+        runs.append((method, None if method == "base" else random_adapter(model.config, method, args), ()))
+        if args.adapters > 1 and method in BATCHABLE:
+            named = {f"{method}{k}": random_adapter(model.config, method, args, seed=k) for k in range(args.adapters)}
+            runs.append((f"{method} x {args.adapters}", AdapterTable.of(model.config, named, dtype=model.dtype),
+                         tuple(named)))
+    for label, adapter, names in runs:
         # auto: tuned for the most slots the run decodes
         generator = Generator(model, tokenizer, adapter, strategy="auto", backend=args.backend, rows=max(levels))
-        meta["backend"][method] = f"{generator.backend.name}/{generator.strategy}"
+        meta["backend"][label] = f"{generator.backend.name}/{generator.strategy}"
         for clients in levels:
-            records.append(measure(method, generator, clients, args, model.config.vocab_size))
+            records.append(measure(label, generator, clients, args, model.config.vocab_size, names))
             set_ratios_to_base(records)
             save(complete=False)
             r = records[-1]
@@ -192,10 +214,11 @@ def table(records: list[ServeRecord], meta: dict | None = None) -> str:
         f"serving: {meta['source']} ({meta['platform']}, {meta['dtype']}, backend {_backends(meta['backend'])}); "
         f"{meta['per_client']} requests per client in the workload, prompts 4-{meta['max_prompt']} tokens, outputs 4-"
         f"{meta['max_output']} (long-tailed), clients {meta['stagger_ms']} ms apart\n\n")
-    lines = ["| method | clients | tokens/s | x base | end to end | static tokens/s | x static | TTFT p50/p99 ms | "
-             "ITL p50/p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | clients | tokens/s | x base | x single | end to end | static tokens/s | x static | "
+             "TTFT p50/p99 ms | ITL p50/p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(f"| {r.method} | {r.clients} | {r.tokens_per_s:.1f} | {r.ratio_to_base:.2f} | "
+                     f"{r.ratio_to_single:.2f} | "
                      f"{r.end_to_end_tokens_per_s:.1f} | "
                      f"{r.static_tokens_per_s:.1f} | {r.ratio_to_static:.2f} | "
                      f"{r.ttft_p50_ms:.0f} / {r.ttft_p99_ms:.0f} | "
@@ -247,6 +270,8 @@ def add_serve_bench_parser(kinds) -> None:
     serve.add_argument("--prefill-chunk", type=int, default=16)
     serve.add_argument("--prefill-rows", type=int, default=4, help="the most prompts prefilled in one call")
     serve.add_argument("--stagger-ms", type=float, default=50.0, help="delay between two clients' first requests")
+    serve.add_argument("--adapters", type=int, default=1,
+                       help="K > 1: each switch / lora method also serves the workload over K adapters in one batch")
     serve.add_argument("--experts", type=int, default=8)
     serve.add_argument("--top-k", type=int, default=2)
     serve.add_argument("--rank", type=int, default=16)

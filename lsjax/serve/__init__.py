@@ -1,5 +1,7 @@
 """Serving: a continuous-batching engine over decode slots and an OpenAI-compatible server on it."""
 
-from lsjax.serve.engine import Completion, Engine, EngineConfig, Event, Handle, Request
+from lsjax.serve.engine import (AdapterInUse, Completion, Engine, EngineConfig, Event, Handle, QueueFull, Request,
+                                UnknownAdapter)
 
-__all__ = ["Completion", "Engine", "EngineConfig", "Event", "Handle", "Request"]
+__all__ = ["AdapterInUse", "Completion", "Engine", "EngineConfig", "Event", "Handle", "QueueFull", "Request",
+           "UnknownAdapter"]

@@ -80,12 +80,22 @@ class QueueFull(LsjaxError):
     """The engine's waiting queue is at `max_queue`: try again later."""
 
 
+class UnknownAdapter(ConfigError):
+    """A request or an unload names an adapter the engine does not hold."""
+
+
+class AdapterInUse(LsjaxError):
+    """An unload names an adapter that requests (running or waiting) still decode with."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One generation. `stop_ids` None: the model's end-of-sequence ids. `logprobs` None: none;
     n: each token's log-probability and its n likeliest alternatives (n <= TOP_LOGPROBS).
     `prompt_logprobs` n: the same for the prompt's own tokens (scoring; the first has none), which
-    also allows `max_tokens` 0 (the prompt scored, nothing generated)."""
+    also allows `max_tokens` 0 (the prompt scored, nothing generated). `adapter`: with an
+    `lsjax.adapters.table.AdapterTable`, the name of the adapter this request decodes with (None:
+    the base model); an engine of one adapter takes None only."""
 
     prompt: tuple[int, ...]
     max_tokens: int = 16
@@ -94,6 +104,7 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    adapter: str | None = None
 
     def __post_init__(self):
         check(len(self.prompt) > 0 and all(is_int(t, 0) for t in self.prompt), "prompt", self.prompt,
@@ -139,6 +150,8 @@ class Handle:
 
     def __init__(self, request: Request, listener: Callable[[Event], None] | None):
         self.request = request
+        self.slot: int | None = None  # its adapter's slot in the engine's table (None: no table)
+        self.on_done: Callable[["Handle"], None] | None = None
         self.prompt_scores: list[tuple[float, list[tuple[int, float]]] | None] | None = None
         self.submitted = time.perf_counter()
         self.times: list[float] = []
@@ -157,6 +170,8 @@ class Handle:
         self.events.append(event)
         if event.finish_reason:
             self.done.set()
+            if self.on_done is not None:
+                self.on_done(self)
         self._listener(event)
 
     def __iter__(self) -> Iterator[Event]:
@@ -317,6 +332,7 @@ class Engine:
         self.stopping = False
         self.failure: BaseException | None = None
         self.stats = collections.Counter()
+        self.users = collections.Counter()  # requests not finished, per adapter slot
         self.step_seconds = collections.deque(maxlen=1000)
 
     # -- API -------------------------------------------------------------------------------------------
@@ -339,15 +355,68 @@ class Engine:
         vocab = self.decoder.config.vocab_size
         if max(request.prompt) >= vocab:
             raise ConfigError(f"prompt holds token id {max(request.prompt)}; the vocabulary has {vocab}", "prompt")
+        self._slot(request.adapter)
+
+    def _slot(self, name: str | None) -> int | None:
+        """The table slot of adapter `name` (None: the base row's); refuses a name it does not hold."""
+        table = self.decoder.table
+        if table is None:
+            if name is not None:
+                raise UnknownAdapter(f"adapter {name!r} is not served here: this engine decodes one adapter for "
+                                     "every request", "model")
+            return None
+        if name is not None and name not in table.names:
+            raise UnknownAdapter(f"adapter {name!r} is not loaded; loaded: {', '.join(sorted(table.names)) or 'none'}",
+                                 "model")
+        return table.slot(name)
+
+    # -- adapters at run time (an AdapterTable's engine) -------------------------------------------------
+    def adapters(self) -> dict[str, object]:
+        """The adapters served, by name, with their configs (none without a table)."""
+        table = self.decoder.table
+        return {} if table is None else dict(table.configs)
+
+    def load_adapter(self, name: str, adapter) -> int:
+        """Put `adapter` into a free slot of the table, between two steps: rows in flight are not
+        touched and nothing compiles (the table's shapes are fixed). Returns the slot."""
+        table = self._table()
+        with self.wake:
+            slot = table.load(name, adapter)
+            self.decoder.refresh()
+        return slot
+
+    def unload_adapter(self, name: str) -> int:
+        """Free adapter `name`'s slot; refused while a request (running, prefilling or waiting) uses it."""
+        table = self._table()
+        with self.wake:
+            slot = self._slot(name)
+            if self.users[slot]:
+                raise AdapterInUse(f"adapter {name!r} is in use by {self.users[slot]} request(s); unload it when they "
+                                   "finish")
+            table.unload(name)
+            self.decoder.refresh()
+        return slot
+
+    def _table(self):
+        if self.decoder.table is None:
+            raise ConfigError("this engine decodes one adapter for every request: adapters are loaded at run time "
+                              "only into an engine over an AdapterTable")
+        return self.decoder.table
+
+    def _done(self, handle: Handle) -> None:
+        with self.wake:
+            self.users[handle.slot] -= 1
 
     def submit(self, request: Request, listener: Callable[[Event], None] | None = None) -> Handle:
         if self.failure is not None:
             raise RuntimeError("the engine stopped after an internal error") from self.failure
         self.check(request)
         handle = Handle(request, listener)
-        with self.wake:
+        with self.wake:  # the slot is read, and counted as used, under the lock an unload takes
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot (max_queue); try again later")
+            handle.slot, handle.on_done = self._slot(request.adapter), self._done
+            self.users[handle.slot] += 1
             self.waiting.append(handle)
             self.stats["requests"] += 1
             self.wake.notify()
@@ -493,8 +562,10 @@ class Engine:
                 self.waiting.remove(h)
         ids, mask = left_pad([h.request.prompt for h in handles], self.pad, width)
         self.stats["grouped"] += size > 1
-        self.prefilling = _Prefill(handles, ids, mask, self.decoder.empty_cache(size, self.config.max_len),
-                                   scores=[] if scoring else None)
+        cache = self.decoder.empty_cache(size, self.config.max_len)
+        if self.decoder.table is not None:  # each row decodes with its own adapter (an insert carries it along)
+            cache = self.decoder.with_adapters(cache, [h.slot for h in handles])
+        self.prefilling = _Prefill(handles, ids, mask, cache, scores=[] if scoring else None)
         return True
 
     def _insert(self) -> None:

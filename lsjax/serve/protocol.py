@@ -188,3 +188,17 @@ class ChatBody(_Body):
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class UnloadAdapterBody(BaseModel):
+    """`/v1/unload_lora_adapter`: the adapter's name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(min_length=1)
+
+
+class LoadAdapterBody(UnloadAdapterBody):
+    """`/v1/load_lora_adapter`: a name for the adapter and its folder (lsjax's format or a PEFT LoRA)."""
+
+    lora_path: str = Field(min_length=1)

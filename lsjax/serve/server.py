@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP server over an `Engine` (FastAPI on uvicorn).
 
-    lsjax serve --ckpt CKPT [--adapter DIR] [--slots 16] [--host 127.0.0.1] [--port 8000]
+    lsjax serve --ckpt CKPT [--adapter NAME=DIR ...] [--slots 16] [--host 127.0.0.1] [--port 8000]
 
 Routes: `/v1/completions` and `/v1/chat/completions` (server-sent events with `stream: true`),
-`/v1/models`, `/health`, `/metrics` (Prometheus text). Every bad request is a 4xx with an
+`/v1/models`, `/health`, `/metrics` (Prometheus text); with `allow_runtime_adapters`,
+`/v1/load_lora_adapter` and `/v1/unload_lora_adapter`. A request's `model` is the base model's
+name or an adapter's (an engine over an `AdapterTable` mixes them in one batch). Every bad request is a 4xx with an
 OpenAI-style error body whose `param` names the field; a client that goes away frees its slot;
 stopping the server ends the requests in flight as `cancelled`. With an API key every route but
 `/health` wants `Authorization: Bearer KEY` (else 401); a body past `max_body_bytes` is a 413 before
@@ -13,6 +15,7 @@ it is parsed, and a full waiting queue a 503 with `Retry-After`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import secrets
@@ -32,9 +35,10 @@ try:
 except ImportError as e:
     raise missing_extra(e, Extra.SERVE, "the HTTP server (lsjax serve)") from None
 
+from lsjax.adapters import AdapterError, open_adapter
 from lsjax.errors import ConfigError
-from lsjax.serve.engine import Engine, Event, QueueFull
-from lsjax.serve.protocol import ChatBody, CompletionBody, check_text
+from lsjax.serve.engine import AdapterInUse, Engine, Event, QueueFull, UnknownAdapter
+from lsjax.serve.protocol import ChatBody, CompletionBody, LoadAdapterBody, UnloadAdapterBody, check_text
 
 POLL_SECONDS = 0.25  # how often a waiting non-streamed request checks that its client is still there
 MAX_BODY_BYTES = 8 << 20
@@ -95,7 +99,9 @@ class Guard:
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, allow_runtime_adapters: bool = False) -> FastAPI:
+    """The app over `engine`: `model_name` is the base model's name (the engine's one adapter's, on an
+    engine without a table); adapters go by their names in the engine's table."""
     app = FastAPI(title="lsjax", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     tokenizer = engine.tokenizer
@@ -116,7 +122,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(ConfigError)
     async def _refused(_, exc: ConfigError):
+        if isinstance(exc, UnknownAdapter):
+            return error(404, str(exc), exc.field, "not_found", "model_not_found")
         return error(400, str(exc), exc.field)
+
+    @app.exception_handler(AdapterError)
+    async def _bad_adapter(_, exc: AdapterError):
+        return error(400, str(exc), "lora_path")
+
+    @app.exception_handler(AdapterInUse)
+    async def _in_use(_, exc: AdapterInUse):
+        return error(409, str(exc), "lora_name", code="adapter_in_use")
 
     @app.exception_handler(QueueFull)
     async def _busy(_, exc: QueueFull):
@@ -127,9 +143,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         kind = {404: "not_found", 503: "server_error"}.get(exc.status_code, "invalid_request_error")
         return error(exc.status_code, str(exc.detail), None, kind)
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise ConfigError(f"model {name!r} is not served here; this server serves {model_name!r}", "model")
+    def adapter_of(name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base, or an engine's one adapter)."""
+        if name == model_name:
+            return None
+        if name not in engine.adapters():
+            served = ", ".join(repr(n) for n in [model_name, *sorted(engine.adapters())])
+            raise UnknownAdapter(f"model {name!r} is not served here; this server serves {served}", "model")
+        return name
 
     def encode_prompt(prompt: str | list[int], field: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -141,7 +162,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return tokenizer.encode(prompt, add_special_tokens=False)
 
     def submit(body, prompt: list[int], logprobs: int | None, listener):
-        request = body.request(prompt, logprobs, engine.room(len(prompt)))
+        request = dataclasses.replace(body.request(prompt, logprobs, engine.room(len(prompt))),
+                                      adapter=adapter_of(body.model))
         if engine.failure is not None or engine.thread is None:
             raise HTTPException(503, "the engine is not running")
         return engine.submit(request, listener)
@@ -154,7 +176,34 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "lsjax"}]}
+        base = {"id": model_name, "object": "model", "created": 0, "owned_by": "lsjax", "root": model_name,
+                "parent": None}
+        adapters = [{**base, "id": name, "parent": model_name, "method": str(config.method)}
+                    for name, config in sorted(engine.adapters().items())]
+        return {"object": "list", "data": [base, *adapters]}
+
+    def runtime_adapters() -> None:
+        if not allow_runtime_adapters:
+            raise HTTPException(404, "loading adapters at run time is off; start the server with "
+                                     "--allow-runtime-adapters")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: LoadAdapterBody):
+        runtime_adapters()
+        if body.lora_name == model_name:
+            raise ConfigError(f"lora_name {body.lora_name!r} is the base model's name; choose another", "lora_name")
+        adapter = await asyncio.to_thread(open_adapter, body.lora_path, engine.decoder.config)
+        await asyncio.to_thread(engine.load_adapter, body.lora_name, adapter)
+        return PlainTextResponse(f"Success: adapter {body.lora_name!r} loaded.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: UnloadAdapterBody):
+        runtime_adapters()
+        if body.lora_name not in engine.adapters():
+            raise UnknownAdapter(f"adapter {body.lora_name!r} is not loaded; loaded: "
+                                 f"{', '.join(sorted(engine.adapters())) or 'none'}", "lora_name")
+        await asyncio.to_thread(engine.unload_adapter, body.lora_name)
+        return PlainTextResponse(f"Success: adapter {body.lora_name!r} unloaded.")
 
     @app.get("/metrics")
     async def metrics():
@@ -175,7 +224,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HttpRequest):
-        check_model(body.model)
+        adapter_of(body.model)
         forms = body.prompts()
         if len(forms) > engine.config.max_queue:
             raise ConfigError(f"prompt: {len(forms)} prompts, more than the {engine.config.max_queue} requests the "
@@ -185,7 +234,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HttpRequest):
-        check_model(body.model)
+        adapter_of(body.model)
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("this model's tokenizer has no chat template; use /v1/completions", "messages")
@@ -206,7 +255,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             for h in handles:
                 h.cancel()
             raise
-        made = [Made(model_name, chat, len(p), tokenizer, index=i) for i, p in enumerate(prompts)]
+        made = [Made(body.model, chat, len(p), tokenizer, index=i) for i, p in enumerate(prompts)]
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream(handles, events, made, usage), media_type="text/event-stream")
@@ -341,8 +390,10 @@ class Server(uvicorn.Server):
 
 
 def server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, *,
-           api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Server:
+           api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, allow_runtime_adapters: bool = False
+           ) -> Server:
     """A uvicorn server for the engine (started: `engine.start()`); `.run()` blocks, or drive it from a thread."""
-    config = uvicorn.Config(create_app(engine, model_name, api_key, max_body_bytes), host=host, port=port,
+    config = uvicorn.Config(create_app(engine, model_name, api_key, max_body_bytes, allow_runtime_adapters),
+                            host=host, port=port,
                             log_level="warning", timeout_graceful_shutdown=5)
     return Server(engine, config)
