@@ -71,16 +71,19 @@ def _serve(args) -> None:
     specs = dict(_adapter_spec(text) for text in args.adapter)
     if len(specs) < len(args.adapter):
         raise ConfigError(f"--adapter: two adapters share a name ({', '.join(args.adapter)}); name them NAME=DIR")
-    model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
+    mesh = tensor_mesh(args.tensor_parallel)
+    model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype, mesh=mesh)
     adapters = {name: open_adapter(folder, model.config) for name, folder in specs.items()}
     room = {"adapters": args.max_adapters, "experts": args.max_experts, "rank": args.max_lora_rank}
-    adapter = served(model.config, adapters, runtime=args.allow_runtime_adapters, room=room, dtype=model.dtype)
+    adapter = served(model.config, adapters, runtime=args.allow_runtime_adapters, room=room, dtype=model.dtype,
+                     mesh=mesh)
     engine = Engine.for_model(model, tokenizer, adapter, config, strategy=args.strategy, backend=args.backend).start()
     start = time.perf_counter()
     engine.warmup()
     name = args.model_name or Path(args.ckpt).absolute().name
     listed = ", ".join(repr(n) for n in [name, *engine.adapters()])
-    print(f"serving {listed} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {args.max_len} tokens, "
+    over = "" if mesh is None else f" over {args.tensor_parallel} devices"
+    print(f"serving {listed} on http://{args.host}:{args.port}/v1{over} ({args.slots} slots of {args.max_len} tokens, "
           f"strategy {engine.decoder.strategy}, backend {engine.decoder.backend.name}; compiled in "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
     try:
@@ -89,6 +92,21 @@ def _serve(args) -> None:
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
         pass
     engine.stop()
+
+
+def tensor_mesh(devices: int):
+    """A (data, fsdp, tensor) mesh of `devices` devices along `tensor` (None for one device)."""
+    import jax
+    import numpy as np
+
+    available = jax.devices()
+    if devices < 1 or devices > len(available):
+        raise ConfigError(f"--tensor-parallel {devices}: this process sees {len(available)} "
+                          f"{available[0].platform} device(s); expected 1 to {len(available)} (on a CPU, XLA_FLAGS="
+                          f"--xla_force_host_platform_device_count=N makes N)", "tensor_parallel")
+    if devices == 1:
+        return None
+    return jax.sharding.Mesh(np.array(available[:devices]).reshape(1, 1, devices), ("data", "fsdp", "tensor"))
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:
@@ -165,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                        help="an adapter folder (lsjax format or a PEFT LoRA), served as model NAME (default: the "
                             "folder's name); repeat it to serve several in one batch, beside the base")
+    serve.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="split the weights, experts and cache over N devices (lsjax.sharding's rules)")
     serve.add_argument("--allow-runtime-adapters", action="store_true",
                        help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter load and unload adapters")
     serve.add_argument("--max-adapters", type=int, help="adapters the server holds at once (default: those given)")

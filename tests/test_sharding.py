@@ -75,3 +75,81 @@ def test_load_and_decode_on_8_devices(tmp_path):
     assert out["step_specs"] == {"qkv": ["fsdp", "tensor"], "down": ["tensor", "fsdp"]}, out
     assert out["step_expert_spec"] == [None, None, "fsdp", None], out
     assert out["backend"] == "xla" and out["same_tokens"], out
+
+
+ENGINE = textwrap.dedent("""
+    import json, sys, threading
+    import jax, numpy as np
+    import lsjax
+    from lsjax.adapters import Adapter, AdapterConfig
+    from lsjax.adapters.table import served
+    from lsjax.cli import tensor_mesh
+    from lsjax.decoder import Decoder
+    from lsjax.serve import Engine, EngineConfig, Request
+    from flax import nnx
+    ckpt = sys.argv[1]
+    spec = lambda s, ndim: list(s.spec) + [None] * (ndim - len(s.spec))
+    mesh = tensor_mesh(8)
+
+    def adapter(model, method, seed, **kw):
+        cfg = AdapterConfig(method=method, rank=4, **kw)
+        arrays = jax.tree.map(lambda x: x + 0.05 * (seed + 1), Adapter(model.config, cfg, rngs=nnx.Rngs(seed)).arrays())
+        return Adapter.from_arrays(model.config, cfg, arrays)
+
+    def serve(mesh):
+        model, tok = lsjax.load(ckpt, mesh=mesh)
+        named = {"s1": adapter(model, "switch", 0, num_experts=4), "s2": adapter(model, "switch", 1, num_experts=2,
+                 top_k=1), "l1": adapter(model, "lora", 2)}
+        table = served(model.config, named, runtime=True, room={"adapters": 4}, mesh=mesh)
+        engine = Engine(Decoder(model, table, strategy="unmerged", backend="xla", rows=4), tok,
+                        EngineConfig(slots=4, max_len=64, prefill_chunk=16)).start()
+        engine.warmup()
+        compiled = engine.compile_count()
+        rng = np.random.default_rng(0)
+        names = ["s1", "s2", "l1", None]
+        requests = [Request(tuple(int(t) for t in rng.integers(3, 120, size=int(rng.integers(2, 45)))),
+                            max_tokens=int(rng.integers(4, 12)), stop_ids=(), adapter=names[i % 4]) for i in range(8)]
+        handles = [engine.submit(r) for r in requests[:4]]
+        engine.load_adapter("l2", adapter(model, "lora", 3, targets=["q", "v"]))
+        handles += [engine.submit(r) for r in requests[4:]] + [engine.submit(Request((5, 6, 7), 8, stop_ids=(),
+                                                                                     adapter="l2"))]
+        tokens = [h.result(timeout=300).token_ids for h in handles]
+        out = {"tokens": tokens, "recompiled": engine.compile_count() - compiled}
+        if mesh is not None:
+            d = engine.decoder
+            args = (d.bundle, engine.tokens, engine.cache, *[np.zeros(4, t) for t in (np.int32, np.int32, np.float32,
+                                                                                         np.int32, np.float32, bool)])
+            bundle = engine.fns["decode"].lower(*args).compile().input_shardings[0][0]
+            layer = bundle["base"]["layers"].layer(1)
+            out["specs"] = {name: spec(layer[name], 2) for name in ("qkv", "o", "gate_up", "down")}
+            out["experts"] = {k: spec(bundle["adapter"]["experts"]["qkv"][k], 4) for k in ("a", "b")}
+            out["shard"] = list(d.bundle["adapter"]["experts"]["qkv"]["b"].addressable_shards[0].data.shape)
+            out["whole"] = list(d.bundle["adapter"]["experts"]["qkv"]["b"].shape)
+        engine.stop()
+        return out
+
+    print("RESULT" + json.dumps({"devices": len(jax.devices()), "one": serve(None), "many": serve(mesh)}))
+""")
+
+
+def test_engine_over_8_devices_serves_mixed_adapters_as_one(tmp_path):
+    """A serving engine whose weights, adapter table and cache span 8 devices (tensor parallel): the
+    greedy tokens of requests over three adapters and the base, and of an adapter loaded while they
+    run, equal one device's; nothing compiles after the warm-up; the compiled step takes the
+    weights and experts split as the rules say."""
+    make_hf_model(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", ENGINE, str(tmp_path / "ckpt")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT")[-1])
+    assert out["devices"] == 8
+    assert out["many"]["tokens"] == out["one"]["tokens"]
+    assert out["many"]["recompiled"] == 0 and out["one"]["recompiled"] == 0
+    assert out["many"]["specs"] == {"qkv": [None, "tensor"], "o": ["tensor", None], "gate_up": [None, "tensor"],
+                                    "down": ["tensor", None]}, out["many"]
+    assert out["many"]["experts"] == {"a": [None, None, None, None], "b": [None, None, None, "tensor"]}
+    whole, shard = out["many"]["whole"], out["many"]["shard"]
+    assert shard == whole[:3] + [whole[3] // 8]  # each device holds an eighth of B's columns

@@ -29,6 +29,7 @@ from lsjax.adapters.errors import AdapterError
 from lsjax.adapters.params import adapted_groups, adapted_members, group_experts, member_layout
 from lsjax.adapters.routing import Routing
 from lsjax.config import ModelConfig
+from lsjax.sharding import adapter_shardings
 from lsjax.validate import check, is_int
 
 BATCHABLE = (Method.SWITCH, Method.LORA)  # routes decided once per token (or none): one table serves them
@@ -132,8 +133,8 @@ class AdapterTable:
     (the serving engine) calls it.
     """
 
-    def __init__(self, model_config: ModelConfig, room: TableRoom, dtype: Any = jnp.float32):
-        self.model_config, self.room, self.dtype = model_config, room, dtype
+    def __init__(self, model_config: ModelConfig, room: TableRoom, dtype: Any = jnp.float32, mesh: Any = None):
+        self.model_config, self.room, self.dtype, self.mesh = model_config, room, dtype, mesh
         self.config = room.adapter_config()
         self.names: dict[str, int] = {}
         self.configs: dict[str, AdapterConfig] = {}
@@ -153,10 +154,11 @@ class AdapterTable:
 
     @classmethod
     def of(cls, model_config: ModelConfig, adapters: dict[str, Any], room: TableRoom | None = None,
-           dtype: Any = jnp.float32) -> "AdapterTable":
-        """A table holding `adapters` (name -> `Adapter`), in `room` (default: just enough)."""
+           dtype: Any = jnp.float32, mesh: Any = None) -> "AdapterTable":
+        """A table holding `adapters` (name -> `Adapter`), in `room` (default: just enough); with a
+        `mesh`, its arrays are split as `lsjax.sharding.adapter_shardings` says."""
         room = room or TableRoom.fitting([a.config for a in adapters.values()])
-        table = cls(model_config, room, dtype)
+        table = cls(model_config, room, dtype, mesh)
         for name, adapter in adapters.items():
             table.load(name, adapter)
         return table
@@ -170,7 +172,13 @@ class AdapterTable:
         return self.names[name]
 
     def arrays(self) -> dict[str, Any]:
-        return {"experts": self._experts, "routers": {"switch": self._router}}
+        """Experts and router in the `adapter_config`'s layout (over the mesh, if any: the same
+        shardings after every load, so nothing compiles again)."""
+        tree = {"experts": self._experts, "routers": {"switch": self._router}}
+        if self.mesh is not None:
+            tree = jax.device_put(tree, adapter_shardings(tree, self.mesh))
+            self._experts, self._router = tree["experts"], tree["routers"]["switch"]
+        return tree
 
     def slot_arrays(self) -> dict[str, jax.Array]:
         return {k: jnp.asarray(v) for k, v in self._slots.items()}
@@ -254,12 +262,12 @@ def _summary(config: ModelConfig) -> str:
 
 
 def served(model_config: ModelConfig, adapters: dict[str, Any], *, runtime: bool = False,
-           room: dict[str, int | None] | None = None, dtype: Any = jnp.float32):
+           room: dict[str, int | None] | None = None, dtype: Any = jnp.float32, mesh: Any = None):
     """What a server decodes with for `adapters` (name -> `Adapter`): nothing, the one adapter on its
     own (a lone layer-wise or block-wise adapter), or an `AdapterTable` of them all, with the base
     (switch and LoRA adapters; always where adapters load at run time, `runtime`). `room`:
     `adapters` / `experts` / `rank` of the table, each None for just enough. A mix that cannot
-    share a batch is refused, naming the adapter."""
+    share a batch is refused, naming the adapter. `mesh`: the arrays split over it."""
     alone = [n for n, a in adapters.items() if a.config.method not in BATCHABLE]
     if alone and (len(adapters) > 1 or runtime):
         name = alone[0]
@@ -268,7 +276,7 @@ def served(model_config: ModelConfig, adapters: dict[str, Any], *, runtime: bool
                            f"time); serve it alone, or serve "
                            f"{', '.join(m.value for m in BATCHABLE)} adapters together")
     if alone:
-        return adapters[alone[0]]
+        return adapters[alone[0]] if mesh is None else placed(adapters[alone[0]], mesh)
     if not adapters and not runtime:
         return None
     room = room or {}
@@ -276,4 +284,11 @@ def served(model_config: ModelConfig, adapters: dict[str, Any], *, runtime: bool
                                 experts=room.get("experts"), rank=room.get("rank"))
     if room.get("adapters") is not None and room["adapters"] < len(adapters):
         raise AdapterError(f"max_adapters={room['adapters']} has no room for the {len(adapters)} adapters given")
-    return AdapterTable.of(model_config, adapters, fitting, dtype)
+    return AdapterTable.of(model_config, adapters, fitting, dtype, mesh)
+
+
+def placed(adapter, mesh):
+    """`adapter` with its arrays split over `mesh` (`lsjax.sharding.adapter_shardings`)."""
+    arrays = adapter.arrays()
+    return type(adapter).from_arrays(adapter.model_config, adapter.config,
+                                     jax.device_put(arrays, adapter_shardings(arrays, mesh)))

@@ -447,10 +447,13 @@ class Engine:
         the step, sampled and greedy) by serving small requests: for each group size, that many at
         once."""
         sampled = SamplingConfig(temperature=1.0, top_k=5, top_p=0.9)
+        # two chunks where they fit: a first chunk into a fresh cache, a next one into a grown cache (over
+        # a mesh the two may be placed differently: each is compiled here, not under a request)
+        prompt = (self.pad,) * (self.config.prefill_chunk + 1 if self.room(self.config.prefill_chunk + 1) >= 3 else 1)
         for size in self.config.group_sizes():
             for scoring in (None, 0):  # plain prefill and the one that scores prompts
                 with self.wake:  # queued together, so they are prefilled together
-                    handles = [self.submit(Request((self.pad,), max_tokens=3, stop_ids=(), prompt_logprobs=scoring,
+                    handles = [self.submit(Request(prompt, max_tokens=3, stop_ids=(), prompt_logprobs=scoring,
                                                    sampling=sampled if i % 2 else SamplingConfig()))
                                for i in range(size)]
                 for handle in handles:
