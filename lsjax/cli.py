@@ -13,6 +13,7 @@ from lsjax import autotune
 from lsjax.adapters import open_adapter
 from lsjax.adapters.config import METHODS
 from lsjax.adapters.table import served
+from lsjax.sharding import tensor_mesh
 from lsjax.assets import default_gguf_path
 from lsjax.convert import convert_gguf, convert_hf
 from lsjax.decoder import Decoder
@@ -92,21 +93,6 @@ def _serve(args) -> None:
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
         pass
     engine.stop()
-
-
-def tensor_mesh(devices: int):
-    """A (data, fsdp, tensor) mesh of `devices` devices along `tensor` (None for one device)."""
-    import jax
-    import numpy as np
-
-    available = jax.devices()
-    if devices < 1 or devices > len(available):
-        raise ConfigError(f"--tensor-parallel {devices}: this process sees {len(available)} "
-                          f"{available[0].platform} device(s); expected 1 to {len(available)} (on a CPU, XLA_FLAGS="
-                          f"--xla_force_host_platform_device_count=N makes N)", "tensor_parallel")
-    if devices == 1:
-        return None
-    return jax.sharding.Mesh(np.array(available[:devices]).reshape(1, 1, devices), ("data", "fsdp", "tensor"))
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:

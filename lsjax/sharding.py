@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from lsjax.errors import ConfigError
 
 # Column-parallel products split d_out over `tensor`, row-parallel ones split d_in. Rules name the
 # dims of one layer's weight; a stacked `[L, ...]` array (a checkpoint's) gets a leading None.
@@ -84,3 +87,16 @@ def adapter_shardings(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
         return NamedSharding(mesh, fit_spec(rule or (None,) * len(shape), shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_shape)
+
+
+def tensor_mesh(devices: int) -> Mesh | None:
+    """A (data, fsdp, tensor) mesh of this process's first `devices` devices along `tensor` (None for
+    one device: nothing to split)."""
+    available = jax.devices()
+    if not isinstance(devices, int) or devices < 1 or devices > len(available):
+        raise ConfigError(f"tensor parallel {devices!r}: this process sees {len(available)} "
+                          f"{available[0].platform} device(s); expected 1 to {len(available)} (on a CPU, XLA_FLAGS="
+                          f"--xla_force_host_platform_device_count=N makes N)", "tensor_parallel")
+    if devices == 1:
+        return None
+    return Mesh(np.array(available[:devices]).reshape(1, 1, devices), ("data", "fsdp", "tensor"))

@@ -273,3 +273,13 @@ def test_adapter_requests_refused_naming_the_adapter(live, tiny_llama, tmp_path)
     assert httpx.post(unload, json={"lora_name": "s2"}).status_code == 200
     ok = httpx.post(url + "/v1/completions", json={"model": "s1", "prompt": "ab", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_serve_command_refuses_bad_adapter_and_device_flags(tmp_path, capsys):
+    from lsjax.cli import main
+
+    for args, named in ((["--adapter", "=x"], "expected NAME=DIR or DIR"),
+                        (["--adapter", f"a={tmp_path}", "--adapter", f"a={tmp_path}"], "two adapters share a name"),
+                        (["--tensor-parallel", "64"], "tensor parallel 64: this process sees")):
+        assert main(["serve", "--ckpt", str(tmp_path), *args]) == 2
+        assert named in capsys.readouterr().err

@@ -83,7 +83,7 @@ ENGINE = textwrap.dedent("""
     import lsjax
     from lsjax.adapters import Adapter, AdapterConfig
     from lsjax.adapters.table import served
-    from lsjax.cli import tensor_mesh
+    from lsjax.sharding import tensor_mesh
     from lsjax.decoder import Decoder
     from lsjax.serve import Engine, EngineConfig, Request
     from flax import nnx

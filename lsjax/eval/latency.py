@@ -89,15 +89,18 @@ def random_adapter(model_config: ModelConfig, method: str, args, seed: int = 0) 
     return Adapter.from_arrays(model_config, cfg, jax.tree.unflatten(tree, noisy))
 
 
-def load_model(args):
-
+def load_model(args, mesh=None):
+    """`(model, tokenizer, source)` of `--shape` (random weights) or `--ckpt` (default: the embedded
+    model), split over `mesh` if one is given."""
     if args.shape:
         config = named_config(args.shape)
+        if mesh is not None:
+            raise ConfigError("--tensor-parallel splits a checkpoint's weights: give --ckpt (or neither), not --shape")
         return Llama(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype)), None, f"random {args.shape}"
     ckpt = args.ckpt
     if ckpt is None:
         ckpt = default_checkpoint(Path(args.cache_dir))
-    model, tokenizer = lsjax.load(ckpt, dtype=args.dtype)
+    model, tokenizer = lsjax.load(ckpt, dtype=args.dtype, mesh=mesh)
     return model, tokenizer, str(ckpt)
 
 

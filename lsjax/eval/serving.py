@@ -27,11 +27,12 @@ import time
 import jax
 import numpy as np
 
-from lsjax.adapters.table import BATCHABLE, AdapterTable
+from lsjax.adapters.table import BATCHABLE, AdapterTable, placed
 from lsjax.eval.latency import load_model, random_adapter
 from lsjax.extras import pyplot
 from lsjax.generate import Generator
 from lsjax.jsonfile import write_json
+from lsjax.sharding import tensor_mesh
 from lsjax.serve import Engine, EngineConfig, Request
 
 
@@ -166,13 +167,15 @@ def set_ratios_to_base(records: list[ServeRecord]) -> None:
 
 
 def run(args) -> list[ServeRecord]:
-    model, tokenizer, source = load_model(args)
+    mesh = tensor_mesh(args.tensor_parallel)
+    model, tokenizer, source = load_model(args, mesh)
     levels = [int(c) for c in args.clients.split(",")]
     meta = {"source": source, "platform": jax.default_backend(), "device": str(jax.devices()[0]),
             "backend": {}, "dtype": args.dtype, "jax": jax.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "per_client": args.per_client, "max_prompt": args.max_prompt, "max_output": args.max_output,
-            "max_len": args.max_len, "stagger_ms": args.stagger_ms, "date": time.strftime("%Y-%m-%d")}
+            "max_len": args.max_len, "stagger_ms": args.stagger_ms, "date": time.strftime("%Y-%m-%d"),
+            "tensor_parallel": args.tensor_parallel}
     records: list[ServeRecord] = []
 
     def save(complete: bool) -> None:
@@ -182,11 +185,12 @@ def run(args) -> list[ServeRecord]:
 
     runs = []  # (label, what decodes, the adapters requests spread over)
     for method in args.methods.split(","):
-        runs.append((method, None if method == "base" else random_adapter(model.config, method, args), ()))
+        adapter = None if method == "base" else random_adapter(model.config, method, args)
+        runs.append((method, adapter if adapter is None or mesh is None else placed(adapter, mesh), ()))
         if args.adapters > 1 and method in BATCHABLE:
             named = {f"{method}{k}": random_adapter(model.config, method, args, seed=k) for k in range(args.adapters)}
-            runs.append((f"{method} x {args.adapters}", AdapterTable.of(model.config, named, dtype=model.dtype),
-                         tuple(named)))
+            runs.append((f"{method} x {args.adapters}", AdapterTable.of(model.config, named, dtype=model.dtype,
+                                                                        mesh=mesh), tuple(named)))
     for label, adapter, names in runs:
         # auto: tuned for the most slots the run decodes
         generator = Generator(model, tokenizer, adapter, strategy="auto", backend=args.backend, rows=max(levels))
@@ -270,6 +274,8 @@ def add_serve_bench_parser(kinds) -> None:
     serve.add_argument("--prefill-chunk", type=int, default=16)
     serve.add_argument("--prefill-rows", type=int, default=4, help="the most prompts prefilled in one call")
     serve.add_argument("--stagger-ms", type=float, default=50.0, help="delay between two clients' first requests")
+    serve.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="the weights, experts and cache split over N devices (as lsjax serve --tensor-parallel)")
     serve.add_argument("--adapters", type=int, default=1,
                        help="K > 1: each switch / lora method also serves the workload over K adapters in one batch")
     serve.add_argument("--experts", type=int, default=8)
