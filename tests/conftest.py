@@ -10,10 +10,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Compiled programs are shared by every test, worker and subprocess of a run (and kept for the next
-# run): many tests compile the same small models' steps.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# No persistent compilation cache shared by the workers and subprocesses of a run: with one, a worker
+# now and then crashed in XLA while compiling or serialising long after the programs it shared.
 # `auto` times its candidates once per key and keeps the picks in a cache file (lsjax.autotune):
 # one file for the whole run (workers and subprocesses inherit it), so each key is measured once
 # per run and no test reads or writes the user's own cache. tests/test_autotune.py uses its own.
