@@ -377,9 +377,19 @@ def test_lsjax_serve_command(tmp_path):
     adapters = {"sw": random_adapter(model, "switch"), "plain": random_adapter(model, "lora", targets=["q", "v"])}
     for name, adapter in adapters.items():
         save_adapter(tmp_path / name, adapter)
-    # each model's own text, computed before the server compiles the same programs
-    want = {name: Generator(model, tok, adapters.get(name), strategy="unmerged", backend=BACKEND).generate(
-        ["abc"], max_new_tokens=6).texts[0] for name in ("tiny", "sw", "plain")}
+    # each model's own text, from the saved folders, in a process of its own (as a user would check it)
+    reference = ("import json, sys, lsjax\n"
+                 "from lsjax.adapters import open_adapter\n"
+                 "from lsjax.generate import Generator\n"
+                 "model, tok = lsjax.load(sys.argv[1])\n"
+                 "texts = {n: Generator(model, tok, open_adapter(f, model.config) if f else None, strategy='unmerged')"
+                 ".generate(['abc'], max_new_tokens=6).texts[0] for n, f in json.loads(sys.argv[2]).items()}\n"
+                 "print('RESULT' + json.dumps(texts))\n")
+    folders = {"tiny": None, "sw": str(tmp_path / "sw"), "plain": str(tmp_path / "plain")}
+    done = subprocess.run([sys.executable, "-c", reference, str(tmp_path / "ckpt"), json.dumps(folders)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = json.loads(done.stdout.split("RESULT")[-1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -447,9 +447,10 @@ class Engine:
         the step, sampled and greedy) by serving small requests: for each group size, that many at
         once."""
         sampled = SamplingConfig(temperature=1.0, top_k=5, top_p=0.9)
-        # two chunks where they fit: a first chunk into a fresh cache, a next one into a grown cache (over
-        # a mesh the two may be placed differently: each is compiled here, not under a request)
-        prompt = (self.pad,) * (self.config.prefill_chunk + 1 if self.room(self.config.prefill_chunk + 1) >= 3 else 1)
+        # over a mesh, two chunks where they fit: a first chunk into a fresh cache and a next one into a
+        # grown cache may be placed differently, so each is compiled here, not under a request
+        two = self.decoder.device is None and self.room(self.config.prefill_chunk + 1) >= 3
+        prompt = (self.pad,) * (self.config.prefill_chunk + 1 if two else 1)
         for size in self.config.group_sizes():
             for scoring in (None, 0):  # plain prefill and the one that scores prompts
                 with self.wake:  # queued together, so they are prefilled together
