@@ -10,8 +10,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# No persistent compilation cache shared by the workers and subprocesses of a run: with one, a worker
-# now and then crashed in XLA while compiling or serialising long after the programs it shared.
+# No persistent compilation cache shared by the workers and subprocesses of a run: each process
+# compiles its own programs, so no test depends on what another wrote.
 # `auto` times its candidates once per key and keeps the picks in a cache file (lsjax.autotune):
 # one file for the whole run (workers and subprocesses inherit it), so each key is measured once
 # per run and no test reads or writes the user's own cache. tests/test_autotune.py uses its own.
