@@ -10,8 +10,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# No persistent compilation cache shared by the workers and subprocesses of a run: each process
-# compiles its own programs, so no test depends on what another wrote.
+# Compiled programs are shared by every test, worker and subprocess of a run (and kept for the next
+# run): many tests compile the same small models' steps.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # `auto` times its candidates once per key and keeps the picks in a cache file (lsjax.autotune):
 # one file for the whole run (workers and subprocesses inherit it), so each key is measured once
 # per run and no test reads or writes the user's own cache. tests/test_autotune.py uses its own.
@@ -117,3 +119,29 @@ def tiny_llama(tmp_path_factory):
     make_hf_model(root / "hf")
     convert_hf(root / "hf", root / "ckpt", progress=False)
     return (None, *lsjax.load(root / "ckpt"))
+
+
+def _memory_maps() -> int:
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _max_memory_maps() -> int | None:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After a test module, drop jax's compiled programs once this process holds half the memory
+    maps Linux allows it: each XLA:CPU executable keeps a few maps of its code while it lives, and a
+    worker that compiles thousands of programs would otherwise reach the limit, where the next
+    compilation dies inside LLVM (a segfault, not an error)."""
+    yield
+    limit = _max_memory_maps()
+    if limit is not None and _memory_maps() > limit // 2:
+        import jax
+
+        jax.clear_caches()
