@@ -121,6 +121,11 @@ class ModelConfig:
         return {"q": (d, self.q_size), "k": (d, self.kv_size), "v": (d, self.kv_size),
                 "o": (self.q_size, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
 
+    def shape_summary(self) -> str:
+        """The shapes that decide whether weights made for one config fit another (error messages)."""
+        return (f"hidden_size={self.hidden_size}, layers={self.num_layers}, heads={self.num_heads}/"
+                f"{self.num_kv_heads}, intermediate={self.intermediate_size}, vocab={self.vocab_size}")
+
     def group_shapes(self) -> dict[str, tuple[int, int]]:
         """(d_in, d_out) of each projection group: the projections of one input side by side."""
         shapes = self.projection_shapes()

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 from lsjax import autotune, strategies
 from lsjax.adapters import AdapterError
-from lsjax.adapters.table import AdapterTable
 from lsjax.backend_interface import Backend
 from lsjax.decode import KVCache, init_cache
 from lsjax.errors import ConfigError
@@ -53,11 +52,11 @@ class Decoder:
                  rows: int = 1):
         self.config, self.dtype = model.config, model.dtype
         self.adapter_config = None
-        self.table = adapter if isinstance(adapter, AdapterTable) else None
+        self.table = adapter if adapter is not None and adapter.per_row else None
         if adapter is not None:
             if adapter.model_config != model.config:
-                raise AdapterError(f"adapter was made for another base model: {_shape_summary(adapter.model_config)} "
-                                   f"vs this model's {_shape_summary(model.config)}")
+                raise AdapterError(f"adapter was made for another base model: {adapter.model_config.shape_summary()} "
+                                   f"vs this model's {model.config.shape_summary()}")
             self.adapter_config = adapter.config
         params = model.params()
         self.backend, self.strategy, self.tuning = autotune.resolve(Decoder, model, adapter, rows, backend, strategy)
@@ -144,7 +143,3 @@ def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
 
 _insert = jax.jit(insert_row, donate_argnums=(0,))
 
-
-def _shape_summary(config) -> str:
-    return (f"hidden_size={config.hidden_size}, layers={config.num_layers}, heads={config.num_heads}/"
-            f"{config.num_kv_heads}, intermediate={config.intermediate_size}, vocab={config.vocab_size}")

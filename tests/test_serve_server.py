@@ -357,9 +357,11 @@ def test_shutdown_ends_streams_cleanly(tiny_llama):
 
 
 def test_lsjax_serve_command(tmp_path):
-    """`lsjax serve` as a user starts it, with two adapters (one named, one after its folder): it
-    comes up on the port asked for, lists the base and both adapters, answers the openai client
-    with each one's own greedy text, and exits cleanly on Ctrl-C (SIGINT)."""
+    """`lsjax serve` as a user starts it, with two adapters (one named, one after its folder) and
+    adapters at run time: it comes up on the port asked for, lists the base and both adapters,
+    answers the openai client with each one's own greedy text, unloads one and loads it again under
+    another name (the same text), refuses a fourth adapter past --max-adapters 3, and exits cleanly
+    on Ctrl-C (SIGINT)."""
     import os
     import signal
     import socket
@@ -395,7 +397,8 @@ def test_lsjax_serve_command(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lsjax.cli", "serve", "--ckpt", str(tmp_path / "ckpt"),
                              "--slots", "2", "--max-len", "128", "--port", str(port), "--model-name", "tiny",
-                             "--adapter", f"sw={tmp_path / 'sw'}", "--adapter", str(tmp_path / "plain")],
+                             "--adapter", f"sw={tmp_path / 'sw'}", "--adapter", str(tmp_path / "plain"),
+                             "--allow-runtime-adapters", "--max-adapters", "3"],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
         deadline = time.time() + 120
@@ -410,6 +413,17 @@ def test_lsjax_serve_command(tmp_path):
         for name in ("tiny", "sw", "plain"):
             got = client.completions.create(model=name, prompt="abc", max_tokens=6, temperature=0)
             assert got.choices[0].text == want[name], name
+        url = f"http://127.0.0.1:{port}/v1"
+        assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "plain"}).status_code == 200
+        for name in ("again", "third"):
+            body = {"lora_name": name, "lora_path": str(tmp_path / "plain")}
+            loaded = httpx.post(f"{url}/load_lora_adapter", json=body)
+            assert loaded.status_code == 200, loaded.text
+        full = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "fourth", "lora_path": str(tmp_path / "sw")})
+        assert full.status_code == 400 and "no room for adapter 'fourth'" in full.json()["error"]["message"]
+        assert [m.id for m in client.models.list().data] == ["tiny", "again", "sw", "third"]
+        got = client.completions.create(model="again", prompt="abc", max_tokens=6, temperature=0)
+        assert got.choices[0].text == want["plain"]
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)

@@ -221,6 +221,8 @@ class Adapter(nnx.Module):
     pytree for `adapted_forward`; `nnx.state(adapter, TRAINABLE)` is what an optimizer trains.
     """
 
+    per_row = False  # one adapter for every row of a batch (`lsjax.adapters.table.AdapterTable`: each row its own)
+
     def __init__(self, model_config: ModelConfig, adapter_config: AdapterConfig, *, rngs: nnx.Rngs,
                  dtype: Any = jnp.float32):
         self.model_config, self.config = model_config, adapter_config

@@ -133,6 +133,8 @@ class AdapterTable:
     (the serving engine) calls it.
     """
 
+    per_row = True  # each row of a batch decodes with its own adapter (`lsjax.adapters.Adapter`: one for all)
+
     def __init__(self, model_config: ModelConfig, room: TableRoom, dtype: Any = jnp.float32, mesh: Any = None):
         self.model_config, self.room, self.dtype, self.mesh = model_config, room, dtype, mesh
         self.config = room.adapter_config()
@@ -151,6 +153,7 @@ class AdapterTable:
         allowed[np.arange(room.adapters + 1), np.arange(room.adapters + 1) * room.experts % E] = True
         self._slots = {"allowed": allowed, "k": np.ones(room.adapters + 1, np.int32),
                        "scale": np.zeros(room.adapters + 1, np.float32)}
+        self._settle()
 
     @classmethod
     def of(cls, model_config: ModelConfig, adapters: dict[str, Any], room: TableRoom | None = None,
@@ -174,11 +177,7 @@ class AdapterTable:
     def arrays(self) -> dict[str, Any]:
         """Experts and router in the `adapter_config`'s layout (over the mesh, if any: the same
         shardings after every load, so nothing compiles again)."""
-        tree = {"experts": self._experts, "routers": {"switch": self._router}}
-        if self.mesh is not None:
-            tree = jax.device_put(tree, adapter_shardings(tree, self.mesh))
-            self._experts, self._router = tree["experts"], tree["routers"]["switch"]
-        return tree
+        return {"experts": self._experts, "routers": {"switch": self._router}}
 
     def slot_arrays(self) -> dict[str, jax.Array]:
         return {k: jnp.asarray(v) for k, v in self._slots.items()}
@@ -189,8 +188,9 @@ class AdapterTable:
         if name in self.names:
             raise AdapterError(f"adapter {name!r} is already loaded (slot {self.names[name]}); unload it first")
         if adapter.model_config != self.model_config:
-            raise AdapterError(f"adapter {name!r} was made for another base model ({_summary(adapter.model_config)}); "
-                               f"this model is {_summary(self.model_config)}")
+            raise AdapterError(f"adapter {name!r} was made for another base model "
+                               f"({adapter.model_config.shape_summary()}); this model is "
+                               f"{self.model_config.shape_summary()}")
         why = self.room.refusal(name, config)
         if why:
             raise AdapterError(why)
@@ -200,6 +200,7 @@ class AdapterTable:
                                f"({', '.join(sorted(self.names))}); unload one or start with more (max_adapters)")
         slot = free[0]
         self._place(slot, config, adapter.arrays())
+        self._settle()
         self.names[name], self.configs[name] = slot, config
         return slot
 
@@ -207,10 +208,18 @@ class AdapterTable:
         """Free adapter `name`'s slot (its experts zeroed, its rows refused until loaded again)."""
         slot = self.slot(name)
         self._clear(slot)
+        self._settle()
         del self.names[name], self.configs[name]
         return slot
 
     # -- placing one adapter's arrays in its slot -----------------------------------------------------------
+    def _settle(self) -> None:
+        """Over a mesh, the arrays split as `adapter_shardings` says (after every change: the same
+        shardings each time, so a decoder reading them compiles nothing again)."""
+        if self.mesh is not None:
+            tree = jax.device_put(self.arrays(), adapter_shardings(self.arrays(), self.mesh))
+            self._experts, self._router = tree["experts"], tree["routers"]["switch"]
+
     def _clear(self, slot: int) -> None:
         E = self.room.experts
         for g, e in self._experts.items():
@@ -254,11 +263,6 @@ def _put(table: jax.Array, block: jax.Array, start: int) -> jax.Array:
     """`block` written into `table` from expert row `start` (axis 1); a new array (rows in flight keep
     reading the old one until the driver swaps them)."""
     return jax.lax.dynamic_update_slice_in_dim(table, block, start, axis=1)
-
-
-def _summary(config: ModelConfig) -> str:
-    return (f"hidden_size={config.hidden_size}, layers={config.num_layers}, heads={config.num_heads}/"
-            f"{config.num_kv_heads}, vocab={config.vocab_size}")
 
 
 def served(model_config: ModelConfig, adapters: dict[str, Any], *, runtime: bool = False,

@@ -345,7 +345,8 @@ class Engine:
         return self.config.max_len - self.padded(prompt_tokens) + 1
 
     def check(self, request: Request) -> None:
-        """Refuse what can never run here (before it is queued)."""
+        """Refuse what can never run here (before it is queued; its adapter is resolved by `submit`, under
+        the lock an unload takes)."""
         padded = self.padded(len(request.prompt))
         if request.max_tokens > self.room(len(request.prompt)):
             field = "prompt" if padded >= self.config.max_len else "max_tokens"
@@ -355,7 +356,6 @@ class Engine:
         vocab = self.decoder.config.vocab_size
         if max(request.prompt) >= vocab:
             raise ConfigError(f"prompt holds token id {max(request.prompt)}; the vocabulary has {vocab}", "prompt")
-        self._slot(request.adapter)
 
     def _slot(self, name: str | None) -> int | None:
         """The table slot of adapter `name` (None: the base row's); refuses a name it does not hold."""

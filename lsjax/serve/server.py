@@ -161,9 +161,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                               f"{engine.config.max_len} tokens", field)
         return tokenizer.encode(prompt, add_special_tokens=False)
 
-    def submit(body, prompt: list[int], logprobs: int | None, listener):
-        request = dataclasses.replace(body.request(prompt, logprobs, engine.room(len(prompt))),
-                                      adapter=adapter_of(body.model))
+    def submit(body, adapter: str | None, prompt: list[int], logprobs: int | None, listener):
+        request = dataclasses.replace(body.request(prompt, logprobs, engine.room(len(prompt))), adapter=adapter)
         if engine.failure is not None or engine.thread is None:
             raise HTTPException(503, "the engine is not running")
         return engine.submit(request, listener)
@@ -224,32 +223,33 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HttpRequest):
-        adapter_of(body.model)
+        adapter = adapter_of(body.model)  # an unknown model refused before any prompt is tokenized
         forms = body.prompts()
         if len(forms) > engine.config.max_queue:
             raise ConfigError(f"prompt: {len(forms)} prompts, more than the {engine.config.max_queue} requests the "
                               "server queues; send fewer at once", "prompt")
         prompts = [encode_prompt(p, "prompt" if len(forms) == 1 else f"prompt.{i}") for i, p in enumerate(forms)]
-        return await respond(http, body, prompts, body.logprobs, chat=False)
+        return await respond(http, body, adapter, prompts, body.logprobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HttpRequest):
-        adapter_of(body.model)
+        adapter = adapter_of(body.model)
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("this model's tokenizer has no chat template; use /v1/completions", "messages")
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         prompt = list(getattr(ids, "input_ids", ids))
-        return await respond(http, body, [prompt], body.logprobs_count(), chat=True)
+        return await respond(http, body, adapter, [prompt], body.logprobs_count(), chat=True)
 
-    async def respond(http: HttpRequest, body, prompts: list[list[int]], logprobs: int | None, chat: bool):
+    async def respond(http: HttpRequest, body, adapter: str | None, prompts: list[list[int]], logprobs: int | None,
+                      chat: bool):
         """One choice per prompt (by index), whole or streamed (chunks carry their choice's index)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         handles = []
         try:
             for i, prompt in enumerate(prompts):
-                handles.append(submit(body, prompt, logprobs,
+                handles.append(submit(body, adapter, prompt, logprobs,
                                       lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e))))
         except BaseException:
             for h in handles:
