@@ -49,12 +49,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lsjax.adapters.table import AdapterTable
 from lsjax.backend_interface import Backend
 from lsjax.backends import BACKENDS, resolve_backend
 from lsjax.config import ModelConfig
 from lsjax.errors import ConfigError
 from lsjax.jsonfile import read_json_object, write_json
+from lsjax.quant import quantization
 from lsjax.strategies import Strategy, resolve_strategy
 
 CACHE_ENV = "LSJAX_AUTOTUNE_CACHE"
@@ -108,11 +108,11 @@ def cache_path() -> Path:
 
 
 def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, *, sharded: bool = False,
-               backend: Backend | str | None = None, strategy: str = "auto", per_row: bool = False
-               ) -> list[Candidate]:
+               backend: Backend | str | None = None, strategy: str = "auto", per_row: bool = False,
+               quantized: bool = False) -> list[Candidate]:
     """Every (backend, strategy) that can decode `rows` rows here, restricted to the fixed part:
     a backend named or given (an object: its name) and a strategy other than "auto". `per_row`:
-    an adapter table's rows (`strategies_at`)."""
+    an adapter table's rows; `quantized`: the base weights are (`strategies_at`)."""
     if backend is None or backend == "auto":
         from lsjax.native import unavailable_reason
 
@@ -123,7 +123,7 @@ def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, 
             names.append("pallas")
     else:
         names = [backend if isinstance(backend, str) else backend.name]
-    allowed = strategies_at(adapter_config, rows, per_row)
+    allowed = strategies_at(adapter_config, rows, mergeable=not (per_row or quantized))
     if strategy != "auto":
         fixed = resolve_strategy(strategy, adapter_config)
         allowed = [s for s in allowed if s == fixed]
@@ -131,14 +131,15 @@ def candidates(adapter_config: Any | None, rows: int, dtype: Any = jnp.float32, 
     return [Candidate(name, s) for name in names for s in allowed if name != "hybrid" or s == Strategy.FUSED]
 
 
-def strategies_at(adapter_config: Any | None, rows: int, per_row: bool = False) -> list[Strategy]:
+def strategies_at(adapter_config: Any | None, rows: int, mergeable: bool = True) -> list[Strategy]:
     """The strategies an adapter allows at `rows` rows (`merged` switch merges one route per step: one
-    row; never for an adapter table, `per_row`, whose rows each narrow the route)."""
+    row; `merged` only where adapter terms may be written into the weights, `mergeable`: not for an
+    adapter table, whose rows each narrow the route, nor into quantized weights)."""
     if adapter_config is None:
         return [Strategy.BASE]
     allowed = [Strategy.UNMERGED, Strategy.FUSED]
     method = adapter_config.method
-    if not per_row and (method == "lora" or (method == "switch" and rows == 1)):
+    if mergeable and (method == "lora" or (method == "switch" and rows == 1)):
         allowed.append(Strategy.MERGED)
     return allowed
 
@@ -161,13 +162,17 @@ def resolve(decoder: type, model, adapter, rows: int, backend: Backend | str | N
     fixed_strategy = strategy != "auto" or adapter_config is None
     if fixed_backend:
         resolve_backend(backend, model.dtype)  # refuses an unknown name, or "native" where it cannot run
+    arrays = (model.params(), None if adapter is None else adapter.arrays())
+    quantized = quantization(arrays[0])
     if strategy != "auto":
         resolve_strategy(strategy, adapter_config)  # refuses an unknown strategy, or one the adapter cannot run
-    arrays = (model.params(), None if adapter is None else adapter.arrays())
+        if quantized and strategy == "merged":
+            raise ConfigError(f"strategy 'merged' writes adapter terms into the weights, and this model's weights are "
+                              f"quantized ({quantized}); use 'unmerged', 'fused' or 'auto'", "strategy")
     if (fixed_backend and fixed_strategy) or not measurable(*arrays):
         sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(arrays) if isinstance(x, jax.Array))
         chosen = resolve_backend(backend, model.dtype, sharded)
-        return chosen, resolve_strategy(strategy, adapter_config, chosen), None
+        return chosen, resolve_strategy(strategy, adapter_config, chosen, mergeable=not quantized), None
     choice = choose(decoder, model, adapter, rows, backend=backend, strategy=strategy)
     chosen = backend if fixed_backend and not isinstance(backend, str) else resolve_backend(choice.pick.backend)
     return chosen, choice.pick.strategy, choice
@@ -181,14 +186,16 @@ def choose(decoder: type, model, adapter=None, rows: int = 1, *, backend: Backen
     too) and replace it."""
     check_rows(rows)
     adapter_config = None if adapter is None else adapter.config
-    per_row = isinstance(adapter, AdapterTable)
-    options = candidates(adapter_config, rows, model.dtype, backend=backend, strategy=strategy, per_row=per_row)
+    per_row = adapter is not None and adapter.per_row
+    quantized = quantization(model.params())
+    options = candidates(adapter_config, rows, model.dtype, backend=backend, strategy=strategy, per_row=per_row,
+                         quantized=quantized is not None)
     if not options:
         raise ConfigError(f"strategy {strategy!r} with a {adapter_config.method} adapter cannot decode {rows} rows "
                           "(merged switch routes one sequence per step); use 'fused' or 'unmerged'")
     if len(options) == 1:
         return Choice(options[0], {}, "only")
-    key = cache_key(model.config, model.dtype, adapter_config, rows, backend, strategy, per_row)
+    key = cache_key(model.config, model.dtype, adapter_config, rows, backend, strategy, per_row, quantized)
     path = cache_path()
     entry = None if fresh else next((e for e in read_cache(path) if e["key"] == key), None)
     if entry is not None:
@@ -307,7 +314,8 @@ def _digest(data: bytes) -> str:
 
 
 def cache_key(model_config: ModelConfig, dtype: Any, adapter_config: Any | None, rows: int,
-              backend: Backend | str | None, strategy: str, per_row: bool = False) -> dict[str, Any]:
+              backend: Backend | str | None, strategy: str, per_row: bool = False,
+              quantized: str | None = None) -> dict[str, Any]:
     """An entry's key, in the form JSON gives back (so a read key compares equal)."""
     adapter = None if adapter_config is None else {
         "method": str(adapter_config.method), "experts": adapter_config.num_experts, "top_k": adapter_config.top_k,
@@ -318,6 +326,8 @@ def cache_key(model_config: ModelConfig, dtype: Any, adapter_config: Any | None,
              "strategy": str(strategy) if adapter_config is not None else "base"}
     key = {"machine": machine(), "model": dataclasses.asdict(model_config), "dtype": str(jnp.dtype(dtype)),
            "adapter": adapter, "rows": rows, "asked": asked}
+    if quantized:
+        key["quantized"] = quantized
     return json.loads(json.dumps(key))
 
 

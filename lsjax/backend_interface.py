@@ -12,6 +12,8 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from lsjax.quant import is_quantized
+
 Members = tuple[tuple[int, int, int], ...]  # each adapted member's (output offset, B offset, width)
 
 
@@ -33,7 +35,8 @@ class Traits:
 
 
 class Backend(Protocol):
-    """The interface every backend implements. Arrays: x `[T, d_in]`; a group's weight w `[d_in, N]`;
+    """The interface every backend implements. Arrays: x `[T, d_in]`; a group's weight w `[d_in, N]`
+    (float, or a `lsjax.quant.QuantizedWeight`: every method but `merge` takes one);
     its experts stacked on the layer axis, a `[L, E, d_in, S*r]`, b `[L, E, r, Nb]`; ids `[T, R, k]`
     int32 and gates `[T, R, k]` fp32 (LoRA scale folded in), R routes per row (1, or one per member)."""
 
@@ -58,6 +61,13 @@ class Backend(Protocol):
         """Once per `Generator`, on the arrays it decodes from (e.g. page placement); returns facts to report."""
 
 
-def xla_logits(h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
+def float_weight(w: Any, x: jax.Array) -> jax.Array:
+    """`w` as a float array in x's type: a `lsjax.quant.QuantizedWeight` dequantized (inside the
+    caller's jit, where XLA fuses the dequantization into the product that reads it), else `w`."""
+    return w.dequantize(x.dtype) if is_quantized(w) else w
+
+
+def xla_logits(h: jax.Array, weight: Any, transposed: bool) -> jax.Array:
+    weight = float_weight(weight, h)
     spec = "...d,vd->...v" if transposed else "...d,dv->...v"
     return jnp.einsum(spec, h, weight, preferred_element_type=jnp.float32)

@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import native
-from lsjax.backend_interface import Backend, Traits, xla_logits
+from lsjax.backend_interface import Backend, Traits, float_weight, xla_logits
 from lsjax.errors import ConfigError
+from lsjax.quant import product
 from pallas_kernels import routed_group_matmul, sgmm_merge
 
 BACKENDS = ("auto", "xla", "native", "hybrid", "pallas")
@@ -51,10 +52,11 @@ class XlaBackend:
 
     def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
         del group
-        return x @ w
+        return product(x, w)
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
-        return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="xla")
+        return routed_group_matmul(x, float_weight(w, x), a, b, ids, gates, members=members, layer=layer,
+                                   implementation="xla")
 
     def merge(self, w, a, b, ids, gates, *, members):
         return sgmm_merge(w, a, b, ids, gates, members=members, implementation="xla")
@@ -77,8 +79,8 @@ class PallasBackend(XlaBackend):
     interpret: bool | None = None  # None: native on a GPU, interpreted elsewhere
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
-        return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="pallas",
-                                   interpret=self.interpret)
+        return routed_group_matmul(x, float_weight(w, x), a, b, ids, gates, members=members, layer=layer,
+                                   implementation="pallas", interpret=self.interpret)
 
     def merge(self, w, a, b, ids, gates, *, members):
         return sgmm_merge(w, a, b, ids, gates, members=members, implementation="pallas", interpret=self.interpret)
@@ -95,7 +97,7 @@ class HybridBackend(XlaBackend):
                             one_expand=False)
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
-        return native.routed_group(x, w, a, b, ids, gates, layer=layer, members=members,
+        return native.routed_group(x, float_weight(w, x), a, b, ids, gates, layer=layer, members=members,
                                    otherwise=super().fused, xla_product=True)
 
 

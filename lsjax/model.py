@@ -28,6 +28,7 @@ from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
 from lsjax.config import PROJECTION_GROUPS, ModelConfig
 from lsjax.layers import Layers, run_layers
+from lsjax.quant import is_quantized
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS = tuple(PROJECTION_GROUPS)  # ("qkv", "o", "gate_up", "down"), in execution order
@@ -206,7 +207,10 @@ def stack_layers(params: Params) -> Params:
 
 
 def embed_tokens(params: Params, input_ids: jax.Array) -> jax.Array:
-    return jnp.take(params["embed"], input_ids, axis=0)
+    embed = params["embed"]
+    if is_quantized(embed):  # only the rows taken are dequantized
+        return embed.rows(input_ids)
+    return jnp.take(embed, input_ids, axis=0)
 
 
 def lm_logits(config: ModelConfig, params: Params, h: jax.Array, backend: Backend | None = None) -> jax.Array:
@@ -330,7 +334,7 @@ class DecoderLayer(nnx.Module):
             setattr(self, name, nnx.Param(value))
 
     def arrays(self) -> Params:
-        return {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
+        return {name: getattr(self, name).get_value() for name in LAYER_WEIGHTS}
 
 
 class Llama(nnx.Module):
@@ -352,14 +356,14 @@ class Llama(nnx.Module):
 
     @property
     def dtype(self):
-        return self.embed[...].dtype
+        return self.embed.get_value().dtype
 
     def params(self) -> Params:
         """The weights as the nested dict of arrays that the pure functions take (no copies)."""
-        out = {"embed": self.embed[...], "layers": Layers.of_layers(layer.arrays() for layer in self.layers),
-               "norm": self.norm[...]}
+        out = {"embed": self.embed.get_value(), "layers": Layers.of_layers(layer.arrays() for layer in self.layers),
+               "norm": self.norm.get_value()}
         if not self.config.tie_word_embeddings:
-            out["lm_head"] = self.lm_head[...]
+            out["lm_head"] = self.lm_head.get_value()
         return out
 
     def __call__(self, input_ids, attention_mask=None, positions=None) -> jax.Array:

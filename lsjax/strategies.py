@@ -68,9 +68,11 @@ class Strategy(enum.StrEnum):
 STRATEGIES = ("unmerged", "merged", "fused", "auto")  # what a caller may ask for
 
 
-def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Backend = XLA) -> Strategy:
+def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Backend = XLA,
+                     mergeable: bool = True) -> Strategy:
     """The concrete strategy for this adapter on this backend; refuses what cannot run. "auto"
-    here is the static rule (module docstring), the fallback where `lsjax.autotune` cannot time."""
+    here is the static rule (module docstring), the fallback where `lsjax.autotune` cannot time;
+    `mergeable`: whether adapter terms may be written into the weights (not into quantized ones)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy {strategy!r} is not supported; expected one of {STRATEGIES}")
     strategy = Strategy(strategy)
@@ -78,7 +80,7 @@ def resolve_strategy(strategy: str, adapter_config: Any | None, backend: Backend
         return Strategy.BASE
     method = adapter_config.method
     if strategy == Strategy.AUTO:
-        if method == "lora":
+        if method == "lora" and mergeable:
             return Strategy.MERGED
         return Strategy.FUSED if backend.traits.fused_is_faster else Strategy.UNMERGED
     if strategy == "merged" and method not in ("lora", "switch"):

@@ -25,6 +25,7 @@ gguf = pytest.importorskip("gguf")
 from lsjax import assets  # noqa: E402
 from lsjax.convert.gguf import GGUFModel, read_gguf  # noqa: E402
 from lsjax.errors import ConversionError  # noqa: E402
+from lsjax.quant import Scheme  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # fixtures
@@ -151,6 +152,17 @@ def test_hf_model_from_our_config_and_tensors_matches_reference_logits(model, re
         got = ours(ids).logits
         want = reference_model(ids).logits
     assert float((got - want).abs().max()) <= 1e-4
+
+
+def test_tensors_kept_quantized_equal_their_dequantized_form(model):
+    """Q4_1 blocks (q and k: with llama.cpp's RoPE row order undone) held as `lsjax.quant` weights."""
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):  # Q4_1, RoPE
+        held = model.quantized_tensor(name)
+        assert held.scheme == Scheme.INT4 and held.shape == model.tensor_shapes()[name]
+        np.testing.assert_array_equal(np.asarray(held.dequantize()), model.tensor(name), err_msg=name)
+    with pytest.raises(ConversionError, match=r"tensor 'output_norm\.weight' has type F32, which cannot be kept "
+                                              r"quantized; expected one of Q8_0, Q4_0, Q4_1"):
+        model.quantized_tensor("model.norm.weight")
 
 
 def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:

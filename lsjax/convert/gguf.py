@@ -44,6 +44,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from lsjax.errors import ConversionError
 from lsjax.extras import Extra, missing_extra
+from lsjax.quant import QuantizedWeight, Scheme, from_blocks
 
 try:
     import gguf
@@ -52,6 +53,9 @@ except ImportError as e:
     raise missing_extra(e, Extra.GGUF, "reading GGUF files") from None
 
 GGUF_MAGIC = b"GGUF"
+# block types held as they are (`GGUFModel.quantized_tensor`): groups of 32 along the input
+KEPT_TYPES = {gguf.GGMLQuantizationType.Q8_0: Scheme.INT8, gguf.GGMLQuantizationType.Q4_0: Scheme.INT4,
+              gguf.GGMLQuantizationType.Q4_1: Scheme.INT4}
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
@@ -168,6 +172,46 @@ class GGUFModel:
             array = _unpermute_rope_rows(array, plan.rope_heads)
         # Own the memory (F32 tensors would otherwise be read-only views of the memory map).
         return np.array(array, dtype=np.float32, order="C", copy=True)
+
+    def quantized_tensor(self, hf_name: str) -> QuantizedWeight:
+        """One tensor by Hugging Face name as the file stores it, `[out, in]` grouped along `in`
+        (`lsjax.quant`): Q8_0, Q4_0 and Q4_1 blocks are held exactly (no rounding); any other type
+        is an error naming it."""
+        plans = {p.hf_name: p for p in self._plan}
+        if hf_name not in plans:
+            raise ConversionError(f"{self.path}: no tensor {hf_name!r}; expected one of tensor_names()")
+        plan, tensor = plans[hf_name], self._gguf_tensors[plans[hf_name].gguf_name]
+        kind = tensor.tensor_type
+        if kind not in KEPT_TYPES:
+            raise ConversionError(
+                f"{self.path}: tensor {tensor.name!r} has type {kind.name}, which cannot be kept quantized; "
+                f"expected one of {', '.join(k.name for k in KEPT_TYPES)} (convert without keeping it quantized)")
+        raw = np.asarray(tensor.data, np.uint8)
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        if len(plan.shape) != 2 or plan.shape[-1] % block or raw.size != math.prod(plan.shape) // block * size:
+            raise ConversionError(f"{self.path}: tensor {tensor.name!r} holds {raw.size} bytes of {kind.name} blocks; "
+                                  f"expected shape {plan.shape} for {hf_name!r}")
+        q, scale, offset = block_values(raw, kind, plan.shape)
+        if plan.rope_heads:
+            q, scale = _unpermute_rope_rows(q, plan.rope_heads), _unpermute_rope_rows(scale, plan.rope_heads)
+            offset = None if offset is None else _unpermute_rope_rows(offset, plan.rope_heads)
+        return from_blocks(q, scale, offset, KEPT_TYPES[kind], block, axis=-1)
+
+
+def block_values(raw: np.ndarray, kind: Any,
+                 shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`(q, scale, offset)` of a `[rows, cols]` tensor's Q8_0 / Q4_0 / Q4_1 blocks `raw` (bytes), with
+    w = scale * q + offset per block of 32 along a row (`lsjax.quant`'s form; offset None for Q8_0)."""
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    blocks = np.asarray(raw, np.uint8).reshape(shape[0], shape[1] // block, size)
+    scale = _halves(blocks[..., 0:2])
+    if kind == gguf.GGMLQuantizationType.Q8_0:
+        return blocks[..., 2:].copy().view(np.int8).reshape(shape), scale, None
+    # byte j of a 4-bit block holds element j (low nibble) and element j + 16 (high nibble)
+    packed = blocks[..., 4:] if kind == gguf.GGMLQuantizationType.Q4_1 else blocks[..., 2:]
+    q = np.concatenate([packed & 0xF, packed >> 4], axis=-1).reshape(shape)
+    offset = _halves(blocks[..., 2:4]) if kind == gguf.GGMLQuantizationType.Q4_1 else -8.0 * scale
+    return q, scale, offset
 
     def tokenizer_files(self) -> dict[str, str]:
         """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` as JSON text."""
@@ -570,6 +614,11 @@ def _dequantize(tensor: Any) -> np.ndarray:
     if tensor.tensor_type == gguf.GGMLQuantizationType.F64:
         return np.asarray(tensor.data).view(np.float64).astype(np.float32)
     return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+
+
+def _halves(pairs: np.ndarray) -> np.ndarray:
+    """float32 values of little-endian float16s stored as byte pairs `[..., 2]`."""
+    return np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32)
 
 
 def _unpermute_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:

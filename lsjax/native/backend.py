@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import native
-from lsjax.backend_interface import Traits, xla_logits
+from lsjax.backend_interface import Traits, float_weight, xla_logits
+from lsjax.quant import is_quantized, product
 from lsjax.native import hugepages
 from pallas_kernels import routed_group_matmul, sgmm_merge
 
@@ -37,16 +38,19 @@ class NativeBackend:
 
     def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
         del group
+        if is_quantized(w):  # no native quantized matvec yet: XLA's dequantized product
+            return product(x, w)
         return native.matmul(x, w)
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
-        return native.routed_group(x, w, a, b, ids, gates, layer=layer, members=members, otherwise=_xla_fused)
+        return native.routed_group(x, float_weight(w, x), a, b, ids, gates, layer=layer, members=members,
+                                   otherwise=_xla_fused)
 
     def merge(self, w, a, b, ids, gates, *, members):
         return sgmm_merge(w, a, b, ids, gates, members=members, implementation="xla")
 
     def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
-        if h.reshape(-1, h.shape[-1]).shape[0] > native.MAX_ROWS or h.dtype != jnp.float32:
+        if h.reshape(-1, h.shape[-1]).shape[0] > native.MAX_ROWS or h.dtype != jnp.float32 or is_quantized(weight):
             return xla_logits(h, weight, transposed)
         product = native.matmul_t if transposed else native.matmul
         return product(h, weight).astype(jnp.float32)

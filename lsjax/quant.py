@@ -1,0 +1,221 @@
+"""Quantized weights: integers in groups along the axis a product contracts, a scale (and for 4-bit
+an offset) per group and column.
+
+A `QuantizedWeight` stands for the float array it replaces, in that array's layout: a projection
+`[..., d_in, N]` groups along d_in (`axis=-2`); a tied embedding `[V, D]`, whose transpose the
+vocabulary head multiplies, groups along D (`axis=-1`). Within a group of `group` values
+
+    w = scale * q + offset
+
+- `Scheme.INT8`: q int8 in [-127, 127], no offset (symmetric). Per-channel int8 is group = d_in;
+  GGUF's Q8_0 is group 32.
+- `Scheme.INT4`: q in [0, 15], two per byte along the group axis (even index in the low nibble),
+  with an offset: GGUF's Q4_1 (offset = its min) and Q4_0 (offset = -8 * scale) hold exactly.
+
+Decoding reads weight bytes every token; these read a quarter (int8) or an eighth (4-bit) of fp32's.
+`dequantize` is the reference every product is checked against; `product` is XLA's form (the
+dequantization is elementwise on the operand, which XLA fuses into the product's input on a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax.errors import ConfigError
+
+
+class Scheme(enum.StrEnum):
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """`q` (int8, or uint8 holding two 4-bit values), `scale` and `offset` (None for int8) with the
+    group axis shortened to groups: `[..., d_in / group, N]` (axis -2) or `[..., M, D / group]` (axis -1)."""
+
+    q: jax.Array
+    scale: jax.Array
+    offset: jax.Array | None
+    scheme: Scheme = dataclasses.field(metadata=dict(static=True))
+    group: int = dataclasses.field(metadata=dict(static=True))
+    axis: int = dataclasses.field(default=-2, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.q.shape)
+        if self.scheme == Scheme.INT4:
+            shape[self.axis] *= 2
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.q.ndim
+
+    @property
+    def dtype(self):
+        """The float type it dequantizes to (its scales')."""
+        return self.scale.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (self.q, self.scale, self.offset) if x is not None)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The float array it stands for (in `dtype`, default its scales' type)."""
+        dtype = dtype or self.scale.dtype
+        q = _unpack(self.q, self.axis) if self.scheme == Scheme.INT4 else self.q
+        grouped = _grouped(q, self.axis, self.group).astype(dtype)
+        w = grouped * _expand(self.scale, self.axis).astype(dtype)
+        if self.offset is not None:
+            w = w + _expand(self.offset, self.axis).astype(dtype)
+        return w.reshape(q.shape)
+
+    def rows(self, ids: jax.Array, dtype: Any = None) -> jax.Array:
+        """Rows `ids` of a weight grouped along its last axis (an embedding's lookup), `[*ids.shape,
+        D]`: only the rows taken are dequantized."""
+        if self.axis != -1 or self.ndim != 2:
+            raise ConfigError(f"rows() takes rows of a [V, D] weight grouped along D; this one is {self.shape} "
+                              f"grouped along axis {self.axis}")
+        taken = QuantizedWeight(jnp.take(self.q, ids, axis=0), jnp.take(self.scale, ids, axis=0),
+                                None if self.offset is None else jnp.take(self.offset, ids, axis=0),
+                                self.scheme, self.group, -1)
+        return taken.dequantize(dtype)
+
+
+def _unpack(packed: jax.Array, axis: int) -> jax.Array:
+    low, high = packed & 0xF, packed >> 4
+    both = jnp.stack([low, high], axis=axis)  # [.., K/2, 2, N] (axis -2) or [.., M, K/2, 2] (axis -1)
+    shape = list(packed.shape)
+    shape[axis] *= 2
+    return both.reshape(shape)
+
+
+def _pack(q: np.ndarray, axis: int) -> np.ndarray:
+    q = np.moveaxis(q.astype(np.uint8), axis, -1)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return np.moveaxis(packed, -1, axis)
+
+
+def _grouped(q: jax.Array, axis: int, group: int) -> jax.Array:
+    """`q` with its group axis split into (groups, group)."""
+    shape = list(q.shape)
+    a = q.ndim + axis
+    return q.reshape(*shape[:a], shape[a] // group, group, *shape[a + 1:])
+
+
+def _expand(per_group: jax.Array, axis: int) -> jax.Array:
+    """A `[.., groups, ..]` array made to broadcast against `_grouped`'s `[.., groups, group, ..]`."""
+    return jnp.expand_dims(per_group, per_group.ndim + axis + 1)
+
+
+def check_quantizable(name: str, shape: tuple[int, ...], scheme: Scheme | str, group: int, axis: int = -2) -> Scheme:
+    """The scheme, once `shape` can be quantized in groups of `group` along `axis` (else a clear error)."""
+    try:
+        scheme = Scheme(scheme)
+    except ValueError:
+        raise ConfigError(f"quantization {scheme!r} is not supported; expected one of "
+                          f"{', '.join(s.value for s in Scheme)}", "quantize") from None
+    if len(shape) < 2 or axis not in (-1, -2):
+        raise ConfigError(f"{name}: a quantized weight is a matrix grouped along axis -2 or -1; got shape {shape} "
+                          f"and axis {axis}", "quantize")
+    size = shape[axis]
+    if not isinstance(group, int) or group < 1 or size % group:
+        raise ConfigError(f"{name}: group size {group} does not divide its {size} input values (shape {shape}); "
+                          f"choose a divisor of {size}", "quantize")
+    if scheme == Scheme.INT4 and group % 2:
+        raise ConfigError(f"{name}: 4-bit values are packed in pairs, so the group size must be even; got {group}",
+                          "quantize")
+    return scheme
+
+
+def quantize(w: Any, scheme: Scheme | str, group: int | None = None, *, axis: int = -2,
+             name: str = "weight") -> QuantizedWeight:
+    """`w` rounded to nearest in groups of `group` along `axis` (default: the whole axis, per
+    channel). int8: scale = max |w| / 127; 4-bit: scale = (max - min) / 15, offset = min."""
+    w = np.asarray(w, np.float32)
+    group = w.shape[axis] if group is None else group
+    scheme = check_quantizable(name, w.shape, scheme, group, axis)
+    grouped = np.asarray(_grouped(w, axis, group))
+    reduce = grouped.ndim + axis  # the within-group axis of grouped
+    if scheme == Scheme.INT8:
+        scale = np.max(np.abs(grouped), axis=reduce) / 127.0
+        safe = np.where(scale == 0, 1.0, scale)
+        q = np.clip(np.rint(grouped / np.expand_dims(safe, reduce)), -127, 127).astype(np.int8).reshape(w.shape)
+        return QuantizedWeight(jnp.asarray(q), jnp.asarray(scale, jnp.float32), None, scheme, group, axis)
+    low, high = np.min(grouped, axis=reduce), np.max(grouped, axis=reduce)
+    scale = (high - low) / 15.0
+    safe = np.where(scale == 0, 1.0, scale)
+    q = np.clip(np.rint((grouped - np.expand_dims(low, reduce)) / np.expand_dims(safe, reduce)), 0, 15)
+    packed = _pack(q.reshape(w.shape), axis)
+    return QuantizedWeight(jnp.asarray(packed), jnp.asarray(scale, jnp.float32), jnp.asarray(low, jnp.float32),
+                           scheme, group, axis)
+
+
+def from_blocks(q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, scheme: Scheme | str,
+                group: int, axis: int = -2) -> QuantizedWeight:
+    """A weight from integers already quantized (a file's blocks): `q` unpacked, in the weight's
+    layout (int8 values, or 4-bit values in [0, 15]); `scale` / `offset` per group."""
+    scheme = check_quantizable("blocks", q.shape, scheme, group, axis)
+    if scheme == Scheme.INT8:
+        data = jnp.asarray(np.asarray(q, np.int8))
+    else:
+        q = np.asarray(q)
+        if q.min(initial=0) < 0 or q.max(initial=0) > 15:
+            raise ConfigError(f"4-bit values must lie in [0, 15]; got [{q.min()}, {q.max()}]", "quantize")
+        data = jnp.asarray(_pack(q, axis))
+    return QuantizedWeight(data, jnp.asarray(scale, jnp.float32),
+                           None if offset is None else jnp.asarray(offset, jnp.float32), scheme, group, axis)
+
+
+def is_quantized(w: Any) -> bool:
+    return isinstance(w, QuantizedWeight)
+
+
+def product(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
+    """x @ w, for a float or a quantized `w [..., K, N]` (dequantized in x's type, as one expression)."""
+    if isinstance(w, QuantizedWeight):
+        if w.axis != -2:
+            raise ConfigError(f"a product contracts a weight's axis -2; this quantized weight groups along {w.axis}")
+        return x @ w.dequantize(x.dtype)
+    return x @ w
+
+
+def dequantized(tree: Any) -> Any:
+    """`tree` with every `QuantizedWeight` replaced by the float array it stands for."""
+    return jax.tree.map(lambda w: w.dequantize() if isinstance(w, QuantizedWeight) else w, tree,
+                        is_leaf=is_quantized)
+
+
+def quantization(tree: Any) -> str | None:
+    """How `tree`'s weights are quantized, as `scheme:group` of each kind present (e.g. "int4:32,
+    int8:32"), or None when none is."""
+    kinds = sorted({f"{w.scheme.value}:{w.group}" for w in jax.tree.leaves(tree, is_leaf=is_quantized)
+                    if isinstance(w, QuantizedWeight)})
+    return ",".join(kinds) or None
+
+
+NORMS = ("attn_norm", "mlp_norm", "norm")  # vectors (stacked: [L, D]), kept in float
+
+
+def quantize_params(params: Any, scheme: Scheme | str, group: int | None = None) -> Any:
+    """A model's params (`lsjax.model`'s layout) with every weight matrix quantized in groups of
+    `group` (default: per channel): the layers' projection groups and an untied head along their
+    input (axis -2); the embedding along D (axis -1: the tied head contracts D, and a lookup takes
+    whole rows). The norms stay float."""
+
+    def one(path, leaf):
+        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+        if names[-1] in NORMS or isinstance(leaf, QuantizedWeight):
+            return leaf
+        name = "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+        return quantize(leaf, scheme, group, axis=-1 if names[-1] == "embed" else -2, name=name)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)

@@ -1,0 +1,114 @@
+"""Quantized weights (`lsjax.quant`): GGUF blocks held exactly (against gguf-py's own dequantizer),
+round-to-nearest within its bound, products and lookups equal to the dequantized weight's, and a
+model over quantized weights decoding the same tokens as over the float weights they stand for."""
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_generate import random_adapter
+
+from lsjax import native, quant
+from lsjax.convert.gguf import KEPT_TYPES, block_values
+from lsjax.errors import ConfigError
+from lsjax.generate import Generator
+from lsjax.model import forward, model_from_params
+
+BACKENDS = ["xla", "native"] if native.available() else ["xla"]
+
+
+@pytest.mark.parametrize("kind", list(KEPT_TYPES), ids=lambda k: k.name)
+def test_gguf_blocks_are_held_exactly(kind):
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((6, 96)) * rng.uniform(0.01, 3.0, (6, 1))).astype(np.float32)
+    raw = gguf.quants.quantize(w, kind)
+    q, scale, offset = block_values(raw, kind, w.shape)
+    held = quant.from_blocks(q, scale, offset, KEPT_TYPES[kind], 32, axis=-1)
+    np.testing.assert_array_equal(np.asarray(held.dequantize()), gguf.quants.dequantize(raw, kind))
+    assert held.nbytes < w.nbytes / 3
+
+
+@pytest.mark.parametrize("scheme,group,axis", [("int8", None, -2), ("int8", 16, -1), ("int4", 16, -2),
+                                               ("int4", 32, -1)])
+def test_round_to_nearest_within_half_a_step(scheme, group, axis):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((2, 64, 96)).astype(np.float32)
+    g = w.shape[axis] if group is None else group
+    constant = (0, slice(0, g), 0) if axis == -2 else (0, 0, slice(0, g))
+    w[constant] = 0.25  # one group all alike: exact, and no division by its zero step
+    qw = quant.quantize(w, scheme, group, axis=axis)
+    got = np.asarray(qw.dequantize())
+    assert qw.shape == w.shape and got.shape == w.shape
+    blocks = np.moveaxis(w, axis, -1).reshape(*np.moveaxis(w, axis, -1).shape[:-1], -1, g)
+    if scheme == "int8":
+        step = np.abs(blocks).max(-1) / 127
+    else:
+        step = (blocks.max(-1) - blocks.min(-1)) / 15
+    err = np.abs(np.moveaxis(got, axis, -1).reshape(blocks.shape) - blocks).max(-1)
+    assert np.all(err <= step / 2 + 1e-6)
+    np.testing.assert_array_equal(got[constant], 0.25)
+    # a weight already on the grid quantizes to itself
+    np.testing.assert_allclose(np.asarray(quant.quantize(got, scheme, group, axis=axis).dequantize()), got,
+                               atol=1e-6)
+
+
+def test_products_and_rows_equal_the_dequantized_weights():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
+    for scheme in quant.Scheme:
+        w = quant.quantize(rng.standard_normal((64, 40)), scheme, 32)
+        got = jax.jit(quant.product)(x, w)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ np.asarray(w.dequantize()), rtol=1e-5, atol=1e-5)
+        embed = quant.quantize(rng.standard_normal((50, 64)), scheme, 16, axis=-1)
+        ids = jnp.array([[3, 49], [0, 3]])
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda e, i: e.rows(i))(embed, ids)),
+                                      np.asarray(embed.dequantize())[np.asarray(ids)])
+
+
+def test_bad_quantization_requests_name_the_problem():
+    w = np.ones((48, 8), np.float32)
+    with pytest.raises(ConfigError, match=r"quantization 'int3' is not supported; expected one of int8, int4"):
+        quant.quantize(w, "int3")
+    with pytest.raises(ConfigError, match=r"qkv: group size 32 does not divide its 48 input values"):
+        quant.quantize(w, "int8", 32, name="qkv")
+    with pytest.raises(ConfigError, match=r"group size must be even; got 3"):
+        quant.quantize(w, "int4", 3)
+
+
+@pytest.fixture(scope="module")
+def quantized_models(tiny_llama):
+    _, model, tok = tiny_llama
+    params = quant.quantize_params(model.params(), "int4", 32)
+    return model_from_params(model.config, params), model_from_params(model.config, quant.dequantized(params)), tok
+
+
+def test_quantized_params_forward_equals_the_dequantized_forward(quantized_models):
+    quantized, dequantized, _ = quantized_models
+    params = quantized.params()
+    assert quant.quantization(params) == "int4:32" and not quant.is_quantized(params["norm"])
+    assert quant.is_quantized(params["embed"]) and params["embed"].axis == -1
+    ids = jnp.array([[1, 5, 9, 3, 2, 7]])
+    np.testing.assert_allclose(np.asarray(forward(quantized.config, params, ids)),
+                               np.asarray(forward(dequantized.config, dequantized.params(), ids)), atol=2e-6)
+
+
+@pytest.mark.parametrize("method,strategy,backend", [(None, "auto", "xla"), ("switch", "fused", "xla"),
+                                                     ("lora", "auto", "xla"), ("switch", "fused", BACKENDS[-1])])
+def test_decoding_over_quantized_weights_equals_decoding_over_their_floats(quantized_models, method, strategy,
+                                                                           backend):
+    quantized, dequantized, tok = quantized_models
+    adapter = None if method is None else random_adapter(quantized, method)
+    got = Generator(quantized, tok, adapter, strategy=strategy, backend=backend)
+    want = Generator(dequantized, tok, adapter, strategy="unmerged" if method else "auto", backend=backend)
+    prompts = ["abc", "hello there"]
+    assert got.generate(prompts, max_new_tokens=8).token_ids == want.generate(prompts, max_new_tokens=8).token_ids
+    if method is not None:
+        assert got.decoder.strategy != "merged"
+
+
+def test_merged_is_refused_over_quantized_weights(quantized_models):
+    quantized, _, tok = quantized_models
+    with pytest.raises(ConfigError, match=r"strategy 'merged' writes adapter terms into the weights, and this "
+                                          r"model's weights are quantized \(int4:32\)"):
+        Generator(quantized, tok, random_adapter(quantized, "lora"), strategy="merged")
