@@ -6,6 +6,10 @@ Layout of a checkpoint folder:
     tokenizer/          tokenizer.json, tokenizer_config.json, ...
     params/             orbax (StandardCheckpointer) tree: embed, layers/{q,k,...}, norm[, lm_head]
 
+A quantized weight (`lsjax.quant.QuantizedWeight`) is stored as its parts (`q`, `scale`[, `offset`])
+under its name, its scheme, group and axis in lsjax_config.json's `quantized` (by name: `embed`,
+`layers/q`, ...).
+
 The stored layout keeps one stacked `[L, d_in, d_out]` array per projection, in Hugging Face's
 terms (`stored_shapes`); `load` turns it into the held layout the model computes with (grouped
 products, one dict per layer: `lsjax.model`), one group at a time.
@@ -32,6 +36,7 @@ from lsjax.config import PROJECTION_GROUPS, ModelConfig
 from lsjax.errors import CheckpointError, ConfigError
 from lsjax.layers import Layers
 from lsjax.model import LAYER_NORMS, Llama, model_from_params, param_shapes
+from lsjax.quant import QuantizedWeight, is_quantized, join
 from lsjax.sharding import param_shardings
 from lsjax.tokenizer import load_tokenizer
 
@@ -64,7 +69,10 @@ def save_model(out: str | Path, config: ModelConfig, params: dict[str, Any], tok
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         staging.mkdir()
+        params, quantized = _stored_parts(params)
         meta = {"format": FORMAT, "version": VERSION, "model": config.to_dict(), "source": source or {}}
+        if quantized:
+            meta["quantized"] = quantized
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         (staging / HF_CONFIG_FILE).write_text(json.dumps(hf_config or {}, indent=2))
         tok = staging / TOKENIZER_DIR
@@ -80,8 +88,20 @@ def save_model(out: str | Path, config: ModelConfig, params: dict[str, Any], tok
     return out
 
 
-def read_config(ckpt: str | Path) -> ModelConfig:
-    ckpt = Path(ckpt)
+def _stored_parts(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`params` with each quantized weight as its parts, and each one's layout by name."""
+    layouts = {}
+
+    def plain(path, leaf):
+        if is_quantized(leaf):
+            layouts["/".join(str(p.key) for p in path)] = leaf.layout()
+            return leaf.parts()
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(plain, params, is_leaf=is_quantized), layouts
+
+
+def _read_meta(ckpt: Path) -> dict[str, Any]:
     path = ckpt / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: not an lsjax checkpoint (missing {CONFIG_FILE}); "
@@ -90,7 +110,11 @@ def read_config(ckpt: str | Path) -> ModelConfig:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
                               f"expected {FORMAT!r} version {VERSION}")
-    return ModelConfig.from_dict(meta["model"])
+    return meta
+
+
+def read_config(ckpt: str | Path) -> ModelConfig:
+    return ModelConfig.from_dict(_read_meta(Path(ckpt))["model"])
 
 
 def stored_shapes(config: ModelConfig) -> dict[str, Any]:
@@ -108,27 +132,52 @@ def load_params(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | N
     """Restore params in the held layout as jax arrays (cast to `dtype`; sharded over `mesh` by
     `lsjax.sharding` rules)."""
     ckpt = Path(ckpt).absolute()
-    config = read_config(ckpt)
+    meta = _read_meta(ckpt)
+    config, layouts = ModelConfig.from_dict(meta["model"]), meta.get("quantized", {})
     if not (ckpt / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{ckpt}: missing {PARAMS_DIR}/ (incomplete checkpoint)")
     shapes = stored_shapes(config)
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(ckpt / PARAMS_DIR).item_metadata.tree
-    stored_dtype = jax.tree.leaves(stored)[0].dtype
-    dtype = stored_dtype if dtype is None else as_dtype(dtype)
+    dtype = stored["norm"].dtype if dtype is None else as_dtype(dtype)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
+        whole = device
     else:
         shardings = param_shardings(shapes, mesh)
-    abstract = jax.tree.map(lambda shape, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s), shapes, shardings,
-                            is_leaf=lambda x: isinstance(x, tuple))
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # quantized parts: replicated
+
+    def abstract_of(path, shape, sharding):
+        name = "/".join(str(p.key) for p in path)
+        if name not in layouts:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        parts = _at(stored, name)  # integers as stored, scales and offsets in the float type asked for
+        return {k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype if k == "q" else dtype, sharding=whole)
+                for k, m in parts.items()}
+
+    abstract = jax.tree_util.tree_map_with_path(abstract_of, shapes, shardings, is_leaf=lambda x: isinstance(x, tuple))
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(ckpt / PARAMS_DIR, abstract)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{ckpt / PARAMS_DIR}: params do not match {CONFIG_FILE} ({e})") from None
+    for name, layout in layouts.items():
+        _put(params, name, QuantizedWeight.from_parts(_at(params, name), layout))
     return config, held_params(config, params, mesh)
+
+
+def _at(tree: dict[str, Any], name: str) -> Any:
+    for key in name.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _put(tree: dict[str, Any], name: str, value: Any) -> None:
+    *path, last = name.split("/")
+    for key in path:
+        tree = tree[key]
+    tree[last] = value
 
 
 def held_params(config: ModelConfig, stored: dict[str, Any], mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
@@ -141,10 +190,14 @@ def held_params(config: ModelConfig, stored: dict[str, Any], mesh: jax.sharding.
     for group, members in PROJECTION_GROUPS.items():
         stacks = [layers.pop(m) for m in members]
         for i, layer in enumerate(held):
-            value = stacks[0][i] if len(stacks) == 1 else jnp.concatenate([s[i] for s in stacks], axis=-1)
-            layer[group] = value if target is None else jax.device_put(value, target.layer(i)[group])
+            mine = [jax.tree.map(lambda x: x[i], s) for s in stacks]  # layer i of each (float or quantized)
+            value = join(mine, lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1))
+            if target is not None and not is_quantized(value):
+                value = jax.device_put(value, target.layer(i)[group])
+            layer[group] = value
         for stack in stacks:
-            stack.delete()
+            for leaf in jax.tree.leaves(stack):
+                leaf.delete()
     for name in LAYER_NORMS:
         for i, layer in enumerate(held):
             layer[name] = layers[name][i]

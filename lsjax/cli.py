@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,12 +31,25 @@ from lsjax.train.cli import add_train_parser
 
 def _convert(args) -> None:
     if args.hf:
-        out = convert_hf(args.hf, args.out, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)
+        if args.keep_quantized:
+            raise ConfigError("--keep-quantized keeps a GGUF file's blocks; a Hugging Face folder holds floats "
+                              "(use --quantize int8|int4[:G])", "keep_quantized")
+        out = convert_hf(args.hf, args.out, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite,
+                         quantize=args.quantize)
     else:
+        if args.quantize:
+            raise ConfigError("--quantize rounds a Hugging Face folder's floats; a GGUF file's blocks are kept as "
+                              "they are with --keep-quantized", "quantize")
         if args.gguf == "default":
             args.gguf = default_gguf_path()
-        out = convert_gguf(args.gguf, args.out, dtype=args.dtype or "float32", allow_nonfinite=args.allow_nonfinite)
+        out = convert_gguf(args.gguf, args.out, dtype=args.dtype or "float32", allow_nonfinite=args.allow_nonfinite,
+                           keep_quantized=args.keep_quantized)
     print(f"wrote {out}")
+    if args.quantize:
+        errors = json.loads((out / "lsjax_config.json").read_text())["source"]["quantization_error"]
+        print(f"{args.quantize}: relative RMS error per weight (also in {out / 'lsjax_config.json'}):")
+        for name, error in errors.items():
+            print(f"  {name:<14} {error:.4f}")
 
 
 def _generate(args) -> None:
@@ -146,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="stored dtype: float32, bfloat16, float16 (default: the source's)")
     convert.add_argument("--allow-nonfinite", action="store_true",
                          help="convert weights holding NaN or Inf instead of refusing them")
+    convert.add_argument("--quantize", metavar="SPEC", default=None,
+                         help="--hf only: store every weight matrix as int8 or int4, per channel or in groups of G "
+                              "along its input (int8, int4, int8:G, int4:G); norms stay float")
+    convert.add_argument("--keep-quantized", action="store_true",
+                         help="--gguf only: keep Q8_0 / Q4_0 / Q4_1 weight blocks as they are (no rounding)")
     convert.set_defaults(run=_convert)
 
     gen = sub.add_parser("generate", help="stream a completion for one prompt")

@@ -78,6 +78,26 @@ class QuantizedWeight:
             w = w + _expand(self.offset, self.axis).astype(dtype)
         return w.reshape(q.shape)
 
+    @property
+    def T(self) -> "QuantizedWeight":
+        """The transpose of the last two axes (groups follow their axis: -2 <-> -1)."""
+        q, scale, offset = (None if x is None else x.swapaxes(-1, -2) for x in (self.q, self.scale, self.offset))
+        return QuantizedWeight(q, scale, offset, self.scheme, self.group, -1 if self.axis == -2 else -2)
+
+    def parts(self) -> dict[str, Any]:
+        """Its arrays by name (a checkpoint's tree); `from_parts` reverses it."""
+        out = {"q": self.q, "scale": self.scale}
+        return out if self.offset is None else {**out, "offset": self.offset}
+
+    def layout(self) -> dict[str, Any]:
+        """What `parts` leaves out: scheme, group and axis (a checkpoint's config)."""
+        return {"scheme": self.scheme.value, "group": self.group, "axis": self.axis}
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, Any], layout: dict[str, Any]) -> "QuantizedWeight":
+        return cls(parts["q"], parts["scale"], parts.get("offset"), Scheme(layout["scheme"]), int(layout["group"]),
+                   int(layout["axis"]))
+
     def rows(self, ids: jax.Array, dtype: Any = None) -> jax.Array:
         """Rows `ids` of a weight grouped along its last axis (an embedding's lookup), `[*ids.shape,
         D]`: only the rows taken are dequantized."""
@@ -175,6 +195,33 @@ def from_blocks(q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, sch
                            None if offset is None else jnp.asarray(offset, jnp.float32), scheme, group, axis)
 
 
+def join(weights: list[Any], how) -> Any:
+    """`how` (e.g. `np.stack`, a concatenation) applied to each part of `weights` alike: float
+    arrays, or quantized weights of one scheme, group and axis (else a clear error)."""
+    if not any(isinstance(w, QuantizedWeight) for w in weights):
+        return how(weights)
+    kinds = {(w.scheme, w.group, w.axis) if isinstance(w, QuantizedWeight) else "float" for w in weights}
+    if len(kinds) > 1:
+        raise ConfigError(f"weights joined into one array must be quantized alike; got {sorted(map(str, kinds))}",
+                          "quantize")
+    return jax.tree.map(lambda *parts: how(list(parts)), *weights)
+
+
+def parse_spec(spec: str) -> tuple[Scheme, int | None]:
+    """`int8` / `int4` (per channel) or `int8:G` / `int4:G` (groups of G) -> (scheme, group)."""
+    name, _, group = str(spec).partition(":")
+    try:
+        scheme = Scheme(name)
+    except ValueError:
+        raise ConfigError(f"quantize={spec!r}: {name!r} is not a quantization; expected int8 or int4, optionally "
+                          f"with a group size (int4:32)", "quantize") from None
+    if not group:
+        return scheme, None
+    if not group.isdigit() or int(group) < 1:
+        raise ConfigError(f"quantize={spec!r}: group size {group!r} is not a positive integer", "quantize")
+    return scheme, int(group)
+
+
 def is_quantized(w: Any) -> bool:
     return isinstance(w, QuantizedWeight)
 
@@ -219,3 +266,11 @@ def quantize_params(params: Any, scheme: Scheme | str, group: int | None = None)
         return quantize(leaf, scheme, group, axis=-1 if names[-1] == "embed" else -2, name=name)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
+
+
+def refuse_quantized(params: Any, why: str) -> None:
+    """A clear error where float weights are needed (`why`) and `params` holds quantized ones."""
+    kinds = quantization(params)
+    if kinds:
+        raise ConfigError(f"{why}, and these weights are quantized ({kinds}); use the float checkpoint they were "
+                          f"made from (or lsjax.quant.dequantized)", "params")

@@ -576,3 +576,13 @@ def test_tiny_tokenizer_add_bos_via_auto_tokenizer(tmp_path, add_bos):
     assert tok.encode("ab a") == ([0] if add_bos else []) + [5, 6]
     assert tok.encode("ab a", add_special_tokens=False) == [5, 6]
     assert tok.decode(tok.encode("ab a"), skip_special_tokens=True) == "ab a"
+
+
+def test_keeping_float_blocks_quantized_is_refused_and_writes_nothing(tmp_path):
+    from lsjax.convert import convert_gguf
+
+    path = _write_tiny(tmp_path / "f32.gguf")
+    with pytest.raises(ConversionError, match=r"f32\.gguf: tensor 'blk\.0\.attn_q\.weight' has type F32, which cannot "
+                                              r"be kept quantized"):
+        convert_gguf(path, tmp_path / "out", progress=False, keep_quantized=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f32.gguf"]

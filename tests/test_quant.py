@@ -112,3 +112,70 @@ def test_merged_is_refused_over_quantized_weights(quantized_models):
     with pytest.raises(ConfigError, match=r"strategy 'merged' writes adapter terms into the weights, and this "
                                           r"model's weights are quantized \(int4:32\)"):
         Generator(quantized, tok, random_adapter(quantized, "lora"), strategy="merged")
+
+
+def test_the_embedded_model_kept_quantized_gives_the_dequantized_conversions_logits(gguf_path, smollm2_ckpt, tmp_path):
+    import lsjax
+    from lsjax.convert import convert_gguf
+
+    out = convert_gguf(gguf_path, tmp_path / "q", progress=False, keep_quantized=True)
+    kept, tok = lsjax.load(out)
+    floats, _ = lsjax.load(smollm2_ckpt)
+    params = kept.params()
+    assert quant.quantization(params) == "int4:32,int8:32"  # Q4_1 projections, a Q8_0 tied embedding
+    stored = sum(f.stat().st_size for f in (out / "params").rglob("*") if f.is_file())
+    assert stored < 0.3 * sum(f.stat().st_size for f in (smollm2_ckpt / "params").rglob("*") if f.is_file())
+    ids = jnp.asarray([tok.encode("The capital of France is Paris, and the capital of Germany is")])
+    got = np.asarray(forward(kept.config, params, ids))
+    want = np.asarray(forward(floats.config, floats.params(), ids))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    from tiny import make_hf_model
+
+    folder = tmp_path_factory.mktemp("quant-hf") / "hf"
+    make_hf_model(folder)
+    return folder
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:32"])
+def test_a_float_checkpoint_converted_quantized_round_trips_through_orbax(hf_folder, tmp_path, spec):
+    import json
+
+    import lsjax
+    from lsjax.convert import convert_hf
+
+    floats, _ = lsjax.load(convert_hf(hf_folder, tmp_path / "f", progress=False))
+    out = convert_hf(hf_folder, tmp_path / "q", progress=False, quantize=spec)
+    model, _ = lsjax.load(out)
+    scheme, group = quant.parse_spec(spec)
+    want = quant.quantize_params(floats.params(), scheme, group)  # the same rounding, never stored
+    ids = jnp.array([[1, 5, 9, 3]])
+    np.testing.assert_allclose(np.asarray(forward(model.config, model.params(), ids)),
+                               np.asarray(forward(floats.config, want, ids)), atol=1e-6)
+    errors = json.loads((out / "lsjax_config.json").read_text())["source"]["quantization_error"]
+    head = set() if floats.config.tie_word_embeddings else {"lm_head"}
+    assert set(errors) == {"embed", *head, *(f"layers/{p}" for p in ("q", "k", "v", "o", "gate", "up", "down"))}
+    assert all(0 < e < (0.02 if scheme == "int8" else 0.2) for e in errors.values()), errors
+
+
+def test_bad_quantized_conversions_name_the_problem_and_write_nothing(hf_folder, tmp_path, capsys):
+    from lsjax.cli import main
+    from lsjax.convert import convert_hf
+    from lsjax.convert.export import export_hf
+
+    with pytest.raises(ConfigError, match=r"quantize='int3': 'int3' is not a quantization; expected int8 or int4"):
+        convert_hf(hf_folder, tmp_path / "a", progress=False, quantize="int3")
+    with pytest.raises(ConfigError, match=r"embed: group size 48 does not divide its 64 input values"):
+        convert_hf(hf_folder, tmp_path / "b", progress=False, quantize="int8:48")
+    assert main(["convert", "--hf", str(hf_folder), "--out", str(tmp_path / "c"), "--keep-quantized"]) != 0
+    assert "--keep-quantized keeps a GGUF file's blocks" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    import lsjax
+
+    model, _ = lsjax.load(convert_hf(hf_folder, tmp_path / "q", progress=False, quantize="int8"))
+    with pytest.raises(ConfigError, match=r"export writes float weights, and these weights are quantized \(int8:"):
+        export_hf(tmp_path / "export", model.config, model.params())
+    assert not (tmp_path / "export").exists()

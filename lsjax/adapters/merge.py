@@ -19,6 +19,7 @@ from lsjax.config import ModelConfig
 from lsjax.convert.export import export_hf
 from lsjax.layers import Layers
 from lsjax.model import Params, split_layers
+from lsjax.quant import refuse_quantized
 
 
 def merge_lora(model_config: ModelConfig, base_params: Params, adapter_config: AdapterConfig,
@@ -29,6 +30,7 @@ def merge_lora(model_config: ModelConfig, base_params: Params, adapter_config: A
         raise AdapterError(f"only method 'lora' merges into fixed weights; method={adapter_config.method!r} "
                            f"routes each token to its own experts")
     check_params(model_config, adapter_config, adapter_params)
+    refuse_quantized(base_params, "a merge writes the adapter into the weights")
     r, hi = adapter_config.rank, jax.lax.Precision.HIGHEST
     layers = [dict(layer) for layer in split_layers(base_params)["layers"].tree]
     for group in adapted_groups(adapter_config):

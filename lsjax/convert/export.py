@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 from lsjax.config import ModelConfig
 from lsjax.convert.assemble import GLOBAL_NAMES, LAYER_NAMES
 from lsjax.model import Params, to_projections
+from lsjax.quant import refuse_quantized
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
@@ -48,6 +49,7 @@ def export_hf(folder: str | Path, model_config: ModelConfig, params: Params, hf_
               tokenizer_files: dict[str, bytes | str] | None = None) -> Path:
     """Write `params` (`model.params()`'s layout) as an HF folder: config.json, model.safetensors (HF
     names, `[out, in]`), tokenizer."""
+    refuse_quantized(params, "export writes float weights")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params = to_projections(model_config, jax.tree.map(np.asarray, params))

@@ -197,22 +197,6 @@ class GGUFModel:
             offset = None if offset is None else _unpermute_rope_rows(offset, plan.rope_heads)
         return from_blocks(q, scale, offset, KEPT_TYPES[kind], block, axis=-1)
 
-
-def block_values(raw: np.ndarray, kind: Any,
-                 shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """`(q, scale, offset)` of a `[rows, cols]` tensor's Q8_0 / Q4_0 / Q4_1 blocks `raw` (bytes), with
-    w = scale * q + offset per block of 32 along a row (`lsjax.quant`'s form; offset None for Q8_0)."""
-    block, size = gguf.GGML_QUANT_SIZES[kind]
-    blocks = np.asarray(raw, np.uint8).reshape(shape[0], shape[1] // block, size)
-    scale = _halves(blocks[..., 0:2])
-    if kind == gguf.GGMLQuantizationType.Q8_0:
-        return blocks[..., 2:].copy().view(np.int8).reshape(shape), scale, None
-    # byte j of a 4-bit block holds element j (low nibble) and element j + 16 (high nibble)
-    packed = blocks[..., 4:] if kind == gguf.GGMLQuantizationType.Q4_1 else blocks[..., 2:]
-    q = np.concatenate([packed & 0xF, packed >> 4], axis=-1).reshape(shape)
-    offset = _halves(blocks[..., 2:4]) if kind == gguf.GGMLQuantizationType.Q4_1 else -8.0 * scale
-    return q, scale, offset
-
     def tokenizer_files(self) -> dict[str, str]:
         """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` as JSON text."""
         return _tokenizer_files(self.path, self._reader, self.metadata, self.config)
@@ -619,6 +603,22 @@ def _dequantize(tensor: Any) -> np.ndarray:
 def _halves(pairs: np.ndarray) -> np.ndarray:
     """float32 values of little-endian float16s stored as byte pairs `[..., 2]`."""
     return np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32)
+
+
+def block_values(raw: np.ndarray, kind: Any,
+                 shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`(q, scale, offset)` of a `[rows, cols]` tensor's Q8_0 / Q4_0 / Q4_1 blocks `raw` (bytes), with
+    w = scale * q + offset per block of 32 along a row (`lsjax.quant`'s form; offset None for Q8_0)."""
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    blocks = np.asarray(raw, np.uint8).reshape(shape[0], shape[1] // block, size)
+    scale = _halves(blocks[..., 0:2])
+    if kind == gguf.GGMLQuantizationType.Q8_0:
+        return blocks[..., 2:].copy().view(np.int8).reshape(shape), scale, None
+    # byte j of a 4-bit block holds element j (low nibble) and element j + 16 (high nibble)
+    packed = blocks[..., 4:] if kind == gguf.GGMLQuantizationType.Q4_1 else blocks[..., 2:]
+    q = np.concatenate([packed & 0xF, packed >> 4], axis=-1).reshape(shape)
+    offset = _halves(blocks[..., 2:4]) if kind == gguf.GGMLQuantizationType.Q4_1 else -8.0 * scale
+    return q, scale, offset
 
 
 def _unpermute_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
