@@ -66,6 +66,23 @@ def test_products_and_rows_equal_the_dequantized_weights():
                                       np.asarray(embed.dequantize())[np.asarray(ids)])
 
 
+@pytest.mark.skipif(not native.available(), reason="the native CPU library is not built")
+@pytest.mark.parametrize("scheme", list(quant.Scheme))
+@pytest.mark.parametrize("axis", [-2, -1])
+def test_native_quantized_products_equal_the_dequantized_weights(scheme, axis):
+    """The native matvec (integers dequantized in registers, a group scaled once), as a projection
+    (axis -2) and as a tied head (axis -1: x @ W.T); 17 rows is past its limit (XLA's form)."""
+    rng = np.random.default_rng(3)
+    shape = (96, 40) if axis == -2 else (40, 96)
+    w = quant.quantize(rng.standard_normal(shape), scheme, 32, axis=axis)
+    dense = np.asarray(w.dequantize())
+    for rows in (1, 5, 16, 17):
+        x = jnp.asarray(rng.standard_normal((rows, 96)), jnp.float32)
+        want = np.asarray(x) @ (dense if axis == -2 else dense.T)
+        got = np.asarray(jax.jit(native.quantized_matmul)(x, w))  # summed in another order: float rounding apart
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max() * np.sqrt(96))
+
+
 def test_bad_quantization_requests_name_the_problem():
     w = np.ones((48, 8), np.float32)
     with pytest.raises(ConfigError, match=r"quantization 'int3' is not supported; expected one of int8, int4"):

@@ -2,6 +2,7 @@
 
     matmul(x, w)        x [..., K] @ w [K, N]
     matmul_t(x, wt)     x [..., K] @ wt [N, K].T     (the tied vocabulary head)
+    quantized_matmul(x, w)  x @ w, or x @ w.T for a tied embedding, of a `lsjax.quant.QuantizedWeight`
     routed_group(x, w, a, b, ids, gates, *, layer, members, otherwise)
                         x [T, K] @ w [K, N] (a projection group's weights side by side: q|k|v,
                         gate|up, or one projection) plus each row's routed LoRA experts for every
@@ -34,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsjax.quant import QuantizedWeight, Scheme
+
 SOURCE = Path(__file__).with_name("matvec.cc")
 LIBRARY = Path(__file__).with_name("_matvec.so")
 MAX_ROWS = 16  # more rows than this (prefill) are matrix products: XLA's GEMM wins there
@@ -42,7 +45,7 @@ MAX_ROWS = 16  # more rows than this (prefill) are matrix products: XLA's GEMM w
 # over every expert (a 64-token switch prefill of SmolLM2: 138 vs 176 ms).
 MAX_ROUTED_ROWS = 64
 TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT", "lsjax_routed_group": "LsjaxRoutedGroup",
-           "lsjax_routed_add": "LsjaxRoutedAdd"}
+           "lsjax_routed_add": "LsjaxRoutedAdd", "lsjax_quantized_matmul": "LsjaxQuantizedMatmul"}
 THREADS_SYMBOL = "LsjaxNativeThreads"
 
 
@@ -112,6 +115,33 @@ def matmul_t(x: jax.Array, wt: jax.Array) -> jax.Array:
     if not _usable(rows.shape[0], MAX_ROWS, x, wt):
         return xla(rows, wt).reshape(*lead, wt.shape[0])
     return _call("lsjax_matmul_t", rows, wt.shape[0], wt, otherwise=xla).reshape(*lead, wt.shape[0])
+
+
+def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """`x @ W` for a quantized `W [K, N]` (grouped along K, axis -2), or `x @ W.T` for one `[N, K]`
+    grouped along K (axis -1: a tied embedding as the vocabulary head), dequantized in registers
+    (`lsjax.quant`'s `product` where the native call cannot run: more rows, not float32, stacked)."""
+    transposed = w.axis == -1
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    n = w.shape[0] if transposed else w.shape[1]
+    offset = () if w.offset is None else (w.offset,)
+
+    def xla(rows, q, scale, *offset):
+        dense = QuantizedWeight(q, scale, offset[0] if offset else None, w.scheme, w.group, w.axis).dequantize(
+            rows.dtype)
+        return jnp.matmul(rows, dense.T if transposed else dense, preferred_element_type=jnp.float32)
+
+    if w.ndim != 2 or not _usable(rows.shape[0], MAX_ROWS, x, w.scale, *offset):
+        return xla(rows, w.q, w.scale, *offset).reshape(*lead, n)
+    native = jax.ffi.ffi_call("lsjax_quantized_matmul", jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))
+
+    def cpu(rows, q, scale, *offset):
+        none = jnp.zeros((0,), jnp.float32)
+        return native(rows, q, scale, offset[0] if offset else none, group=np.int64(w.group),
+                      bits=np.int64(8 if w.scheme == Scheme.INT8 else 4), transposed=bool(transposed))
+
+    return jax.lax.platform_dependent(rows, w.q, w.scale, *offset, cpu=cpu, default=xla).reshape(*lead, n)
 
 
 def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, gates: jax.Array, *,

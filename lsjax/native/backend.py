@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from lsjax import native
 from lsjax.backend_interface import Traits, float_weight, xla_logits
-from lsjax.quant import is_quantized, product
+from lsjax.quant import is_quantized
 from lsjax.native import hugepages
 from pallas_kernels import routed_group_matmul, sgmm_merge
 
@@ -38,8 +38,8 @@ class NativeBackend:
 
     def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
         del group
-        if is_quantized(w):  # no native quantized matvec yet: XLA's dequantized product
-            return product(x, w)
+        if is_quantized(w):
+            return native.quantized_matmul(x, w)
         return native.matmul(x, w)
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
@@ -50,7 +50,9 @@ class NativeBackend:
         return sgmm_merge(w, a, b, ids, gates, members=members, implementation="xla")
 
     def logits(self, h: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
-        if h.reshape(-1, h.shape[-1]).shape[0] > native.MAX_ROWS or h.dtype != jnp.float32 or is_quantized(weight):
+        if is_quantized(weight):
+            return native.quantized_matmul(h, weight).astype(jnp.float32)
+        if h.reshape(-1, h.shape[-1]).shape[0] > native.MAX_ROWS or h.dtype != jnp.float32:
             return xla_logits(h, weight, transposed)
         product = native.matmul_t if transposed else native.matmul
         return product(h, weight).astype(jnp.float32)

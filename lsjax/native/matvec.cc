@@ -14,6 +14,8 @@
 //       with e = ids[t, r, j], r = s (a route per member) or 0 (one route for every member), l = `layer`,
 //       (w_s, b_s, n_s) = member s of the `members` attribute.
 //   lsjax_routed_add:    the same with y0 = x @ W given (computed elsewhere: XLA's GEMM, for many rows)
+//   lsjax_quantized_matmul: y = x @ W (or x @ Wt^T) for a quantized W (lsjax.quant), dequantized in
+//                        registers: a group's integers summed against x, then scaled once
 //
 // Work is split in two phases over a small pool of spinning threads: rows of W (K) split across
 // threads into partial sums, then columns (N) split to reduce the partials and add the B term. An
@@ -357,6 +359,133 @@ LSJAX_HOT void TransposedPhase(void* ctx, int part) {  // each piece: its rows o
   for (; t < p.T; ++t) RowsDot<1>(p.x + t * K, K, p.wt, K, n0, n1, p.y + t * N, N);
 }
 
+// A quantized weight (lsjax.quant), dequantized in registers: W[k, n] = scale[k / g, n] * q[k, n] +
+// offset[k / g, n], q int8 [K, N] or two 4-bit values per byte (row 2i low nibble, 2i + 1 high) of
+// packed [K/2, N]; `transposed`: the weight is Wt [N, K] grouped along K (a tied embedding) and y = x @ Wt^T.
+struct Quantized {
+  const float* x;        // [T, K]
+  const uint8_t* q;      // int8 [K, N] / packed [K/2, N]; transposed: [N, K] / [N, K/2]
+  const float* scale;    // [K/g, N]; transposed: [N, K/g]
+  const float* offset;   // like scale, or null
+  float* y;              // [T, N]
+  int64_t T, K, N, group;
+  int bits, parts;
+  std::vector<float> x_sums;  // [T, K/g]: each group's sum of x (the offset's coefficient)
+};
+
+// Each piece: its columns of W for every row. Within a group the integers are summed against x in
+// floats, then scaled once: one multiply per group and column instead of one per weight.
+LSJAX_HOT void QuantizedPhase(void* ctx, int part) {
+  auto& p = *static_cast<Quantized*>(ctx);
+  int64_t n0, n1;
+  Piece(p.N, part, p.parts, 16, &n0, &n1);
+  const int64_t width = n1 - n0, T = p.T, K = p.K, N = p.N, G = p.K / p.group;
+  if (width <= 0) return;
+  thread_local std::vector<float> sums;
+  sums.resize(size_t(T * width));
+  for (int64_t t = 0; t < T; ++t) std::fill(p.y + t * N + n0, p.y + t * N + n1, 0.f);
+  for (int64_t g = 0; g < G; ++g) {
+    std::fill(sums.begin(), sums.end(), 0.f);
+    // four rows of W per pass over the sums (8-bit: four rows; 4-bit: two bytes, four values), so the
+    // sums are loaded and stored once per four products
+    const int64_t step = 4, k_end = (g + 1) * p.group;
+    int64_t k = g * p.group;
+    for (; k + step <= k_end; k += step) {
+      for (int64_t t = 0; t < T; ++t) {
+        float* __restrict acc = sums.data() + t * width;
+        const float* xs = p.x + t * K + k;
+        const float x0 = xs[0], x1 = xs[1], x2 = xs[2], x3 = xs[3];
+        if (p.bits == 8) {
+          const int8_t* __restrict r0 = reinterpret_cast<const int8_t*>(p.q) + k * N + n0;
+          const int8_t* __restrict r1 = r0 + N;
+          const int8_t* __restrict r2 = r1 + N;
+          const int8_t* __restrict r3 = r2 + N;
+          for (int64_t n = 0; n < width; ++n)
+            acc[n] += (x0 * float(r0[n]) + x1 * float(r1[n])) + (x2 * float(r2[n]) + x3 * float(r3[n]));
+        } else {
+          const uint8_t* __restrict r0 = p.q + (k / 2) * N + n0;
+          const uint8_t* __restrict r1 = r0 + N;
+          for (int64_t n = 0; n < width; ++n)
+            acc[n] += (x0 * float(r0[n] & 15) + x1 * float(r0[n] >> 4)) +
+                      (x2 * float(r1[n] & 15) + x3 * float(r1[n] >> 4));
+        }
+      }
+    }
+    for (; k < k_end; k += p.bits == 4 ? 2 : 1) {  // a group size not a multiple of four
+      for (int64_t t = 0; t < T; ++t) {
+        float* __restrict acc = sums.data() + t * width;
+        if (p.bits == 8) {
+          const int8_t* __restrict row = reinterpret_cast<const int8_t*>(p.q) + k * N + n0;
+          const float xv = p.x[t * K + k];
+          for (int64_t n = 0; n < width; ++n) acc[n] += xv * float(row[n]);
+        } else {
+          const uint8_t* __restrict row = p.q + (k / 2) * N + n0;
+          const float even = p.x[t * K + k], odd = p.x[t * K + k + 1];
+          for (int64_t n = 0; n < width; ++n) acc[n] += even * float(row[n] & 15) + odd * float(row[n] >> 4);
+        }
+      }
+    }
+    const float* __restrict scale = p.scale + g * N + n0;
+    const float* offset = p.offset == nullptr ? nullptr : p.offset + g * N + n0;
+    for (int64_t t = 0; t < T; ++t) {
+      float* __restrict y = p.y + t * N + n0;
+      const float* __restrict acc = sums.data() + t * width;
+      if (offset == nullptr) {
+        for (int64_t n = 0; n < width; ++n) y[n] += scale[n] * acc[n];
+      } else {
+        const float xs = p.x_sums[t * G + g];
+        for (int64_t n = 0; n < width; ++n) y[n] += scale[n] * acc[n] + offset[n] * xs;
+      }
+    }
+  }
+}
+
+constexpr int kLanes = 16;
+
+// Each piece: its rows of Wt (outputs), every row of x: a dot product per group, scaled once.
+LSJAX_HOT void QuantizedTransposedPhase(void* ctx, int part) {
+  auto& p = *static_cast<Quantized*>(ctx);
+  int64_t n0, n1;
+  Piece(p.N, part, p.parts, 1, &n0, &n1);
+  const int64_t T = p.T, K = p.K, N = p.N, G = p.K / p.group, bytes = p.bits == 4 ? K / 2 : K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.q + n * bytes;
+    const float* scale = p.scale + n * G;
+    const float* offset = p.offset == nullptr ? nullptr : p.offset + n * G;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* __restrict x = p.x + t * K;
+      float total = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        // a group's dot product in kLanes independent partial sums (a vector), added up once
+        float lanes[kLanes] = {};
+        const int64_t k0 = g * p.group;
+        if (p.bits == 8) {
+          const int8_t* __restrict w = reinterpret_cast<const int8_t*>(row) + k0;
+          int64_t k = 0;
+          for (; k + kLanes <= p.group; k += kLanes)
+            for (int l = 0; l < kLanes; ++l) lanes[l] += x[k0 + k + l] * float(w[k + l]);
+          for (; k < p.group; ++k) lanes[0] += x[k0 + k] * float(w[k]);
+        } else {
+          const uint8_t* __restrict w = row + k0 / 2;
+          const int64_t bytes_in_group = p.group / 2;
+          int64_t j = 0;
+          for (; j + kLanes / 2 <= bytes_in_group; j += kLanes / 2)
+            for (int l = 0; l < kLanes / 2; ++l) {
+              lanes[2 * l] += x[k0 + 2 * (j + l)] * float(w[j + l] & 15);
+              lanes[2 * l + 1] += x[k0 + 2 * (j + l) + 1] * float(w[j + l] >> 4);
+            }
+          for (; j < bytes_in_group; ++j)
+            lanes[0] += x[k0 + 2 * j] * float(w[j] & 15) + x[k0 + 2 * j + 1] * float(w[j] >> 4);
+        }
+        float dot = 0.f;
+        for (int l = 0; l < kLanes; ++l) dot += lanes[l];
+        total += scale[g] * dot + (offset == nullptr ? 0.f : offset[g] * p.x_sums[t * G + g]);
+      }
+      p.y[t * N + n] = total;
+    }
+  }
+}
+
 // Below this many bytes read a product runs on the calling thread: waking another costs more.
 constexpr int64_t kParallelBytes = 256 << 10;
 
@@ -555,6 +684,47 @@ ffi::Error RoutedAddImpl(ffi::AnyBuffer x, ffi::AnyBuffer y0, ffi::AnyBuffer a, 
   return Routed(p, a, b, ids, gates, layer, members, name);
 }
 
+// x [T, K] f32; q int8 [K, N] or uint8 [K/2, N] (transposed: [N, K] / [N, K/2]); scale [K/g, N]
+// (transposed [N, K/g]) f32; offset like scale, or [0] for none; attributes group, bits, transposed.
+ffi::Error QuantizedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale, ffi::AnyBuffer offset,
+                               ffi::Result<ffi::AnyBuffer> y, int64_t group, int64_t bits, bool transposed) {
+  const std::string name = "lsjax_quantized_matmul";
+  if (!IsF32(x, 2)) return Invalid(name + ": expected float32 x [T, K]");
+  const int64_t T = x.dimensions()[0], K = x.dimensions()[1];
+  if (bits != 8 && bits != 4) return Invalid(name + ": bits must be 8 or 4");
+  if (group < 1 || K % group != 0 || (bits == 4 && group % 2 != 0))
+    return Invalid(name + ": group " + std::to_string(group) + " must divide K = " + std::to_string(K) +
+                   " (and be even for 4 bits)");
+  const auto want = bits == 8 ? ffi::DataType::S8 : ffi::DataType::U8;
+  const auto qd = q.dimensions();
+  const int64_t packed_k = bits == 4 ? K / 2 : K, G = K / group;
+  if (q.element_type() != want || qd.size() != 2 || qd[transposed ? 1 : 0] != packed_k)
+    return Invalid(name + ": q does not match x's K = " + std::to_string(K) + " at " + std::to_string(bits) + " bits");
+  const int64_t N = qd[transposed ? 0 : 1];
+  const auto sd = scale.dimensions();
+  if (!IsF32(scale, 2) || sd[0] != (transposed ? N : G) || sd[1] != (transposed ? G : N))
+    return Invalid(name + ": scale is not float32 with one value per group and column");
+  const bool has_offset = offset.element_count() != 0;
+  if (has_offset && (!IsF32(offset, 2) || offset.dimensions()[0] != sd[0] || offset.dimensions()[1] != sd[1]))
+    return Invalid(name + ": offset is not float32 of scale's shape");
+  if (!IsF32(*y, 2) || y->dimensions()[0] != T || y->dimensions()[1] != N)
+    return Invalid(name + ": result is not float32 [T, N]");
+  thread_local Quantized p;
+  p.x = static_cast<const float*>(x.untyped_data());
+  p.q = static_cast<const uint8_t*>(q.untyped_data());
+  p.scale = static_cast<const float*>(scale.untyped_data());
+  p.offset = has_offset ? static_cast<const float*>(offset.untyped_data()) : nullptr;
+  p.y = static_cast<float*>(y->untyped_data());
+  p.T = T, p.K = K, p.N = N, p.group = group, p.bits = int(bits);
+  p.x_sums.assign(size_t(T * G), 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) p.x_sums[t * G + k / group] += p.x[t * K + k];
+  const int64_t read = packed_k * N + (has_offset ? 2 : 1) * G * N * int64_t(sizeof(float));
+  p.parts = Parts(read);
+  SharedPool().Run(transposed ? QuantizedTransposedPhase : QuantizedPhase, &p, p.parts);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The pool's thread count (lsjax.native.threads()).
@@ -565,6 +735,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmul, MatmulImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmulT, MatmulTImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxQuantizedMatmul, QuantizedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("bits")
+                                  .Attr<bool>("transposed"));
 
 // Both routed targets take the same arguments; lsjax_routed_add's second is y0 = x @ W [T, N].
 static auto RoutedBinding() {
