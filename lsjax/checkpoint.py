@@ -36,7 +36,7 @@ from lsjax.config import PROJECTION_GROUPS, ModelConfig
 from lsjax.errors import CheckpointError, ConfigError
 from lsjax.layers import Layers
 from lsjax.model import LAYER_NORMS, Llama, model_from_params, param_shapes
-from lsjax.quant import QuantizedWeight, is_quantized, join
+from lsjax.quant import QuantizedWeight, is_quantized, join, path_name
 from lsjax.sharding import param_shardings
 from lsjax.tokenizer import load_tokenizer
 
@@ -94,7 +94,7 @@ def _stored_parts(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
     def plain(path, leaf):
         if is_quantized(leaf):
-            layouts["/".join(str(p.key) for p in path)] = leaf.layout()
+            layouts[path_name(path)] = leaf.layout()
             return leaf.parts()
         return leaf
 
@@ -149,7 +149,7 @@ def load_params(ckpt: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | N
         whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # quantized parts: replicated
 
     def abstract_of(path, shape, sharding):
-        name = "/".join(str(p.key) for p in path)
+        name = path_name(path)
         if name not in layouts:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
         parts = _at(stored, name)  # integers as stored, scales and offsets in the float type asked for

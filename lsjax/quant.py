@@ -12,9 +12,9 @@ vocabulary head multiplies, groups along D (`axis=-1`). Within a group of `group
 - `Scheme.INT4`: q in [0, 15], two per byte along the group axis (even index in the low nibble),
   with an offset: GGUF's Q4_1 (offset = its min) and Q4_0 (offset = -8 * scale) hold exactly.
 
-Decoding reads weight bytes every token; these read a quarter (int8) or an eighth (4-bit) of fp32's.
-`dequantize` is the reference every product is checked against; `product` is XLA's form (the
-dequantization is elementwise on the operand, which XLA fuses into the product's input on a GPU).
+Decoding reads weight bytes every token; the integers are a quarter (int8) or an eighth (4-bit) of
+fp32's, plus a scale (and offset) per group. `dequantize` is the reference every product is checked
+against; `product` is XLA's form (the dequantization is elementwise on the product's operand).
 """
 
 from __future__ import annotations
@@ -259,13 +259,21 @@ def quantize_params(params: Any, scheme: Scheme | str, group: int | None = None)
     whole rows). The norms stay float."""
 
     def one(path, leaf):
-        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
-        if names[-1] in NORMS or isinstance(leaf, QuantizedWeight):
+        last = _key(path[-1])
+        if last in NORMS or isinstance(leaf, QuantizedWeight):
             return leaf
-        name = "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
-        return quantize(leaf, scheme, group, axis=-1 if names[-1] == "embed" else -2, name=name)
+        return quantize(leaf, scheme, group, axis=-1 if last == "embed" else -2, name=path_name(path))
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
+
+
+def _key(entry: Any) -> str:
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+    """A tree path as the name a checkpoint's config and error messages use (`embed`, `layers/q`)."""
+    return "/".join(_key(entry) for entry in path)
 
 
 def refuse_quantized(params: Any, why: str) -> None:

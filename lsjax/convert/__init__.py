@@ -13,7 +13,7 @@ from lsjax.checkpoint import as_dtype, save_model
 from lsjax.config import ModelConfig
 from lsjax.convert import hf
 from lsjax.convert.assemble import LazyTensor, assemble, hf_names, source_dtype
-from lsjax.quant import NORMS, is_quantized, join, parse_spec, quantize_params
+from lsjax.quant import NORMS, is_quantized, join, parse_spec, path_name, quantize_params
 from lsjax.convert.export import export_hf, hf_config_dict
 from lsjax.errors import CheckpointError
 
@@ -49,7 +49,7 @@ def _quantized(params: dict[str, Any], scheme: str, group: int | None) -> tuple[
             w = np.asarray(w, np.float32)
             diff = np.asarray(q.dequantize(), np.float32) - w
             relative = np.mean(diff ** 2) / max(float(np.mean(w ** 2)), 1e-30)
-            errors["/".join(str(p.key) for p in path)] = float(np.sqrt(relative))
+            errors[path_name(path)] = float(np.sqrt(relative))
 
     jax.tree_util.tree_map_with_path(error, params, quantized, is_leaf=is_quantized)
     return quantized, errors

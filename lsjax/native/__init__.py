@@ -26,6 +26,7 @@ or `LSJAX_NATIVE_THREADS` threads; `threads()` says how many.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import operator
 from pathlib import Path
@@ -128,8 +129,7 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     offset = () if w.offset is None else (w.offset,)
 
     def xla(rows, q, scale, *offset):
-        dense = QuantizedWeight(q, scale, offset[0] if offset else None, w.scheme, w.group, w.axis).dequantize(
-            rows.dtype)
+        dense = dataclasses.replace(w, q=q, scale=scale, offset=offset[0] if offset else None).dequantize(rows.dtype)
         return jnp.matmul(rows, dense.T if transposed else dense, preferred_element_type=jnp.float32)
 
     if w.ndim != 2 or not _usable(rows.shape[0], MAX_ROWS, x, w.scale, *offset):
