@@ -100,6 +100,7 @@ class Plan:
     lr: float = 3e-4
     seeds: tuple[int, ...] = (0, 1)               # training seeds, each method trained once per seed
     eval_limit: int | None = None                 # first N held-out documents per task (None: all)
+    loss_docs: int = 32                           # held-out loss before and after training: first N per task
     latency_methods: tuple[str, ...] = ("base", *METHODS)   # "method" (all its strategies) or "method/strategy";
                                                             # methods not trained get random adapters
     latency_batches: tuple[int, ...] = (1,)
@@ -119,7 +120,7 @@ class Plan:
         if not self.tasks or unknown:
             raise ConfigError(f"tasks: {unknown[0] if unknown else 'none'!r} is not a known task; expected some of "
                               f"{sorted(KNOWN_TASKS)}")
-        for field in ("steps", "batch_size", "max_length", "latency_rounds", "new_tokens"):
+        for field in ("steps", "batch_size", "max_length", "loss_docs", "latency_rounds", "new_tokens"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field}={value!r} is invalid; expected a positive integer")
@@ -141,7 +142,8 @@ PRESETS = {
     "reproduce": dict(run_dir="runs/reproduce", results_md="docs/results.md"),
     # a few minutes: one short switch run on the three shortest tasks, switch against the base
     "demo": dict(run_dir="runs/demo", methods=("switch",), tasks=("arc_easy", "openbookqa", "commonsense_qa"),
-                 seeds=(0,), steps=16, lr=1e-3, eval_limit=32, latency_methods=("base", "switch/fused"),
+                 seeds=(0,), steps=16, lr=1e-3, eval_limit=32, loss_docs=8,
+                 latency_methods=("base", "switch/fused"),
                  latency_reference=False, latency_rounds=3, new_tokens=16, memory=False, sample_prompt=SAMPLE_PROMPT),
 }
 
@@ -176,7 +178,7 @@ def train_config(plan: Plan, method: str, seed: int, ckpt: Path, run_dir: Path):
     return load_config(configs / f"smollm2_{method}.yaml", [
         f"model={ckpt}", f"run_dir={run_dir / 'train' / method / f'seed{seed}'}", f"seed={seed}", f"steps={plan.steps}",
         f"batch_size={plan.batch_size}", f"data.max_length={plan.max_length}", f"optim.lr={plan.lr}",
-        f"optim.warmup_steps={warmup}", f"data.tasks=[{','.join(plan.tasks)}]", "data.eval_docs=32",
+        f"optim.warmup_steps={warmup}", f"data.tasks=[{','.join(plan.tasks)}]", f"data.eval_docs={plan.loss_docs}",
         "data.packing=false",  # the budget counts examples: one per row
         f"eval_every={plan.steps}", f"checkpoint_every={max(1, plan.steps // 4)}", "log_every=10"])
 
@@ -549,7 +551,8 @@ def report_markdown(results: dict[str, Any], command: str, figures: dict[str, st
            f"{plan['batch_size']} x {plan['max_length']} tokens (longer prompts lose their start), AdamW lr "
            f"{plan['lr']}, warmup then cosine, adapters on all seven projections (rank 16, alpha 32; routed: 8 "
            f"experts, top-2), trained on the train split of {', '.join(tasks)} (mixed, shuffled). The seed draws "
-           "the adapter's initial weights and the order of the examples.", "",
+           "the adapter's initial weights and the order of the examples. Held-out loss: over the first "
+           f"{plan['loss_docs']} held-out documents of each task.", "",
            "| method | seed | steps x batch | seconds | tokens/s | held-out loss (start -> end) |",
            "|---|---:|---:|---:|---:|---|", *trains, "", f"Splits: {SPLIT_NOTE}.", "", *split_rows, ""]
     if results.get("latency"):

@@ -38,22 +38,35 @@ def queued_seconds(fn: Callable, args: tuple, repeats: int = 1, samples: int = 5
     return statistics.median(times)
 
 
-def bandwidth(nbytes: int | None = None, repeats: int = 10, samples: int = 5) -> dict[str, Any]:
-    """Device memory bandwidth in GB/s, over a buffer far larger than the caches (1 GiB on a GPU,
-    256 MiB elsewhere):
+BANDWIDTHS = ("copy", "fresh", "read")
+
+
+def bandwidth(nbytes: int | None = None, repeats: int = 10, samples: int = 5,
+              kinds: tuple[str, ...] = BANDWIDTHS) -> dict[str, Any]:
+    """Device memory bandwidth in GB/s (`<kind>_gb_s` for each of `kinds`), over a buffer far larger
+    than the caches (1 GiB on a GPU, 256 MiB elsewhere):
         copy:  a jitted in-place `x + 1` with x donated, counting bytes read + written: the floor a
                kernel that reads and writes its data is held to;
         fresh: a jitted `x.copy()` into a new buffer (what a non-donated op pays for allocation);
         read:  a jitted sum (bytes read): the floor of a decode step, which only reads its weights.
     """
+    unknown = [k for k in kinds if k not in BANDWIDTHS]
+    if unknown:
+        raise ValueError(f"bandwidth kind {unknown[0]!r} is unknown; expected some of {list(BANDWIDTHS)}")
     if nbytes is None:
         nbytes = (1 << 30) if jax.default_backend() == "gpu" else 256 << 20
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = 2 * nbytes / queued_seconds(jax.jit(lambda x: x + 1, donate_argnums=0), (x + 0,), repeats, samples,
-                                       feed_back=True) / 1e9
-    fresh = 2 * nbytes / queued_seconds(jax.jit(lambda x: x.copy()), (x,), repeats, samples) / 1e9
-    read = nbytes / queued_seconds(jax.jit(jnp.sum), (x,), repeats, samples) / 1e9
-    return {"copy_gb_s": copy, "fresh_gb_s": fresh, "read_gb_s": read, "bytes": nbytes}
+    probes = {  # (jitted function, bytes moved per call, whether its output is fed back as its input)
+        "copy": (jax.jit(lambda x: x + 1, donate_argnums=0), 2 * nbytes, True),
+        "fresh": (jax.jit(lambda x: x.copy()), 2 * nbytes, False),
+        "read": (jax.jit(jnp.sum), nbytes, False),
+    }
+    out: dict[str, Any] = {"bytes": nbytes}
+    for kind in kinds:
+        fn, moved, feed_back = probes[kind]
+        args = (x + 0,) if feed_back else (x,)  # a donated buffer of its own
+        out[f"{kind}_gb_s"] = moved / queued_seconds(fn, args, repeats, samples, feed_back=feed_back) / 1e9
+    return out
 
 
 def save_rows(path: str, data: dict[str, Any]) -> None:

@@ -41,3 +41,13 @@ def test_quick_bench_rows_are_consistent(tmp_path, monkeypatch):
     assert routed8["bytes"] == (K * N + 8 * (K + N) + 8 * experts) * 4  # min(T*k, E) = 8 experts
     merge = next(r for r in rows if r["kernel"] == "sgmm_merge")
     assert merge["M"] == 2 and merge["bytes"] == (2 * 2 * K * N + 2 * 2 * experts) * 4
+
+
+def test_the_bandwidth_probe_measures_the_kinds_asked_for():
+    from pallas_kernels.timing import bandwidth
+
+    probe = bandwidth(nbytes=8 << 20, repeats=2, samples=2, kinds=("copy", "read"))
+    assert set(probe) == {"bytes", "copy_gb_s", "read_gb_s"} and probe["bytes"] == 8 << 20
+    assert probe["copy_gb_s"] > 0 and probe["read_gb_s"] > 0
+    with pytest.raises(ValueError, match="kind 'write' is unknown"):
+        bandwidth(nbytes=1 << 20, kinds=("write",))

@@ -17,7 +17,7 @@ from lsjax.eval.latency import Record, latency_table, random_adapter, time_decod
 
 def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     # the probe's figures fixed, so the floors have values known here: weight bytes / bandwidth
-    monkeypatch.setattr(latency, "bandwidth", lambda: {"copy_gb_s": 10.0, "fresh_gb_s": 8.0, "read_gb_s": 5.0})
+    monkeypatch.setattr(latency, "bandwidth", lambda **kw: {"copy_gb_s": 10.0, "fresh_gb_s": 8.0, "read_gb_s": 5.0})
     hf = make_hf_model(tmp_path / "hf")
     convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"

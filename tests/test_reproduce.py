@@ -36,7 +36,7 @@ def _plan(run_dir: Path, **changes):
     from lsjax.reproduce import Plan
 
     fields = dict(run_dir=str(run_dir), methods=("lora", "switch"), tasks=TASKS, steps=2, batch_size=2, max_length=32,
-                  eval_limit=3, seeds=(0, 1), latency_methods=("base", "lora/merged", "switch/unmerged"),
+                  eval_limit=3, loss_docs=4, seeds=(0, 1), latency_methods=("base", "lora/merged", "switch/unmerged"),
                   latency_rounds=1, new_tokens=2, memory=True, sample_prompt="Hi",
                   results_md=str(run_dir.parent / "docs" / "results.md"))
     fields.update(changes)
@@ -105,6 +105,10 @@ def test_pipeline_numbers_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     assert {r["backend"] for r in records if r["method"] == "base"} == {c.backend for c in candidates(None, 1)}
     assert m["switch"]["decode_ratio_to_base"] == pytest.approx(sw["ms_per_token"] / base)
     assert set(m["switch"]["train"]) == {"0", "1"}
+    import yaml
+
+    trained = yaml.safe_load((run_dir / "train" / "switch" / "seed1" / "config.yaml").read_text())
+    assert trained["data"]["eval_docs"] == 4  # the plan's held-out loss documents per task
     assert m["switch"]["train"]["1"]["steps"] == 2 and m["switch"]["train"]["1"]["examples"] == 4
     assert m["switch"]["adapter_params"] > 8 * m["lora"]["adapter_params"] * 0.99  # 8 experts + a router
     assert results["targets"][0].startswith(("- met", "- MISSED"))
@@ -154,7 +158,8 @@ def test_plan_is_validated_eagerly(tmp_path):
                              ({"latency_methods": ("base", "lora/fused")},
                               "latency_methods entry 'lora/fused' is unknown"),
                              ({"tasks": ("arc_easy", "mmlu_pro")}, "'mmlu_pro' is not a known task"),
-                             ({"steps": 0}, "steps=0 is invalid"), ({"eval_limit": -1}, "eval_limit=-1"),
+                             ({"steps": 0}, "steps=0 is invalid"), ({"loss_docs": 0}, "loss_docs=0 is invalid"),
+                             ({"eval_limit": -1}, "eval_limit=-1"),
                              ({"lr": 0.0}, "lr=0.0 is invalid"), ({"seeds": ()}, r"seeds=\(\) is invalid"),
                              ({"seeds": (0, 0)}, "distinct"), ({"seeds": (-1,)}, "non-negative")]:
         with pytest.raises(ConfigError, match=message):

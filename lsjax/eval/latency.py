@@ -254,8 +254,8 @@ def time_decode(model, tokenizer, entries: list[tuple[str, str, Any, Any]], batc
             print(f"compiled {method}/{strategy} ({name}) batch {batch}: {compile_s[key]:.1f} s "
                   "(compile and one generation)", flush=True)
             publish()
-        if "copy_gb_s" not in info:  # the device's bandwidth, once, before the first timing
-            probe = bandwidth()
+        if "copy_gb_s" not in info:  # the device's bandwidth, once, before the first timing: a floor
+            probe = bandwidth(repeats=3, samples=3, kinds=("copy", "read"))  # for reference, not a race
             info.update(copy_gb_s=probe["copy_gb_s"], read_gb_s=probe["read_gb_s"], weight_bytes=weight_bytes,
                         floor_ms=weight_bytes / (probe["copy_gb_s"] * 1e9) * 1e3,
                         read_floor_ms=weight_bytes / (probe["read_gb_s"] * 1e9) * 1e3)
