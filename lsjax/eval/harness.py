@@ -1,4 +1,4 @@
-"""Multiple-choice accuracy and text perplexity for any `logits_fn(input_ids, attention_mask) -> logits`.
+"""Multiple-choice accuracy and text perplexity for any `logits_fn(input_ids, positions, visibility, last) -> logits`.
 
 Scoring follows lm-evaluation-harness (`loglikelihood` requests of its HF backend):
 
