@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any
 
 import jax
@@ -118,10 +119,10 @@ def _unpack(packed: jax.Array, axis: int) -> jax.Array:
     return both.reshape(shape)
 
 
-def _pack(q: np.ndarray, axis: int) -> np.ndarray:
-    q = np.moveaxis(q.astype(np.uint8), axis, -1)
+def _pack(q: jax.Array, axis: int) -> jax.Array:
+    q = jnp.moveaxis(q.astype(jnp.uint8), axis, -1)
     packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    return np.moveaxis(packed, -1, axis)
+    return jnp.moveaxis(packed, -1, axis)
 
 
 def _grouped(q: jax.Array, axis: int, group: int) -> jax.Array:
@@ -159,24 +160,33 @@ def check_quantizable(name: str, shape: tuple[int, ...], scheme: Scheme | str, g
 def quantize(w: Any, scheme: Scheme | str, group: int | None = None, *, axis: int = -2,
              name: str = "weight") -> QuantizedWeight:
     """`w` rounded to nearest in groups of `group` along `axis` (default: the whole axis, per
-    channel). int8: scale = max |w| / 127; 4-bit: scale = (max - min) / 15, offset = min."""
-    w = np.asarray(w, np.float32)
+    channel). int8: scale = max |w| / 127; 4-bit: scale = (max - min) / 15, offset = min. Computed
+    in fp32 where `w` lives (on a GPU, a 7B model's weights never leave it); the scales and offsets
+    keep `w`'s float type (fp32 for others), so a bf16 model still computes in bf16."""
+    w = jnp.asarray(w)
     group = w.shape[axis] if group is None else group
     scheme = check_quantizable(name, w.shape, scheme, group, axis)
-    grouped = np.asarray(_grouped(w, axis, group))
+    dtype = w.dtype if jnp.issubdtype(w.dtype, jnp.floating) and w.dtype.itemsize <= 4 else jnp.float32
+    q, scale, offset = _rounded(w, scheme, group, axis)
+    return QuantizedWeight(q, scale.astype(dtype), None if offset is None else offset.astype(dtype), scheme, group,
+                           axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _rounded(w: jax.Array, scheme: Scheme, group: int, axis: int):
+    """(integers, scale, offset or None) of `w` in groups of `group` along `axis`, in fp32."""
+    grouped = _grouped(w.astype(jnp.float32), axis, group)
     reduce = grouped.ndim + axis  # the within-group axis of grouped
     if scheme == Scheme.INT8:
-        scale = np.max(np.abs(grouped), axis=reduce) / 127.0
-        safe = np.where(scale == 0, 1.0, scale)
-        q = np.clip(np.rint(grouped / np.expand_dims(safe, reduce)), -127, 127).astype(np.int8).reshape(w.shape)
-        return QuantizedWeight(jnp.asarray(q), jnp.asarray(scale, jnp.float32), None, scheme, group, axis)
-    low, high = np.min(grouped, axis=reduce), np.max(grouped, axis=reduce)
+        scale = jnp.max(jnp.abs(grouped), axis=reduce) / 127.0
+        safe = jnp.where(scale == 0, 1.0, scale)
+        q = jnp.clip(jnp.rint(grouped / jnp.expand_dims(safe, reduce)), -127, 127).astype(jnp.int8)
+        return q.reshape(w.shape), scale, None
+    low, high = jnp.min(grouped, axis=reduce), jnp.max(grouped, axis=reduce)
     scale = (high - low) / 15.0
-    safe = np.where(scale == 0, 1.0, scale)
-    q = np.clip(np.rint((grouped - np.expand_dims(low, reduce)) / np.expand_dims(safe, reduce)), 0, 15)
-    packed = _pack(q.reshape(w.shape), axis)
-    return QuantizedWeight(jnp.asarray(packed), jnp.asarray(scale, jnp.float32), jnp.asarray(low, jnp.float32),
-                           scheme, group, axis)
+    safe = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(jnp.rint((grouped - jnp.expand_dims(low, reduce)) / jnp.expand_dims(safe, reduce)), 0, 15)
+    return _pack(q.reshape(w.shape), axis), scale, low
 
 
 def from_blocks(q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, scheme: Scheme | str,

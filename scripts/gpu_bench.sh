@@ -4,11 +4,13 @@
 #   env        (20 s)  the device, versions, and that lsjax imports with the image's packages alone
 #   core      (150 s)  `lsjax bench decode` at llama2-7b shape, bf16, batch 1 and 8: the base, switch
 #                      unmerged and fused on XLA: the headline ratio
-#   pallas    (120 s)  the same on the Pallas backend: switch fused (the routed group kernel) and
+#   pallas    (110 s)  the same on the Pallas backend: switch fused (the routed group kernel) and
 #                      merged (the SGMM all-layer merge, batch 1), against the base of the same run
-#   tests      (70 s)  the Pallas kernels natively (the bodies that run interpreted on a CPU) and every
+#   tests      (60 s)  the Pallas kernels natively (the bodies that run interpreted on a CPU) and every
 #                      backend's products and strategies end to end on the GPU
-#   baselines (120 s)  blockwise, layerwise and lora (merged) against the base, batch 1 and 8
+#   quantized  (80 s)  eval/quantized_latency.py at the same shape: bf16, int8 and 4-bit bases, switch
+#                      fused over each, batch 1 and 8, on XLA (the dequantize fused into each product)
+#   baselines  (60 s)  blockwise, layerwise and lora (merged) against the base, batch 1 and 8
 # Optional (name them in STEPS):
 #   serve     (150 s)  `lsjax bench serve` (engine against static batches, switch against base), then
 #                      the HTTP server's tests with the `serve` wheels (scripts/gpu_wheels.sh)
@@ -26,7 +28,7 @@
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS:-"env core pallas tests baselines"}
+STEPS=${STEPS:-"env core pallas tests quantized baselines"}
 PY=${PY:-python3}
 SHAPE=${SHAPE:-llama2-7b}
 BATCHES=${BATCHES:-1,8}
@@ -70,11 +72,13 @@ for s in $STEPS; do
            echo 'no nvidia-smi'); $PY -c 'import jax, flax, optax, transformers, lsjax.cli, lsjax.generate; \
 print(jax.__version__, flax.__version__, optax.__version__, transformers.__version__, jax.devices())'" ;;
     core) decode core 150 "$BATCHES" "base,switch/unmerged,switch/fused" ;;
-    pallas) decode pallas 120 "$BATCHES" "base,switch/fused,switch/merged" --backend pallas ;;
-    tests) TAIL=15 step tests 70 $PY -m pytest -q -p no:cacheprovider -k "not interpret" ${TESTS_ARGS:-} \
+    pallas) decode pallas 110 "$BATCHES" "base,switch/fused,switch/merged" --backend pallas ;;
+    tests) TAIL=15 step tests 60 $PY -m pytest -q -p no:cacheprovider -k "not interpret" ${TESTS_ARGS:-} \
              tests/test_kernels_routed_group.py tests/test_kernels_sgmm.py tests/test_kernels_drift_donation.py \
              tests/test_backends.py ;;
-    baselines) decode baselines 120 "$BATCHES" "base,blockwise/unmerged,layerwise/unmerged,lora/merged" ;;
+    quantized) step quantized 80 $PY eval/quantized_latency.py --shape "$SHAPE" --dtype bfloat16 --backend xla \
+                 --batch "$BATCHES" --tokens 16 --rounds "${ROUNDS:-3}" --json "$OUT/quantized.json" ;;
+    baselines) decode baselines 60 "$BATCHES" "base,blockwise/unmerged,layerwise/unmerged,lora/merged" ;;
     serve) TAIL=12 PYTHONPATH="$PYTHONPATH:$(wheel_site)" step serve "${SERVE_LIMIT:-150}" bash -c "$PY -m lsjax.cli \
              bench serve --shape $SHAPE --dtype bfloat16 ${SERVE_ARGS:---clients 8,32 --max-len 512 --prefill-chunk 64} \
              --json $OUT/serve.json && $PY -m pytest -q -p no:cacheprovider tests/test_serve_server.py" ;;

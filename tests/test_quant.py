@@ -124,6 +124,26 @@ def test_decoding_over_quantized_weights_equals_decoding_over_their_floats(quant
         assert got.decoder.strategy != "merged"
 
 
+def test_a_bf16_model_quantized_still_computes_in_bf16(tiny_llama):
+    """Scales keep the weights' float type, so a bf16 model's quantized form computes in bf16 and a
+    bf16 switch adapter decodes over it, giving the tokens of the same weights dequantized."""
+    from lsjax.adapters import Adapter
+
+    _, model, tok = tiny_llama
+    params = quant.quantize_params(jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params()), "int8")
+    assert params["embed"].scale.dtype == jnp.bfloat16 and params["layers"].tree[0]["qkv"].scale.dtype == jnp.bfloat16
+    quantized = model_from_params(model.config, params)
+    dequantized = model_from_params(model.config, quant.dequantized(params))
+    assert dequantized.params()["embed"].dtype == jnp.bfloat16
+    floats = random_adapter(model, "switch")
+    adapter = Adapter.from_arrays(model.config, floats.config,
+                                  jax.tree.map(lambda x: x.astype(jnp.bfloat16), floats.arrays()))
+    prompts = ["abc", "hello there"]
+    got, want = (Generator(m, tok, adapter, strategy="fused", backend="xla").generate(prompts, max_new_tokens=8)
+                 for m in (quantized, dequantized))
+    assert got.token_ids == want.token_ids
+
+
 def test_merged_is_refused_over_quantized_weights(quantized_models):
     quantized, _, tok = quantized_models
     with pytest.raises(ConfigError, match=r"strategy 'merged' writes adapter terms into the weights, and this "

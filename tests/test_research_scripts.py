@@ -86,11 +86,12 @@ def test_quantized_latency_script_times_int8_and_4bit_against_fp32(tiny_ckpt, tm
 
     out = script("eval/quantized_latency.py", "--ckpt", tiny_ckpt, "--batch", 1, "--tokens", 4, "--rounds", 1,
                  "--json", tmp_path / "q.json")
-    records = json.loads((tmp_path / "q.json").read_text())["records"]
-    assert [r["weights"] for r in records] == ["fp32", "int8", "4-bit"]
+    data = json.loads((tmp_path / "q.json").read_text())
+    records = data["records"]
+    assert data["meta"]["complete"] and [r["weights"] for r in records] == ["fp32", "int8", "4-bit"]
     fp32 = records[0]
     for r in records:
-        assert r["base_vs_fp32"] == pytest.approx(r["base_ms"] / fp32["base_ms"])
+        assert r["base_vs_float"] == pytest.approx(r["base_ms"] / fp32["base_ms"])
         assert r["switch_vs_base"] == pytest.approx(r["switch_ms"] / r["base_ms"])
         assert f"batch 1 {r['weights']:>5}: weights {r['weight_mb']:.1f} MB" in out
-    assert records[2]["bytes_vs_fp32"] < records[1]["bytes_vs_fp32"] < 0.5  # 4-bit < int8 < half of fp32
+    assert records[2]["bytes_vs_float"] < records[1]["bytes_vs_float"] < 0.5  # 4-bit < int8 < half of fp32
