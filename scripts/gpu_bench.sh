@@ -6,8 +6,9 @@
 #                      unmerged and fused on XLA: the headline ratio
 #   pallas    (110 s)  the same on the Pallas backend: switch fused (the routed group kernel) and
 #                      merged (the SGMM all-layer merge, batch 1), against the base of the same run
-#   tests      (60 s)  the Pallas kernels natively (the bodies that run interpreted on a CPU) and every
-#                      backend's products and strategies end to end on the GPU
+#   tests      (60 s)  the Pallas kernels natively (the bodies that run interpreted on a CPU), every
+#                      backend's products and strategies end to end on the GPU, and that XLA:GPU fuses
+#                      a quantized weight's dequantize into its product
 #   quantized  (80 s)  eval/quantized_latency.py at the same shape: bf16, int8 and 4-bit bases, switch
 #                      fused over each, batch 1 and 8, on XLA (the dequantize fused into each product)
 #   baselines  (60 s)  blockwise, layerwise and lora (merged) against the base, batch 1 and 8
@@ -75,7 +76,7 @@ print(jax.__version__, flax.__version__, optax.__version__, transformers.__versi
     pallas) decode pallas 110 "$BATCHES" "base,switch/fused,switch/merged" --backend pallas ;;
     tests) TAIL=15 step tests 60 $PY -m pytest -q -p no:cacheprovider -k "not interpret" ${TESTS_ARGS:-} \
              tests/test_kernels_routed_group.py tests/test_kernels_sgmm.py tests/test_kernels_drift_donation.py \
-             tests/test_backends.py ;;
+             tests/test_backends.py tests/test_decode_lowering.py::test_a_quantized_product_reads_its_integers_on_xla_gpu ;;
     quantized) step quantized 80 $PY eval/quantized_latency.py --shape "$SHAPE" --dtype bfloat16 --backend xla \
                  --batch "$BATCHES" --tokens 16 --rounds "${ROUNDS:-3}" --json "$OUT/quantized.json" ;;
     baselines) decode baselines 60 "$BATCHES" "base,blockwise/unmerged,layerwise/unmerged,lora/merged" ;;

@@ -5,6 +5,7 @@ one SGMM merge per adapted group (all layers at once) for `merged`, no Pallas ca
 host callback anywhere (a decode step that calls back to Python stalls the GPU every token)."""
 
 import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +72,29 @@ def test_merged_step_on_pallas_is_one_sgmm_kernel_per_group(abstract_arrays):
     lowered, targets = lowered_step(abstract_arrays, "merged", PALLAS)
     assert targets[TRITON_TARGET] == len(adapted_groups(SWITCH))  # every layer of a group merged in one call
     assert_no_host_callback(lowered, targets)
+
+
+def materialised_weights(hlo: str, shape: tuple[int, int]) -> list[str]:
+    """Instructions of a compiled program's entry computation that produce a float array of `shape`."""
+    dims = ",".join(map(str, shape))
+    entry = hlo[hlo.index("\nENTRY"):]
+    return [line.strip() for line in entry.splitlines() if re.search(rf"= (bf16|f16|f32)\[{dims}\]", line)]
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:32"])
+def test_a_quantized_product_reads_its_integers_on_xla_gpu(spec):
+    """XLA:GPU fuses the dequantize into the product (llama2-7b's up projection, bf16, batch 8): no
+    float copy of the weight appears in the compiled program, so a step reads the integers alone.
+    Checked where the program is compiled: on a GPU (XLA:CPU materialises the floats, which is why
+    the native CPU backend dequantizes in registers; the check is run on it once, inverted)."""
+    from lsjax import quant
+
+    k, n = CONFIG.hidden_size, CONFIG.intermediate_size
+    scheme, group = quant.parse_spec(spec)
+    w = quant.quantize(jax.random.normal(jax.random.key(0), (k, n), BF16), scheme, group)
+    hlo = jax.jit(quant.product).lower(jnp.ones((8, k), BF16), w).compile().as_text()
+    found = materialised_weights(hlo, (k, n))
+    if jax.default_backend() == "gpu":
+        assert not found, f"the dequantized weight is materialised: {found[0][:200]}"
+    else:
+        assert found, "XLA:CPU's program holds no float copy of the weight: the check would not see one"
