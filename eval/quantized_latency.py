@@ -25,10 +25,11 @@ from flax import nnx
 import lsjax
 from lsjax import native, quant
 from lsjax.adapters import Adapter, AdapterConfig
+from lsjax.config import SHAPES
+from lsjax.eval.latency import load_model
 from lsjax.generate import Generator
 from lsjax.jsonfile import write_json
-from lsjax.model import Llama, model_from_params
-from lsjax.config import SHAPES, named_config
+from lsjax.model import model_from_params
 
 FLOAT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -53,10 +54,7 @@ def main(argv=None):
     if args.kept and not args.ckpt:
         parser.error("--kept goes with --ckpt (the float checkpoint of the same model)")
 
-    if args.shape:
-        floats, tokenizer = Llama(named_config(args.shape), rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype)), None
-    else:
-        floats, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
+    floats, tokenizer, source = load_model(args)  # --shape: random weights; --ckpt: that checkpoint
     name = FLOAT_NAMES[args.dtype]
     models = {name: floats,
               "int8": model_from_params(floats.config, quant.quantize_params(floats.params(), "int8")),
@@ -65,8 +63,7 @@ def main(argv=None):
     config = AdapterConfig(method="switch", num_experts=8, top_k=2, rank=16, targets="all-linear")
     adapter = Adapter(floats.config, config, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype))
     sizes = {key: weight_bytes(model) for key, model in models.items()}
-    meta = {"backend": args.backend, "dtype": args.dtype, "source": args.ckpt or f"random {args.shape}",
-            "complete": False}
+    meta = {"backend": args.backend, "dtype": args.dtype, "source": source, "complete": False}
     records = []
     for batch in (int(b) for b in args.batch.split(",")):
         prompts = np.random.default_rng(0).integers(3, floats.config.vocab_size, (batch, 16)).tolist()

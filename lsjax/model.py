@@ -254,10 +254,6 @@ def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positio
             raise ValueError("visibility needs positions and stands in for attention_mask and segment_ids")
         visibility = jnp.asarray(visibility).astype(jnp.bool_)
         attention_mask = jnp.diagonal(visibility, axis1=1, axis2=2)
-        positions = jnp.asarray(positions)
-        cos, sin = rope_tables(config, positions)
-        return input_ids, attention_mask, cos, sin, visibility & visibility_mask(config, positions, positions,
-                                                                                  attention_mask)
     if segment_ids is not None:
         if attention_mask is not None:
             raise ValueError("give segment_ids or attention_mask, not both (segment 0 is padding)")
@@ -274,6 +270,8 @@ def sequence_inputs(config: ModelConfig, input_ids, attention_mask=None, positio
     visible = visibility_mask(config, positions, positions, attention_mask)
     if segment_ids is not None:
         visible &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    if visibility is not None:
+        visible &= visibility
     return input_ids, attention_mask, cos, sin, visible
 
 
