@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lsjax.backend_interface import Backend
 from lsjax.backends import XLA
@@ -43,10 +44,10 @@ class KVCache:
     `lsjax.adapters.table.AdapterTable`, each row's adapter slot `[B]` (None: one adapter, or none,
     for every row).
 
-    k / v are `Layers` of `[B*KV, T, D]` arrays (row b's kv head h at b*KV + h; head-major, so
-    attention reads them without a transpose), in the layout of the params they go with: per layer
-    for held params (a step updates each layer's buffer in place), stacked `[L, B*KV, T, D]` for
-    stacked ones (a scan).
+    k / v are `Layers` of `[KV*B, T, D]` arrays (kv head h of row b at h*B + b: attention reads
+    them without a transpose, and a mesh splits them over kv heads in contiguous blocks), in the
+    layout of the params they go with: per layer for held params (a step updates each layer's
+    buffer in place), stacked `[L, KV*B, T, D]` for stacked ones (a scan).
     """
 
     k: Layers
@@ -64,7 +65,7 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.float32,
                stacked: bool = False) -> KVCache:
     """An empty cache: one buffer per layer (goes with held params), or `stacked` (stacked params)."""
-    shape = (batch * config.num_kv_heads, capacity, config.head_dim)
+    shape = (config.num_kv_heads * batch, capacity, config.head_dim)
     if stacked:
         k = Layers.of_stacked(jnp.zeros((config.num_layers, *shape), dtype))
         v = Layers.of_stacked(jnp.zeros((config.num_layers, *shape), dtype))
@@ -74,6 +75,31 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.
     return KVCache(k=k, v=v,
                    positions=jnp.zeros((batch, capacity), jnp.int32),
                    valid=jnp.zeros((batch, capacity), jnp.bool_), length=jnp.zeros((), jnp.int32))
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
+    """Where `cache` lives on `mesh` (a pytree of NamedShardings shaped like it): each k / v buffer's
+    (kv head, row) axis split over `tensor` in contiguous blocks, so kv heads first and a head's rows
+    only past as many devices as kv heads (where `tensor` does not divide the axis, replicated);
+    positions, validity, lengths and adapter slots, which every device reads, replicated."""
+    tensor = mesh.shape.get("tensor", 1)
+    axis = 1 if cache.k.stacked else 0
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def buffer(x):  # no trailing Nones: a compiled function's outputs carry the spec in that form
+        split = tensor > 1 and x.shape[axis] % tensor == 0
+        return NamedSharding(mesh, PartitionSpec(*[None] * axis, "tensor") if split else PartitionSpec())
+
+    def each(layers: Layers) -> Layers:
+        return Layers(jax.tree.map(buffer, layers.tree), layers.stacked)
+
+    return KVCache(each(cache.k), each(cache.v), whole, whole, whole, None if cache.adapter is None else whole)
+
+
+def pinned(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """`cache` held where `cache_shardings` says (inside a jitted function; `mesh` None: unchanged), so
+    that a function's output state is placed as its input was and the next call compiles nothing new."""
+    return cache if mesh is None else jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
 
 
 def cached_inputs(config: ModelConfig, cache: KVCache, attention_mask: jax.Array, positions: jax.Array):

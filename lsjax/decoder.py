@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from lsjax import autotune, strategies
 from lsjax.adapters import AdapterError
 from lsjax.backend_interface import Backend
-from lsjax.decode import KVCache, init_cache
+from lsjax.decode import KVCache, cache_shardings, init_cache, pinned
 from lsjax.errors import ConfigError
 from lsjax.layers import Layers
 
@@ -74,7 +74,8 @@ class Decoder:
         self.prefill_fn, self.step_fn = strategies.compiled(self.config, self.adapter_config, self.strategy,
                                                             self.backend)
         devices = {d for x in jax.tree.leaves(self.bundle) for d in x.devices()}
-        self.device = devices.pop() if len(devices) == 1 else None  # None: sharded, jit places the state
+        self.device = devices.pop() if len(devices) == 1 else None
+        self.mesh = None if self.device is not None else _mesh_of(self.bundle)  # where a sharded state lives
 
     def check_rows(self, rows: int, what: str, field: str | None = None) -> None:
         """Refuse `rows` rows (of `what`: a batch, slots) where the strategy decodes fewer."""
@@ -90,16 +91,23 @@ class Decoder:
             cache = dataclasses.replace(cache, length=jnp.zeros((rows,), jnp.int32))
         if self.table is not None:  # every row starts as a base row; `with_adapters` says otherwise
             cache = dataclasses.replace(cache, adapter=jnp.full((rows,), self.table.room.base_slot, jnp.int32))
-        return cache if self.device is None else jax.device_put(cache, self.device)
+        return self.place(cache)
+
+    def place(self, tree):
+        """`tree` (a decode state, or a row's adapter slots) on this decoder's device, or over its mesh
+        (a state as `lsjax.decode.cache_shardings` says, anything else replicated)."""
+        if self.mesh is None:
+            return jax.device_put(tree, self.device)
+        if isinstance(tree, KVCache):
+            return jax.device_put(tree, cache_shardings(tree, self.mesh))
+        return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
     def with_adapters(self, cache: KVCache, slots) -> KVCache:
         """`cache` whose rows decode with the table's adapters in `slots` `[rows]` (`AdapterTable.slot`)."""
         if self.table is None:
             raise ConfigError("this decoder has one adapter for every row; rows choose adapters only in an "
                               "AdapterTable")
-        adapter = jnp.asarray(slots, jnp.int32)
-        return dataclasses.replace(cache, adapter=adapter if self.device is None else jax.device_put(adapter,
-                                                                                                     self.device))
+        return dataclasses.replace(cache, adapter=self.place(jnp.asarray(slots, jnp.int32)))
 
     def refresh(self) -> None:
         """Read the table's arrays again after a load or unload (same shapes: nothing compiles). The
@@ -117,29 +125,41 @@ class Decoder:
 
     def insert(self, cache: KVCache, rows: KVCache, slot, row) -> KVCache:
         """Row `row` of a prefilled state copied into slot `slot` of `cache` (donated)."""
-        return _insert(cache, rows, slot, row)
+        return _insert(cache, rows, slot, row, self.mesh)
 
     def compile_count(self) -> int:
         return sum(f._cache_size() for f in (self.prefill_fn, self.step_fn))
 
 
-def insert_row(cache: KVCache, rows: KVCache, slot, index) -> KVCache:
+def insert_row(cache: KVCache, rows: KVCache, slot, index, mesh=None) -> KVCache:
     """Row `index` of a prefilled group's cache copied into `slot` (its columns, positions, validity,
-    length and adapter). Pure."""
-    axis = 1 if cache.k.stacked else 0  # the row axis of [L, B*KV, T, D] or of each layer's [B*KV, T, D]
+    length and adapter), kept where the cache lives over `mesh` (None: one device). Pure."""
+    axis = 1 if cache.k.stacked else 0  # the row axis of [L, KV*B, T, D] or of each layer's [KV*B, T, D]
 
     def place(buf, row_buf):
-        heads = buf.shape[axis] // cache.positions.shape[0]  # a row's kv heads are adjacent on the row axis
-        row = jax.lax.dynamic_slice_in_dim(row_buf, index * heads, heads, axis)
-        return jax.lax.dynamic_update_slice_in_dim(buf, row, slot * heads, axis)
+        def by_head(x, rows):  # [.., KV*rows, ..] -> [.., KV, rows, ..]: a row's heads are `rows` apart
+            return x.reshape(*x.shape[:axis], x.shape[axis] // rows, rows, *x.shape[axis + 1:])
+
+        row = jax.lax.dynamic_slice_in_dim(by_head(row_buf, rows.positions.shape[0]), index, 1, axis + 1)
+        return jax.lax.dynamic_update_slice_in_dim(by_head(buf, cache.positions.shape[0]), row, slot,
+                                                   axis + 1).reshape(buf.shape)
 
     def each(mine: Layers, theirs: Layers) -> Layers:
         return Layers(jax.tree.map(place, mine.tree, theirs.in_layout_of(mine).tree), mine.stacked)
 
     adapter = None if cache.adapter is None else cache.adapter.at[slot].set(rows.adapter[index])
-    return KVCache(each(cache.k, rows.k), each(cache.v, rows.v), cache.positions.at[slot].set(rows.positions[index]),
-                   cache.valid.at[slot].set(rows.valid[index]), cache.length.at[slot].set(rows.length), adapter)
+    placed = KVCache(each(cache.k, rows.k), each(cache.v, rows.v), cache.positions.at[slot].set(rows.positions[index]),
+                     cache.valid.at[slot].set(rows.valid[index]), cache.length.at[slot].set(rows.length), adapter)
+    return pinned(placed, mesh)
 
 
-_insert = jax.jit(insert_row, donate_argnums=(0,))
+_insert = jax.jit(insert_row, donate_argnums=(0,), static_argnums=(4,))
+
+
+def _mesh_of(tree) -> jax.sharding.Mesh | None:
+    """The mesh that `tree`'s arrays are split over (None: none is)."""
+    for x in jax.tree.leaves(tree):
+        if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh.size > 1:
+            return x.sharding.mesh
+    return None
 

@@ -74,29 +74,36 @@ def visibility_mask(config: ModelConfig, q_positions: jax.Array, k_positions: ja
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q `[B,S,H,D]`, k/v `[B*KV,T,D]` (row b's kv head h at b*KV + h),
-    mask `[B,S,T]` -> `[B,S,H,D]`.
+    """Grouped-query attention. q `[B,S,H,D]`, k/v `[KV*B,T,D]` (`kv_rows`: kv head h of row b at
+    h*B + b), mask `[B,S,T]` -> `[B,S,H,D]`.
 
     Keys and values are in the KV cache's layout, so both products are plain batched matmuls over
-    the B*KV (row, kv head) pairs and no step transposes the cache. Scores and softmax in fp32; a
-    query with no visible key (padding) gets zeros, not NaN.
+    the KV*B (kv head, row) pairs and no step transposes the cache; kv heads lead so that a mesh
+    splits the cache over them in contiguous blocks. Scores and softmax in fp32; a query with no
+    visible key (padding) gets zeros, not NaN.
     """
     b, s, h, d = q.shape
     t = k.shape[1]
     kv = k.shape[0] // b
     g = h // kv
-    # each (row, kv head) is one plain product of its g * s query rows with the keys, whose output
-    # [b*kv, g*s, t] is already the layout the mask and softmax read: no transposed copy of the
+    # each (kv head, row) is one plain product of its g * s query rows with the keys, whose output
+    # [kv*b, g*s, t] is already the layout the mask and softmax read: no transposed copy of the
     # scores (an einsum over separate g and s axes made XLA:CPU copy them; docs/perf.md)
-    q = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * s, d)
+    q = q.reshape(b, s, kv, g, d).transpose(2, 0, 3, 1, 4).reshape(kv * b, g * s, d)
     batch = ((0,), (0,))
     scores = jax.lax.dot_general(q, k, (((2,), (2,)), batch), preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = scores.reshape(b, kv, g, s, t)
-    mask = mask[:, None, None, :, :]
+    scores = scores.reshape(kv, b, g, s, t)
+    mask = mask[None, :, None, :, :]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype).reshape(b * kv, g * s, t)
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype).reshape(kv * b, g * s, t)
     out = jax.lax.dot_general(probs, v, (((2,), (1,)), batch))
-    return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+    return out.reshape(kv, b, g, s, d).transpose(1, 3, 0, 2, 4).reshape(b, s, h, d)
+
+
+def kv_rows(x: jax.Array) -> jax.Array:
+    """Keys or values `[B, S, KV, D]` in the cache's layout `[KV*B, S, D]` (kv head h of row b at h*B + b)."""
+    b, s, kv, d = x.shape
+    return x.transpose(2, 0, 1, 3).reshape(kv * b, s, d)
 
 
 def write_columns(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
@@ -108,14 +115,15 @@ def write_columns(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int
 
 
 def write_kv(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """A cache buffer `[B*KV, T, D]` with `new` `[B, KV, S, D]` written from column `index` (one, or one per row).
+    """A cache buffer `[KV*B, T, D]` with `new` `[KV*B, S, D]` (`kv_rows`) written from column `index`
+    (one, or one per row `[B]`).
 
     Rows and kv heads share the buffer's first axis so that no axis is 1 at batch 1: XLA:CPU copied
     a `[1, KV, T, D]` buffer four times a step instead of updating it in place (docs/perf.md).
     """
-    b, kv, s, d = new.shape
-    per_pair = index if jnp.ndim(index) == 0 else jnp.repeat(index, kv)  # never a reshape of the buffer
-    return write_columns(cache, new.reshape(b * kv, s, d), per_pair, axis=1)
+    heads = cache.shape[0] // (1 if jnp.ndim(index) == 0 else index.shape[0])
+    per_pair = index if jnp.ndim(index) == 0 else jnp.tile(index, heads)  # never a reshape of the buffer
+    return write_columns(cache, new, per_pair, axis=1)
 
 
 class Products(Protocol):
@@ -156,7 +164,7 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)). `w` holds one layer's weights.
 
     Four products: `qkv`, `o`, `gate_up`, `down`, each given the route `products.route` decides at
-    its input. Without `kv`, attends over the block's own tokens. With `kv = (k_cache [B*KV,T,D],
+    its input. Without `kv`, attends over the block's own tokens. With `kv = (k_cache [KV*B,T,D],
     v_cache, write_index)`, writes this block's keys/values into the cache at `write_index` (one, or
     one per row), attends over the whole cache (mask `[B,S,T]`).
 
@@ -177,11 +185,9 @@ def decoder_layer(config: ModelConfig, w: Params, x: jax.Array, cos: jax.Array, 
     k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
     v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+    k, v = kv_rows(k), kv_rows(v)  # [KV*B, S, D]
     new_kv = None
-    if kv is None:
-        k, v = k.reshape(b * config.num_kv_heads, s, -1), v.reshape(b * config.num_kv_heads, s, -1)
-    else:
+    if kv is not None:
         k_cache, v_cache, index = kv
         k = k_cache = write_kv(k_cache, k.astype(k_cache.dtype), index)
         v = v_cache = write_kv(v_cache, v.astype(v_cache.dtype), index)

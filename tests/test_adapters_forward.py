@@ -241,7 +241,7 @@ def test_top_k_all_is_the_dense_softmax_mixture(base, run, method):
 def parallel_layer(mlp_first: bool):
     """A parallel-residual decoder layer (attention and FFN both read the block's input, as in
     GPT-J or Cohere), written on the `Products` protocol: its products can run in either order."""
-    from lsjax.model import apply_rope, attention, rms_norm
+    from lsjax.model import apply_rope, attention, kv_rows, rms_norm
 
     def layer(config, w, x, cos, sin, mask, products, kv=None):
         assert kv is None
@@ -257,9 +257,8 @@ def parallel_layer(mlp_first: bool):
             qkv, _ = product("qkv", h)
             q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
             q = apply_rope(q.reshape(b, s, config.num_heads, config.head_dim), cos, sin)
-            k = apply_rope(k.reshape(b, s, config.num_kv_heads, config.head_dim), cos, sin).transpose(0, 2, 1, 3)
-            v = v.reshape(b, s, config.num_kv_heads, config.head_dim).transpose(0, 2, 1, 3)
-            k, v = k.reshape(-1, s, config.head_dim), v.reshape(-1, s, config.head_dim)  # [B*KV, S, D]
+            k = kv_rows(apply_rope(k.reshape(b, s, config.num_kv_heads, config.head_dim), cos, sin))
+            v = kv_rows(v.reshape(b, s, config.num_kv_heads, config.head_dim))
             return product("o", attention(q, k, v, mask).reshape(b, s, config.q_size))[0]
 
         def mlp_half():

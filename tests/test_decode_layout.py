@@ -86,7 +86,7 @@ def test_a_compiled_step_updates_the_cache_in_place(batch, row_lengths):
     text = step.lower(bundle, jnp.zeros((batch,), jnp.int32), cache).compile().as_text()
     entry = text[text.index("ENTRY"):]
     buffer = cache.k.layer(0)
-    dims = {",".join(map(str, buffer.shape)), ",".join(map(str, (batch, CONFIG.num_kv_heads, *buffer.shape[1:])))}
+    dims = {",".join(map(str, buffer.shape)), ",".join(map(str, (CONFIG.num_kv_heads, batch, *buffer.shape[1:])))}
     copies = [line for line in entry.splitlines() if re.search(r"= f32\[([\d,]+)\]\S* copy\(", line)
               and re.search(r"= f32\[([\d,]+)\]", line).group(1) in dims]
     assert not copies, f"{len(copies)} copies of a cache buffer in one step, e.g. {copies[0].strip()[:160]}"

@@ -119,12 +119,16 @@ ENGINE = textwrap.dedent("""
             d = engine.decoder
             args = (d.bundle, engine.tokens, engine.cache, *[np.zeros(4, t) for t in (np.int32, np.int32, np.float32,
                                                                                          np.int32, np.float32, bool)])
-            bundle = engine.fns["decode"].lower(*args).compile().input_shardings[0][0]
+            compiled = engine.fns["decode"].lower(*args).compile()
+            bundle = compiled.input_shardings[0][0]
             layer = bundle["base"]["layers"].layer(1)
             out["specs"] = {name: spec(layer[name], 2) for name in ("qkv", "o", "gate_up", "down")}
             out["experts"] = {k: spec(bundle["adapter"]["experts"]["qkv"][k], 4) for k in ("a", "b")}
             out["shard"] = list(d.bundle["adapter"]["experts"]["qkv"]["b"].addressable_shards[0].data.shape)
             out["whole"] = list(d.bundle["adapter"]["experts"]["qkv"]["b"].shape)
+            held = engine.cache.k.layer(0)
+            out["cache"] = [spec(held.sharding, 3), spec(compiled.input_shardings[0][2].k.layer(0), 3),
+                            list(held.shape), list(held.addressable_shards[0].data.shape)]
         engine.stop()
         return out
 
@@ -153,3 +157,7 @@ def test_engine_over_8_devices_serves_mixed_adapters_as_one(tmp_path):
     assert out["many"]["experts"] == {"a": [None, None, None, None], "b": [None, None, None, "tensor"]}
     whole, shard = out["many"]["whole"], out["many"]["shard"]
     assert shard == whole[:3] + [whole[3] // 8]  # each device holds an eighth of B's columns
+    # the cache `[KV*slots, T, D]` (2 kv heads x 4 slots) split over kv heads, then rows: one (head, row) each
+    held, compiled, cache, piece = out["many"]["cache"]
+    assert held == compiled == ["tensor", None, None], out["many"]["cache"]
+    assert cache[0] == 2 * 4 and piece == [1, *cache[1:]]

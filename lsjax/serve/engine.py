@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsjax.decode import KVCache, left_pad
+from lsjax.decode import KVCache, left_pad, pinned
 from lsjax.decoder import Decoder
 from lsjax.errors import ConfigError, LsjaxError
 from lsjax.sampling import SamplingConfig, sample
@@ -285,13 +285,28 @@ def prefill_chunk_scored(prefill, bundle, ids, mask, cache, seeds, temperature, 
     return (first, *scored(last, first, wanted)), token_scores(logits, targets), cache
 
 
+def placed(fn, mesh):
+    """`fn` (one of the above) with its state kept where the cache lives over `mesh` and its other
+    outputs replicated, which every process of a multi-host engine reads whole (`mesh` None: `fn`)."""
+    if mesh is None:
+        return fn
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def run(*args):
+        *outputs, cache = fn(*args)
+        return (*jax.lax.with_sharding_constraint(outputs, whole), pinned(cache, mesh))
+
+    return run
+
+
 @functools.lru_cache(maxsize=None)
-def engine_functions(prefill, step):
+def engine_functions(prefill, step, mesh=None):
     """Jitted engine functions around a strategy's (cached) prefill and step: engines for the same
-    model, adapter config and strategy share their compilations."""
-    return {"decode": jax.jit(functools.partial(decode_rows, step), donate_argnums=(2,)),
-            "prefill": jax.jit(functools.partial(prefill_chunk, prefill), donate_argnums=(3,)),
-            "prefill_scored": jax.jit(functools.partial(prefill_chunk_scored, prefill), donate_argnums=(3,))}
+    model, adapter config, strategy and mesh share their compilations."""
+    return {"decode": jax.jit(placed(functools.partial(decode_rows, step), mesh), donate_argnums=(2,)),
+            "prefill": jax.jit(placed(functools.partial(prefill_chunk, prefill), mesh), donate_argnums=(3,)),
+            "prefill_scored": jax.jit(placed(functools.partial(prefill_chunk_scored, prefill), mesh),
+                                      donate_argnums=(3,))}
 
 
 def _prompt_scores(request: Request, logp, top_ids, top_logp) -> list:
@@ -318,7 +333,7 @@ class Engine:
     def __init__(self, decoder: Decoder, tokenizer=None, config: EngineConfig = EngineConfig()):
         self.decoder, self.tokenizer, self.config = decoder, tokenizer, config
         decoder.check_rows(config.slots, "slots", "slots")
-        self.fns = engine_functions(decoder.prefill_fn, decoder.step_fn)
+        self.fns = engine_functions(decoder.prefill_fn, decoder.step_fn, decoder.mesh)
         model_config = decoder.config
         self.default_stops = tuple(model_config.eos_token_ids)
         self.pad = model_config.pad_token_id if model_config.pad_token_id is not None else 0
@@ -447,10 +462,7 @@ class Engine:
         the step, sampled and greedy) by serving small requests: for each group size, that many at
         once."""
         sampled = SamplingConfig(temperature=1.0, top_k=5, top_p=0.9)
-        # over a mesh, two chunks where they fit: a first chunk into a fresh cache and a next one into a
-        # grown cache may be placed differently, so each is compiled here, not under a request
-        two = self.decoder.device is None and self.room(self.config.prefill_chunk + 1) >= 3
-        prompt = (self.pad,) * (self.config.prefill_chunk + 1 if two else 1)
+        prompt = (self.pad,)
         for size in self.config.group_sizes():
             for scoring in (None, 0):  # plain prefill and the one that scores prompts
                 with self.wake:  # queued together, so they are prefilled together
