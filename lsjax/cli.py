@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 import lsjax
 from lsjax import autotune
 from lsjax.adapters import open_adapter
 from lsjax.adapters.config import METHODS
 from lsjax.adapters.table import served
-from lsjax.sharding import tensor_mesh
+from lsjax.sharding import init_distributed, tensor_mesh
 from lsjax.assets import default_gguf_path
 from lsjax.convert import convert_gguf, convert_hf
 from lsjax.decoder import Decoder
@@ -25,7 +27,7 @@ from lsjax.eval.latency import add_bench_parser, load_model, random_adapter
 from lsjax.eval.serving import add_serve_bench_parser
 from lsjax.generate import Generator
 from lsjax.sampling import SamplingConfig
-from lsjax.serve import Engine, EngineConfig
+from lsjax.serve import Engine, EngineConfig, Lockstep
 from lsjax.train.cli import add_train_parser
 
 
@@ -86,18 +88,34 @@ def _serve(args) -> None:
     specs = dict(_adapter_spec(text) for text in args.adapter)
     if len(specs) < len(args.adapter):
         raise ConfigError(f"--adapter: two adapters share a name ({', '.join(args.adapter)}); name them NAME=DIR")
+    lockstep = None
+    if init_distributed(args.coordinator, args.num_processes, args.process_id):
+        if args.allow_runtime_adapters:
+            raise ConfigError("--allow-runtime-adapters: a multi-process server holds the adapters it started with")
+        if args.tensor_parallel != jax.device_count():
+            raise ConfigError(f"--tensor-parallel {args.tensor_parallel}: a multi-process server spans every process's "
+                              f"devices; expected {jax.device_count()}", "tensor_parallel")
+        lockstep = Lockstep()
     mesh = tensor_mesh(args.tensor_parallel)
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype, mesh=mesh)
     adapters = {name: open_adapter(folder, model.config) for name, folder in specs.items()}
     room = {"adapters": args.max_adapters, "experts": args.max_experts, "rank": args.max_lora_rank}
     adapter = served(model.config, adapters, runtime=args.allow_runtime_adapters, room=room, dtype=model.dtype,
                      mesh=mesh)
-    engine = Engine.for_model(model, tokenizer, adapter, config, strategy=args.strategy, backend=args.backend).start()
+    engine = Engine.for_model(model, tokenizer, adapter, config, strategy=args.strategy, backend=args.backend,
+                              lockstep=lockstep).start()
+    if not engine.leader:  # steps what process 0 sends until it stops
+        print(f"process {jax.process_index()} of {jax.process_count()}: following process 0's engine",
+              file=sys.stderr, flush=True)
+        engine.join()
+        return
     start = time.perf_counter()
     engine.warmup()
     name = args.model_name or Path(args.ckpt).absolute().name
     listed = ", ".join(repr(n) for n in [name, *engine.adapters()])
     over = "" if mesh is None else f" over {args.tensor_parallel} devices"
+    if lockstep is not None:
+        over += f" of {jax.process_count()} processes"
     print(f"serving {listed} on http://{args.host}:{args.port}/v1{over} ({args.slots} slots of {args.max_len} tokens, "
           f"strategy {engine.decoder.strategy}, backend {engine.decoder.backend.name}; compiled in "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
@@ -190,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "folder's name); repeat it to serve several in one batch, beside the base")
     serve.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="split the weights, experts and cache over N devices (lsjax.sharding's rules)")
+    serve.add_argument("--coordinator", help="multi-host: coordinator address host:port (or LSJAX_COORDINATOR); "
+                                             "every process runs the command, process 0 serves HTTP")
+    serve.add_argument("--num-processes", type=int, help="multi-host: process count (or LSJAX_NUM_PROCESSES)")
+    serve.add_argument("--process-id", type=int, help="multi-host: this process's id (or LSJAX_PROCESS_ID)")
     serve.add_argument("--allow-runtime-adapters", action="store_true",
                        help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter load and unload adapters")
     serve.add_argument("--max-adapters", type=int, help="adapters the server holds at once (default: those given)")

@@ -7,6 +7,7 @@ on that dimension, so one rule set serves every mesh shape.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -100,3 +101,24 @@ def tensor_mesh(devices: int) -> Mesh | None:
     if devices == 1:
         return None
     return Mesh(np.array(available[:devices]).reshape(1, 1, devices), ("data", "fsdp", "tensor"))
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> bool:
+    """`jax.distributed.initialize` from arguments or LSJAX_COORDINATOR / LSJAX_NUM_PROCESSES /
+    LSJAX_PROCESS_ID; does nothing (returns False) when no coordinator is given."""
+    coordinator = coordinator or os.environ.get("LSJAX_COORDINATOR")
+    if not coordinator:
+        return False
+    try:
+        num_processes = int(num_processes if num_processes is not None else os.environ["LSJAX_NUM_PROCESSES"])
+        process_id = int(process_id if process_id is not None else os.environ["LSJAX_PROCESS_ID"])
+    except KeyError as e:
+        raise ConfigError(f"a coordinator was given but not {e.args[0]} (or --num-processes/--process-id)") from None
+    except ValueError as e:
+        raise ConfigError(f"num_processes / process_id must be integers ({e})") from None
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"process_id={process_id} is invalid; expected an integer in [0, {num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+    return True

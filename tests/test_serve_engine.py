@@ -218,6 +218,7 @@ def test_cancel_while_prefilled_with_another(tiny_llama):
     engine = Engine(generator.decoder, generator.tokenizer,
                     EngineConfig(slots=4, max_len=64, prefill_chunk=16, prefill_chunks_per_step=1))
     first, second = (engine.submit(Request(tuple(range(s, s + 40)), max_tokens=6, stop_ids=())) for s in (3, 50))
+    engine._intake()  # both taken in
     engine._admit()  # the first of three chunks of both prompts
     assert engine.prefilling.handles == [first, second] and not engine.waiting
     first.cancel()

@@ -441,3 +441,79 @@ def test_chat_without_a_chat_template_is_a_400(live):
         engine.tokenizer.chat_template = template
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     assert "no chat template" in r.json()["error"]["message"]
+
+
+def test_two_processes_serve_as_one(tmp_path):
+    """`lsjax serve` over two `jax.distributed` processes on localhost (one device each, the weights,
+    experts and cache split over both): process 0 answers HTTP and the other steps the same batch.
+    Concurrent greedy requests to the base and to a switch adapter, while a streamed one is dropped
+    by its client, give one process's texts; stopping process 0 ends both cleanly."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from lsjax.adapters import save_adapter
+    from lsjax.convert import convert_hf
+    from tiny import make_hf_model
+
+    make_hf_model(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    model, tok = lsjax.load(tmp_path / "ckpt")
+    adapter = random_adapter(model, "switch")
+    save_adapter(tmp_path / "sw", adapter)
+    asks = [("tiny", "abc", 6), ("sw", "hello there", 9), ("tiny", "the quick brown fox jumps over", 4),
+            ("sw", "x", 7), ("tiny", "a b c d e f g h i j k", 8)]
+    generators = {"tiny": Generator(model, tok, strategy="unmerged"),
+                  "sw": Generator(model, tok, adapter, strategy="unmerged")}
+    want = [generators[name].generate([prompt], max_new_tokens=n).texts[0] for name, prompt, n in asks]
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, coordinator = free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "lsjax.cli", "serve", "--ckpt", str(tmp_path / "ckpt"),
+                               "--model-name", "tiny", "--adapter", f"sw={tmp_path / 'sw'}", "--slots", "2",
+                               "--max-len", "128", "--port", str(port), "--strategy", "unmerged", "--tensor-parallel",
+                               "2", "--coordinator", f"localhost:{coordinator}", "--num-processes", "2",
+                               "--process-id", str(i)],
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+             for i in range(2)]
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        got = [None] * len(asks)
+
+        def ask(i):
+            name, prompt, n = asks[i]
+            r = httpx.post(f"{url}/completions", json={"model": name, "prompt": prompt, "max_tokens": n,
+                                                       "temperature": 0}, timeout=120)
+            got[i] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        with httpx.stream("POST", f"{url}/completions", timeout=120,
+                          json={"model": "sw", "prompt": "abc", "max_tokens": 100, "stream": True}) as dropped:
+            for t in threads:
+                t.start()
+            next(dropped.iter_lines())  # then the client goes away mid-stream
+        for t in threads:
+            t.join()
+        assert got == want
+    finally:
+        procs[0].send_signal(signal.SIGINT)
+        try:
+            errs = [p.communicate(timeout=60)[1] for p in procs]
+        finally:  # processes out of step would wait on each other for ever
+            for p in procs:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert "over 2 devices of 2 processes" in errs[0] and "following process 0's engine" in errs[1]

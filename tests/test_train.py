@@ -99,7 +99,7 @@ def test_cli_parser_reads_config_and_overrides():
 
 
 def test_distributed_flags_are_checked(monkeypatch):
-    from lsjax.train.loop import init_distributed
+    from lsjax.sharding import init_distributed
 
     monkeypatch.delenv("LSJAX_COORDINATOR", raising=False)
     assert init_distributed() is False  # single process: nothing to do

@@ -2,6 +2,7 @@
 
 from lsjax.serve.engine import (AdapterInUse, Completion, Engine, EngineConfig, Event, Handle, QueueFull, Request,
                                 UnknownAdapter)
+from lsjax.serve.lockstep import Lockstep
 
-__all__ = ["AdapterInUse", "Completion", "Engine", "EngineConfig", "Event", "Handle", "QueueFull", "Request",
-           "UnknownAdapter"]
+__all__ = ["AdapterInUse", "Completion", "Engine", "EngineConfig", "Event", "Handle", "Lockstep", "QueueFull",
+           "Request", "UnknownAdapter"]

@@ -36,6 +36,7 @@ from lsjax.decode import KVCache, left_pad, pinned
 from lsjax.decoder import Decoder
 from lsjax.errors import ConfigError, LsjaxError
 from lsjax.sampling import SamplingConfig, sample
+from lsjax.serve.lockstep import Lockstep
 from lsjax.textstream import TextStream
 from lsjax.validate import check, is_int
 
@@ -119,6 +120,18 @@ class Request:
               "token ids (integers >= 0)")
         check(all(isinstance(s, str) for s in self.stop_strings), "stop", self.stop_strings, "strings")
 
+    def to_dict(self) -> dict:
+        """JSON-able fields (what a lockstep engine's leader sends the other processes)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Request":
+        def ids(x):
+            return None if x is None else tuple(x)
+
+        return cls(tuple(d["prompt"]), d["max_tokens"], SamplingConfig(**d["sampling"]), ids(d["stop_ids"]),
+                   tuple(d["stop_strings"]), d["logprobs"], d["prompt_logprobs"], d["adapter"])
+
 
 @dataclasses.dataclass
 class Event:
@@ -151,6 +164,8 @@ class Handle:
     def __init__(self, request: Request, listener: Callable[[Event], None] | None):
         self.request = request
         self.slot: int | None = None  # its adapter's slot in the engine's table (None: no table)
+        self.id: int | None = None  # numbered by the loop as it takes the request in (the same on every process)
+        self.dropped = False  # the loop has taken its cancellation in (set only by the loop, between steps)
         self.on_done: Callable[["Handle"], None] | None = None
         self.prompt_scores: list[tuple[float, list[tuple[int, float]]] | None] | None = None
         self.submitted = time.perf_counter()
@@ -162,7 +177,7 @@ class Handle:
         self._listener = listener or self._queue.put
 
     def cancel(self) -> None:
-        """Stop generating; the slot is freed before the next decode step."""
+        """Stop generating; the loop takes it in before its next step and frees the slot."""
         self.cancelled.set()
 
     def deliver(self, event: Event) -> None:
@@ -321,17 +336,23 @@ def _prompt_scores(request: Request, logp, top_ids, top_logp) -> list:
 
 class Engine:
     """Serves requests from a `Decoder` (model, adapter, strategy, backend; see the module doc);
-    `tokenizer` (None: no text, token ids only) detokenizes and finds stop strings."""
+    `tokenizer` (None: no text, token ids only) detokenizes and finds stop strings.
+
+    With a `lockstep.Lockstep`, the engine is one of several processes stepping one batch over one
+    mesh: requests are submitted at process 0, and every process runs `start()` (the others wait
+    on `join()` until process 0 stops)."""
 
     @classmethod
     def for_model(cls, model, tokenizer=None, adapter=None, config: EngineConfig = EngineConfig(), *,
-                  strategy: str = "auto", backend=None) -> "Engine":
+                  strategy: str = "auto", backend=None, lockstep: Lockstep | None = None) -> "Engine":
         """An engine over a new `Decoder` whose `auto` choice is tuned for `config.slots` rows: every
         decode step runs all the slots."""
-        return cls(Decoder(model, adapter, strategy=strategy, backend=backend, rows=config.slots), tokenizer, config)
+        return cls(Decoder(model, adapter, strategy=strategy, backend=backend, rows=config.slots), tokenizer, config,
+                   lockstep)
 
-    def __init__(self, decoder: Decoder, tokenizer=None, config: EngineConfig = EngineConfig()):
-        self.decoder, self.tokenizer, self.config = decoder, tokenizer, config
+    def __init__(self, decoder: Decoder, tokenizer=None, config: EngineConfig = EngineConfig(),
+                 lockstep: Lockstep | None = None):
+        self.decoder, self.tokenizer, self.config, self.lockstep = decoder, tokenizer, config, lockstep
         decoder.check_rows(config.slots, "slots", "slots")
         self.fns = engine_functions(decoder.prefill_fn, decoder.step_fn, decoder.mesh)
         model_config = decoder.config
@@ -340,7 +361,9 @@ class Engine:
         self.cache = decoder.empty_cache(config.slots, config.max_len, row_lengths=True)  # each row its own length
         self.rows: list[_Row | None] = [None] * config.slots
         self.tokens = np.zeros(config.slots, np.int32)
+        self.inbox: list[Handle] = []  # submitted, not yet taken in by the loop
         self.waiting: collections.deque[Handle] = collections.deque()
+        self.taken = 0  # requests the loop has taken in (numbers them)
         self.prefilling: _Prefill | None = None
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -413,6 +436,9 @@ class Engine:
         return slot
 
     def _table(self):
+        if self.lockstep is not None:
+            raise ConfigError("adapters are loaded at run time only into an engine of one process: a lockstep "
+                              "engine's processes hold the adapters they started with")
         if self.decoder.table is None:
             raise ConfigError("this engine decodes one adapter for every request: adapters are loaded at run time "
                               "only into an engine over an AdapterTable")
@@ -422,17 +448,25 @@ class Engine:
         with self.wake:
             self.users[handle.slot] -= 1
 
+    @property
+    def leader(self) -> bool:
+        """Whether requests are submitted here: always, except at the other processes of a lockstep engine."""
+        return self.lockstep is None or self.lockstep.leader
+
     def submit(self, request: Request, listener: Callable[[Event], None] | None = None) -> Handle:
         if self.failure is not None:
             raise RuntimeError("the engine stopped after an internal error") from self.failure
+        if not self.leader:
+            raise ConfigError("this process follows a lockstep engine: requests are submitted at process 0")
         self.check(request)
         handle = Handle(request, listener)
         with self.wake:  # the slot is read, and counted as used, under the lock an unload takes
-            if len(self.waiting) >= self.config.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot (max_queue); try again later")
+            waiting = len(self.waiting) + len(self.inbox)
+            if waiting >= self.config.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting for a slot (max_queue); try again later")
             handle.slot, handle.on_done = self._slot(request.adapter), self._done
             self.users[handle.slot] += 1
-            self.waiting.append(handle)
+            self.inbox.append(handle)
             self.stats["requests"] += 1
             self.wake.notify()
         return handle
@@ -449,10 +483,15 @@ class Engine:
         return self
 
     def stop(self) -> None:
-        """Finish every request (queued or running) as cancelled and end the thread."""
+        """Finish every request (queued or running) as cancelled and end the thread (at process 0 of a
+        lockstep engine: every process's)."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
+        self.join()
+
+    def join(self) -> None:
+        """Wait for the loop to end (at the other processes of a lockstep engine: until process 0 stops)."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
@@ -460,7 +499,9 @@ class Engine:
     def warmup(self) -> None:
         """Compile everything a mix of requests needs (prefill chunks of every group size, insertion,
         the step, sampled and greedy) by serving small requests: for each group size, that many at
-        once."""
+        once. At the other processes of a lockstep engine, nothing: process 0's warm-up reaches them."""
+        if not self.leader:
+            return
         sampled = SamplingConfig(temperature=1.0, top_k=5, top_p=0.9)
         prompt = (self.pad,)
         for size in self.config.group_sizes():
@@ -482,20 +523,16 @@ class Engine:
         steps = list(self.step_seconds)
         return {"requests_total": self.stats["requests"], "tokens_total": self.stats["tokens"],
                 "steps_total": self.stats["steps"], "active_slots": self.active(), "slots": self.config.slots,
-                "queue_depth": len(self.waiting) + (0 if self.prefilling is None else
+                "queue_depth": len(self.waiting) + len(self.inbox) + (0 if self.prefilling is None else
                                                     sum(h is not None for h in self.prefilling.handles)),
                 "step_seconds_mean": float(np.mean(steps)) if steps else 0.0,
                 "step_seconds_p99": float(np.percentile(steps, 99)) if steps else 0.0}
 
     # -- the loop --------------------------------------------------------------------------------------
     def _run(self) -> None:
+        stopped = False
         try:
-            while True:
-                with self.wake:
-                    while not self.stopping and not self.waiting and self.prefilling is None and not self.active():
-                        self.wake.wait()
-                    if self.stopping:
-                        break
+            while not (stopped := self._intake()):
                 self._drop_cancelled()
                 self._admit()
                 if self.active():
@@ -504,25 +541,68 @@ class Engine:
             self.failure = e
             raise
         finally:
+            if self.lockstep is not None and self.lockstep.leader and not stopped:
+                self.lockstep.share({"stop": True})  # the other processes end too
             self._finish_all()
+
+    def _intake(self) -> bool:
+        """Take in, between two steps, the requests submitted and cancelled since the last (in lockstep,
+        process 0's, on every process); True once the engine is stopping."""
+        if self.leader:
+            with self.wake:
+                while not (self.stopping or self.inbox or self.waiting or self.prefilling or self.active()):
+                    if not self.wake.wait(None if self.lockstep is None else self.lockstep.heartbeat):
+                        break  # a lockstep leader's idle heartbeat
+                arrived, self.inbox = self.inbox, []
+                stopping = self.stopping
+        else:
+            news = self.lockstep.share(None)
+            arrived, stopping = [self._follow(item) for item in news.get("arrived", ())], news.get("stop", False)
+        for handle in arrived:
+            handle.id, self.taken = self.taken, self.taken + 1
+        open_ = {h.id: h for h in self._open() + arrived}
+        if self.leader:
+            cancelled = [i for i, h in open_.items() if h.cancelled.is_set() and not h.dropped]
+            if self.lockstep is not None:
+                news = {"arrived": [{"request": h.request.to_dict(), "slot": h.slot} for h in arrived],
+                        "cancelled": cancelled, "stop": stopping}
+                self.lockstep.share(news if arrived or cancelled or stopping else None)
+        else:
+            cancelled = news.get("cancelled", ())
+        for i in cancelled:
+            open_[i].dropped = True
+        with self.wake:
+            self.waiting.extend(arrived)
+        return stopping
+
+    def _follow(self, item: dict) -> Handle:
+        """A request process 0 took in, as this process's own (its events go nowhere)."""
+        handle = Handle(Request.from_dict(item["request"]), lambda event: None)
+        handle.slot, handle.on_done = item["slot"], self._done
+        self.users[handle.slot] += 1
+        return handle
+
+    def _open(self) -> list[Handle]:
+        """Requests taken in and not finished: running, prefilling, waiting."""
+        handles = [r.handle for r in self.rows if r is not None] + list(self.waiting)
+        return handles + ([h for h in self.prefilling.handles if h is not None] if self.prefilling else [])
 
     def _finish_all(self) -> None:
         with self.wake:
-            pending = [r.handle for r in self.rows if r is not None] + list(self.waiting)
-            if self.prefilling is not None:
-                pending += [h for h in self.prefilling.handles if h is not None]
+            pending = self._open() + self.inbox
             self.rows = [None] * self.config.slots
             self.waiting.clear()
+            self.inbox = []
             self.prefilling = None
         for handle in pending:
             handle.deliver(Event(None, "", finish_reason="cancelled"))
 
     def _drop_cancelled(self) -> None:
         for slot, row in enumerate(self.rows):
-            if row is not None and row.handle.cancelled.is_set():
+            if row is not None and row.handle.dropped:
                 self._free(slot, Event(None, "", finish_reason="cancelled"))
         with self.wake:
-            cancelled = [h for h in self.waiting if h.cancelled.is_set()]
+            cancelled = [h for h in self.waiting if h.dropped]
             for h in cancelled:
                 self.waiting.remove(h)
         for h in cancelled:
@@ -530,7 +610,7 @@ class Engine:
         if self.prefilling is not None:
             handles = self.prefilling.handles
             for i, h in enumerate(handles):
-                if h is not None and h.cancelled.is_set():
+                if h is not None and h.dropped:
                     handles[i] = None
                     h.deliver(Event(None, "", finish_reason="cancelled"))
             if all(h is None for h in handles):
@@ -630,8 +710,6 @@ class Engine:
         text, stopped = row.text.push(token, last=reason is not None)
         if stopped:
             reason = "stop"
-        elif reason is None and row.handle.cancelled.is_set():
-            reason = "cancelled"
         if reason:
             self.rows[slot] = None
         n = row.handle.request.logprobs

@@ -16,7 +16,8 @@ from typing import Any
 
 from lsjax.errors import exit_status
 from lsjax.train.config import load_config
-from lsjax.train.loop import init_distributed, train
+from lsjax.sharding import init_distributed
+from lsjax.train.loop import train
 
 
 def add_train_parser(subparsers) -> Any:

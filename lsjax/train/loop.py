@@ -12,7 +12,7 @@ runs the jitted `train_step`. Writes into `run_dir`:
                      `open_adapter`, `lsjax generate --adapter`, `lsjax eval --adapter`)
 
 A non-finite loss stops the run with a `TrainingError` before anything from that step is saved,
-so the last checkpoint stays the last good one. Multi-host: call `init_distributed` first (the
+so the last checkpoint stays the last good one. Multi-host: call `lsjax.sharding.init_distributed` first (the
 CLI does) and run the same command on every process; each process builds the same global batch
 and contributes the rows its devices hold.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -54,27 +53,6 @@ AXES = ("data", "fsdp", "tensor")
 
 class TrainingError(LsjaxError):
     """Training cannot go on (e.g. the loss became NaN/Inf)."""
-
-
-def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> bool:
-    """`jax.distributed.initialize` from arguments or LSJAX_COORDINATOR / LSJAX_NUM_PROCESSES /
-    LSJAX_PROCESS_ID; does nothing (returns False) when no coordinator is given."""
-    coordinator = coordinator or os.environ.get("LSJAX_COORDINATOR")
-    if not coordinator:
-        return False
-    try:
-        num_processes = int(num_processes if num_processes is not None else os.environ["LSJAX_NUM_PROCESSES"])
-        process_id = int(process_id if process_id is not None else os.environ["LSJAX_PROCESS_ID"])
-    except KeyError as e:
-        raise ConfigError(f"a coordinator was given but not {e.args[0]} (or --num-processes/--process-id)") from None
-    except ValueError as e:
-        raise ConfigError(f"num_processes / process_id must be integers ({e})") from None
-    if not 0 <= process_id < num_processes:
-        raise ConfigError(f"process_id={process_id} is invalid; expected an integer in [0, {num_processes})")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
-    jax.distributed.initialize(coordinator, num_processes, process_id)
-    return True
 
 
 def make_mesh(mesh: MeshConfig, devices: list | None = None) -> Mesh:
