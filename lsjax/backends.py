@@ -8,8 +8,9 @@ backend's declared `Traits` (`lsjax.strategies.term_form`, their one reader). Ba
 dataclasses: hashable, so they are static arguments under jit.
 
 - `XlaBackend` ("xla"): XLA's own products everywhere; every platform.
-- `PallasBackend` ("pallas"): `fused` is `pallas_kernels.routed_group_matmul` and `merge` is
-  `pallas_kernels.sgmm_merge` (Triton on a GPU, interpreted elsewhere); plain products stay on XLA.
+- `PallasBackend` ("pallas"): `fused` is `pallas_kernels.routed_group_matmul`, `merge` is
+  `pallas_kernels.sgmm_merge`, and a quantized weight's product at decode rows is
+  `pallas_kernels.quantized_matmul` (Triton on a GPU, interpreted elsewhere); other products stay on XLA.
 - "native": `lsjax.native`'s multi-threaded CPU custom calls (fp32, up to 16 rows), loaded only
   when asked for or chosen by `auto`; every product falls back to XLA where it cannot run.
 - "hybrid": XLA's products, with the native library's routed term added into a group's product
@@ -24,6 +25,7 @@ the weights are fp32 on one device, XLA elsewhere (the one route every platform 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -32,8 +34,9 @@ import jax.numpy as jnp
 from lsjax import native
 from lsjax.backend_interface import Backend, Traits, float_weight, xla_logits
 from lsjax.errors import ConfigError
-from lsjax.quant import product
-from pallas_kernels import routed_group_matmul, sgmm_merge
+from lsjax.quant import Scheme, is_quantized, product
+from pallas_kernels import quantized_matmul, routed_group_matmul, sgmm_merge
+from pallas_kernels.quantized import MAX_ROWS as QUANTIZED_MAX_ROWS
 
 BACKENDS = ("auto", "xla", "native", "hybrid", "pallas")
 
@@ -77,6 +80,17 @@ class PallasBackend(XlaBackend):
     name: str = "pallas"
     traits: Traits = Traits(fused_is_faster=True)
     interpret: bool | None = None  # None: native on a GPU, interpreted elsewhere
+
+    def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        """A quantized weight's product at a decode step's few rows: the W8A16 / W4A16 kernel, which
+        reads the integers once and widens them in registers; anything else on XLA."""
+        rows = math.prod(x.shape[:-1])
+        if not (is_quantized(w) and w.axis == -2 and w.ndim == 2 and rows <= QUANTIZED_MAX_ROWS):
+            return super().__call__(group, x, w)
+        y = quantized_matmul(x.reshape(rows, x.shape[-1]), w.q, w.scale, w.offset,
+                             bits=8 if w.scheme == Scheme.INT8 else 4, group=w.group, implementation="pallas",
+                             interpret=self.interpret)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
         return routed_group_matmul(x, float_weight(w, x), a, b, ids, gates, members=members, layer=layer,

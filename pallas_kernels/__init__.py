@@ -4,8 +4,10 @@ Depends on jax and numpy only. Every public kernel takes `implementation=` ("pal
 or None = pallas on GPU, xla elsewhere) and `interpret=` (default: True off GPU).
 """
 
+from .quantized import quantized_matmul
 from .reference import (
     lora_delta_reference,
+    quantized_matmul_reference,
     routed_group_matmul_reference,
     sgmm_merge_reference,
     sgmm_switch_reference,
@@ -15,6 +17,8 @@ from .routed_group import routed_group_matmul
 from .sgmm import sgmm_merge, sgmm_switch
 
 __all__ = [
+    "quantized_matmul",
+    "quantized_matmul_reference",
     "routed_group_matmul",
     "sgmm_merge",
     "sgmm_switch",

@@ -12,13 +12,15 @@ n = min(T*k, E) distinct experts per route; M layers):
   x @ W (plain, XLA)       K*N*s + T*(K+N)*s
   routed_group_matmul      plain + n*(K*S*r + r*Nb)*s      pallas, and xla = XLA's x @ W + routed term
   sgmm_merge               2*M*K*N*s + M*k*(K*S*r + r*Nb)*s    read W_base, write W, read k experts
+  quantized_matmul         K*N*b/8 + (K/g)*N*(1 or 2)*s + T*(K+N)*s   b-bit integers, scales (and offsets)
 (ids/gates are a few bytes and are left out.) GB/s = bytes / median time; `vs_plain` is a routed
 row's time over the plain `x @ W` of the same group and T in the same run. Row-wise products run
 over `--layers` layers inside one jit, each layer its own weight buffer (the decode's layout:
 together they overflow L2), and are reported per layer; each timing queues several calls per
 sync. sgmm_merge runs over all M layers of the stacked group weight, writing into a donated
 working buffer (the decode loop's form); `pct_copy` is against a device copy timed in the same
-run (read + write), the practical ceiling for these memory-bound kernels. The environment,
+run (read + write), the practical ceiling for these memory-bound kernels; the quantized products,
+which only read, are also held to a device read (`pct_read`). The environment,
 XLA_FLAGS included (command buffers / CUDA graphs change launch costs), goes into the JSON.
 """
 
@@ -36,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _common as C
-from .reference import routed_group_matmul_reference, sgmm_merge_reference, whole_output
+from .quantized import quantized_matmul
+from .reference import quantized_matmul_reference, routed_group_matmul_reference, sgmm_merge_reference, whole_output
 from .routed_group import routed_group_matmul
 from .sgmm import sgmm_merge
 from .timing import bandwidth, queued_seconds, save_rows
@@ -173,6 +176,57 @@ def bench_routed(name, group, cfg, args, dtype, copy_bw, check):
     return rows
 
 
+# (label, bits, group; None: per channel, group = K): what a quantized checkpoint holds by default
+QUANTIZED = (("int8", 8, None), ("int4", 4, 32))
+
+
+def quantized_layers(key, L, K, N, bits, group, dtype):
+    """L layers' (q, scale, offset) of random integers and scales (timing does not need real weights)."""
+    layers = []
+    for k in jax.random.split(key, L):
+        kq, ks, ko = jax.random.split(k, 3)
+        if bits == 8:
+            q = jax.random.randint(kq, (K, N), -127, 128, jnp.int32).astype(jnp.int8)
+        else:
+            q = jax.random.randint(kq, (K // 2, N), 0, 256, jnp.int32).astype(jnp.uint8)
+        scale = _rand(ks, (K // group, N), dtype, 0.02)
+        offset = None if bits == 8 else _rand(ko, (K // group, N), dtype, 0.1)
+        layers.append((q, scale, offset))
+    return layers
+
+
+def bench_quantized(name, group, cfg, args, dtype, copy_bw, read_bw, check):
+    """x @ W over 8- and 4-bit weights per implementation, beside the float x @ W of the same run."""
+    K, members = group_shape(cfg, group)
+    N = sum(m[2] for m in members)
+    L = min(cfg["L"], args.layers)
+    s = jnp.dtype(dtype).itemsize
+    Ws = make_group(jax.random.PRNGKey(0), L, K, members, 1, 1, dtype)[0]
+    rows = []
+    for T in args.tokens:
+        x = _rand(jax.random.PRNGKey(4), (T, K), dtype, 1.0)
+        base = dict(shape=name, group=group, K=K, N=N, T=T, L=L, dtype=jnp.dtype(dtype).name)
+        t_plain = queued_seconds(jax.jit(lambda x, Ws: [x @ w for w in Ws]), (x, Ws), args.repeats, args.samples) / L
+        _row(rows, copy_bw, **base, kernel="x @ W", impl="xla", time_ms=1e3 * t_plain,
+             bytes=(K * N + T * (K + N)) * s)
+        for label, bits, g in QUANTIZED:
+            g = g or K
+            layers = quantized_layers(jax.random.PRNGKey(8), L, K, N, bits, g, dtype)
+            nbytes = K * N * bits // 8 + (K // g) * N * (1 if bits == 8 else 2) * s + T * (K + N) * s
+            for impl in args.impls:
+                f = jax.jit(lambda x, layers, impl=impl, bits=bits, g=g: [
+                    quantized_matmul(x, *p, bits=bits, group=g, implementation=impl) for p in layers])
+                t = queued_seconds(f, (x, layers), args.repeats, args.samples) / L
+                extra = {}
+                if check:
+                    want = quantized_matmul_reference(x, *layers[-1], bits, g)
+                    extra["rel_err"] = rel_err(f(x, layers)[-1], want)
+                _row(rows, copy_bw, **base, kernel=f"quantized_matmul {label}:{g}", impl=impl, time_ms=1e3 * t,
+                     bytes=nbytes, vs_plain=t / t_plain, **extra)
+                rows[-1]["pct_read"] = 100 * rows[-1]["gbps"] / read_bw
+    return rows
+
+
 def merging_into(merge):
     """The decode loop's form of a merge: the previous working weights are donated (keep_unused keeps
     the otherwise unused argument) so the merged weights land in the same buffer."""
@@ -222,7 +276,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark pallas_kernels (see the module docstring for byte counts)")
     p.add_argument("--shapes", default=None, help="default: llama2-7b (smollm2-135m with --quick)")
     p.add_argument("--groups", default=",".join(GROUPS))
-    p.add_argument("--kernels", default="routed,sgmm", help="routed and/or sgmm")
+    p.add_argument("--kernels", default="routed,sgmm", help="some of routed, sgmm, quantized")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 elsewhere")
     p.add_argument("--tokens", default="1,8", help="T values for the row-wise products")
     p.add_argument("--layers", type=int, default=6, help="per-layer weight buffers per routed timing")
@@ -266,10 +320,12 @@ def main(argv=None):
     if checks:
         print("interpret-mode Pallas vs reference (tiny q|k|v group), max rel err:",
               ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
-    copy = bandwidth(args.copy_mb << 20, max(args.sgmm_repeats, 3), args.samples)
+    kinds = ("copy", "fresh", "read") if "quantized" in kernels else ("copy", "fresh")
+    copy = bandwidth(args.copy_mb << 20, max(args.sgmm_repeats, 3), args.samples, kinds=kinds)
     bw = max(copy["fresh_gb_s"], copy["copy_gb_s"])
     print(f"device copy of {copy['bytes'] >> 20} MiB, read + write: {copy['copy_gb_s']:.1f} GB/s in place (donated), "
-          f"{copy['fresh_gb_s']:.1f} GB/s into a fresh buffer; ceiling for '% of copy': {bw:.1f} GB/s\n")
+          f"{copy['fresh_gb_s']:.1f} GB/s into a fresh buffer; ceiling for '% of copy': {bw:.1f} GB/s"
+          + (f"; a read: {copy['read_gb_s']:.1f} GB/s" if "read_gb_s" in copy else "") + "\n")
     print(HEADER)
     rows = []
     for name in args.shapes.split(","):
@@ -278,6 +334,8 @@ def main(argv=None):
                 rows += bench_routed(name, group, SHAPES[name], args, dtype, bw, check=gpu)
             if "sgmm" in kernels:
                 rows += bench_sgmm(name, group, SHAPES[name], args, dtype, bw, check=gpu)
+            if "quantized" in kernels:
+                rows += bench_quantized(name, group, SHAPES[name], args, dtype, bw, copy["read_gb_s"], check=gpu)
             if args.json:  # after every group, so a run cut short keeps what it measured
                 save_rows(args.json, dict(env=env, copy_gbps=copy, ceiling_gbps=bw, interpret_checks=checks, rows=rows))
     return rows

@@ -81,3 +81,18 @@ def routed_group_matmul_reference(x, W, A, B, ids, gates, members, layer=None):
             term = gates[:, route, j, None].astype(jnp.float32) * jnp.einsum("tr,trw->tw", xa, b, precision=_HI)
             y = y.at[:, w_off:w_off + width].add(term)
     return y.astype(x.dtype)
+
+
+def quantized_matmul_reference(x, q, scale, offset, bits, group):
+    """x @ W in float32 for W = scale * v + offset per group of `group` along K (`quantized.py`):
+    v = q (8-bit), or q's low and high nibbles interleaved along K (4-bit). Cast to x's dtype."""
+    if bits == 4:
+        v = jnp.zeros((2 * q.shape[0], q.shape[1]), jnp.float32)
+        v = v.at[0::2].set((q & 0xF).astype(jnp.float32)).at[1::2].set((q >> 4).astype(jnp.float32))
+    else:
+        v = q.astype(jnp.float32)
+    def per_k(a):  # [K/group, N] -> [K, N]
+        return jnp.repeat(a.astype(jnp.float32), group, axis=0)
+
+    w = per_k(scale) * v + (0.0 if offset is None else per_k(offset))
+    return jnp.matmul(x.astype(jnp.float32), w, precision=_HI).astype(x.dtype)

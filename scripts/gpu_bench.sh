@@ -2,15 +2,17 @@
 # Everything a GPU must show, in one command on a fresh GPU machine, steps in order of value; the
 # default steps' limits add up to 8 minutes:
 #   env        (20 s)  the device, versions, and that lsjax imports with the image's packages alone
-#   core      (150 s)  `lsjax bench decode` at llama2-7b shape, bf16, batch 1 and 8: the base, switch
+#   core      (140 s)  `lsjax bench decode` at llama2-7b shape, bf16, batch 1 and 8: the base, switch
 #                      unmerged and fused on XLA: the headline ratio
-#   pallas    (110 s)  the same on the Pallas backend: switch fused (the routed group kernel) and
+#   pallas    (100 s)  the same on the Pallas backend: switch fused (the routed group kernel) and
 #                      merged (the SGMM all-layer merge, batch 1), against the base of the same run
 #   tests      (60 s)  the Pallas kernels natively (the bodies that run interpreted on a CPU), every
 #                      backend's products and strategies end to end on the GPU, and that XLA:GPU fuses
 #                      a quantized weight's dequantize into its product
-#   quantized  (80 s)  eval/quantized_latency.py at the same shape: bf16, int8 and 4-bit bases, switch
+#   quantized  (70 s)  eval/quantized_latency.py at the same shape: bf16, int8 and 4-bit bases, switch
 #                      fused over each, batch 1 and 8, on XLA (the dequantize fused into each product)
+#   qkernel    (30 s)  the W8A16 / W4A16 Pallas kernel against XLA's dequantized product and the bf16
+#                      product, llama2-7b's groups, 1 and 8 rows, GB/s against a device read
 #   baselines  (60 s)  blockwise, layerwise and lora (merged) against the base, batch 1 and 8
 # Optional (name them in STEPS):
 #   serve     (150 s)  `lsjax bench serve` (engine against static batches, switch against base), then
@@ -29,7 +31,7 @@
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS:-"env core pallas tests quantized baselines"}
+STEPS=${STEPS:-"env core pallas tests quantized qkernel baselines"}
 PY=${PY:-python3}
 SHAPE=${SHAPE:-llama2-7b}
 BATCHES=${BATCHES:-1,8}
@@ -72,13 +74,16 @@ for s in $STEPS; do
     env) step env 20 bash -c "(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null ||
            echo 'no nvidia-smi'); $PY -c 'import jax, flax, optax, transformers, lsjax.cli, lsjax.generate; \
 print(jax.__version__, flax.__version__, optax.__version__, transformers.__version__, jax.devices())'" ;;
-    core) decode core 150 "$BATCHES" "base,switch/unmerged,switch/fused" ;;
-    pallas) decode pallas 110 "$BATCHES" "base,switch/fused,switch/merged" --backend pallas ;;
+    core) decode core 140 "$BATCHES" "base,switch/unmerged,switch/fused" ;;
+    pallas) decode pallas 100 "$BATCHES" "base,switch/fused,switch/merged" --backend pallas ;;
     tests) TAIL=15 step tests 60 $PY -m pytest -q -p no:cacheprovider -k "not interpret" ${TESTS_ARGS:-} \
              tests/test_kernels_routed_group.py tests/test_kernels_sgmm.py tests/test_kernels_drift_donation.py \
+             tests/test_kernels_quantized.py \
              tests/test_backends.py tests/test_decode_lowering.py::test_a_quantized_product_reads_its_integers_on_xla_gpu ;;
-    quantized) step quantized 80 $PY eval/quantized_latency.py --shape "$SHAPE" --dtype bfloat16 --backend xla \
+    quantized) step quantized 70 $PY eval/quantized_latency.py --shape "$SHAPE" --dtype bfloat16 --backend xla \
                  --batch "$BATCHES" --tokens 16 --rounds "${ROUNDS:-3}" --json "$OUT/quantized.json" ;;
+    qkernel) TAIL=20 step qkernel 30 $PY -m pallas_kernels.bench --kernels quantized --shapes "${KERNEL_SHAPE:-llama2-7b}" \
+               --groups qkv,gate_up,down --layers 4 --repeats 10 --samples 3 ${QKERNEL_ARGS:-} --json "$OUT/qkernel.json" ;;
     baselines) decode baselines 60 "$BATCHES" "base,blockwise/unmerged,layerwise/unmerged,lora/merged" ;;
     serve) TAIL=12 PYTHONPATH="$PYTHONPATH:$(wheel_site)" step serve "${SERVE_LIMIT:-150}" bash -c "$PY -m lsjax.cli \
              bench serve --shape $SHAPE --dtype bfloat16 ${SERVE_ARGS:---clients 8,32 --max-len 512 --prefill-chunk 64} \

@@ -22,14 +22,15 @@ DEST="$HERE/wheels" PY="$VENV/bin/python" PYTHON_VERSION=$("$PY" -c 'import sys;
 # rest), a short serving workload
 JAX_PLATFORMS=cpu OUT="$HERE/out" PY="$PY" WHEELS="$HERE/wheels" SHAPE=tiny ROUNDS=1 BATCHES=1 TESTS_ARGS=--co \
   SERVE_ARGS="--clients 2 --per-client 2 --max-output 24 --max-len 64" KERNEL_SHAPE=smollm2-135m \
-  KERNELS_ARGS="--quick --groups qkv,down" STEPS="env core pallas tests quantized baselines serve kernels" \
+  KERNELS_ARGS="--quick --groups qkv,down" QKERNEL_ARGS="--quick --impls xla,pallas --groups qkv --tokens 1" \
+  STEPS="env core pallas tests quantized qkernel baselines serve kernels" \
   bash scripts/gpu_bench.sh
 "$PY" - "$HERE/out" <<'PY'
 import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-for name in ("core", "pallas", "quantized", "baselines", "serve", "kernels"):
+for name in ("core", "pallas", "quantized", "qkernel", "baselines", "serve", "kernels"):
     data = json.loads((out / f"{name}.json").read_text())
     rows = data.get("records") or data.get("rows")
     assert rows, f"{name}.json holds no records"

@@ -98,3 +98,17 @@ def test_a_quantized_product_reads_its_integers_on_xla_gpu(spec):
         assert not found, f"the dequantized weight is materialised: {found[0][:200]}"
     else:
         assert found, "XLA:CPU's program holds no float copy of the weight: the check would not see one"
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:32"])
+def test_a_quantized_base_step_on_pallas_is_one_kernel_per_layer_and_group(spec):
+    """Over a quantized base (llama2-7b, bf16 scales), the Pallas backend's decode step runs each
+    layer's four products as the W8A16 / W4A16 kernel: 4 x 32 Triton kernels, no host callback."""
+    from lsjax import quant
+
+    scheme, group = quant.parse_spec(spec)
+    params = jax.eval_shape(lambda: quant.quantize_params(Llama(CONFIG, rngs=nnx.Rngs(0), dtype=BF16).params(),
+                                                          scheme, group))
+    lowered, targets = lowered_step((params, None), "base", PALLAS)
+    assert targets[TRITON_TARGET] == CONFIG.num_layers * 4
+    assert_no_host_callback(lowered, targets)

@@ -145,3 +145,24 @@ def test_sgmm_lowers_to_one_triton_kernel(cfg, dtype):
         texts = triton_kernels(fn, *args)
         assert len(texts) == 1, f"expected one pallas_call for all {M} layers, got {len(texts)}"
         check_ir(texts[0], dots=True)
+
+
+# (name, K, N, bits, group): llama2-7b's down and gate|up at GGUF's group 32 and per channel; SmolLM2's q|k|v
+QUANTIZED = [("7b-down-q4", 11008, 4096, 4, 32), ("7b-gate_up-q8", 4096, 22016, 8, 32),
+             ("7b-down-q8-channel", 11008, 4096, 8, 11008), ("smollm2-qkv-q4", 576, 960, 4, 32)]
+
+
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("case", QUANTIZED, ids=lambda c: c[0])
+def test_quantized_matmul_lowers_to_one_triton_kernel(case, T):
+    """One GEMV kernel (no tt.dot) reading the integers once (evict_first), bf16 activations."""
+    from pallas_kernels import quantized_matmul
+
+    _, K, N, bits, group = case
+    q = S((K if bits == 8 else K // 2, N), jnp.int8 if bits == 8 else jnp.uint8)
+    parts = [S((K // group, N), jnp.bfloat16)] * (2 if bits == 4 else 1)
+    fn = functools.partial(quantized_matmul, bits=bits, group=group, **PALLAS)
+    texts = triton_kernels(lambda x, q, *p: fn(x, q, *p), S((T, K), jnp.bfloat16), q, *parts)
+    assert len(texts) == 1
+    check_ir(texts[0], dots=False)
+    assert "evict_first" in texts[0], "the integer stream should be marked evict_first"

@@ -111,7 +111,8 @@ def test_quantized_params_forward_equals_the_dequantized_forward(quantized_model
 
 
 @pytest.mark.parametrize("method,strategy,backend", [(None, "auto", "xla"), ("switch", "fused", "xla"),
-                                                     ("lora", "auto", "xla"), ("switch", "fused", BACKENDS[-1])])
+                                                     ("lora", "auto", "xla"), ("switch", "fused", BACKENDS[-1]),
+                                                     (None, "auto", "pallas"), ("switch", "unmerged", "pallas")])
 def test_decoding_over_quantized_weights_equals_decoding_over_their_floats(quantized_models, method, strategy,
                                                                            backend):
     quantized, dequantized, tok = quantized_models
