@@ -189,16 +189,25 @@ EQUIV = textwrap.dedent("""
     state, m = pstep(rep(fresh.state), rep(fresh.base), jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch))
     out["loss_pmap"] = float(m["loss"][0])
     out["rel_pmap"] = rel(jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(state["params"])), q1)
+    quantized = [f"model={sys.argv[2]}"]  # a 4-bit base: its integers and scales replicated, the experts split
+    _, _, out["loss_q1"], pq1 = step(quantized)
+    _, _, out["loss_q8"], pq8 = step(quantized + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    out["rel_q"] = rel(pq8, pq1)
     print("RESULT" + json.dumps(out))
 """)
 
 
 def test_one_step_8_devices_and_pmap_match_1_device(tiny_ckpt, tmp_path, jax_cache):
-    # packed rows (several examples, segment ids) split over the devices like any other batch array
+    """One training step on 8 devices (data x fsdp, and with tensor parallelism), as pmap, and over a
+    4-bit base on 8 devices, each equal to the same step on one device. Packed rows (several
+    examples, segment ids) split over the devices like any other batch array."""
+    from lsjax.convert import convert_hf
+
+    quantized = convert_hf(tiny_ckpt.parent / "hf", tmp_path / "q", progress=False, quantize="int4:32")
     common = [f"model={tiny_ckpt}", f"run_dir={tmp_path}/unused", "batch_size=8", "data.max_length=64",
               "data.eval_docs=0", "adapter.rank=4", "adapter.num_experts=4", "adapter.method=switch",
               "optim.warmup_steps=0", "optim.lr=0.01", "progress=false"]
-    proc = subprocess.run([sys.executable, "-c", EQUIV, json.dumps(common)], env=_env(jax_cache, 8),
+    proc = subprocess.run([sys.executable, "-c", EQUIV, json.dumps(common), str(quantized)], env=_env(jax_cache, 8),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT")[-1])
@@ -208,7 +217,9 @@ def test_one_step_8_devices_and_pmap_match_1_device(tiny_ckpt, tmp_path, jax_cac
     assert abs(out["loss_pmap"] - out["loss_ref"]) <= 1e-5 * abs(out["loss_ref"])
     # whole adapter tree within 1e-5; single leaves (Adam's first step divides tiny gradients by their own
     # magnitude, which amplifies fp32 reduction-order noise) within 1e-4
-    for tree, leaf in (out["rel_8"], out["rel_t"], out["rel_pmap"]):
+    assert abs(out["loss_q8"] - out["loss_q1"]) <= 1e-5 * abs(out["loss_q1"])
+    assert abs(out["loss_q1"] - out["loss_1"]) > 1e-4  # the 4-bit base really is another model
+    for tree, leaf in (out["rel_8"], out["rel_t"], out["rel_pmap"], out["rel_q"]):
         assert tree <= 1e-5 and leaf <= 1e-4, out
 
 
