@@ -27,7 +27,8 @@
 #
 #   OUT=/tmp/gpu bash scripts/gpu_bench.sh
 #   STEPS="env core" SHAPE=tiny ROUNDS=1 BATCHES=1 bash scripts/gpu_bench.sh   # smaller, as the rehearsal runs it
-# (TESTS_ARGS, SERVE_ARGS, KERNEL_SHAPE and KERNELS_ARGS change those steps' arguments)
+# (TESTS_ARGS, SERVE_ARGS, KERNEL_SHAPE, KERNELS_ARGS and QKERNEL_ARGS change those steps' arguments;
+# LIMIT_SCALE multiplies every limit: the CPU rehearsal checks that each step works, not its GPU time)
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -41,7 +42,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 FAILED=()
 
 step() {  # step NAME SECONDS CMD...: run with a time limit, show the log's tail, keep it in $OUT/steps.log
-  local name=$1 limit=$2 start=$SECONDS log rc
+  local name=$1 limit=$(( $2 * ${LIMIT_SCALE:-1} )) start=$SECONDS log rc
   shift 2
   log=$(mktemp)
   echo "== $name (limit ${limit}s)"

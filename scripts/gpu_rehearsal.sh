@@ -19,8 +19,8 @@ PY="$HERE/venv/bin/python"
 DEST="$HERE/wheels" PY="$VENV/bin/python" PYTHON_VERSION=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
   bash scripts/gpu_wheels.sh
 # smaller than on a GPU: one batch size and round, the GPU-only tests collected (make test runs the
-# rest), a short serving workload
-JAX_PLATFORMS=cpu OUT="$HERE/out" PY="$PY" WHEELS="$HERE/wheels" SHAPE=tiny ROUNDS=1 BATCHES=1 TESTS_ARGS=--co \
+# rest), a short serving workload; twice the time limits (a 2-core CPU, maybe shared, is no GPU)
+JAX_PLATFORMS=cpu OUT="$HERE/out" PY="$PY" WHEELS="$HERE/wheels" SHAPE=tiny ROUNDS=1 BATCHES=1 TESTS_ARGS=--co LIMIT_SCALE=2 \
   SERVE_ARGS="--clients 2 --per-client 2 --max-output 24 --max-len 64" KERNEL_SHAPE=smollm2-135m \
   KERNELS_ARGS="--quick --groups qkv,down" QKERNEL_ARGS="--quick --impls xla,pallas --groups qkv --tokens 1" \
   STEPS="env core pallas tests quantized qkernel baselines serve kernels" \
