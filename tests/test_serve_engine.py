@@ -319,3 +319,19 @@ def test_merged_switch_serves_one_slot_only(tiny_llama):
         Engine(decoder, tok, EngineConfig(slots=2, max_len=64, prefill_chunk=16))
     assert error.value.field == "slots"
     Engine(decoder, tok, EngineConfig(slots=1, max_len=64, prefill_chunk=16))  # one slot is fine
+
+
+def test_a_lockstep_link_needs_processes_and_carries_requests_whole():
+    """A lockstep engine's link refuses a single-process runtime by name; a request crosses it as JSON
+    and comes back equal (sampling, stops, logprobs, adapter)."""
+    import json
+
+    from lsjax.serve import Lockstep
+
+    with pytest.raises(ConfigError, match="jax.distributed.initialize"):
+        Lockstep()
+    request = Request((5, 6, 7), max_tokens=9, sampling=SamplingConfig(temperature=0.7, top_k=3, top_p=0.9, seed=4),
+                      stop_ids=(2,), stop_strings=("\n\n",), logprobs=2, prompt_logprobs=1, adapter="sw")
+    assert Request.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+    plain = Request((1,))
+    assert Request.from_dict(json.loads(json.dumps(plain.to_dict()))) == plain
