@@ -8,10 +8,11 @@ The float model's weights are quantized here with `lsjax.quant.quantize_params` 
 --keep-quantized` to stand for the 4-bit base. Every model decodes greedily with
 `lsjax.generate.Generator` on `--backend` (default native where it is built), compiled and warmed
 up first, then timed in alternating rounds; the medians give each ms/token against the float base
-of the same batch, beside the ratio of weight bytes that a step reads (what bandwidth allows). A
-random switch adapter of the usual shape (8 experts, top-2, rank 16, every projection) stands in,
-in the float model's dtype. `--json` is rewritten after each batch size (`meta.complete` once all
-are timed), so a run cut short keeps what it measured.
+of the same batch, beside the ratio of weight bytes that a step reads (what bandwidth allows; for
+switch, the chosen experts' bytes beside its base's). A random switch adapter of the usual shape
+(8 experts, top-2, rank 16, every projection) stands in, in the float model's dtype. `--json` is
+rewritten after each batch size (`meta.complete` once all are timed), so a run cut short keeps
+what it measured.
 """
 
 import argparse
@@ -36,6 +37,12 @@ FLOAT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def weight_bytes(model) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(model.params()))
+
+
+def expert_bytes(adapter) -> float:
+    """One expert's bytes over every layer and projection (A and B)."""
+    experts = jax.tree.leaves(nnx.state(adapter.experts))
+    return sum(x.nbytes for x in experts) / adapter.config.num_experts
 
 
 def main(argv=None):
@@ -63,6 +70,7 @@ def main(argv=None):
     config = AdapterConfig(method="switch", num_experts=8, top_k=2, rank=16, targets="all-linear")
     adapter = Adapter(floats.config, config, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype))
     sizes = {key: weight_bytes(model) for key, model in models.items()}
+    per_expert = expert_bytes(adapter)
     meta = {"backend": args.backend, "dtype": args.dtype, "source": source, "complete": False}
     records = []
     for batch in (int(b) for b in args.batch.split(",")):
@@ -80,15 +88,20 @@ def main(argv=None):
                     "decode_ms_per_token"])
         ms = {key: statistics.median(t) for key, t in times.items()}
         base = ms[name, "base"]
+        # a step reads the weights and each expert some row chose once: top-k at batch 1, at most
+        # every expert at larger batches (an upper bound there)
+        chosen = min(config.num_experts, batch * config.top_k) * per_expert
         for key in models:
             record = {"batch": batch, "weights": key, "weight_mb": sizes[key] / 2**20,
                       "bytes_vs_float": sizes[key] / sizes[name], "base_ms": ms[key, "base"],
                       "base_vs_float": ms[key, "base"] / base, "switch_ms": ms[key, "switch"],
-                      "switch_vs_base": ms[key, "switch"] / ms[key, "base"]}
+                      "switch_vs_base": ms[key, "switch"] / ms[key, "base"], "expert_mb": chosen / 2**20,
+                      "switch_bytes_vs_base": (sizes[key] + chosen) / sizes[key]}
             records.append(record)
             print(f"batch {batch} {key:>5}: weights {record['weight_mb']:.1f} MB ({record['bytes_vs_float']:.2f}x), "
                   f"base {record['base_ms']:.2f} ms/token ({record['base_vs_float']:.2f}x {name}), "
-                  f"switch {record['switch_ms']:.2f} ms/token ({record['switch_vs_base']:.2f}x its base)", flush=True)
+                  f"switch {record['switch_ms']:.2f} ms/token ({record['switch_vs_base']:.2f}x its base; "
+                  f"{'its' if batch == 1 else 'at most its'} bytes {record['switch_bytes_vs_base']:.2f}x)", flush=True)
         if args.json:
             write_json(args.json, {"meta": meta, "records": records})
     meta["complete"] = True

@@ -111,8 +111,8 @@ class HybridBackend(XlaBackend):
                             one_expand=False)
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
-        return native.routed_group(x, float_weight(w, x), a, b, ids, gates, layer=layer, members=members,
-                                   otherwise=super().fused, xla_product=True)
+        return native.routed_group(x, w, a, b, ids, gates, layer=layer, members=members, otherwise=super().fused,
+                                   product=product)
 
 
 XLA = XlaBackend()

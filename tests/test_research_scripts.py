@@ -95,3 +95,10 @@ def test_quantized_latency_script_times_int8_and_4bit_against_fp32(tiny_ckpt, tm
         assert r["switch_vs_base"] == pytest.approx(r["switch_ms"] / r["base_ms"])
         assert f"batch 1 {r['weights']:>5}: weights {r['weight_mb']:.1f} MB" in out
     assert records[2]["bytes_vs_float"] < records[1]["bytes_vs_float"] < 0.5  # 4-bit < int8 < half of fp32
+    # batch 1 reads top-2 experts: rank 16 on every projection of the tiny Llama (hidden 64, 4 heads
+    # of 16, 2 kv heads, MLP 96, 2 layers), A [in, 16] and B [16, out] each, in fp32
+    projections = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 96), (64, 96), (96, 64)]
+    expert = 2 * sum(16 * (k + n) * 4 for k, n in projections)
+    for r in records:
+        assert r["expert_mb"] * 2**20 == pytest.approx(2 * expert)
+        assert r["switch_bytes_vs_base"] == pytest.approx((r["weight_mb"] + r["expert_mb"]) / r["weight_mb"])

@@ -20,7 +20,9 @@ forward never uses them.
 
 Build the library with `python -m lsjax.native.build` (`make setup` does); `unavailable_reason()`
 says why it is not in use. Products split over the CPUs this process may use (its affinity mask),
-or `LSJAX_NATIVE_THREADS` threads; `threads()` says how many.
+or `LSJAX_NATIVE_THREADS` threads; `threads()` says how many. The quantized products run the widest
+instruction set the CPU has (AVX-512, AVX2, else portable vectors), or at most the one
+`LSJAX_NATIVE_SIMD` names; `simd()` says which.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import ctypes
 import dataclasses
 import functools
 import operator
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsjax.quant import QuantizedWeight, Scheme
+from lsjax.errors import ConfigError
+from lsjax.quant import QuantizedWeight, Scheme, is_quantized
 
 SOURCE = Path(__file__).with_name("matvec.cc")
 LIBRARY = Path(__file__).with_name("_matvec.so")
@@ -48,6 +52,9 @@ MAX_ROUTED_ROWS = 64
 TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT", "lsjax_routed_group": "LsjaxRoutedGroup",
            "lsjax_routed_add": "LsjaxRoutedAdd", "lsjax_quantized_matmul": "LsjaxQuantizedMatmul"}
 THREADS_SYMBOL = "LsjaxNativeThreads"
+SIMD_SYMBOL = "LsjaxNativeSimd"
+SIMD_ENV = "LSJAX_NATIVE_SIMD"
+SIMD_LEVELS = ("avx512", "avx2", "portable")
 
 
 @functools.cache
@@ -55,13 +62,16 @@ def _library() -> ctypes.CDLL | str:
     """The loaded library with its targets registered, or why it cannot be used."""
     if jax.default_backend() != "cpu":
         return f"the default backend is {jax.default_backend()!r}, not cpu"
+    if os.environ.get(SIMD_ENV, SIMD_LEVELS[0]) not in SIMD_LEVELS:
+        raise ConfigError(f"{SIMD_ENV}={os.environ[SIMD_ENV]!r} is not an instruction set; expected one of "
+                          f"{', '.join(SIMD_LEVELS)}")
     if not LIBRARY.exists():
         return f"{LIBRARY} is not built (run `python -m lsjax.native.build`)"
     try:
         library = ctypes.cdll.LoadLibrary(str(LIBRARY))
     except OSError as e:
         return f"cannot load {LIBRARY}: {e}"
-    missing = [symbol for symbol in (*TARGETS.values(), THREADS_SYMBOL) if not hasattr(library, symbol)]
+    missing = [symbol for symbol in (*TARGETS.values(), THREADS_SYMBOL, SIMD_SYMBOL) if not hasattr(library, symbol)]
     if missing:
         return f"{LIBRARY} lacks {missing} (an old build? run `python -m lsjax.native.build`)"
     for target, symbol in TARGETS.items():
@@ -85,6 +95,16 @@ def threads() -> int:
     if not available():
         return 0
     return int(_library()[THREADS_SYMBOL]())
+
+
+def simd() -> str:
+    """The instruction set of the quantized products: "avx512", "avx2" or "portable" ("" when the
+    library is not in use)."""
+    if not available():
+        return ""
+    function = _library()[SIMD_SYMBOL]
+    function.restype = ctypes.c_char_p
+    return function().decode()
 
 
 def _usable(rows: int, limit: int, *arrays) -> bool:
@@ -144,9 +164,9 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return jax.lax.platform_dependent(rows, w.q, w.scale, *offset, cpu=cpu, default=xla).reshape(*lead, n)
 
 
-def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, gates: jax.Array, *,
-                 layer: int | None, members: tuple[tuple[int, int, int], ...], otherwise: Callable,
-                 xla_product: bool = False) -> jax.Array:
+def routed_group(x: jax.Array, w: jax.Array | QuantizedWeight, a: jax.Array, b: jax.Array, ids: jax.Array,
+                 gates: jax.Array, *, layer: int | None, members: tuple[tuple[int, int, int], ...], otherwise: Callable,
+                 product: Callable | None = None) -> jax.Array:
     """A projection group's `x @ w` plus each row's routed LoRA experts, one native call.
 
     x [T, K]; w [K, N] (the group's members side by side); a [L, E, K, S*R] and b [L, E, R, Nb]
@@ -154,8 +174,10 @@ def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: ja
     ids / gates [T, S_r, J] with S_r = 1 (one route for every member) or S (a route per member),
     gates including the LoRA scale; members: S static (w_off, b_off, width) triples, member s's
     term (A's rank columns [s*R, (s+1)*R), B's columns [b_off, b_off + width)) landing in output
-    columns [w_off, w_off + width). Returns y [T, N]. With `xla_product`, XLA makes x @ w at any
-    row count and the native call adds the routed term into it (the hybrid backend).
+    columns [w_off, w_off + width). Returns y [T, N]. With `product` (x, w) -> x @ w [T, N], that
+    makes the group's product (XLA's: the hybrid backend) and the native call adds the routed term
+    into it. Without it: a quantized `w`'s product is `quantized_matmul`, the term added into it; a
+    float32 `w`'s is made in the same call as the term up to `MAX_ROWS` rows, by XLA's GEMM past them.
 
     Where the native call cannot run (no library, not a CPU, not all float32, more than
     `MAX_ROUTED_ROWS` rows, a traced layer) this is
@@ -180,14 +202,27 @@ def routed_group(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, ids: ja
 
     flat = np.asarray(members, np.int64).reshape(-1)
     shape = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    fused = x.shape[0] <= MAX_ROWS and not xla_product  # else XLA makes x @ W and the call adds the term
-    native = (jax.ffi.ffi_call("lsjax_routed_group", shape) if fused else
-              jax.ffi.ffi_call("lsjax_routed_add", shape, input_output_aliases={1: 0}))  # y in y0's buffer
+    attributes = {"layer": np.int64(index), "members": flat}
+    if product is None and not is_quantized(w) and x.shape[0] <= MAX_ROWS:  # one call: x @ w and the term
+        native = jax.ffi.ffi_call("lsjax_routed_group", shape)
+        base = w
+    else:  # the call adds the routed term into the product made elsewhere (y in its buffer)
+        native = jax.ffi.ffi_call("lsjax_routed_add", shape, input_output_aliases={1: 0})
+        pooled = product is None and is_quantized(w)  # no XLA threads beside it: it may use the pool
+        base = quantized_matmul(x, w) if pooled else (product or _xla_product)(x, w)
+        attributes["pooled"] = pooled
 
-    def cpu(x, w, a, b, ids, gates):
+    def cpu(x, base, a, b, ids, gates):
         if a.ndim == 3:  # no layer axis: a free one
             a, b = a[None], b[None]
-        base = w if fused else jnp.matmul(x, w, preferred_element_type=jnp.float32)
-        return native(x, base, a, b, ids.astype(jnp.int32), gates, layer=np.int64(index), members=flat)
+        return native(x, base, a, b, ids.astype(jnp.int32), gates, **attributes)
 
-    return jax.lax.platform_dependent(x, w, a, b, ids, gates, cpu=cpu, default=fallback)
+    def default(x, base, a, b, ids, gates):
+        del base  # (the other platforms' route reads w itself)
+        return fallback(x, w, a, b, ids, gates)
+
+    return jax.lax.platform_dependent(x, base, a, b, ids, gates, cpu=cpu, default=default)
+
+
+def _xla_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)

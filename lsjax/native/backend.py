@@ -22,7 +22,8 @@ from pallas_kernels import routed_group_matmul, sgmm_merge
 
 
 def _xla_fused(x, w, a, b, ids, gates, *, layer, members):
-    return routed_group_matmul(x, w, a, b, ids, gates, members=members, layer=layer, implementation="xla")
+    return routed_group_matmul(x, float_weight(w, x), a, b, ids, gates, members=members, layer=layer,
+                               implementation="xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +44,7 @@ class NativeBackend:
         return native.matmul(x, w)
 
     def fused(self, x, w, a, b, ids, gates, *, members, layer):
-        return native.routed_group(x, float_weight(w, x), a, b, ids, gates, layer=layer, members=members,
-                                   otherwise=_xla_fused)
+        return native.routed_group(x, w, a, b, ids, gates, layer=layer, members=members, otherwise=_xla_fused)
 
     def merge(self, w, a, b, ids, gates, *, members):
         return sgmm_merge(w, a, b, ids, gates, members=members, implementation="xla")

@@ -21,6 +21,8 @@
 // threads into partial sums, then columns (N) split to reduce the partials and add the B term. An
 // expert chosen by several rows is read once for all of them. Plain loops, written for the
 // compiler's vectoriser; the hot phases are compiled for several x86 levels and picked at load time.
+// The quantized kernels widen integers with explicit vector instructions (see `Portable`), and read
+// ahead of themselves with prefetches: bound by arithmetic, they would otherwise stall on each line.
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -36,6 +38,10 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -251,6 +257,7 @@ struct Problem {
   const float* x = nullptr;   // [T, K]
   const float* w = nullptr;   // [K, N], or null with y0
   const float* y0 = nullptr;  // [T, N]: x @ W computed elsewhere (lsjax_routed_add), or null
+  bool pooled = false;        // y0 given by this library's own product: the term may use the pool at any size
   float* y = nullptr;         // [T, N]
   int64_t T = 0, K = 0, N = 0;
   int parts = 1;
@@ -370,120 +377,306 @@ struct Quantized {
   float* y;              // [T, N]
   int64_t T, K, N, group;
   int bits, parts;
-  std::vector<float> x_sums;  // [T, K/g]: each group's sum of x (the offset's coefficient)
+  std::vector<float> x_sums;   // transposed: [T, K/g], each group's sum of x (the offset's coefficient)
+  std::vector<float> x_split;  // transposed 4-bit: [T, 2, K/2], each row's even then odd values of x
+  std::vector<float> partial;  // [parts, T, N]: each piece's partial y (parts > 1)
 };
 
-// Each piece: its columns of W for every row. Within a group the integers are summed against x in
-// floats, then scaled once: one multiply per group and column instead of one per weight.
-LSJAX_HOT void QuantizedPhase(void* ctx, int part) {
+// The integer weights are widened with explicit vector instructions: gcc's vectoriser widens int8
+// through int16 with shuffles that bound the loop. A policy gives W float lanes and the few operations
+// the kernels need; the kernels are templates over it, flattened into one function per instruction
+// set (the policies' intrinsics inline only there) and picked when the library loads.
+struct Portable {  // gcc vectors; any target
+  typedef float V __attribute__((vector_size(16)));
+  static constexpr int W = 4;
+  static inline V Zero() { return V{}; }
+  static inline V Set(float a) { return V{a, a, a, a}; }
+  static inline V Load(const float* p) { V v; __builtin_memcpy(&v, p, sizeof v); return v; }
+  static inline void Store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
+  static inline V Fma(V a, V b, V c) { return a * b + c; }
+  static inline V Int8(const int8_t* p) { return V{float(p[0]), float(p[1]), float(p[2]), float(p[3])}; }
+  static inline void Nibbles(const uint8_t* p, V* lo, V* hi) {
+    *lo = V{float(p[0] & 15), float(p[1] & 15), float(p[2] & 15), float(p[3] & 15)};
+    *hi = V{float(p[0] >> 4), float(p[1] >> 4), float(p[2] >> 4), float(p[3] >> 4)};
+  }
+  static inline float Sum(V v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LSJAX_X86_KERNELS 1
+#define LSJAX_AVX2 __attribute__((target("avx2,fma")))
+#define LSJAX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+struct Avx2 {
+  using V = __m256;
+  static constexpr int W = 8;
+  LSJAX_AVX2 static inline V Zero() { return _mm256_setzero_ps(); }
+  LSJAX_AVX2 static inline V Set(float a) { return _mm256_set1_ps(a); }
+  LSJAX_AVX2 static inline V Load(const float* p) { return _mm256_loadu_ps(p); }
+  LSJAX_AVX2 static inline void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  LSJAX_AVX2 static inline V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  LSJAX_AVX2 static inline V Int8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  LSJAX_AVX2 static inline void Nibbles(const uint8_t* p, V* lo, V* hi) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+  LSJAX_AVX2 static inline float Sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int W = 16;
+  LSJAX_AVX512 static inline V Zero() { return _mm512_setzero_ps(); }
+  LSJAX_AVX512 static inline V Set(float a) { return _mm512_set1_ps(a); }
+  LSJAX_AVX512 static inline V Load(const float* p) { return _mm512_loadu_ps(p); }
+  LSJAX_AVX512 static inline void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  LSJAX_AVX512 static inline V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  LSJAX_AVX512 static inline V Int8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  LSJAX_AVX512 static inline void Nibbles(const uint8_t* p, V* lo, V* hi) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  }
+  LSJAX_AVX512 static inline float Sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+
+// sums[t][0:N] += sum_{k in [k0, k1)} xs[t][k] * q[k, 0:N] for TB rows of x, the integers as floats:
+// each weight is widened once for all TB rows; the sums are loaded and stored once per RB rows of q
+// (8-bit) or RB packed rows (4-bit: 2 RB values of k; k0 even), U vectors of columns at a time (U
+// independent sums in flight; with AVX-512 and U = 4, one cache line of each row). Each row of the
+// next pass is prefetched as this one reads it.
+template <class S, int TB, int RB, int U>
+inline void AddIntegers(const Quantized& p, const float* const* xs, int64_t k0, int64_t k1, float* const* sums) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int64_t N = p.N, step = p.bits == 8 ? RB : 2 * RB;
+  int64_t k = k0;
+  for (; k + step <= k1; k += step) {
+    V a[TB][2 * RB];
+    for (int t = 0; t < TB; ++t)
+      for (int r = 0; r < step; ++r) a[t][r] = S::Set(xs[t][k + r]);
+    int64_t n = 0;
+    if (p.bits == 8) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(p.q) + k * N;
+      for (; n + U * W <= N; n += U * W) {
+        V s[TB][U];
+        for (int t = 0; t < TB; ++t)
+          for (int u = 0; u < U; ++u) s[t][u] = S::Load(sums[t] + n + u * W);
+        for (int r = 0; r < RB; ++r) {
+          __builtin_prefetch(q + (r + RB) * N + n, 0, 3);
+          for (int u = 0; u < U; ++u) {
+            const V w = S::Int8(q + r * N + n + u * W);
+            for (int t = 0; t < TB; ++t) s[t][u] = S::Fma(a[t][r], w, s[t][u]);
+          }
+        }
+        for (int t = 0; t < TB; ++t)
+          for (int u = 0; u < U; ++u) S::Store(sums[t] + n + u * W, s[t][u]);
+      }
+      for (; n < N; ++n)
+        for (int t = 0; t < TB; ++t)
+          for (int r = 0; r < RB; ++r) sums[t][n] += xs[t][k + r] * float(q[r * N + n]);
+    } else {
+      const uint8_t* q = p.q + (k / 2) * N;
+      for (; n + U * W <= N; n += U * W) {
+        V s[TB][U];
+        for (int t = 0; t < TB; ++t)
+          for (int u = 0; u < U; ++u) s[t][u] = S::Load(sums[t] + n + u * W);
+        for (int r = 0; r < RB; ++r) {
+          __builtin_prefetch(q + (r + RB) * N + n, 0, 3);
+          for (int u = 0; u < U; ++u) {
+            V lo, hi;
+            S::Nibbles(q + r * N + n + u * W, &lo, &hi);
+            for (int t = 0; t < TB; ++t) s[t][u] = S::Fma(a[t][2 * r + 1], hi, S::Fma(a[t][2 * r], lo, s[t][u]));
+          }
+        }
+        for (int t = 0; t < TB; ++t)
+          for (int u = 0; u < U; ++u) S::Store(sums[t] + n + u * W, s[t][u]);
+      }
+      for (; n < N; ++n)
+        for (int t = 0; t < TB; ++t)
+          for (int r = 0; r < RB; ++r)
+            sums[t][n] += xs[t][k + 2 * r] * float(q[r * N + n] & 15) + xs[t][k + 2 * r + 1] * float(q[r * N + n] >> 4);
+    }
+  }
+  if constexpr (RB > 1)
+    if (k < k1) AddIntegers<S, TB, 1, U>(p, xs, k, k1, sums);  // fewer rows than a pass
+}
+
+// Rows of q split into pieces (whole groups each where there are enough): each piece adds its rows'
+// products to its own partial y, a group's integer sums scaled once (one multiply per group and
+// column, not per weight). Each piece reads one contiguous block of q.
+template <class S>
+inline void QuantizedRows(Quantized& p, int part) {
+  const int64_t T = p.T, K = p.K, N = p.N;
+  int64_t k0, k1;
+  if (K / p.group >= p.parts) {
+    Piece(K / p.group, part, p.parts, 1, &k0, &k1);
+    k0 *= p.group, k1 *= p.group;
+  } else {
+    Piece(K, part, p.parts, p.bits == 4 ? 2 : 1, &k0, &k1);
+  }
+  float* out = p.parts == 1 ? p.y : p.partial.data() + part * T * N;
+  std::fill(out, out + T * N, 0.f);
+  thread_local std::vector<float> scratch;
+  scratch.resize(size_t(T * N));
+  for (int64_t a = k0; a < k1;) {  // segments of [k0, k1) within one group
+    const int64_t g = a / p.group, b = std::min(k1, (g + 1) * p.group);
+    std::fill(scratch.begin(), scratch.end(), 0.f);
+    const float* xs[4];
+    float* sums[4];
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) {
+      for (int i = 0; i < 4; ++i) xs[i] = p.x + (t + i) * K, sums[i] = scratch.data() + (t + i) * N;
+      AddIntegers<S, 4, 2, 1>(p, xs, a, b, sums);
+    }
+    for (; t < T; ++t) {
+      xs[0] = p.x + t * K, sums[0] = scratch.data() + t * N;
+      AddIntegers<S, 1, 8, 4>(p, xs, a, b, sums);
+    }
+    const float* scale = p.scale + g * N;
+    const float* offset = p.offset == nullptr ? nullptr : p.offset + g * N;
+    for (t = 0; t < T; ++t) {
+      float* y = out + t * N;
+      const float* s = scratch.data() + t * N;
+      float x_sum = 0.f;  // the segment's sum of x: the offset's coefficient
+      if (offset != nullptr)
+        for (int64_t k = a; k < b; ++k) x_sum += p.x[t * K + k];
+      int64_t n = 0;
+      for (; n + S::W <= N; n += S::W) {
+        auto v = S::Fma(S::Load(scale + n), S::Load(s + n), S::Load(y + n));
+        if (offset != nullptr) v = S::Fma(S::Load(offset + n), S::Set(x_sum), v);
+        S::Store(y + n, v);
+      }
+      for (; n < N; ++n) y[n] += scale[n] * s[n] + (offset == nullptr ? 0.f : offset[n] * x_sum);
+    }
+    a = b;
+  }
+}
+
+// y[t, n] for n in [n0, n1) and TB rows from t0: each group's dot product in vector lanes, scaled once
+// into running lanes; one horizontal sum per output. 4-bit: x split into its even and odd values,
+// which a byte's low and high nibbles multiply.
+template <class S, int TB>
+inline void QuantizedDots(const Quantized& p, int64_t t0, int64_t n0, int64_t n1) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int64_t K = p.K, G = K / p.group, half = K / 2, bytes = p.bits == 4 ? half : K;
+  const int64_t group_bytes = p.bits == 4 ? p.group / 2 : p.group;
+  const float* x[TB];
+  for (int t = 0; t < TB; ++t) x[t] = (p.bits == 4 ? p.x_split.data() : p.x) + (t0 + t) * K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.q + n * bytes;
+    for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch(row + 4096 + j, 0, 3);  // rows ahead: never wait
+    const float* scale = p.scale + n * G;
+    V total[TB];
+    float rest[TB];
+    for (int t = 0; t < TB; ++t) total[t] = S::Zero(), rest[t] = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      V lanes[TB];
+      float tail[TB];
+      for (int t = 0; t < TB; ++t) lanes[t] = S::Zero(), tail[t] = 0.f;
+      const int64_t j1 = (g + 1) * group_bytes;
+      int64_t j = g * group_bytes;
+      if (p.bits == 8) {
+        const int8_t* w = reinterpret_cast<const int8_t*>(row);
+        for (; j + W <= j1; j += W) {
+          const V v = S::Int8(w + j);
+          for (int t = 0; t < TB; ++t) lanes[t] = S::Fma(S::Load(x[t] + j), v, lanes[t]);
+        }
+        for (; j < j1; ++j)
+          for (int t = 0; t < TB; ++t) tail[t] += x[t][j] * float(w[j]);
+      } else {
+        for (; j + W <= j1; j += W) {
+          V lo, hi;
+          S::Nibbles(row + j, &lo, &hi);
+          for (int t = 0; t < TB; ++t)
+            lanes[t] = S::Fma(S::Load(x[t] + half + j), hi, S::Fma(S::Load(x[t] + j), lo, lanes[t]));
+        }
+        for (; j < j1; ++j)
+          for (int t = 0; t < TB; ++t) tail[t] += x[t][j] * float(row[j] & 15) + x[t][half + j] * float(row[j] >> 4);
+      }
+      const float s = scale[g], o = p.offset == nullptr ? 0.f : p.offset[n * G + g];
+      for (int t = 0; t < TB; ++t) {
+        total[t] = S::Fma(S::Set(s), lanes[t], total[t]);
+        rest[t] += s * tail[t] + o * p.x_sums[(t0 + t) * G + g];
+      }
+    }
+    for (int t = 0; t < TB; ++t) p.y[(t0 + t) * p.N + n] = S::Sum(total[t]) + rest[t];
+  }
+}
+
+template <class S>
+inline void QuantizedTransposed(Quantized& p, int part) {  // each piece: its rows of Wt, i.e. its outputs
+  int64_t n0, n1;
+  Piece(p.N, part, p.parts, 1, &n0, &n1);
+  int64_t t = 0;
+  for (; t + 4 <= p.T; t += 4) QuantizedDots<S, 4>(p, t, n0, n1);
+  for (; t < p.T; ++t) QuantizedDots<S, 1>(p, t, n0, n1);
+}
+
+LSJAX_HOT void QuantizedColumnsPhase(void* ctx, int part) {  // each piece: its columns, the partials summed
   auto& p = *static_cast<Quantized*>(ctx);
   int64_t n0, n1;
   Piece(p.N, part, p.parts, 16, &n0, &n1);
-  const int64_t width = n1 - n0, T = p.T, K = p.K, N = p.N, G = p.K / p.group;
-  if (width <= 0) return;
-  thread_local std::vector<float> sums;
-  sums.resize(size_t(T * width));
-  for (int64_t t = 0; t < T; ++t) std::fill(p.y + t * N + n0, p.y + t * N + n1, 0.f);
-  for (int64_t g = 0; g < G; ++g) {
-    std::fill(sums.begin(), sums.end(), 0.f);
-    // four rows of W per pass over the sums (8-bit: four rows; 4-bit: two bytes, four values), so the
-    // sums are loaded and stored once per four products
-    const int64_t step = 4, k_end = (g + 1) * p.group;
-    int64_t k = g * p.group;
-    for (; k + step <= k_end; k += step) {
-      for (int64_t t = 0; t < T; ++t) {
-        float* __restrict acc = sums.data() + t * width;
-        const float* xs = p.x + t * K + k;
-        const float x0 = xs[0], x1 = xs[1], x2 = xs[2], x3 = xs[3];
-        if (p.bits == 8) {
-          const int8_t* __restrict r0 = reinterpret_cast<const int8_t*>(p.q) + k * N + n0;
-          const int8_t* __restrict r1 = r0 + N;
-          const int8_t* __restrict r2 = r1 + N;
-          const int8_t* __restrict r3 = r2 + N;
-          for (int64_t n = 0; n < width; ++n)
-            acc[n] += (x0 * float(r0[n]) + x1 * float(r1[n])) + (x2 * float(r2[n]) + x3 * float(r3[n]));
-        } else {
-          const uint8_t* __restrict r0 = p.q + (k / 2) * N + n0;
-          const uint8_t* __restrict r1 = r0 + N;
-          for (int64_t n = 0; n < width; ++n)
-            acc[n] += (x0 * float(r0[n] & 15) + x1 * float(r0[n] >> 4)) +
-                      (x2 * float(r1[n] & 15) + x3 * float(r1[n] >> 4));
-        }
-      }
-    }
-    for (; k < k_end; k += p.bits == 4 ? 2 : 1) {  // a group size not a multiple of four
-      for (int64_t t = 0; t < T; ++t) {
-        float* __restrict acc = sums.data() + t * width;
-        if (p.bits == 8) {
-          const int8_t* __restrict row = reinterpret_cast<const int8_t*>(p.q) + k * N + n0;
-          const float xv = p.x[t * K + k];
-          for (int64_t n = 0; n < width; ++n) acc[n] += xv * float(row[n]);
-        } else {
-          const uint8_t* __restrict row = p.q + (k / 2) * N + n0;
-          const float even = p.x[t * K + k], odd = p.x[t * K + k + 1];
-          for (int64_t n = 0; n < width; ++n) acc[n] += even * float(row[n] & 15) + odd * float(row[n] >> 4);
-        }
-      }
-    }
-    const float* __restrict scale = p.scale + g * N + n0;
-    const float* offset = p.offset == nullptr ? nullptr : p.offset + g * N + n0;
-    for (int64_t t = 0; t < T; ++t) {
-      float* __restrict y = p.y + t * N + n0;
-      const float* __restrict acc = sums.data() + t * width;
-      if (offset == nullptr) {
-        for (int64_t n = 0; n < width; ++n) y[n] += scale[n] * acc[n];
-      } else {
-        const float xs = p.x_sums[t * G + g];
-        for (int64_t n = 0; n < width; ++n) y[n] += scale[n] * acc[n] + offset[n] * xs;
-      }
+  const int64_t TN = p.T * p.N;
+  for (int64_t t = 0; t < p.T; ++t) {
+    float* __restrict y = p.y + t * p.N;
+    const float* __restrict first = p.partial.data() + t * p.N;
+    for (int64_t n = n0; n < n1; ++n) y[n] = first[n];
+    for (int q = 1; q < p.parts; ++q) {
+      const float* __restrict src = p.partial.data() + q * TN + t * p.N;
+      for (int64_t n = n0; n < n1; ++n) y[n] += src[n];
     }
   }
 }
 
-constexpr int kLanes = 16;
-
-// Each piece: its rows of Wt (outputs), every row of x: a dot product per group, scaled once.
-LSJAX_HOT void QuantizedTransposedPhase(void* ctx, int part) {
-  auto& p = *static_cast<Quantized*>(ctx);
-  int64_t n0, n1;
-  Piece(p.N, part, p.parts, 1, &n0, &n1);
-  const int64_t T = p.T, K = p.K, N = p.N, G = p.K / p.group, bytes = p.bits == 4 ? K / 2 : K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.q + n * bytes;
-    const float* scale = p.scale + n * G;
-    const float* offset = p.offset == nullptr ? nullptr : p.offset + n * G;
-    for (int64_t t = 0; t < T; ++t) {
-      const float* __restrict x = p.x + t * K;
-      float total = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        // a group's dot product in kLanes independent partial sums (a vector), added up once
-        float lanes[kLanes] = {};
-        const int64_t k0 = g * p.group;
-        if (p.bits == 8) {
-          const int8_t* __restrict w = reinterpret_cast<const int8_t*>(row) + k0;
-          int64_t k = 0;
-          for (; k + kLanes <= p.group; k += kLanes)
-            for (int l = 0; l < kLanes; ++l) lanes[l] += x[k0 + k + l] * float(w[k + l]);
-          for (; k < p.group; ++k) lanes[0] += x[k0 + k] * float(w[k]);
-        } else {
-          const uint8_t* __restrict w = row + k0 / 2;
-          const int64_t bytes_in_group = p.group / 2;
-          int64_t j = 0;
-          for (; j + kLanes / 2 <= bytes_in_group; j += kLanes / 2)
-            for (int l = 0; l < kLanes / 2; ++l) {
-              lanes[2 * l] += x[k0 + 2 * (j + l)] * float(w[j + l] & 15);
-              lanes[2 * l + 1] += x[k0 + 2 * (j + l) + 1] * float(w[j + l] >> 4);
-            }
-          for (; j < bytes_in_group; ++j)
-            lanes[0] += x[k0 + 2 * j] * float(w[j] & 15) + x[k0 + 2 * j + 1] * float(w[j] >> 4);
-        }
-        float dot = 0.f;
-        for (int l = 0; l < kLanes; ++l) dot += lanes[l];
-        total += scale[g] * dot + (offset == nullptr ? 0.f : offset[g] * p.x_sums[t * G + g]);
-      }
-      p.y[t * N + n] = total;
-    }
+// One function per instruction set and phase (`flatten` inlines the kernels and their policy there).
+using Phase = void (*)(void* ctx, int part);
+#define LSJAX_PHASES(S, ATTRIBUTES)                                                                             \
+  ATTRIBUTES __attribute__((flatten)) void Rows##S(void* ctx, int part) {                                      \
+    QuantizedRows<S>(*static_cast<Quantized*>(ctx), part);                                                      \
+  }                                                                                                             \
+  ATTRIBUTES __attribute__((flatten)) void Transposed##S(void* ctx, int part) {                                \
+    QuantizedTransposed<S>(*static_cast<Quantized*>(ctx), part);                                                \
   }
+LSJAX_PHASES(Portable, )
+#ifdef LSJAX_X86_KERNELS
+LSJAX_PHASES(Avx2, LSJAX_AVX2)
+LSJAX_PHASES(Avx512, LSJAX_AVX512)
+#endif
+
+struct QuantizedPhases {
+  const char* simd;
+  Phase rows, transposed;
+};
+
+// The widest instruction set this CPU runs, or at most the one LSJAX_NATIVE_SIMD names (avx512,
+// avx2 or portable: the tests check each against the same references).
+const QuantizedPhases& PickQuantizedPhases() {
+  static const QuantizedPhases phases = [] {
+    const char* env = std::getenv("LSJAX_NATIVE_SIMD");
+    const std::string cap = env == nullptr ? "avx512" : env;
+#ifdef LSJAX_X86_KERNELS
+    __builtin_cpu_init();
+    if (cap == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return QuantizedPhases{"avx512", RowsAvx512, TransposedAvx512};
+    if ((cap == "avx512" || cap == "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return QuantizedPhases{"avx2", RowsAvx2, TransposedAvx2};
+#endif
+    return QuantizedPhases{"portable", RowsPortable, TransposedPortable};
+  }();
+  return phases;
 }
 
 // Below this many bytes read a product runs on the calling thread: waking another costs more.
@@ -530,7 +723,7 @@ void Multiply(Problem& p) {
   // calling thread: waking the pool costs more than it saves there, and its spinning workers would
   // take the cores on which XLA's own threads run the next products (docs/perf.md).
   bytes *= int64_t(sizeof(float));
-  p.parts = p.w == nullptr && bytes < kTermParallelBytes ? 1 : Parts(bytes);
+  p.parts = p.w == nullptr && !p.pooled && bytes < kTermParallelBytes ? 1 : Parts(bytes);
   const int64_t uses = int64_t(p.uses.size());
   p.x_rows.resize(p.T);
   for (int64_t t = 0; t < p.T; ++t) p.x_rows[t] = p.x + t * p.K;
@@ -664,10 +857,11 @@ ffi::Error RoutedGroupImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer a,
 }
 
 // y = y0 + the routed term, y0 = x @ W computed elsewhere (XLA's GEMM wins the plain product for
-// many rows; this reads each chosen expert once for all the rows that chose it).
+// many rows; a quantized weight's own product; this reads each chosen expert once for all the rows
+// that chose it).
 ffi::Error RoutedAddImpl(ffi::AnyBuffer x, ffi::AnyBuffer y0, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer ids,
                          ffi::AnyBuffer gates, ffi::Result<ffi::AnyBuffer> y, int64_t layer,
-                         ffi::Span<const int64_t> members) {
+                         ffi::Span<const int64_t> members, bool pooled) {
   const std::string name = "lsjax_routed_add";
   if (!IsF32(x, 2) || !IsF32(y0, 2) || y0.dimensions()[0] != x.dimensions()[0])
     return Invalid(name + ": expected float32 x [T, K] and y0 [T, N]");
@@ -679,6 +873,7 @@ ffi::Error RoutedAddImpl(ffi::AnyBuffer x, ffi::AnyBuffer y0, ffi::AnyBuffer a, 
   p.N = y0.dimensions()[1];
   p.x = static_cast<const float*>(x.untyped_data());
   p.w = nullptr;
+  p.pooled = pooled;
   p.y0 = static_cast<const float*>(y0.untyped_data());
   p.y = static_cast<float*>(y->untyped_data());
   return Routed(p, a, b, ids, gates, layer, members, name);
@@ -716,12 +911,27 @@ ffi::Error QuantizedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffe
   p.offset = has_offset ? static_cast<const float*>(offset.untyped_data()) : nullptr;
   p.y = static_cast<float*>(y->untyped_data());
   p.T = T, p.K = K, p.N = N, p.group = group, p.bits = int(bits);
-  p.x_sums.assign(size_t(T * G), 0.f);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k = 0; k < K; ++k) p.x_sums[t * G + k / group] += p.x[t * K + k];
   const int64_t read = packed_k * N + (has_offset ? 2 : 1) * G * N * int64_t(sizeof(float));
   p.parts = Parts(read);
-  SharedPool().Run(transposed ? QuantizedTransposedPhase : QuantizedPhase, &p, p.parts);
+  Pool& pool = SharedPool();
+  if (transposed) {
+    p.x_sums.assign(size_t(T * G), 0.f);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) p.x_sums[t * G + k / group] += p.x[t * K + k];
+    if (bits == 4) {
+      p.x_split.resize(size_t(T * K));
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < K / 2; ++j) {
+          p.x_split[t * K + j] = p.x[t * K + 2 * j];
+          p.x_split[t * K + K / 2 + j] = p.x[t * K + 2 * j + 1];
+        }
+    }
+    pool.Run(PickQuantizedPhases().transposed, &p, p.parts);
+    return ffi::Error::Success();
+  }
+  if (p.parts > 1) p.partial.resize(size_t(p.parts * T * N));
+  pool.Run(PickQuantizedPhases().rows, &p, p.parts);
+  if (p.parts > 1) pool.Run(QuantizedColumnsPhase, &p, p.parts);
   return ffi::Error::Success();
 }
 
@@ -729,6 +939,9 @@ ffi::Error QuantizedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffe
 
 // The pool's thread count (lsjax.native.threads()).
 extern "C" __attribute__((visibility("default"))) int LsjaxNativeThreads() { return SharedPool().threads(); }
+
+// The instruction set of the quantized kernels (lsjax.native.simd()).
+extern "C" __attribute__((visibility("default"))) const char* LsjaxNativeSimd() { return PickQuantizedPhases().simd; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxMatmul, MatmulImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
@@ -763,4 +976,6 @@ static auto RoutedBinding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedGroup, RoutedGroupImpl, RoutedBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedAdd, RoutedAddImpl, RoutedBinding());
+// lsjax_routed_add's `pooled`: y0 came from this library's own product (a quantized weight's), so no XLA
+// threads run beside the term and it may split over the pool at any size.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LsjaxRoutedAdd, RoutedAddImpl, RoutedBinding().Attr<bool>("pooled"));
