@@ -90,8 +90,6 @@ def _serve(args) -> None:
         raise ConfigError(f"--adapter: two adapters share a name ({', '.join(args.adapter)}); name them NAME=DIR")
     lockstep = None
     if init_distributed(args.coordinator, args.num_processes, args.process_id):
-        if args.allow_runtime_adapters:
-            raise ConfigError("--allow-runtime-adapters: a multi-process server holds the adapters it started with")
         if args.tensor_parallel != jax.device_count():
             raise ConfigError(f"--tensor-parallel {args.tensor_parallel}: a multi-process server spans every process's "
                               f"devices; expected {jax.device_count()}", "tensor_parallel")

@@ -447,7 +447,9 @@ def test_two_processes_serve_as_one(tmp_path):
     """`lsjax serve` over two `jax.distributed` processes on localhost (one device each, the weights,
     experts and cache split over both): process 0 answers HTTP and the other steps the same batch.
     Concurrent greedy requests to the base and to a switch adapter, while a streamed one is dropped
-    by its client, give one process's texts; stopping process 0 ends both cleanly."""
+    by its client, give one process's texts; a LoRA adapter loaded at run time (each process opening
+    its folder between the same two steps) gives its own, and the switch adapter unloaded is gone;
+    stopping process 0 ends both cleanly."""
     import os
     import signal
     import socket
@@ -461,13 +463,16 @@ def test_two_processes_serve_as_one(tmp_path):
     make_hf_model(tmp_path / "hf")
     convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
     model, tok = lsjax.load(tmp_path / "ckpt")
-    adapter = random_adapter(model, "switch")
+    adapter, lora = random_adapter(model, "switch"), random_adapter(model, "lora")
     save_adapter(tmp_path / "sw", adapter)
+    save_adapter(tmp_path / "lora", lora)
     asks = [("tiny", "abc", 6), ("sw", "hello there", 9), ("tiny", "the quick brown fox jumps over", 4),
             ("sw", "x", 7), ("tiny", "a b c d e f g h i j k", 8)]
     generators = {"tiny": Generator(model, tok, strategy="unmerged"),
                   "sw": Generator(model, tok, adapter, strategy="unmerged")}
     want = [generators[name].generate([prompt], max_new_tokens=n).texts[0] for name, prompt, n in asks]
+    want_lora, want_base = (Generator(model, tok, a, strategy="unmerged").generate(["hello there"], max_new_tokens=6)
+                            .texts[0] for a in (lora, None))
 
     def free_port():
         with socket.socket() as s:
@@ -479,7 +484,7 @@ def test_two_processes_serve_as_one(tmp_path):
                                "--model-name", "tiny", "--adapter", f"sw={tmp_path / 'sw'}", "--slots", "2",
                                "--max-len", "128", "--port", str(port), "--strategy", "unmerged", "--tensor-parallel",
                                "2", "--coordinator", f"localhost:{coordinator}", "--num-processes", "2",
-                               "--process-id", str(i)],
+                               "--process-id", str(i), "--allow-runtime-adapters", "--max-adapters", "2"],
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
              for i in range(2)]
     url = f"http://127.0.0.1:{port}/v1"
@@ -508,6 +513,25 @@ def test_two_processes_serve_as_one(tmp_path):
         for t in threads:
             t.join()
         assert got == want
+
+        def load(name, folder):
+            body = {"lora_name": name, "lora_path": str(folder)}
+            return httpx.post(f"{url}/load_lora_adapter", json=body, timeout=60)
+
+        def complete(name):
+            return httpx.post(f"{url}/completions", json={"model": name, "prompt": "hello there", "max_tokens": 6,
+                                                          "temperature": 0}, timeout=60)
+
+        missing = load("lora", tmp_path / "nowhere")  # refused at process 0: no process tries it
+        assert missing.status_code == 400 and "nowhere" in missing.json()["error"]["message"], missing.text
+        assert load("lora", tmp_path / "lora").status_code == 200
+        assert complete("lora").json()["choices"][0]["text"] == want_lora
+        full = load("more", tmp_path / "lora")  # both slots taken
+        assert full.status_code == 400 and "no room for adapter 'more'" in full.text, full.text
+        assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "sw"}, timeout=60).status_code == 200
+        gone = complete("sw")
+        assert gone.status_code == 404 and "model 'sw' is not served here" in gone.text, gone.text
+        assert complete("tiny").json()["choices"][0]["text"] == want_base
     finally:
         procs[0].send_signal(signal.SIGINT)
         try:

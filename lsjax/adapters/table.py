@@ -184,6 +184,14 @@ class AdapterTable:
 
     def load(self, name: str, adapter) -> int:
         """Put `adapter` (made for this model) into a free slot; returns the slot."""
+        slot = self.check_load(name, adapter)
+        self._place(slot, adapter.config, adapter.arrays())
+        self._settle()
+        self.names[name], self.configs[name] = slot, adapter.config
+        return slot
+
+    def check_load(self, name: str, adapter) -> int:
+        """The slot `load` would use; raises `AdapterError` naming why it cannot (nothing changes)."""
         config = adapter.config
         if name in self.names:
             raise AdapterError(f"adapter {name!r} is already loaded (slot {self.names[name]}); unload it first")
@@ -198,11 +206,7 @@ class AdapterTable:
         if not free:
             raise AdapterError(f"no room for adapter {name!r}: all {self.room.adapters} adapter slots are in use "
                                f"({', '.join(sorted(self.names))}); unload one or start with more (max_adapters)")
-        slot = free[0]
-        self._place(slot, config, adapter.arrays())
-        self._settle()
-        self.names[name], self.configs[name] = slot, config
-        return slot
+        return free[0]
 
     def unload(self, name: str) -> int:
         """Free adapter `name`'s slot (its experts zeroed, its rows refused until loaded again)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import functools
 import queue
 import threading
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsjax.adapters import open_adapter
 from lsjax.decode import KVCache, left_pad, pinned
 from lsjax.decoder import Decoder
 from lsjax.errors import ConfigError, LsjaxError
@@ -87,6 +89,29 @@ class UnknownAdapter(ConfigError):
 
 class AdapterInUse(LsjaxError):
     """An unload names an adapter that requests (running or waiting) still decode with."""
+
+
+class ChangeKind(enum.StrEnum):
+    LOAD = "load"
+    UNLOAD = "unload"
+
+
+@dataclasses.dataclass
+class _Change:
+    """A run-time adapter load or unload that a lockstep engine's loop makes on every process between
+    the same two steps. `source`: the folder every process opens (a load); `adapter`: process 0's
+    copy, opened when the request came."""
+
+    kind: ChangeKind
+    name: str
+    source: str | None = None
+    adapter: object = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    slot: int | None = None
+    error: BaseException | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": str(self.kind), "name": self.name, "source": self.source}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +387,7 @@ class Engine:
         self.rows: list[_Row | None] = [None] * config.slots
         self.tokens = np.zeros(config.slots, np.int32)
         self.inbox: list[Handle] = []  # submitted, not yet taken in by the loop
+        self.changes: list[_Change] = []  # adapter loads and unloads for a lockstep loop to make
         self.waiting: collections.deque[Handle] = collections.deque()
         self.taken = 0  # requests the loop has taken in (numbers them)
         self.prefilling: _Prefill | None = None
@@ -414,10 +440,18 @@ class Engine:
         table = self.decoder.table
         return {} if table is None else dict(table.configs)
 
-    def load_adapter(self, name: str, adapter) -> int:
+    def load_adapter(self, name: str, adapter, source: str | None = None) -> int:
         """Put `adapter` into a free slot of the table, between two steps: rows in flight are not
-        touched and nothing compiles (the table's shapes are fixed). Returns the slot."""
+        touched and nothing compiles (the table's shapes are fixed). Returns the slot. A lockstep
+        engine (running) loads it on every process between the same two steps, each opening
+        `source`, the folder `adapter` came from, which every process must read at that path."""
         table = self._table()
+        if self.lockstep is not None:
+            if source is None:
+                raise ConfigError(f"adapter {name!r}: a lockstep engine's processes each open the adapter's folder; "
+                                  "pass source")
+            table.check_load(name, adapter)
+            return self._change(_Change(ChangeKind.LOAD, name, str(source), adapter))
         with self.wake:
             slot = table.load(name, adapter)
             self.decoder.refresh()
@@ -426,19 +460,57 @@ class Engine:
     def unload_adapter(self, name: str) -> int:
         """Free adapter `name`'s slot; refused while a request (running, prefilling or waiting) uses it."""
         table = self._table()
+        if self.lockstep is not None:
+            self._slot(name)
+            return self._change(_Change(ChangeKind.UNLOAD, name))
         with self.wake:
-            slot = self._slot(name)
-            if self.users[slot]:
-                raise AdapterInUse(f"adapter {name!r} is in use by {self.users[slot]} request(s); unload it when they "
-                                   "finish")
+            slot = self._checked_unload(name)
             table.unload(name)
             self.decoder.refresh()
         return slot
 
+    def _checked_unload(self, name: str) -> int:
+        slot = self._slot(name)
+        if self.users[slot]:
+            raise AdapterInUse(f"adapter {name!r} is in use by {self.users[slot]} request(s); unload it when they "
+                               "finish")
+        return slot
+
+    def _change(self, change: _Change) -> int:
+        """Queue a lockstep engine's load or unload for its loop and wait until every process made it."""
+        if not self.leader:
+            raise ConfigError("this process follows a lockstep engine: adapters are loaded at process 0")
+        thread = self.thread
+        if thread is None or self.failure is not None:
+            raise ConfigError("a lockstep engine changes its adapters from its running loop; start it first")
+        with self.wake:
+            self.changes.append(change)
+            self.wake.notify()
+        while not change.done.wait(1.0):
+            if not thread.is_alive():  # stopped before taking it in
+                raise ConfigError(f"adapter {change.name!r} was not {change.kind}ed: the engine stopped")
+        if change.error is not None:
+            raise change.error
+        return change.slot
+
+    def _make(self, changes: list[_Change]) -> None:
+        """Make the changes process 0 shared, here (at process 0 they were checked when shared)."""
+        table = self.decoder.table
+        for change in changes:
+            try:
+                if change.kind == ChangeKind.LOAD:
+                    adapter = change.adapter if self.leader else open_adapter(change.source, self.decoder.config)
+                    change.slot = table.load(change.name, adapter)
+                else:
+                    change.slot = table.unload(change.name)
+                self.decoder.refresh()
+            except BaseException as e:  # a process that cannot follow stops the engine (its loop re-raises)
+                change.error = e
+                raise
+            finally:
+                change.done.set()
+
     def _table(self):
-        if self.lockstep is not None:
-            raise ConfigError("adapters are loaded at run time only into an engine of one process: a lockstep "
-                              "engine's processes hold the adapters they started with")
         if self.decoder.table is None:
             raise ConfigError("this engine decodes one adapter for every request: adapters are loaded at run time "
                               "only into an engine over an AdapterTable")
@@ -550,14 +622,18 @@ class Engine:
         process 0's, on every process); True once the engine is stopping."""
         if self.leader:
             with self.wake:
-                while not (self.stopping or self.inbox or self.waiting or self.prefilling or self.active()):
+                while not (self.stopping or self.inbox or self.changes or self.waiting or self.prefilling or
+                           self.active()):
                     if not self.wake.wait(None if self.lockstep is None else self.lockstep.heartbeat):
                         break  # a lockstep leader's idle heartbeat
                 arrived, self.inbox = self.inbox, []
+                changes = [c for c in self.changes if self._still_valid(c)]
+                self.changes = []
                 stopping = self.stopping
         else:
             news = self.lockstep.share(None)
             arrived, stopping = [self._follow(item) for item in news.get("arrived", ())], news.get("stop", False)
+            changes = [_Change(ChangeKind(c["kind"]), c["name"], c["source"]) for c in news.get("changes", ())]
         for handle in arrived:
             handle.id, self.taken = self.taken, self.taken + 1
         open_ = {h.id: h for h in self._open() + arrived}
@@ -565,15 +641,31 @@ class Engine:
             cancelled = [i for i, h in open_.items() if h.cancelled.is_set() and not h.dropped]
             if self.lockstep is not None:
                 news = {"arrived": [{"request": h.request.to_dict(), "slot": h.slot} for h in arrived],
-                        "cancelled": cancelled, "stop": stopping}
-                self.lockstep.share(news if arrived or cancelled or stopping else None)
+                        "cancelled": cancelled, "stop": stopping, "changes": [c.to_dict() for c in changes]}
+                self.lockstep.share(news if arrived or cancelled or stopping or changes else None)
         else:
             cancelled = news.get("cancelled", ())
         for i in cancelled:
             open_[i].dropped = True
+        if changes:
+            self._make(changes)
         with self.wake:
             self.waiting.extend(arrived)
         return stopping
+
+    def _still_valid(self, change: _Change) -> bool:
+        """At process 0, under the lock: whether a queued change can still be made now (else it ends
+        with the reason, and no process makes it)."""
+        try:
+            if change.kind == ChangeKind.LOAD:
+                self.decoder.table.check_load(change.name, change.adapter)
+            else:
+                self._checked_unload(change.name)
+            return True
+        except LsjaxError as e:
+            change.error = e
+            change.done.set()
+            return False
 
     def _follow(self, item: dict) -> Handle:
         """A request process 0 took in, as this process's own (its events go nowhere)."""
@@ -594,8 +686,12 @@ class Engine:
             self.waiting.clear()
             self.inbox = []
             self.prefilling = None
+            changes, self.changes = self.changes, []
         for handle in pending:
             handle.deliver(Event(None, "", finish_reason="cancelled"))
+        for change in changes:
+            change.error = ConfigError(f"adapter {change.name!r} was not {change.kind}ed: the engine stopped")
+            change.done.set()
 
     def _drop_cancelled(self) -> None:
         for slot, row in enumerate(self.rows):

@@ -1,6 +1,7 @@
 """One serving engine over several processes (`jax.distributed`): every process runs the same engine
 loop over one mesh, and before each step process 0 (the one taking HTTP requests) sends the others
-what arrived and what was cancelled since the last, so every process steps the same batch.
+what arrived, what was cancelled and which adapters to load or unload since the last, so every
+process steps the same batch over the same adapters.
 
 The messages travel as a collective over the mesh's devices (`multihost_utils.broadcast_one_to_all`),
 the same transport the steps use: a length, then the bytes padded to a power of two, so only a few

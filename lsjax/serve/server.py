@@ -192,7 +192,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         if body.lora_name == model_name:
             raise ConfigError(f"lora_name {body.lora_name!r} is the base model's name; choose another", "lora_name")
         adapter = await asyncio.to_thread(open_adapter, body.lora_path, engine.decoder.config)
-        await asyncio.to_thread(engine.load_adapter, body.lora_name, adapter)
+        await asyncio.to_thread(engine.load_adapter, body.lora_name, adapter, body.lora_path)
         return PlainTextResponse(f"Success: adapter {body.lora_name!r} loaded.")
 
     @app.post("/v1/unload_lora_adapter")
