@@ -106,6 +106,7 @@ def _serve(args) -> None:
         print(f"process {jax.process_index()} of {jax.process_count()}: following process 0's engine",
               file=sys.stderr, flush=True)
         engine.join()
+        _end_if_failed(engine)
         return
     start = time.perf_counter()
     engine.warmup()
@@ -122,6 +123,18 @@ def _serve(args) -> None:
                allow_runtime_adapters=args.allow_runtime_adapters).run()
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
         pass
+    if lockstep is not None:
+        _end_if_failed(engine)
+
+
+def _end_if_failed(engine) -> None:
+    """A lockstep engine that failed (another process ended, so a collective failed) ends this process
+    at once, with one line: `jax.distributed`'s shutdown would wait on the ended process's heartbeat."""
+    if engine.failure is not None:
+        print(f"lsjax serve: error: process {jax.process_index()}: the engine of {jax.process_count()} processes "
+              f"stopped: {engine.failure} (did another process end? start them all again)", file=sys.stderr,
+              flush=True)
+        os._exit(2)
     engine.stop()
 
 

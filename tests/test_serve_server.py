@@ -443,6 +443,37 @@ def test_chat_without_a_chat_template_is_a_400(live):
     assert "no chat template" in r.json()["error"]["message"]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(ckpt, port: int, *args: str) -> list:
+    """`lsjax serve` as processes 0 and 1 of one `jax.distributed` runtime on localhost (one CPU device
+    each), once process 0 answers /health (or one of them ended)."""
+    import os
+    import subprocess
+    import sys
+
+    coordinator = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "lsjax.cli", "serve", "--ckpt", str(ckpt), "--port", str(port),
+                               "--tensor-parallel", "2", "--coordinator", f"localhost:{coordinator}",
+                               "--num-processes", "2", "--process-id", str(i), *args],
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+             for i in range(2)]
+    deadline = time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+    return procs
+
+
 def test_two_processes_serve_as_one(tmp_path):
     """`lsjax serve` over two `jax.distributed` processes on localhost (one device each, the weights,
     experts and cache split over both): process 0 answers HTTP and the other steps the same batch.
@@ -450,11 +481,7 @@ def test_two_processes_serve_as_one(tmp_path):
     by its client, give one process's texts; a LoRA adapter loaded at run time (each process opening
     its folder between the same two steps) gives its own, and the switch adapter unloaded is gone;
     stopping process 0 ends both cleanly."""
-    import os
     import signal
-    import socket
-    import subprocess
-    import sys
 
     from lsjax.adapters import save_adapter
     from lsjax.convert import convert_hf
@@ -474,28 +501,12 @@ def test_two_processes_serve_as_one(tmp_path):
     want_lora, want_base = (Generator(model, tok, a, strategy="unmerged").generate(["hello there"], max_new_tokens=6)
                             .texts[0] for a in (lora, None))
 
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    port, coordinator = free_port(), free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "lsjax.cli", "serve", "--ckpt", str(tmp_path / "ckpt"),
-                               "--model-name", "tiny", "--adapter", f"sw={tmp_path / 'sw'}", "--slots", "2",
-                               "--max-len", "128", "--port", str(port), "--strategy", "unmerged", "--tensor-parallel",
-                               "2", "--coordinator", f"localhost:{coordinator}", "--num-processes", "2",
-                               "--process-id", str(i), "--allow-runtime-adapters", "--max-adapters", "2"],
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-             for i in range(2)]
+    port = _free_port()
+    procs = _two_processes(tmp_path / "ckpt", port, "--model-name", "tiny", "--adapter", f"sw={tmp_path / 'sw'}",
+                           "--slots", "2", "--max-len", "128", "--strategy", "unmerged", "--allow-runtime-adapters",
+                           "--max-adapters", "2")
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and all(p.poll() is None for p in procs):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
         got = [None] * len(asks)
 
         def ask(i):
@@ -541,3 +552,26 @@ def test_two_processes_serve_as_one(tmp_path):
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert "over 2 devices of 2 processes" in errs[0] and "following process 0's engine" in errs[1]
+
+
+def test_a_process_that_ends_ends_the_other(tmp_path):
+    """Killing one process of a two-process server fails the other's next collective (an idle process
+    0 sends one every second): it ends its requests and exits at once with one line naming the cause,
+    instead of serving 503s or waiting out the ended process's heartbeat."""
+    from lsjax.convert import convert_hf
+    from tiny import make_hf_model
+
+    make_hf_model(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    procs = _two_processes(tmp_path / "ckpt", _free_port(), "--slots", "1", "--max-len", "128")
+    try:
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
+        procs[1].kill()
+        start = time.time()
+        err = procs[0].communicate(timeout=60)[1]
+        assert procs[0].returncode == 2 and time.time() - start < 30, err[-2000:]
+        assert "lsjax serve: error: process 0: the engine of 2 processes stopped: " in err
+        assert "did another process end? start them all again" in err
+    finally:
+        for p in procs:
+            p.kill()

@@ -21,6 +21,7 @@ never constrain each other's experts.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -614,7 +615,8 @@ class Engine:
             raise
         finally:
             if self.lockstep is not None and self.lockstep.leader and not stopped:
-                self.lockstep.share({"stop": True})  # the other processes end too
+                with contextlib.suppress(Exception):  # (fails where another process already ended)
+                    self.lockstep.share({"stop": True})  # the other processes end too
             self._finish_all()
 
     def _intake(self) -> bool:
@@ -642,7 +644,12 @@ class Engine:
             if self.lockstep is not None:
                 news = {"arrived": [{"request": h.request.to_dict(), "slot": h.slot} for h in arrived],
                         "cancelled": cancelled, "stop": stopping, "changes": [c.to_dict() for c in changes]}
-                self.lockstep.share(news if arrived or cancelled or stopping or changes else None)
+                try:
+                    self.lockstep.share(news if arrived or cancelled or stopping or changes else None)
+                except BaseException:  # (another process ended) what arrived is finished with the rest
+                    with self.wake:
+                        self.inbox[:0] = arrived
+                    raise
         else:
             cancelled = news.get("cancelled", ())
         for i in cancelled:

@@ -378,7 +378,9 @@ class Made:
 
 class Server(uvicorn.Server):
     """uvicorn's server that, when told to stop, first ends the engine's requests (as `cancelled`),
-    so open streams close cleanly instead of holding the shutdown."""
+    so open streams close cleanly instead of holding the shutdown. A lockstep engine that failed (a
+    process of its group died: the next collective fails) shuts the server down too: it can never
+    step again, and an exit lets whatever runs the group start it anew."""
 
     def __init__(self, engine: Engine, config: uvicorn.Config):
         super().__init__(config)
@@ -387,6 +389,11 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig, frame):
         threading.Thread(target=self.engine.stop, daemon=True).start()
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.engine.lockstep is not None and self.engine.failure is not None:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, *,
