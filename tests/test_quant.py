@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from test_generate import random_adapter
 
+import native_products
+
 from lsjax import native, quant
 from lsjax.convert.gguf import KEPT_TYPES, block_values
 from lsjax.errors import ConfigError
@@ -71,41 +73,20 @@ def test_products_and_rows_equal_the_dequantized_weights():
                                       np.asarray(embed.dequantize())[np.asarray(ids)])
 
 
-# (scheme, group, K, N, axis): small and large (past one thread's share), groups longer than a block
-# of rows (per channel), group sizes the vectors do not divide, column counts they do not divide
-NATIVE_CASES = [(scheme, group, k, n, axis) for scheme in quant.Scheme for axis in (-2, -1)
-                for group, k, n in ((32, 96, 40), (None, 2048, 300), (32, 2048, 300), (6, 96, 40))] + [
-    (quant.Scheme.INT8, 24, 96, 40, -1)]
-
-
-def check_native_quantized_products():
-    """Every case's product at 1 to 17 rows against x @ the dequantized weight (17 is past the native
-    limit: XLA's form). Also run in a subprocess per instruction set."""
-    rng = np.random.default_rng(3)
-    for scheme, group, k, n, axis in NATIVE_CASES:
-        w = quant.quantize(rng.standard_normal((k, n) if axis == -2 else (n, k)), scheme, group, axis=axis)
-        dense = np.asarray(w.dequantize(), np.float64)
-        for rows in (1, 3, 4, 8, 13, 17):
-            x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-            want = np.asarray(x, np.float64) @ (dense if axis == -2 else dense.T)
-            got = np.asarray(jax.jit(native.quantized_matmul)(x, w))  # summed in another order: rounding apart
-            np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max() * np.sqrt(k),
-                                       err_msg=f"{scheme}:{group} [{k}, {n}] axis {axis}, {rows} rows")
-
-
 @pytest.mark.skipif(not native.available(), reason="the native CPU library is not built")
 def test_native_quantized_products_equal_the_dequantized_weights():
     """The native matvec (integers widened in registers, a group scaled once), as a projection (axis -2)
     and as a tied head (axis -1: x @ W.T), on the widest instruction set here."""
-    check_native_quantized_products()
+    native_products.check()
 
 
 @pytest.mark.skipif(not native.available(), reason="the native CPU library is not built")
 @pytest.mark.parametrize("simd", native.SIMD_LEVELS[1:])
 def test_native_quantized_products_on_each_instruction_set(simd):
-    """The narrower kernels (AVX2, portable vectors) a machine without AVX-512 runs, forced here."""
+    """The narrower kernels (AVX2, portable vectors) a machine without AVX-512 runs, forced here (5 rows:
+    a block of four and one more)."""
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from lsjax import native; " \
-           "import test_quant; test_quant.check_native_quantized_products(); print(native.simd())"
+           "import native_products; native_products.check((1, 5)); print(native.simd())"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, native.SIMD_ENV: simd},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
