@@ -721,7 +721,8 @@ void Multiply(Problem& p) {
   for (const Group& g : p.groups) bytes += p.K * p.xa_width + p.R * p.N;  // an upper bound of the B bytes
   // The routed term alone (x @ W made by XLA: the hybrid backend) of a few experts runs on the
   // calling thread: waking the pool costs more than it saves there, and its spinning workers would
-  // take the cores on which XLA's own threads run the next products (docs/perf.md).
+  // take the cores on which XLA's own threads run the next products (docs/perf.md). Beside this
+  // library's own product (`pooled`: a quantized weight's) no XLA threads wait, and it splits.
   bytes *= int64_t(sizeof(float));
   p.parts = p.w == nullptr && !p.pooled && bytes < kTermParallelBytes ? 1 : Parts(bytes);
   const int64_t uses = int64_t(p.uses.size());
