@@ -125,6 +125,7 @@ def _serve(args) -> None:
         pass
     if lockstep is not None:
         _end_if_failed(engine)
+    engine.stop()
 
 
 def _end_if_failed(engine) -> None:
@@ -135,7 +136,6 @@ def _end_if_failed(engine) -> None:
               f"stopped: {engine.failure} (did another process end? start them all again)", file=sys.stderr,
               flush=True)
         os._exit(2)
-    engine.stop()
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:

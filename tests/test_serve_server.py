@@ -478,8 +478,9 @@ def test_two_processes_serve_as_one(tmp_path):
     """`lsjax serve` over two `jax.distributed` processes on localhost (one device each, the weights,
     experts and cache split over both): process 0 answers HTTP and the other steps the same batch.
     Concurrent greedy requests to the base and to a switch adapter, while a streamed one is dropped
-    by its client, give one process's texts; a LoRA adapter loaded at run time (each process opening
-    its folder between the same two steps) gives its own, and the switch adapter unloaded is gone;
+    by its client, give one process's texts; of two LoRA adapters loaded at once into the one free slot,
+    one is refused and the other (each process opening its folder between the same two steps) gives
+    its own text; the switch adapter unloaded is gone;
     stopping process 0 ends both cleanly."""
     import signal
 
@@ -535,10 +536,17 @@ def test_two_processes_serve_as_one(tmp_path):
 
         missing = load("lora", tmp_path / "nowhere")  # refused at process 0: no process tries it
         assert missing.status_code == 400 and "nowhere" in missing.json()["error"]["message"], missing.text
-        assert load("lora", tmp_path / "lora").status_code == 200
-        assert complete("lora").json()["choices"][0]["text"] == want_lora
-        full = load("more", tmp_path / "lora")  # both slots taken
-        assert full.status_code == 400 and "no room for adapter 'more'" in full.text, full.text
+        loads = {}  # two at once for the one free slot: one loads, the other is refused, the engine serves on
+        racing = [threading.Thread(target=lambda n: loads.setdefault(n, load(n, tmp_path / "lora")), args=(n,))
+                  for n in ("lora", "more")]
+        for t in racing:
+            t.start()
+        for t in racing:
+            t.join()
+        assert sorted(r.status_code for r in loads.values()) == [200, 400], {n: r.text for n, r in loads.items()}
+        loaded, refused = sorted(loads, key=lambda n: loads[n].status_code)
+        assert f"no room for adapter {refused!r}" in loads[refused].text, loads[refused].text
+        assert complete(loaded).json()["choices"][0]["text"] == want_lora
         assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "sw"}, timeout=60).status_code == 200
         gone = complete("sw")
         assert gone.status_code == 404 and "model 'sw' is not served here" in gone.text, gone.text

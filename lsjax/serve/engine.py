@@ -114,6 +114,9 @@ class _Change:
     def to_dict(self) -> dict:
         return {"kind": str(self.kind), "name": self.name, "source": self.source}
 
+    def stopped(self) -> ConfigError:
+        return ConfigError(f"adapter {self.name!r} was not {self.kind}ed: the engine stopped")
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -489,7 +492,7 @@ class Engine:
             self.wake.notify()
         while not change.done.wait(1.0):
             if not thread.is_alive():  # stopped before taking it in
-                raise ConfigError(f"adapter {change.name!r} was not {change.kind}ed: the engine stopped")
+                raise change.stopped()
         if change.error is not None:
             raise change.error
         return change.slot
@@ -629,8 +632,9 @@ class Engine:
                     if not self.wake.wait(None if self.lockstep is None else self.lockstep.heartbeat):
                         break  # a lockstep leader's idle heartbeat
                 arrived, self.inbox = self.inbox, []
-                changes = [c for c in self.changes if self._still_valid(c)]
-                self.changes = []
+                # one change per step, checked against the table as the ones before it left it
+                change = self.changes.pop(0) if self.changes else None
+                changes = [change] if change is not None and self._still_valid(change) else []
                 stopping = self.stopping
         else:
             news = self.lockstep.share(None)
@@ -697,7 +701,7 @@ class Engine:
         for handle in pending:
             handle.deliver(Event(None, "", finish_reason="cancelled"))
         for change in changes:
-            change.error = ConfigError(f"adapter {change.name!r} was not {change.kind}ed: the engine stopped")
+            change.error = change.stopped()
             change.done.set()
 
     def _drop_cancelled(self) -> None:
