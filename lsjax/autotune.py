@@ -195,7 +195,8 @@ def choose(decoder: type, model, adapter=None, rows: int = 1, *, backend: Backen
                           "(merged switch routes one sequence per step); use 'fused' or 'unmerged'")
     if len(options) == 1:
         return Choice(options[0], {}, "only")
-    key = cache_key(model.config, model.dtype, adapter_config, rows, backend, strategy, per_row, quantized)
+    key = cache_key(model.config, model.dtype, adapter_config, rows, backend, strategy, per_row, quantized,
+                    experts_dtype(adapter))
     path = cache_path()
     entry = None if fresh else next((e for e in read_cache(path) if e["key"] == key), None)
     if entry is not None:
@@ -211,15 +212,17 @@ def choose(decoder: type, model, adapter=None, rows: int = 1, *, backend: Backen
     return Choice(pick, ms, "measured", date)
 
 
-def pin(model_config: ModelConfig, dtype: Any, adapter_config: Any | None, rows: int, pick: Candidate | str) -> Choice:
+def pin(model_config: ModelConfig, dtype: Any, adapter_config: Any | None, rows: int, pick: Candidate | str,
+        expert_dtype: Any = None) -> Choice:
     """Fix what `auto` picks for this key on this machine: a cache entry marked pinned (keeping the
-    entry's measurements, if any). The pick must be a candidate here."""
+    entry's measurements, if any). The pick must be a candidate here. `expert_dtype`: the adapter's,
+    where it is not `dtype`."""
     check_rows(rows)
     pick = Candidate.parse(pick) if isinstance(pick, str) else pick
     options = candidates(adapter_config, rows, dtype)
     if pick not in options:
         raise ConfigError(f"cannot pin {pick.label}: the candidates here are {', '.join(c.label for c in options)}")
-    key = cache_key(model_config, dtype, adapter_config, rows, None, "auto")
+    key = cache_key(model_config, dtype, adapter_config, rows, None, "auto", expert_dtype=expert_dtype)
     path = cache_path()
     old = next((e for e in read_cache(path) if e["key"] == key), {"ms_per_step": {}})
     date = time.strftime("%Y-%m-%d")
@@ -309,17 +312,25 @@ def _cpu_info(field: str) -> str:
     return (platform.processor() or platform.machine()) if field == "model name" else ""
 
 
+def experts_dtype(adapter) -> Any:
+    """The dtype of an adapter's (or adapter table's) experts; None without one."""
+    return None if adapter is None else jax.tree.leaves(adapter.arrays()["experts"])[0].dtype
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
 def cache_key(model_config: ModelConfig, dtype: Any, adapter_config: Any | None, rows: int,
               backend: Backend | str | None, strategy: str, per_row: bool = False,
-              quantized: str | None = None) -> dict[str, Any]:
-    """An entry's key, in the form JSON gives back (so a read key compares equal)."""
+              quantized: str | None = None, expert_dtype: Any = None) -> dict[str, Any]:
+    """An entry's key, in the form JSON gives back (so a read key compares equal). `expert_dtype`:
+    the adapter's experts' type where it differs from the weights' (it changes the bytes a step reads)."""
     adapter = None if adapter_config is None else {
         "method": str(adapter_config.method), "experts": adapter_config.num_experts, "top_k": adapter_config.top_k,
         "rank": adapter_config.rank, "targets": list(adapter_config.targets)}
+    if adapter is not None and expert_dtype is not None and jnp.dtype(expert_dtype) != jnp.dtype(dtype):
+        adapter["dtype"] = str(jnp.dtype(expert_dtype))
     if per_row:
         adapter["table"] = True
     asked = {"backend": "auto" if backend is None else backend if isinstance(backend, str) else backend.name,

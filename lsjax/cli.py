@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 import lsjax
 from lsjax import autotune
@@ -18,17 +19,21 @@ from lsjax.adapters.config import METHODS
 from lsjax.adapters.table import served
 from lsjax.sharding import init_distributed, tensor_mesh
 from lsjax.assets import default_gguf_path
+from lsjax.checkpoint import as_dtype
 from lsjax.convert import convert_gguf, convert_hf
 from lsjax.decoder import Decoder
 from lsjax.config import SHAPES
 from lsjax.errors import ConfigError, exit_status
 from lsjax.eval.harness import add_eval_parser
-from lsjax.eval.latency import add_bench_parser, load_model, random_adapter
+from lsjax.eval.latency import add_adapter_arguments, add_bench_parser, load_model, random_adapter
 from lsjax.eval.serving import add_serve_bench_parser
 from lsjax.generate import Generator
 from lsjax.sampling import SamplingConfig
 from lsjax.serve import Engine, EngineConfig, Lockstep
 from lsjax.train.cli import add_train_parser
+
+EXPERT_DTYPE_HELP = ("the adapters' dtype (default: --dtype): bfloat16 experts beside float32 weights read half the "
+                     "bytes per step, their values rounded to bfloat16")
 
 
 def _convert(args) -> None:
@@ -56,10 +61,11 @@ def _convert(args) -> None:
 
 def _generate(args) -> None:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    experts = as_dtype(args.expert_dtype) if args.expert_dtype else None  # checked before loading
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype)
     adapter = None
     if args.adapter:
-        adapter = open_adapter(args.adapter, model.config)
+        adapter = open_adapter(args.adapter, model.config).astype(experts or model.dtype)
     generator = Generator(model, tokenizer, adapter, strategy=args.strategy, backend=args.backend)
     reason, arrivals, start = None, [], time.perf_counter()
     for event in generator.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -85,6 +91,7 @@ def _serve(args) -> None:
     if args.max_body_bytes < 1:
         raise ConfigError(f"--max-body-bytes {args.max_body_bytes} is invalid; expected a positive integer")
     config = EngineConfig(slots=args.slots, max_len=args.max_len, max_queue=args.max_queue)  # checked before loading
+    experts = as_dtype(args.expert_dtype) if args.expert_dtype else None
     specs = dict(_adapter_spec(text) for text in args.adapter)
     if len(specs) < len(args.adapter):
         raise ConfigError(f"--adapter: two adapters share a name ({', '.join(args.adapter)}); name them NAME=DIR")
@@ -96,10 +103,10 @@ def _serve(args) -> None:
         lockstep = Lockstep()
     mesh = tensor_mesh(args.tensor_parallel)
     model, tokenizer = lsjax.load(args.ckpt, dtype=args.dtype, mesh=mesh)
-    adapters = {name: open_adapter(folder, model.config) for name, folder in specs.items()}
+    experts = experts or model.dtype
+    adapters = {name: open_adapter(folder, model.config).astype(experts) for name, folder in specs.items()}
     room = {"adapters": args.max_adapters, "experts": args.max_experts, "rank": args.max_lora_rank}
-    adapter = served(model.config, adapters, runtime=args.allow_runtime_adapters, room=room, dtype=model.dtype,
-                     mesh=mesh)
+    adapter = served(model.config, adapters, runtime=args.allow_runtime_adapters, room=room, dtype=experts, mesh=mesh)
     engine = Engine.for_model(model, tokenizer, adapter, config, strategy=args.strategy, backend=args.backend,
                               lockstep=lockstep).start()
     if not engine.leader:  # steps what process 0 sends until it stops
@@ -116,7 +123,8 @@ def _serve(args) -> None:
     if lockstep is not None:
         over += f" of {jax.process_count()} processes"
     print(f"serving {listed} on http://{args.host}:{args.port}/v1{over} ({args.slots} slots of {args.max_len} tokens, "
-          f"strategy {engine.decoder.strategy}, backend {engine.decoder.backend.name}; compiled in "
+          f"strategy {engine.decoder.strategy}, backend {engine.decoder.backend.name}, experts "
+          f"{np.dtype(experts).name}; compiled in "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
     try:
         server(engine, name, args.host, args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
@@ -164,7 +172,7 @@ def _tune(args) -> None:
         for batch in batches:
             if args.pin:
                 choice = autotune.pin(model.config, model.dtype, None if adapter is None else adapter.config, batch,
-                                      args.pin)
+                                      args.pin, autotune.experts_dtype(adapter))
             else:
                 choice = autotune.choose(Decoder, model, adapter, batch, fresh=True)
                 print(f"{method} batch {batch}: {choice.pick.label}", flush=True)
@@ -210,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
     gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--expert-dtype", help=EXPERT_DTYPE_HELP)
     gen.set_defaults(run=_generate)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching over decode slots)")
@@ -238,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--strategy", default="auto", help="unmerged, fused or auto")
     serve.add_argument("--backend", default="auto", help="what runs the products: auto, xla, native or pallas")
     serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--expert-dtype", help=EXPERT_DTYPE_HELP + "; adapters loaded at run time too")
     serve.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $LSJAX_API_KEY; "
                                          "none: open)")
     serve.add_argument("--max-queue", type=int, default=EngineConfig.max_queue,
@@ -257,10 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--dtype", default="float32")
     dec.add_argument("--methods", default="base,switch", help="base and/or adapter methods, e.g. base,lora,switch")
     dec.add_argument("--batch", default="1,8", help="batch sizes (the rows a Generator or engine decodes)")
-    dec.add_argument("--experts", type=int, default=8)
-    dec.add_argument("--top-k", type=int, default=2)
-    dec.add_argument("--rank", type=int, default=16)
-    dec.add_argument("--targets", default="all-linear")
+    add_adapter_arguments(dec)
     dec.add_argument("--pin", metavar="BACKEND/STRATEGY",
                      help="write this pick (e.g. native/fused, xla/base) as a pinned entry instead of measuring; "
                           "running without --pin measures again and replaces it")

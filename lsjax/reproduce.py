@@ -284,7 +284,8 @@ def run_latency(plan: Plan, model, tokenizer, adapters: dict[str, Path], run_dir
     if saved is not None:
         print("latency: measured already")
         return saved
-    random_args = SimpleNamespace(experts=8, top_k=2, rank=16, targets="all-linear", dtype="float32")
+    random_args = SimpleNamespace(experts=8, top_k=2, rank=16, targets="all-linear", dtype="float32",
+                                  expert_dtype=None)
     wanted = select_configs(plan.latency_methods)
     loaded = {}
     for method in {m for m, _ in wanted if m != "base"}:

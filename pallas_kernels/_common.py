@@ -119,8 +119,16 @@ def check_same_dtype(ref_name: str, ref, **others) -> None:
         if x.dtype != ref.dtype:
             raise ValueError(
                 f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}; "
-                "expected the same dtype (cast the adapters to the weight dtype first)"
+                "expected the same dtype"
             )
+
+
+def check_experts(A, B) -> None:
+    """Experts of one float type, which may differ from the weights' (bfloat16 experts beside float32
+    weights read half the bytes): kernels widen them as they read, summing in float32."""
+    check_float("A", A)
+    if B.dtype != A.dtype:
+        raise ValueError(f"B has dtype {B.dtype} but A has dtype {A.dtype}; expected the experts' A and B of one dtype")
 
 
 def check_ndim(name: str, x, ndim: int, layout: str) -> None:

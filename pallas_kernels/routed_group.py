@@ -68,7 +68,8 @@ def _check(x, W, A, B, ids, gates, members, layer):
     C.check_ndim("A", A, 3 + lead, lay + "E, K, S*r]")
     C.check_ndim("B", B, 3 + lead, lay + "E, r, Nb]")
     C.check_float("x", x)
-    C.check_same_dtype("x", x, W=W, A=A, B=B)
+    C.check_same_dtype("x", x, W=W)
+    C.check_experts(A, B)
     T, K = x.shape
     C.check_dim("W", W, 0, K, "K, columns of x")
     C.check_dim("A", A, lead + 1, K, "K, columns of x")
@@ -287,7 +288,7 @@ def _kernel(layer_ref, ids_ref, gates_ref, x_ref, w_ref, a_ref, b_ref, *refs, cf
                 def a_step(i, xa):
                     k_at = k_first + i * bk
                     x, k_ok = x_tile(k_at)
-                    return xa + C.dot(x, a_tile(e, k_at, k_ok, True))
+                    return xa + C.dot(x, a_tile(e, k_at, k_ok, True).astype(x.dtype))
 
                 xa = jax.lax.fori_loop(0, cfg.split_steps, a_step, jnp.zeros((bt, br), _F32))
             else:
@@ -404,8 +405,9 @@ def routed_group_matmul(
 ):
     """y = x @ W + each row's routed LoRA experts for every member of the group; x's dtype, fp32 sums.
 
-    x [T, K]; W [K, N] (one layer's group weight: members side by side); A [E, K, S*r] and
-    B [E, r, Nb], or [L, E, ...] with `layer` (int, may be traced: indexed inside the kernel, so a
+    x [T, K]; W [K, N] (one layer's group weight: members side by side), of x's dtype; A [E, K, S*r]
+    and B [E, r, Nb] of one float dtype, which may be another (bfloat16 experts beside float32
+    weights: widened as read), or [L, E, ...] with `layer` (int, may be traced: indexed inside the kernel, so a
     loop over layers never slices the stacked experts); ids / gates [T, S_r, k], S_r = 1 (one route
     for all members) or S; gates include the LoRA scale. members: S static (w_off, b_off, width)
     triples (`reference.whole_output(N)` for a single projection).

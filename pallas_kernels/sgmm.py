@@ -55,7 +55,7 @@ def _check(W, A, B, routes, wname, members):
     C.check_ndim("A", A, 4, "[M, E, d_in, S*r]")
     C.check_ndim("B", B, 4, "[M, E, r, Nb]")
     C.check_float(wname, W)
-    C.check_same_dtype(wname, W, A=A, B=B)
+    C.check_experts(A, B)
     M, d_in, N = W.shape
     C.check_dim("A", A, 0, M, f"M, layers of {wname}")
     C.check_dim("A", A, 2, d_in, f"d_in of {wname}")
@@ -193,7 +193,7 @@ def sgmm_merge(
 ):
     """Merge one route into the stacked weights of all M layers: W_base + sum_k g_k A[:,ids_k] @ B[:,ids_k].
 
-    W_base [M, d_in, N]; A [M, E, d_in, S*r]; B [M, E, r, Nb] (same dtype as W_base); ids [k] int;
+    W_base [M, d_in, N]; A [M, E, d_in, S*r]; B [M, E, r, Nb] (one float dtype, W_base's or another); ids [k] int;
     gates [k] float (LoRA scale included); members: S static (w_off, b_off, width) triples placing
     each member's term, or None (one member, Nb = N). Returns a new [M, d_in, N] array in W_base's
     dtype; W_base is only read, so it stays pristine and the result has no drift.

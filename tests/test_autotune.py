@@ -103,6 +103,19 @@ def test_a_second_choice_reads_the_cache_and_measures_nothing(model, switch, cac
     assert other.source == "measured" and len(json.loads(cache_file.read_text())["entries"]) == 2
 
 
+def test_bfloat16_experts_are_timed_under_their_own_key(model, switch, cache_file):
+    """Half the experts' bytes can change the pick: an adapter in bfloat16 beside float32 weights is
+    another entry, and one in the weights' type keeps the key it always had."""
+    built = []
+    autotune.choose(counting(built), model, switch, 1)
+    assert autotune.choose(counting(built), model, switch.astype(jnp.float32), 1).source == "cached"
+    half = autotune.choose(counting(built), model, switch.astype(jnp.bfloat16), 1)
+    assert half.source == "measured"
+    first, second = json.loads(cache_file.read_text())["entries"]
+    assert "dtype" not in first["key"]["adapter"] and second["key"]["adapter"]["dtype"] == "bfloat16"
+    assert {k: v for k, v in second["key"]["adapter"].items() if k != "dtype"} == first["key"]["adapter"]
+
+
 @pytest.mark.parametrize("text, what", [
     ("{not json", "not valid JSON"),
     ("[]", "expected a JSON object"),

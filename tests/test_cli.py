@@ -57,3 +57,12 @@ def test_generate_streams_with_adapter(tmp_path, capsys):
     tokens = len(gen.generate(["hello"], max_new_tokens=6).token_ids[0])
     assert re.search(rf"; {tokens} tokens; first token \d+\.\d\d s \(with compiling\)"
                      + (r", then \d+\.\d ms/token;" if tokens > 2 else ";"), captured.err)
+
+    # bfloat16 experts: the completion of the adapter holding those values, on the decoder auto picks
+    assert main(["generate", "hello", "--raw", "--ckpt", str(tmp_path / "ckpt"), "--adapter", str(tmp_path / "adapter"),
+                 "--max-new-tokens", "6", "--expert-dtype", "bf16"]) == 0
+    half = Generator(model, tok, adapter.astype(jax.numpy.bfloat16).astype(jax.numpy.float32), backend="xla")
+    assert capsys.readouterr().out == half.generate(["hello"], max_new_tokens=6).texts[0]
+    assert main(["generate", "hello", "--ckpt", str(tmp_path / "nowhere"), "--expert-dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "dtype 'int8' is not supported" in err and "Traceback" not in err

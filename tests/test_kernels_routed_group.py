@@ -136,6 +136,20 @@ def test_bfloat16(impl, T):
     assert rel_err(out, oracle(x, W, A, B, ids, gates, members)) <= TOL[jnp.bfloat16]
 
 
+@pytest.mark.parametrize("T", [1, 17])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_experts_beside_float32_weights(impl, T):
+    """Experts stored in bfloat16 beside float32 x and W: float32 out, the float32 sum of the values
+    the experts hold (widening them is exact)."""
+    x, W, A, B, ids, gates, members = make("qkv-gqa", T, 2, S_r="S", seed=9)
+    A, B = A.astype(jnp.bfloat16), B.astype(jnp.bfloat16)
+    if not poisoned_ok(impl, T, 2):
+        A, B = jnp.nan_to_num(A), jnp.nan_to_num(B)
+    out = routed_group_matmul(x, W, A, B, ids, gates, members=members, **knobs(impl))
+    assert out.dtype == jnp.float32
+    assert rel_err(out, oracle(x, W, A, B, ids, gates, members)) <= TOL[jnp.float32]
+
+
 @pytest.mark.parametrize("kind", ["same-expert-twice", "one-expert"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_shared_and_repeated_experts(impl, kind):

@@ -226,6 +226,17 @@ _W, _A, _B = make(9, E=4)
 _ids, _g = jnp.array([0, 1], jnp.int32), jnp.array([0.5, 0.5])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_merge_of_bfloat16_experts_into_float32_weights(impl):
+    """float32 weights keep their type; the merged term is the float32 one of the experts' values."""
+    W, A, B = make(2)
+    A, B = A.astype(jnp.bfloat16), B.astype(jnp.bfloat16)
+    ids, gates = jnp.array([0, 2], jnp.int32), jnp.array([0.5, 0.5], jnp.float32)
+    out = sgmm_merge(W, *poison_unused(A, B, ids), ids, gates, **impl)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, np.asarray(W, np.float64) + oracle_delta(A, B, ids, gates)) <= TOL[jnp.float32]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -234,7 +245,7 @@ _ids, _g = jnp.array([0, 1], jnp.int32), jnp.array([0.5, 0.5])
         (dict(B=_B[..., :70]), r"B has shape .*expected dim 3 = 80"),
         (dict(B=_B[:, :3]), r"B has shape .*expected dim 1 = 4"),
         (dict(A=_A[:1]), r"A has shape .*expected dim 0 = 2"),
-        (dict(A=_A.astype(jnp.bfloat16)), r"A has dtype bfloat16 but W_base has dtype float32"),
+        (dict(A=_A.astype(jnp.bfloat16)), r"B has dtype float32 but A has dtype bfloat16; expected the experts"),
         (dict(ids=jnp.arange(5, dtype=jnp.int32), gates=jnp.ones(5)), r"k=5 .* must be in \[1, E=4\]"),
         (dict(ids=jnp.array([0.0, 1.0])), r"ids has dtype float32; expected an integer"),
         (dict(gates=jnp.ones(3)), r"gates has shape \(3,\); expected \(2,\)"),

@@ -2,6 +2,8 @@
 the static `auto` rule kept for where nothing can be timed (its kernels alone:
 test_native_kernels.py; `auto` by measurement: test_autotune.py)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,32 @@ def test_generators_give_the_same_tokens_on_native_and_xla(tiny_llama, method, s
         _, ids, mask, cache, *_ = gen._setup(PROMPTS[:1], False, 4, None, ())
         step = gen._step.lower(gen.bundle, jnp.zeros((1,), jnp.int32), cache).as_text()
         assert step.count("@lsjax_routed_group(") == 4 * model.config.num_layers
+
+
+@needs_native
+@pytest.mark.parametrize("strategy", ["fused", "unmerged"])
+def test_bfloat16_experts_beside_float32_weights_decode_their_own_values(tiny_llama, strategy):
+    """bfloat16 experts are read as such (the native call, not a cast copy) and decode as the float32
+    adapter of the very values they hold, on XLA's route."""
+    _, model, tok = tiny_llama
+    adapter = random_adapter(model, "switch", num_experts=4, top_k=2).astype(jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(adapter.arrays())} == {jnp.dtype(jnp.bfloat16)}
+    widened = adapter.astype(jnp.float32)
+    tokens = {}
+    for name, backend, ad in (("native", "native", adapter), ("xla bf16", "xla", adapter),
+                              ("xla f32", "xla", widened)):
+        gen = Generator(model, tok, ad, strategy=strategy, backend=backend)
+        tokens[name] = gen.generate(PROMPTS, max_new_tokens=12, stop_token_ids=()).token_ids
+    assert tokens["native"] == tokens["xla f32"] == tokens["xla bf16"]
+    base = Generator(model, tok, backend="xla").generate(PROMPTS, max_new_tokens=12, stop_token_ids=()).token_ids
+    assert tokens["native"] != base  # the experts matter
+    if strategy == "fused":
+        gen = Generator(model, tok, adapter, strategy=strategy, backend="native")
+        _, ids, mask, cache, *_ = gen._setup(PROMPTS[:1], False, 4, None, ())
+        step = gen._step.lower(gen.bundle, jnp.zeros((1,), jnp.int32), cache).as_text()
+        calls = [line for line in step.splitlines() if "@lsjax_routed_group(" in line]
+        assert len(calls) == 4 * model.config.num_layers
+        assert all(re.search(r"tensor<[0-9x]+xbf16>, tensor<[0-9x]+xbf16>", line) for line in calls)  # A, B as held
 
 
 def test_the_static_rule_picks_the_native_backend_on_a_cpu_for_fp32_and_says_why_not(monkeypatch):

@@ -81,6 +81,27 @@ def test_routed_group_matches_the_reference(group, per_member, chosen):
 
 
 @needs_native
+@pytest.mark.parametrize("group, per_member", [("q|k|v, GQA widths", False), ("q and v of q|k|v", True),
+                                               ("one projection", False)])
+def test_bfloat16_experts_are_read_as_such_beside_float32_weights(group, per_member):
+    k, n, members = GROUPS[group]
+    fn = jax.jit(routed, static_argnames=("layer", "members"))
+    x, w, a, b, ids, gates = routed_inputs(native.MAX_ROUTED_ROWS, k, n, members, 2, per_member)
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    # the float32 term of the very values bfloat16 holds: widening them is exact
+    want = reference(x, w, a16.astype(jnp.float32), b16.astype(jnp.float32), ids, gates, layer=1, members=members)
+    for rows in (1, 6, native.MAX_ROWS, native.MAX_ROUTED_ROWS):
+        args = x[:rows], w, a16, b16, ids[:rows], gates[:rows]
+        call = fn.lower(*args, layer=1, members=members)
+        assert ("lsjax_routed_group" if rows <= native.MAX_ROWS else "lsjax_routed_add") in call.as_text()
+        got = call.compile()(*args)
+        assert got.dtype == jnp.float32
+        assert_close(got, want[:rows])
+    mixed = x[:2], w, a16, b, ids[:2], gates[:2]  # experts of two types: the fallback's promotion
+    assert "lsjax_" not in lowered(lambda *args: routed(*args, layer=1, members=members), *mixed)
+
+
+@needs_native
 def test_routed_group_without_a_layer_axis_and_with_zero_gates():
     k, n, members = GROUPS["q and v of q|k|v"]
     x, w, a, b, ids, gates = routed_inputs(5, k, n, members, 2, True, layers=1)

@@ -361,7 +361,8 @@ def test_lsjax_serve_command(tmp_path):
     adapters at run time: it comes up on the port asked for, lists the base and both adapters,
     answers the openai client with each one's own greedy text, unloads one and loads it again under
     another name (the same text), refuses a fourth adapter past --max-adapters 3, and exits cleanly
-    on Ctrl-C (SIGINT)."""
+    on Ctrl-C (SIGINT). Its experts are bfloat16 (--expert-dtype) beside float32 weights: the texts
+    are those of the adapters rounded so, the ones loaded at run time too."""
     import os
     import signal
     import socket
@@ -384,7 +385,8 @@ def test_lsjax_serve_command(tmp_path):
                  "from lsjax.adapters import open_adapter\n"
                  "from lsjax.generate import Generator\n"
                  "model, tok = lsjax.load(sys.argv[1])\n"
-                 "texts = {n: Generator(model, tok, open_adapter(f, model.config) if f else None, strategy='unmerged')"
+                 "texts = {n: Generator(model, tok, open_adapter(f, model.config).astype('bfloat16') if f else None,"
+                 " strategy='unmerged')"
                  ".generate(['abc'], max_new_tokens=6).texts[0] for n, f in json.loads(sys.argv[2]).items()}\n"
                  "print('RESULT' + json.dumps(texts))\n")
     folders = {"tiny": None, "sw": str(tmp_path / "sw"), "plain": str(tmp_path / "plain")}
@@ -398,7 +400,7 @@ def test_lsjax_serve_command(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "lsjax.cli", "serve", "--ckpt", str(tmp_path / "ckpt"),
                              "--slots", "2", "--max-len", "128", "--port", str(port), "--model-name", "tiny",
                              "--adapter", f"sw={tmp_path / 'sw'}", "--adapter", str(tmp_path / "plain"),
-                             "--allow-runtime-adapters", "--max-adapters", "3"],
+                             "--allow-runtime-adapters", "--max-adapters", "3", "--expert-dtype", "bfloat16"],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
         deadline = time.time() + 120
@@ -428,7 +430,7 @@ def test_lsjax_serve_command(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err
-    assert f"serving 'tiny', 'sw', 'plain' on http://127.0.0.1:{port}/v1" in err
+    assert f"serving 'tiny', 'sw', 'plain' on http://127.0.0.1:{port}/v1" in err and "experts bfloat16;" in err
 
 
 def test_chat_without_a_chat_template_is_a_400(live):

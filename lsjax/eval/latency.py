@@ -44,6 +44,7 @@ from lsjax.adapters import Adapter, AdapterConfig
 from lsjax.assets import default_checkpoint
 from lsjax.backend_interface import Backend
 from lsjax.backends import native_backend, resolve_backend
+from lsjax.checkpoint import as_dtype
 from lsjax.config import SHAPES, ModelConfig, named_config
 from lsjax.convert import export_hf
 from lsjax.decoder import Decoder
@@ -75,13 +76,29 @@ class Record:
     run_s: float = 0.0  # wall time of the timed generations
 
 
+def expert_dtype(args) -> str:
+    """The random adapters' dtype name: `--expert-dtype`, else `--dtype`."""
+    return str(jnp.dtype(as_dtype(args.expert_dtype or args.dtype)))
+
+
+def add_adapter_arguments(parser) -> None:
+    """The shape and type of the random adapters a benchmark times (`random_adapter`)."""
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="all-linear")
+    parser.add_argument("--expert-dtype", default=None,
+                        help="the adapters' dtype (default: --dtype), e.g. bfloat16 experts beside float32 weights")
+
+
 def random_adapter(model_config: ModelConfig, method: str, args, seed: int = 0) -> Any:
-    """A `method` adapter of `args`' shape with every tensor random (B nonzero: its term is computed
-    and matters); `seed` makes another."""
+    """A `method` adapter of `args`' shape (`add_adapter_arguments`) with every tensor random (B
+    nonzero: its term is computed and matters), in `args.expert_dtype` (else `args.dtype`); `seed`
+    makes another."""
     routed = method != "lora"
     cfg = AdapterConfig(method=method, num_experts=args.experts if routed else 1, top_k=args.top_k if routed else 1,
                         rank=args.rank, targets=args.targets)
-    dtype = jnp.dtype(args.dtype)
+    dtype = jnp.dtype(expert_dtype(args))
     adapter = Adapter(model_config, cfg, rngs=nnx.Rngs(seed), dtype=dtype)
     leaves, tree = jax.tree.flatten(adapter.arrays())
     keys = jax.random.split(jax.random.key(1 + seed), len(leaves))
@@ -354,7 +371,8 @@ def run(args) -> list[Record]:
     meta = {"source": source, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
             "jax": jax.__version__, "backend_name": args.backend, "huge_pages": args.huge_pages == "on",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "experts": args.experts, "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
+            "experts": args.experts, "expert_dtype": expert_dtype(args),
+            "top_k": args.top_k, "rank": args.rank, "targets": args.targets,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d"), "auto": picks,
             "backends": {f"{m}/{s}": b.name for (m, s), b in backends.items()}}
@@ -427,7 +445,9 @@ def _figure(value: float | None, digits: int) -> str:
 
 def latency_table(records: list[Record], meta: dict) -> str:
     """Markdown: the run's settings, one row per record, and the headline ratios."""
-    lines = [f"decode latency: {meta['source']} ({meta['backend']}, {records[0].dtype}, prompt {meta['prompt_len']}, "
+    experts = meta.get("expert_dtype", records[0].dtype)
+    typed = records[0].dtype + ("" if experts == records[0].dtype else f", experts {experts}")
+    lines = [f"decode latency: {meta['source']} ({meta['backend']}, {typed}, prompt {meta['prompt_len']}, "
              f"{meta['new_tokens']} new tokens, median of {meta['rounds']} interleaved rounds"
              + (f", huge pages {'on' if meta['huge_pages'] else 'off'})" if "huge_pages" in meta else ")"),
              f"copy bandwidth {meta['copy_gb_s']:.1f} GB/s; weights {meta['weight_bytes'] / 1e6:.0f} MB; "
@@ -494,10 +514,7 @@ def add_bench_parser(subparsers):
     dec.add_argument("--methods", default="base,lora,layerwise,blockwise,switch",
                      help="methods (all their strategies) or method/strategy pairs, e.g. base,switch/unmerged")
     dec.add_argument("--batch", default="1,8")
-    dec.add_argument("--experts", type=int, default=8)
-    dec.add_argument("--top-k", type=int, default=2)
-    dec.add_argument("--rank", type=int, default=16)
-    dec.add_argument("--targets", default="all-linear")
+    add_adapter_arguments(dec)
     dec.add_argument("--prompt-len", type=int, default=32)
     dec.add_argument("--new-tokens", type=int, default=32)
     dec.add_argument("--rounds", type=int, default=5)

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from lsjax.adapters.table import BATCHABLE, AdapterTable, placed
-from lsjax.eval.latency import load_model, random_adapter
+from lsjax.eval.latency import add_adapter_arguments, expert_dtype, load_model, random_adapter
 from lsjax.extras import pyplot
 from lsjax.generate import Generator
 from lsjax.jsonfile import write_json
@@ -171,7 +171,7 @@ def run(args) -> list[ServeRecord]:
     model, tokenizer, source = load_model(args, mesh)
     levels = [int(c) for c in args.clients.split(",")]
     meta = {"source": source, "platform": jax.default_backend(), "device": str(jax.devices()[0]),
-            "backend": {}, "dtype": args.dtype, "jax": jax.__version__,
+            "backend": {}, "dtype": args.dtype, "expert_dtype": expert_dtype(args), "jax": jax.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "per_client": args.per_client, "max_prompt": args.max_prompt, "max_output": args.max_output,
             "max_len": args.max_len, "stagger_ms": args.stagger_ms, "date": time.strftime("%Y-%m-%d"),
@@ -189,7 +189,7 @@ def run(args) -> list[ServeRecord]:
         runs.append((method, adapter if adapter is None or mesh is None else placed(adapter, mesh), ()))
         if args.adapters > 1 and method in BATCHABLE:
             named = {f"{method}{k}": random_adapter(model.config, method, args, seed=k) for k in range(args.adapters)}
-            runs.append((f"{method} x {args.adapters}", AdapterTable.of(model.config, named, dtype=model.dtype,
+            runs.append((f"{method} x {args.adapters}", AdapterTable.of(model.config, named, dtype=expert_dtype(args),
                                                                         mesh=mesh), tuple(named)))
     for label, adapter, names in runs:
         # auto: tuned for the most slots the run decodes
@@ -215,7 +215,9 @@ def _backends(backend: dict[str, str] | str) -> str:
 
 def table(records: list[ServeRecord], meta: dict | None = None) -> str:
     head = "" if meta is None else (
-        f"serving: {meta['source']} ({meta['platform']}, {meta['dtype']}, backend {_backends(meta['backend'])}); "
+        f"serving: {meta['source']} ({meta['platform']}, {meta['dtype']}, "
+        f"experts {meta.get('expert_dtype', meta['dtype'])}, "
+        f"backend {_backends(meta['backend'])}); "
         f"{meta['per_client']} requests per client in the workload, prompts 4-{meta['max_prompt']} tokens, outputs 4-"
         f"{meta['max_output']} (long-tailed), clients {meta['stagger_ms']} ms apart\n\n")
     lines = ["| method | clients | tokens/s | x base | x single | end to end | static tokens/s | x static | "
@@ -278,10 +280,7 @@ def add_serve_bench_parser(kinds) -> None:
                        help="the weights, experts and cache split over N devices (as lsjax serve --tensor-parallel)")
     serve.add_argument("--adapters", type=int, default=1,
                        help="K > 1: each switch / lora method also serves the workload over K adapters in one batch")
-    serve.add_argument("--experts", type=int, default=8)
-    serve.add_argument("--top-k", type=int, default=2)
-    serve.add_argument("--rank", type=int, default=16)
-    serve.add_argument("--targets", default="all-linear")
+    add_adapter_arguments(serve)
     serve.add_argument("--json", help="write records here")
     serve.add_argument("--plot", help="write a PNG here")
     serve.set_defaults(run=run)

@@ -49,6 +49,9 @@ MAX_ROWS = 16  # more rows than this (prefill) are matrix products: XLA's GEMM w
 # chosen expert once for all the rows that chose it, where XLA's form for many rows is a dense pass
 # over every expert (a 64-token switch prefill of SmolLM2: 138 vs 176 ms).
 MAX_ROUTED_ROWS = 64
+# The experts' types the routed term reads (both of A and B the same); it sums in float32 either way.
+# bfloat16 experts halve the bytes the term adds to a step.
+EXPERT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 TARGETS = {"lsjax_matmul": "LsjaxMatmul", "lsjax_matmul_t": "LsjaxMatmulT", "lsjax_routed_group": "LsjaxRoutedGroup",
            "lsjax_routed_add": "LsjaxRoutedAdd", "lsjax_quantized_matmul": "LsjaxQuantizedMatmul"}
 THREADS_SYMBOL = "LsjaxNativeThreads"
@@ -170,7 +173,8 @@ def routed_group(x: jax.Array, w: jax.Array | QuantizedWeight, a: jax.Array, b: 
     """A projection group's `x @ w` plus each row's routed LoRA experts, one native call.
 
     x [T, K]; w [K, N] (the group's members side by side); a [L, E, K, S*R] and b [L, E, R, Nb]
-    with a static int `layer` picking one, or a [E, K, S*R] and b [E, R, Nb] with layer None;
+    with a static int `layer` picking one, or a [E, K, S*R] and b [E, R, Nb] with layer None (a and b
+    float32, or both bfloat16: read as such, the sums in float32);
     ids / gates [T, S_r, J] with S_r = 1 (one route for every member) or S (a route per member),
     gates including the LoRA scale; members: S static (w_off, b_off, width) triples, member s's
     term (A's rank columns [s*R, (s+1)*R), B's columns [b_off, b_off + width)) landing in output
@@ -179,11 +183,11 @@ def routed_group(x: jax.Array, w: jax.Array | QuantizedWeight, a: jax.Array, b: 
     into it. Without it: a quantized `w`'s product is `quantized_matmul`, the term added into it; a
     float32 `w`'s is made in the same call as the term up to `MAX_ROWS` rows, by XLA's GEMM past them.
 
-    Where the native call cannot run (no library, not a CPU, not all float32, more than
-    `MAX_ROUTED_ROWS` rows, a traced layer) this is
+    Where the native call cannot run (no library, not a CPU, x, w or gates not float32, experts not
+    both of one type in `EXPERT_DTYPES`, more than `MAX_ROUTED_ROWS` rows, a traced layer) this is
     `otherwise(x, w, a, b, ids, gates, layer=layer, members=members)`, which is also the non-CPU
-    branch of a multi-platform lowering. Expert ids outside [0, E) are an
-    error on the native route (XLA's gather would clamp them).
+    branch of a multi-platform lowering. Expert ids outside [0, E) are an error on the native route
+    (XLA's gather would clamp them).
     """
     members = tuple(tuple(int(v) for v in m) for m in members)
 
@@ -197,7 +201,8 @@ def routed_group(x: jax.Array, w: jax.Array | QuantizedWeight, a: jax.Array, b: 
         index = 0 if layer is None else operator.index(layer)
     except TypeError:  # a traced layer: the native call needs it static
         return fallback(x, w, a, b, ids, gates)
-    if not _usable(x.shape[0], MAX_ROUTED_ROWS, x, w, a, b, gates):
+    experts_typed = a.dtype == b.dtype and a.dtype in EXPERT_DTYPES
+    if not experts_typed or not _usable(x.shape[0], MAX_ROUTED_ROWS, x, w, gates):
         return fallback(x, w, a, b, ids, gates)
 
     flat = np.asarray(members, np.int64).reshape(-1)

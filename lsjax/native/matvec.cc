@@ -61,16 +61,23 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// bfloat16's bits: the upper half of a float32, so widening is a shift (experts may be stored so,
+// halving the bytes a routed term reads; the products still sum in float32).
+typedef uint16_t Bf16;
+LSJAX_INLINE float Widen(float v) { return v; }
+LSJAX_INLINE float Widen(Bf16 v) { return __builtin_bit_cast(float, uint32_t(v) << 16); }
+
 // ys[t][0:n] += sum_{k in [k0, k1)} xs[t][k] * W[k, 0:n] for t < T (W's rows ldw apart, rows of
-// ys distinct). W streams once, four rows at a time, however many rows of x.
-LSJAX_INLINE void AddProducts(const float* const* xs, int64_t T, const float* __restrict W, int64_t ldw,
+// ys distinct; W float32 or bfloat16). W streams once, four rows at a time, however many rows of x.
+template <typename E>
+LSJAX_INLINE void AddProducts(const float* const* xs, int64_t T, const E* __restrict W, int64_t ldw,
                               int64_t k0, int64_t k1, int64_t n, float* const* ys) {
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {  // one load and store of y per four FMAs
-    const float* __restrict w0 = W + k * ldw;
-    const float* __restrict w1 = w0 + ldw;
-    const float* __restrict w2 = w1 + ldw;
-    const float* __restrict w3 = w2 + ldw;
+    const E* __restrict w0 = W + k * ldw;
+    const E* __restrict w1 = w0 + ldw;
+    const E* __restrict w2 = w1 + ldw;
+    const E* __restrict w3 = w2 + ldw;
     int64_t t = 0;
     for (; t + 4 <= T; t += 4) {  // four rows share each load of W
       const float *x0 = xs[t] + k, *x1 = xs[t + 1] + k, *x2 = xs[t + 2] + k, *x3 = xs[t + 3] + k;
@@ -83,7 +90,7 @@ LSJAX_INLINE void AddProducts(const float* const* xs, int64_t T, const float* __
       float* __restrict y2 = ys[t + 2];
       float* __restrict y3 = ys[t + 3];
       for (int64_t i = 0; i < n; ++i) {
-        const float v0 = w0[i], v1 = w1[i], v2 = w2[i], v3 = w3[i];
+        const float v0 = Widen(w0[i]), v1 = Widen(w1[i]), v2 = Widen(w2[i]), v3 = Widen(w3[i]);
         y0[i] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3;
         y1[i] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3;
         y2[i] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3;
@@ -94,15 +101,16 @@ LSJAX_INLINE void AddProducts(const float* const* xs, int64_t T, const float* __
       const float* xt = xs[t] + k;
       const float a0 = xt[0], a1 = xt[1], a2 = xt[2], a3 = xt[3];
       float* __restrict yt = ys[t];
-      for (int64_t i = 0; i < n; ++i) yt[i] += a0 * w0[i] + a1 * w1[i] + a2 * w2[i] + a3 * w3[i];
+      for (int64_t i = 0; i < n; ++i)
+        yt[i] += a0 * Widen(w0[i]) + a1 * Widen(w1[i]) + a2 * Widen(w2[i]) + a3 * Widen(w3[i]);
     }
   }
   for (; k < k1; ++k) {
-    const float* __restrict w = W + k * ldw;
+    const E* __restrict w = W + k * ldw;
     for (int64_t t = 0; t < T; ++t) {
       const float a = xs[t][k];
       float* __restrict yt = ys[t];
-      for (int64_t i = 0; i < n; ++i) yt[i] += a * w[i];
+      for (int64_t i = 0; i < n; ++i) yt[i] += a * Widen(w[i]);
     }
   }
 }
@@ -265,8 +273,9 @@ struct Problem {
   std::vector<float*> partial_rows;  // [parts, T]: each piece's partial sums of y
 
   // the routed term
-  const float* a = nullptr;  // this layer's A [E, K, S*R]
-  const float* b = nullptr;  // this layer's B [E, R, Nb]
+  const void* a = nullptr;  // this layer's A [E, K, S*R], float32 or (bf16) bfloat16
+  const void* b = nullptr;  // this layer's B [E, R, Nb], of A's type
+  bool bf16 = false;
   int64_t R = 0, SR = 0, Nb = 0, routes = 1;
   int64_t xa_width = 0;  // columns of x @ A kept per use: S*R (one route: all members) or R (a route per member)
   std::vector<Member> members;
@@ -279,6 +288,29 @@ struct Problem {
   std::vector<float> partial_y, partial_xa, coef;
   std::vector<std::pair<int64_t, int64_t>> picks;  // (expert, pick index) of one route, sorted
 };
+
+// xa[u] += x[use u][k0:k1] @ A[expert of u][k0:k1, its columns] for every use. One route for all
+// members: the expert's [K, S*R] rows as one contiguous stream; a route per member: member s's R
+// columns of them.
+template <typename E>
+LSJAX_INLINE void AddShrinks(const Problem& p, const E* A, int64_t k0, int64_t k1, float* const* xa) {
+  for (const Group& g : p.groups) {
+    const E* a = A + g.expert * p.K * p.SR + (p.routes == 1 ? 0 : g.route * p.R);
+    AddProducts(p.use_x.data() + g.first, g.count, a, p.SR, k0, k1, p.xa_width, xa + g.first);
+  }
+}
+
+// The B term of member m's output columns [lo, hi): coef[u] (gate * x A of the member's rank block,
+// one per use) @ B[expert][:, those columns] into out[u].
+template <typename E>
+LSJAX_INLINE void AddExpands(const Problem& p, const E* B, const Member& m, int64_t route, int64_t lo, int64_t hi,
+                             float* const* coef, float* const* out) {
+  for (const Group& g : p.groups) {
+    if (g.route != route) continue;
+    const E* b = B + g.expert * p.R * p.Nb + m.b_off + (lo - m.w_off);
+    AddProducts(coef + g.first, g.count, b, p.Nb, 0, p.R, hi - lo, out + g.first);
+  }
+}
 
 LSJAX_HOT void RowsPhase(void* ctx, int part) {  // each piece: its block of W's rows (and of A's) for every row
   auto& p = *static_cast<Problem*>(ctx);
@@ -293,12 +325,10 @@ LSJAX_HOT void RowsPhase(void* ctx, int part) {  // each piece: its block of W's
   const int64_t uses = int64_t(p.uses.size());
   float* const* xa = p.xa_rows.data() + part * uses;
   for (int64_t u = 0; u < uses; ++u) std::fill(xa[u], xa[u] + p.xa_width, 0.f);
-  // one route for all members: the expert's [K, S*R] rows as one contiguous stream; a route per
-  // member: member s's R columns of them
-  for (const Group& g : p.groups) {
-    const float* a = p.a + g.expert * p.K * p.SR + (p.routes == 1 ? 0 : g.route * p.R);
-    AddProducts(p.use_x.data() + g.first, g.count, a, p.SR, k0, k1, p.xa_width, xa + g.first);
-  }
+  if (p.bf16)
+    AddShrinks(p, static_cast<const Bf16*>(p.a), k0, k1, xa);
+  else
+    AddShrinks(p, static_cast<const float*>(p.a), k0, k1, xa);
 }
 
 LSJAX_HOT void ColumnsPhase(void* ctx, int part) {  // each piece: its columns; sum the partials, add x A B
@@ -340,9 +370,11 @@ LSJAX_HOT void ColumnsPhase(void* ctx, int part) {  // each piece: its columns; 
         }
         out[u] = p.y + p.uses[u].row * p.N + lo;
       }
-      const float* b = p.b + g.expert * p.R * p.Nb + m.b_off + (lo - m.w_off);
-      AddProducts(coef + g.first, g.count, b, p.Nb, 0, p.R, hi - lo, out + g.first);
     }
+    if (p.bf16)
+      AddExpands(p, static_cast<const Bf16*>(p.b), m, route, lo, hi, coef, out);
+    else
+      AddExpands(p, static_cast<const float*>(p.b), m, route, lo, hi, coef, out);
   }
 }
 
@@ -717,13 +749,14 @@ void Route(Problem& p, const int32_t* ids, const float* gates, int64_t J) {
 
 // Fills the pointer tables and scratch of `p` (its shapes and route set) and runs both phases.
 void Multiply(Problem& p) {
-  int64_t bytes = p.w != nullptr ? p.K * p.N : p.T * p.N;
-  for (const Group& g : p.groups) bytes += p.K * p.xa_width + p.R * p.N;  // an upper bound of the B bytes
+  int64_t bytes = (p.w != nullptr ? p.K * p.N : p.T * p.N) * int64_t(sizeof(float));
+  const int64_t expert_size = p.bf16 ? int64_t(sizeof(Bf16)) : int64_t(sizeof(float));
+  for (size_t g = 0; g < p.groups.size(); ++g)
+    bytes += (p.K * p.xa_width + p.R * p.N) * expert_size;  // an upper bound of the B bytes
   // The routed term alone (x @ W made by XLA: the hybrid backend) of a few experts runs on the
   // calling thread: waking the pool costs more than it saves there, and its spinning workers would
   // take the cores on which XLA's own threads run the next products (docs/perf.md). Beside this
   // library's own product (`pooled`: a quantized weight's) no XLA threads wait, and it splits.
-  bytes *= int64_t(sizeof(float));
   p.parts = p.w == nullptr && !p.pooled && bytes < kTermParallelBytes ? 1 : Parts(bytes);
   const int64_t uses = int64_t(p.uses.size());
   p.x_rows.resize(p.T);
@@ -809,13 +842,15 @@ ffi::Error Routed(Problem& p, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer
   if (members.size() == 0 || members.size() % 3 != 0)
     return Invalid(name + ": members must be 1 or more (w_off, b_off, width) triples");
   auto ad = a.dimensions(), bd = b.dimensions();
-  if (!IsF32(a, 4) || ad[2] != p.K || ad[3] % S != 0 || ad[3] == 0)
-    return Invalid(name + ": expected float32 A [L, E, K, S*R] with K = x's columns and S = " +
+  const auto type = a.element_type();
+  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || ad.size() != 4 || ad[2] != p.K ||
+      ad[3] % S != 0 || ad[3] == 0)
+    return Invalid(name + ": expected float32 or bfloat16 A [L, E, K, S*R] with K = x's columns and S = " +
                    std::to_string(S) + " members");
   p.SR = ad[3];
   p.R = p.SR / S;
-  if (!IsF32(b, 4) || bd[0] != ad[0] || bd[1] != ad[1] || bd[2] != p.R)
-    return Invalid(name + ": expected float32 B [L, E, R, Nb] with A's L, E and rank R");
+  if (b.element_type() != type || bd.size() != 4 || bd[0] != ad[0] || bd[1] != ad[1] || bd[2] != p.R)
+    return Invalid(name + ": expected B [L, E, R, Nb] of A's type with A's L, E and rank R");
   p.Nb = bd[3];
   const int64_t L = ad[0], E = ad[1];
   if (layer < 0 || layer >= L)
@@ -841,8 +876,10 @@ ffi::Error Routed(Problem& p, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer
 
   p.routes = id[1];
   p.xa_width = p.routes == 1 ? p.SR : p.R;
-  p.a = static_cast<const float*>(a.untyped_data()) + layer * E * p.K * p.SR;
-  p.b = static_cast<const float*>(b.untyped_data()) + layer * E * p.R * p.Nb;
+  p.bf16 = type == ffi::DataType::BF16;
+  const int64_t size = p.bf16 ? int64_t(sizeof(Bf16)) : int64_t(sizeof(float));
+  p.a = static_cast<const char*>(a.untyped_data()) + layer * E * p.K * p.SR * size;
+  p.b = static_cast<const char*>(b.untyped_data()) + layer * E * p.R * p.Nb * size;
   Route(p, chosen, static_cast<const float*>(gates.untyped_data()), id[2]);
   Multiply(p);
   return ffi::Error::Success();
