@@ -78,7 +78,7 @@ def test_a_failing_configuration_is_reported_and_the_rest_timed(tmp_path):
     model, tok = lsjax.load(tmp_path / "ckpt")
 
     class Args:
-        experts, top_k, rank, targets, dtype = 4, 2, 4, "all-linear", "float32"
+        experts, top_k, rank, targets, dtype, expert_dtype = 4, 2, 4, "all-linear", "float32", None
 
     layerwise = random_adapter(model.config, "layerwise", Args)
     entries = [("base", "-", None, XLA), ("layerwise", "merged", layerwise, XLA),
@@ -133,7 +133,7 @@ def test_each_batch_size_is_timed_in_its_own_rounds(tmp_path, monkeypatch):
 
 
 class _Args:
-    experts, top_k, rank, targets, dtype = 4, 2, 4, "all-linear", "float32"
+    experts, top_k, rank, targets, dtype, expert_dtype = 4, 2, 4, "all-linear", "float32", None
 
 
 def test_a_benchmark_killed_mid_run_keeps_the_records_it_measured(tmp_path):
