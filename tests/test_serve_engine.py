@@ -256,8 +256,11 @@ def test_bench_serve_counts_every_requested_token(tmp_path):
                  "--max-prompt", "20", "--max-output", "12", "--max-len", "64", "--prefill-chunk", "16",
                  "--stagger-ms", "0", "--experts", "4", "--rank", "4", "--adapters", "3", "--json", str(out),
                  "--plot", str(tmp_path / "serve.png")]) == 0
-    records = json.loads(out.read_text())["records"]
+    saved = json.loads(out.read_text())
+    records = saved["records"]
     assert sorted((r["method"], r["clients"]) for r in records) == [("base", 2), ("switch", 2), ("switch x 3", 2)]
+    # each level's decoder is chosen for the rows its engine steps
+    assert sorted(saved["meta"]["backend"]) == ["base @ 2", "switch @ 2", "switch x 3 @ 2"]
     for r in records:
         requests = workload(r["clients"] * 2, 256, 20, 12, seed=r["clients"])
         assert r["requests"] == len(requests) and r["tokens"] == sum(q.max_tokens for q in requests)

@@ -192,10 +192,11 @@ def run(args) -> list[ServeRecord]:
             runs.append((f"{method} x {args.adapters}", AdapterTable.of(model.config, named, dtype=expert_dtype(args),
                                                                         mesh=mesh), tuple(named)))
     for label, adapter, names in runs:
-        # auto: tuned for the most slots the run decodes
-        generator = Generator(model, tokenizer, adapter, strategy="auto", backend=args.backend, rows=max(levels))
-        meta["backend"][label] = f"{generator.backend.name}/{generator.strategy}"
         for clients in levels:
+            # auto: tuned for this level's slots (the engine steps `clients` rows), as `lsjax serve` tunes
+            # for its --slots: a pick made for another row count can be far from the fastest at this one
+            generator = Generator(model, tokenizer, adapter, strategy="auto", backend=args.backend, rows=clients)
+            meta["backend"][f"{label} @ {clients}"] = f"{generator.backend.name}/{generator.strategy}"
             records.append(measure(label, generator, clients, args, model.config.vocab_size, names))
             set_ratios_to_base(records)
             save(complete=False)
