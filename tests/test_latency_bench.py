@@ -23,7 +23,7 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", "decode", "--ckpt", str(tmp_path / "ckpt"), "--methods", "base,lora,switch",
                  "--batch", "1,2", "--rounds", "2", "--new-tokens", "4", "--prompt-len", "5", "--experts", "4",
-                 "--rank", "4", "--json", str(out), "--plot", str(png)]) == 0
+                 "--rank", "4", "--expert-dtype", "bf16", "--json", str(out), "--plot", str(png)]) == 0
     data = json.loads(out.read_text())
     records = data["records"]
     keys = sorted((r["method"], r["strategy"], r["backend"], r["batch"]) for r in records)
@@ -58,6 +58,7 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     table = latency_table([Record(**r) for r in records], meta)
     assert f"memory floor {meta['floor_ms']:.1f} ms/token" in table and "read floor" in table
     printed = capsys.readouterr().out
+    assert meta["expert_dtype"] == "bfloat16" and "(cpu, float32, experts bfloat16, prompt 5," in printed
     assert f"| switch | merged | {chosen['switch/merged']} | 1 |" in printed
     best = min((r for r in records if r["method"] == "switch" and r["batch"] == 1), key=lambda r: r["ms_per_token"])
     fastest_base = min(r["ms_per_token"] for r in records if r["method"] == "base" and r["batch"] == 1)
