@@ -365,7 +365,6 @@ def test_lsjax_serve_command(tmp_path):
     are those of the adapters rounded so, the ones loaded at run time too."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
@@ -394,9 +393,7 @@ def test_lsjax_serve_command(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr[-2000:]
     want = json.loads(done.stdout.split("RESULT")[-1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lsjax.cli", "serve", "--ckpt", str(tmp_path / "ckpt"),
                              "--slots", "2", "--max-len", "128", "--port", str(port), "--model-name", "tiny",
                              "--adapter", f"sw={tmp_path / 'sw'}", "--adapter", str(tmp_path / "plain"),

@@ -751,8 +751,7 @@ void Route(Problem& p, const int32_t* ids, const float* gates, int64_t J) {
 void Multiply(Problem& p) {
   int64_t bytes = (p.w != nullptr ? p.K * p.N : p.T * p.N) * int64_t(sizeof(float));
   const int64_t expert_size = p.bf16 ? int64_t(sizeof(Bf16)) : int64_t(sizeof(float));
-  for (size_t g = 0; g < p.groups.size(); ++g)
-    bytes += (p.K * p.xa_width + p.R * p.N) * expert_size;  // an upper bound of the B bytes
+  bytes += int64_t(p.groups.size()) * (p.K * p.xa_width + p.R * p.N) * expert_size;  // B's: an upper bound
   // The routed term alone (x @ W made by XLA: the hybrid backend) of a few experts runs on the
   // calling thread: waking the pool costs more than it saves there, and its spinning workers would
   // take the cores on which XLA's own threads run the next products (docs/perf.md). Beside this
